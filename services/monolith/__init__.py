@@ -1,0 +1,1 @@
+"""monolith: real-time recommendation with a collisionless embedding table."""
