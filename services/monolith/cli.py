@@ -1,0 +1,53 @@
+"""`monolith <role>`: one entry point, one subcommand per role, plus benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable
+
+from monolith.embedding.config import ConfigError
+
+# Subcommand name -> (module path, help). Modules expose add_arguments(parser) and
+# run(args) -> exit code, and are imported only when chosen (TensorFlow is slow to load).
+_COMMANDS: dict[str, tuple[str, str]] = {
+    "embedding-ps": ("monolith.embedding_ps.service", "serve one embedding-PS shard"),
+    "bench": ("monolith.bench.cli", "run a benchmark and print one JSON line"),
+}
+
+
+def _load(module_path: str) -> tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]:
+    import importlib
+
+    module = importlib.import_module(module_path)
+    return module.add_arguments, module.run
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parses the command line and runs the chosen role."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="monolith", description=__doc__)
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+    chosen = next((a for a in argv if a in _COMMANDS), None)
+    for name, (module_path, help_text) in _COMMANDS.items():
+        command = sub.add_parser(name, help=help_text)
+        if name == chosen:
+            add_arguments, run = _load(module_path)
+            add_arguments(command)
+            command.set_defaults(run=run)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.run(args)
+    except ConfigError as exc:
+        print(f"monolith {args.command}: invalid config: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"monolith {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

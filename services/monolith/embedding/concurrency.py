@@ -1,0 +1,91 @@
+"""Locks and the shard version clock used by the tables."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Iterator
+
+
+class ReadWriteLock:
+    """Many readers or one writer; a waiting writer blocks new readers so it cannot starve.
+
+    Readers run numba kernels that release the GIL, so lookups proceed in parallel while
+    mutations (which may reallocate the arrays) run alone.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+class VersionClock:
+    """A shard's version: every mutation takes the next number.
+
+    `stable()` is the highest version below which every mutation has finished, so an
+    export that reports it as complete never skips a change still being written.
+    """
+
+    def __init__(self, start: int = 0) -> None:
+        self._lock = threading.Lock()
+        self._current = start
+        self._in_flight: set[int] = set()
+
+    @contextlib.contextmanager
+    def mutation(self) -> Iterator[int]:
+        """Reserves the next version for the duration of one mutation."""
+        with self._lock:
+            self._current += 1
+            version = self._current
+            self._in_flight.add(version)
+        try:
+            yield version
+        finally:
+            with self._lock:
+                self._in_flight.discard(version)
+
+    @property
+    def current(self) -> int:
+        """The newest version handed out."""
+        return self._current
+
+    def stable(self) -> int:
+        """The newest version v such that every mutation numbered <= v has finished."""
+        with self._lock:
+            return min(self._in_flight) - 1 if self._in_flight else self._current
+
+    def advance_to(self, version: int) -> None:
+        """Moves the clock forward (after restoring a checkpoint); never backwards."""
+        with self._lock:
+            self._current = max(self._current, version)

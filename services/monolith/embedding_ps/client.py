@@ -1,0 +1,176 @@
+"""A sharded client of the embedding-PS, for trainers and model-serving.
+
+Routes each id to its shard by a stable hash of (slot, id), dedupes ids within a call
+(sending each id once, with its occurrence count, so admission still sees every
+occurrence), fans out to the shards concurrently, and returns results in input order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, Mapping, Sequence
+
+import grpc
+import numpy as np
+
+from monolith.api.embedding_ps.v1 import embedding_ps_pb2 as pb
+from monolith.api.embedding_ps.v1 import embedding_ps_pb2_grpc as pb_grpc
+from monolith.common.wire import decode_array, encode_array
+from monolith.embedding.hashing import route_to_shards, stable_hash64
+from monolith.embedding.table_kernels import sum_duplicates
+
+
+@dataclasses.dataclass(frozen=True)
+class _Routed:
+    """One slot's ids of one call, deduped and split by shard."""
+
+    inverse: np.ndarray  # position of each input id in `unique`
+    unique: np.ndarray
+    counts: np.ndarray  # occurrences of each unique id
+    by_shard: list[np.ndarray]  # positions in `unique` owned by each shard
+
+
+class ShardedEmbeddingClient:
+    """Talks to every shard of one embedding-PS role.
+
+    Args:
+        addresses: "host:port" of each shard, in shard order.
+        slot_dims: embedding dimension of each slot.
+        timeout: seconds per RPC.
+        max_message_bytes: max gRPC message size on the channels.
+    """
+
+    def __init__(
+        self,
+        addresses: Sequence[str],
+        slot_dims: Mapping[str, int],
+        timeout: float = 30.0,
+        max_message_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
+        if not addresses:
+            raise ValueError("addresses: at least one shard address is required")
+        options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
+        self._channels = [grpc.insecure_channel(a, options=options) for a in addresses]
+        self._stubs = [pb_grpc.EmbeddingPSStub(c) for c in self._channels]
+        self._dims = dict(slot_dims)
+        self._salts = {slot: stable_hash64(slot) for slot in self._dims}
+        self._timeout = timeout
+
+    @property
+    def num_shards(self) -> int:
+        return len(self._stubs)
+
+    def lookup(
+        self, features: Mapping[str, np.ndarray], training: bool = False, update_time: float = 0.0
+    ) -> dict[str, np.ndarray]:
+        """Embeddings of ids per slot, float32 [n, dim] each, in input order.
+
+        Args:
+            features: int64 ids per slot (any 1-D shape; duplicates allowed).
+            training: training lookup (counts occurrences, creates admitted rows).
+            update_time: data time in seconds for rows created; 0 means the shard's clock.
+        """
+        routed = {slot: self._route(slot, ids) for slot, ids in features.items()}
+        mode = pb.LOOKUP_MODE_TRAINING if training else pb.LOOKUP_MODE_SERVING
+        calls = []
+        for shard, stub in enumerate(self._stubs):
+            slots = [
+                pb.SlotIds(
+                    slot=slot,
+                    num_ids=len(r.by_shard[shard]),
+                    ids=encode_array(r.unique[r.by_shard[shard]], "<i8"),
+                    counts=encode_array(r.counts[r.by_shard[shard]], "<i4") if training else b"",
+                )
+                for slot, r in routed.items()
+                if len(r.by_shard[shard])
+            ]
+            if slots:
+                request = pb.LookupRequest(slots=slots, mode=mode, update_time=update_time)
+                calls.append((shard, stub.Lookup.future(request, timeout=self._timeout)))
+        unique_rows = {slot: np.zeros((len(r.unique), self._dims[slot]), np.float32) for slot, r in routed.items()}
+        for shard, call in calls:
+            for e in call.result().slots:
+                rows = decode_array(e.values, "<f4", (e.num_ids, e.dim), f"shard {shard} slot {e.slot!r}")
+                unique_rows[e.slot][routed[e.slot].by_shard[shard]] = rows
+        return {slot: unique_rows[slot][r.inverse] for slot, r in routed.items()}
+
+    def apply_gradients(
+        self, gradients: Mapping[str, tuple[np.ndarray, np.ndarray]], update_time: float = 0.0
+    ) -> tuple[int, int]:
+        """Pushes per-id gradients; duplicates of an id are summed before sending.
+
+        Args:
+            gradients: per slot, (int64 ids [n], float32 gradients [n, dim]).
+            update_time: data time in seconds stamped on updated rows; 0 means now.
+
+        Returns:
+            (rows updated, gradients dropped because their id had no row), over all shards.
+        """
+        summed: dict[str, tuple[_Routed, np.ndarray]] = {}
+        for slot, (ids, grads) in gradients.items():
+            r = self._route(slot, ids)
+            g = np.ascontiguousarray(grads, dtype=np.float32).reshape(len(r.inverse), -1)
+            summed[slot] = (r, sum_duplicates(r.inverse, g, len(r.unique)))
+        calls = []
+        for shard, stub in enumerate(self._stubs):
+            slots = [
+                pb.SlotGradients(
+                    slot=slot,
+                    num_ids=len(r.by_shard[shard]),
+                    ids=encode_array(r.unique[r.by_shard[shard]], "<i8"),
+                    dim=g.shape[1],
+                    gradients=encode_array(g[r.by_shard[shard]], "<f4"),
+                )
+                for slot, (r, g) in summed.items()
+                if len(r.by_shard[shard])
+            ]
+            if slots:
+                request = pb.ApplyGradientsRequest(slots=slots, update_time=update_time)
+                calls.append(stub.ApplyGradients.future(request, timeout=self._timeout))
+        applied = filtered = 0
+        for call in calls:
+            response = call.result()
+            applied += response.applied
+            filtered += response.filtered
+        return applied, filtered
+
+    def export(self, shard: int, since_version: int = 0, include_optimizer_state: bool = False,
+               max_rows_per_chunk: int = 0) -> Iterator[pb.RowChunk]:  # fmt: skip
+        """Streams one shard's rows changed since a version."""
+        request = pb.ExportRequest(
+            since_version=since_version,
+            include_optimizer_state=include_optimizer_state,
+            max_rows_per_chunk=max_rows_per_chunk,
+        )
+        return self._stubs[shard].Export(request, timeout=self._timeout)
+
+    def import_chunks(self, shard: int, chunks: Iterator[pb.RowChunk]) -> pb.ImportResponse:
+        """Streams chunks into one shard."""
+        return self._stubs[shard].Import(chunks, timeout=self._timeout)
+
+    def stats(self) -> list[pb.StatsResponse]:
+        """Every shard's stats, in shard order."""
+        calls = [stub.Stats.future(pb.StatsRequest(), timeout=self._timeout) for stub in self._stubs]
+        return [call.result() for call in calls]
+
+    def close(self) -> None:
+        for channel in self._channels:
+            channel.close()
+
+    def __enter__(self) -> ShardedEmbeddingClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _route(self, slot: str, ids: np.ndarray) -> _Routed:
+        if slot not in self._dims:
+            raise ValueError(f"unknown slot {slot!r}; known: {', '.join(sorted(self._dims))}")
+        flat = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+        unique, inverse, counts = np.unique(flat, return_inverse=True, return_counts=True)
+        owners = route_to_shards(unique, self._salts[slot], self.num_shards)
+        by_shard = [np.flatnonzero(owners == s) for s in range(self.num_shards)]
+        return _Routed(inverse.astype(np.int64), unique, counts.astype(np.int32), by_shard)

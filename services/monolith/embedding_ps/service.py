@@ -1,0 +1,94 @@
+"""Wires an embedding-PS process: shard + gRPC server + expiry sweeps; and its CLI."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+
+from monolith.common.server import MonolithServer, ServerConfig, Service, build_server
+from monolith.embedding.config import load_slots_file
+from monolith.embedding_ps import metrics
+from monolith.embedding_ps.servicer import SERVICE_NAME, EmbeddingPSServicer
+from monolith.embedding_ps.shard import ROLES, EmbeddingShard, ShardConfig
+from monolith.api.embedding_ps.v1 import embedding_ps_pb2_grpc as pb_grpc
+
+_LOGGER = logging.getLogger("monolith.embedding_ps")
+
+
+def build_embedding_ps(shard: EmbeddingShard, server_config: ServerConfig) -> MonolithServer:
+    """An unstarted server for one shard, its tables visible in /metrics."""
+    servicer = EmbeddingPSServicer(shard)
+    metrics.SHARDS.add(shard)
+    return build_server(
+        server_config, [Service(SERVICE_NAME, lambda s: pb_grpc.add_EmbeddingPSServicer_to_server(servicer, s))]
+    )
+
+
+class ExpirySweeper:
+    """Runs the shard's expiry sweep every `interval` seconds on a daemon thread."""
+
+    def __init__(self, shard: EmbeddingShard, interval: float) -> None:
+        self._shard = shard
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="expiry-sweeper", daemon=True)
+
+    def start(self) -> None:
+        if self._interval > 0:
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            evicted = self._shard.expire()
+            if any(evicted.values()):
+                _LOGGER.info("expiry sweep evicted %s", {k: v for k, v in evicted.items() if v})
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `monolith embedding-ps`."""
+    parser.add_argument("--shard", type=int, required=True, help="this shard's index, 0..num-shards-1")
+    parser.add_argument("--num-shards", type=int, required=True, help="number of shards")
+    parser.add_argument("--config", required=True, help="model config YAML (its `slots` section is used)")
+    parser.add_argument("--role", choices=ROLES, default="training", help="training or serving (read-only)")
+    parser.add_argument("--host", default="0.0.0.0", help="interface to bind (default: all)")
+    parser.add_argument("--port", type=int, default=50051, help="gRPC port (0 picks a free one)")
+    parser.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port (0: free one)")
+    parser.add_argument("--expire-interval", type=float, default=60.0, help="seconds between expiry sweeps")
+    parser.add_argument("--max-ids-per-request", type=int, default=1_000_000, help="ids one request may carry")
+    parser.add_argument("--max-message-mb", type=int, default=64, help="max gRPC message size in MiB")
+
+
+def run(args: argparse.Namespace) -> int:
+    """`monolith embedding-ps`: serves one shard until SIGTERM."""
+    shard = EmbeddingShard(
+        ShardConfig(
+            shard=args.shard,
+            num_shards=args.num_shards,
+            role=args.role,
+            slots=load_slots_file(args.config),
+            max_ids_per_request=args.max_ids_per_request,
+        )
+    )
+    server = build_embedding_ps(
+        shard,
+        ServerConfig(
+            host=args.host,
+            port=args.port,
+            metrics_port=args.metrics_port,
+            max_message_bytes=args.max_message_mb * 1024 * 1024,
+        ),
+    )
+    sweeper = ExpirySweeper(shard, args.expire_interval)
+    sweeper.start()
+    _LOGGER.info(
+        "embedding-ps shard %d/%d (%s) with slots %s on port %d",
+        args.shard, args.num_shards, args.role, ", ".join(shard.tables), server.port,
+    )  # fmt: skip
+    server.run_until_signal(on_shutdown=sweeper.stop)
+    return 0

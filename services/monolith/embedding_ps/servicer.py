@@ -1,0 +1,119 @@
+"""The EmbeddingPS gRPC servicer: a thin adapter between protos and `EmbeddingShard`.
+
+Each RPC decodes its arrays (length-checked), calls the shard, and encodes the answer.
+Errors are exceptions that know their status, mapped by the server's interceptor.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import grpc
+import numpy as np
+
+from monolith.api.embedding_ps.v1 import embedding_ps_pb2 as pb
+from monolith.api.embedding_ps.v1 import embedding_ps_pb2_grpc as pb_grpc
+from monolith.common.errors import InvalidArgument, ResourceExhausted
+from monolith.common.wire import decode_array, encode_array
+from monolith.embedding.table import RowBatch
+from monolith.embedding_ps.shard import EmbeddingShard
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingPS"].full_name
+
+
+class EmbeddingPSServicer(pb_grpc.EmbeddingPSServicer):
+    """Serves one shard."""
+
+    def __init__(self, shard: EmbeddingShard) -> None:
+        self._shard = shard
+
+    def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext) -> pb.LookupResponse:
+        if request.mode == pb.LOOKUP_MODE_UNSPECIFIED:
+            raise InvalidArgument("mode must be LOOKUP_MODE_TRAINING or LOOKUP_MODE_SERVING")
+        training = request.mode == pb.LOOKUP_MODE_TRAINING
+        requests = [(s.slot, self._ids(s.slot, s.num_ids, s.ids), self._counts(s)) for s in request.slots]
+        embeddings = self._shard.lookup(requests, training, request.update_time)
+        return pb.LookupResponse(
+            slots=[
+                pb.SlotEmbeddings(slot=slot, num_ids=e.shape[0], dim=e.shape[1], values=encode_array(e, "<f4"))
+                for (slot, _, _), e in zip(requests, embeddings)
+            ],
+            version=self._shard.version,
+        )
+
+    def ApplyGradients(
+        self, request: pb.ApplyGradientsRequest, context: grpc.ServicerContext
+    ) -> pb.ApplyGradientsResponse:
+        requests = []
+        for s in request.slots:
+            ids = self._ids(s.slot, s.num_ids, s.ids)
+            grads = decode_array(s.gradients, "<f4", (s.num_ids, s.dim), f"slot {s.slot!r} gradients")
+            requests.append((s.slot, ids, grads))
+        applied, filtered = self._shard.apply_gradients(requests, request.update_time)
+        return pb.ApplyGradientsResponse(applied=applied, filtered=filtered, version=self._shard.version)
+
+    def Export(self, request: pb.ExportRequest, context: grpc.ServicerContext) -> Iterator[pb.RowChunk]:
+        chunks = self._shard.export(
+            request.since_version, request.include_optimizer_state, request.max_rows_per_chunk, list(request.slots)
+        )
+        for c in chunks:
+            yield pb.RowChunk(
+                slot=c.slot,
+                num_rows=c.rows.ids.shape[0],
+                width=c.rows.values.shape[1],
+                includes_optimizer_state=c.includes_optimizer_state,
+                ids=encode_array(c.rows.ids, "<i8"),
+                values=encode_array(c.rows.values, "<f4"),
+                update_times=encode_array(c.rows.update_times, "<u4"),
+                num_deleted=c.deleted_ids.shape[0],
+                deleted_ids=encode_array(c.deleted_ids, "<i8"),
+                version=c.version,
+            )
+
+    def Import(self, request_iterator: Iterable[pb.RowChunk], context: grpc.ServicerContext) -> pb.ImportResponse:
+        upserted = deleted = 0
+        for c in request_iterator:
+            what = f"slot {c.slot!r}"
+            rows = RowBatch(
+                ids=self._ids(c.slot, c.num_rows, c.ids),
+                values=decode_array(c.values, "<f4", (c.num_rows, c.width), f"{what} values"),
+                update_times=decode_array(c.update_times, "<u4", (c.num_rows,), f"{what} update_times"),
+            )
+            deleted_ids = decode_array(c.deleted_ids, "<i8", (c.num_deleted,), f"{what} deleted_ids")
+            u, d = self._shard.import_chunk(c.slot, rows, deleted_ids)
+            upserted += u
+            deleted += d
+        return pb.ImportResponse(upserted=upserted, deleted=deleted, version=self._shard.version)
+
+    def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
+        cfg = self._shard.config
+        return pb.StatsResponse(
+            shard=cfg.shard,
+            num_shards=cfg.num_shards,
+            role=cfg.role,
+            version=self._shard.version,
+            slots=[
+                pb.SlotStats(
+                    slot=name,
+                    rows=s.rows,
+                    bytes=s.bytes,
+                    admissions=s.admissions,
+                    filtered_gradients=s.filtered_gradients,
+                    evictions=s.evictions,
+                    pending_ids=s.pending_ids,
+                )
+                for name, s in self._shard.stats().items()
+            ],
+        )
+
+    def _ids(self, slot: str, num_ids: int, data: bytes) -> np.ndarray:
+        limit = self._shard.config.max_ids_per_request
+        if num_ids > limit:
+            raise ResourceExhausted(f"slot {slot!r}: {num_ids} ids; the limit is max_ids_per_request={limit}")
+        return decode_array(data, "<i8", (num_ids,), f"slot {slot!r} ids")
+
+    @staticmethod
+    def _counts(s: pb.SlotIds) -> np.ndarray | None:
+        if not s.counts:
+            return None
+        return decode_array(s.counts, "<i4", (s.num_ids,), f"slot {s.slot!r} counts")

@@ -1,0 +1,240 @@
+"""One embedding-PS shard: every slot's table for the ids routed here. No gRPC in here.
+
+The shard validates whole requests before touching any table, so a bad request changes
+nothing; it owns the shard's version clock, checks that ids belong to this shard, and
+enforces the role (a serving shard is read-only to clients and changes only by import).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from monolith.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from monolith.common.wire import require_finite
+from monolith.embedding.concurrency import VersionClock
+from monolith.embedding.config import SlotConfig
+from monolith.embedding.hashing import route_to_shards, stable_hash64
+from monolith.embedding.table import EmbeddingTable, RowBatch, TableStats
+
+ROLES = ("training", "serving")
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardConfig:
+    """What one embedding-PS process holds and how it behaves.
+
+    Attributes:
+        shard: this shard's index, in 0..num_shards-1.
+        num_shards: number of shards every slot is split over.
+        role: "training" (trainers look up, create and update rows) or "serving"
+            (read-only to clients; changes arrive by import from the training shard).
+        slots: the feature slots.
+        max_ids_per_request: ids (summed over slots) one request may carry.
+        export_chunk_rows: default rows per exported chunk.
+        initial_capacity: rows each table starts with.
+    """
+
+    shard: int
+    num_shards: int
+    role: str
+    slots: tuple[SlotConfig, ...]
+    max_ids_per_request: int = 1_000_000
+    export_chunk_rows: int = 65_536
+    initial_capacity: int = 1024
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_shards, int) or self.num_shards < 1:
+            raise ValueError(f"num_shards: must be an integer >= 1, got {self.num_shards!r}")
+        if not isinstance(self.shard, int) or not 0 <= self.shard < self.num_shards:
+            raise ValueError(f"shard: must be in 0..{self.num_shards - 1}, got {self.shard!r}")
+        if self.role not in ROLES:
+            raise ValueError(f"role: must be one of {', '.join(ROLES)}, got {self.role!r}")
+        if not self.slots:
+            raise ValueError("slots: at least one slot is required")
+        for name in ("max_ids_per_request", "export_chunk_rows", "initial_capacity"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportChunk:
+    """A piece of one slot's export: changed rows and/or deleted ids."""
+
+    slot: str
+    rows: RowBatch
+    includes_optimizer_state: bool
+    deleted_ids: np.ndarray
+    version: int
+
+
+class EmbeddingShard:
+    """The tables of one shard, with request validation and the version clock."""
+
+    def __init__(self, config: ShardConfig) -> None:
+        self.config = config
+        self.clock = VersionClock()
+        self.tables = {s.name: EmbeddingTable(s, config.initial_capacity) for s in config.slots}
+        self._salts = {s.name: stable_hash64(s.name) for s in config.slots}
+
+    @property
+    def version(self) -> int:
+        """The newest version handed out."""
+        return self.clock.current
+
+    # --------------------------------------------------------------- requests
+
+    def lookup(
+        self,
+        requests: Sequence[tuple[str, np.ndarray, np.ndarray | None]],
+        training: bool,
+        update_time: float = 0.0,
+    ) -> list[np.ndarray]:
+        """Embeddings for (slot, ids, counts) requests, in order.
+
+        Args:
+            requests: per slot, int64 ids and optional int32 occurrence counts.
+            training: count occurrences and create admitted rows (training role only).
+            update_time: data time stamped on created rows; 0 means now.
+
+        Returns:
+            float32 [n, dim] per request.
+        """
+        if training and self.config.role != "training":
+            raise FailedPrecondition(
+                f"shard {self.config.shard} has role {self.config.role!r}: training lookups need a training shard"
+            )
+        self._check_ids(requests)
+        for slot, ids, counts in requests:
+            if counts is not None:
+                if counts.shape != ids.shape:
+                    raise InvalidArgument(f"slot {slot!r}: {counts.shape[0]} counts for {ids.shape[0]} ids")
+                if counts.size and counts.min() < 1:
+                    raise InvalidArgument(f"slot {slot!r}: occurrence counts must be >= 1, got {counts.min()}")
+        if not training:
+            return [self.tables[slot].lookup(ids) for slot, ids, _ in requests]
+        now = _resolve_time(update_time)
+        with self.clock.mutation() as version:
+            return [self.tables[slot].lookup_train(ids, counts, now, version) for slot, ids, counts in requests]
+
+    def apply_gradients(
+        self, requests: Sequence[tuple[str, np.ndarray, np.ndarray]], update_time: float = 0.0
+    ) -> tuple[int, int]:
+        """Applies (slot, ids, gradients) requests; returns (rows updated, gradients dropped)."""
+        if self.config.role != "training":
+            raise FailedPrecondition(
+                f"shard {self.config.shard} has role {self.config.role!r}: it is read-only, gradients go to "
+                "the training shard"
+            )
+        self._check_ids([(slot, ids, None) for slot, ids, _ in requests])
+        for slot, ids, grads in requests:
+            dim = self.tables[slot].dim
+            if grads.ndim != 2 or grads.shape != (ids.shape[0], dim):
+                raise InvalidArgument(
+                    f"slot {slot!r}: gradients of shape {tuple(grads.shape)} do not match "
+                    f"{ids.shape[0]} ids x dim {dim}"
+                )
+            require_finite(grads, f"slot {slot!r} gradients")
+        now = _resolve_time(update_time)
+        applied = filtered = 0
+        with self.clock.mutation() as version:
+            for slot, ids, grads in requests:
+                a, f = self.tables[slot].apply_gradients(ids, grads, now, version)
+                applied += a
+                filtered += f
+        return applied, filtered
+
+    def expire(self, now: float | None = None) -> dict[str, int]:
+        """Runs every slot's expiry sweep; returns rows evicted per slot."""
+        with self.clock.mutation() as version:
+            return {name: table.expire(version, now) for name, table in self.tables.items()}
+
+    def export(
+        self, since: int, include_state: bool, max_rows: int = 0, slots: Sequence[str] = ()
+    ) -> Iterator[ExportChunk]:
+        """Rows changed and ids deleted after version `since`, slot by slot.
+
+        Every chunk carries the version the export is complete up to (taken before the
+        scan); a consumer passes it as its next `since`.
+        """
+        if since < 0:
+            raise InvalidArgument(f"since_version must be >= 0, got {since}")
+        if max_rows < 0:
+            raise InvalidArgument(f"max_rows_per_chunk must be >= 0, got {max_rows}")
+        for slot in slots:
+            self._table(slot)
+        version = self.clock.stable()
+        chunk_rows = max_rows or self.config.export_chunk_rows
+        for name in slots or list(self.tables):
+            table = self.tables[name]
+            deleted = table.deleted_since(since) if since > 0 else np.zeros(0, np.int64)
+            for start in range(0, deleted.shape[0], chunk_rows):
+                yield ExportChunk(name, _empty_rows(table, include_state), include_state,
+                                  deleted[start : start + chunk_rows], version)  # fmt: skip
+            for rows in table.export(since, include_state, chunk_rows):
+                yield ExportChunk(name, rows, include_state, np.zeros(0, np.int64), version)
+
+    def import_chunk(self, slot: str, rows: RowBatch, deleted_ids: np.ndarray) -> tuple[int, int]:
+        """Applies one exported chunk: deletions first, then upserts. Returns the counts."""
+        table = self._table(slot)
+        if rows.values.ndim != 2 or rows.values.shape[1] not in (table.dim, table.width):
+            raise InvalidArgument(
+                f"slot {slot!r}: rows of width {rows.values.shape[-1]} fit neither the embedding dim {table.dim} "
+                f"nor the full row width {table.width} (embedding + {table.config.optimizer.kind} state)"
+            )
+        self._check_ids([(slot, np.concatenate([rows.ids, deleted_ids]), None)])
+        require_finite(rows.values, f"slot {slot!r} imported values")
+        with self.clock.mutation() as version:
+            deleted = table.delete(deleted_ids, version) if deleted_ids.shape[0] else 0
+            if rows.ids.shape[0]:
+                table.upsert(rows, version)
+        return int(rows.ids.shape[0]), deleted
+
+    def stats(self) -> dict[str, TableStats]:
+        """Per-slot sizes and counters."""
+        return {name: table.stats() for name, table in self.tables.items()}
+
+    # ------------------------------------------------------------- validation
+
+    def _table(self, slot: str) -> EmbeddingTable:
+        table = self.tables.get(slot)
+        if table is None:
+            raise InvalidArgument(f"unknown slot {slot!r}; this shard has: {', '.join(sorted(self.tables))}")
+        return table
+
+    def _check_ids(self, requests: Sequence[tuple[str, np.ndarray, np.ndarray | None]]) -> None:
+        """Rejects unknown or repeated slots, oversized requests and ids of other shards."""
+        total = sum(ids.shape[0] for _, ids, _ in requests)
+        if total > self.config.max_ids_per_request:
+            raise ResourceExhausted(
+                f"request carries {total} ids; the limit is max_ids_per_request={self.config.max_ids_per_request}"
+            )
+        seen: set[str] = set()
+        for slot, ids, _ in requests:
+            self._table(slot)
+            if slot in seen and ids.shape[0]:
+                raise InvalidArgument(f"slot {slot!r} appears more than once in the request")
+            seen.add(slot)
+            if self.config.num_shards > 1 and ids.shape[0]:
+                owners = route_to_shards(ids, self._salts[slot], self.config.num_shards)
+                wrong = np.flatnonzero(owners != self.config.shard)
+                if wrong.size:
+                    i = int(wrong[0])
+                    raise InvalidArgument(
+                        f"slot {slot!r}: {wrong.size} id(s) belong to other shards, e.g. id {int(ids[i])} belongs "
+                        f"to shard {int(owners[i])}, not {self.config.shard} (of {self.config.num_shards})"
+                    )
+
+
+def _resolve_time(update_time: float) -> float:
+    if not np.isfinite(update_time) or update_time < 0:
+        raise InvalidArgument(f"update_time must be a finite number of seconds >= 0, got {update_time}")
+    return update_time if update_time > 0 else time.time()
+
+
+def _empty_rows(table: EmbeddingTable, include_state: bool) -> RowBatch:
+    width = table.width if include_state else table.dim
+    return RowBatch(np.zeros(0, np.int64), np.zeros((0, width), np.float32), np.zeros(0, np.uint32))
