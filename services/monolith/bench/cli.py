@@ -1,0 +1,32 @@
+"""`monolith bench <name> [--json]`: benchmarks that print one JSON line last."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+# name -> module with `run(args) -> dict` and optional `add_arguments(parser)`.
+BENCHMARKS = {
+    "table": "monolith.bench.table",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON line (last line)")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, for smoke tests")
+
+
+def run(args: argparse.Namespace) -> int:
+    module = importlib.import_module(BENCHMARKS[args.name])
+    result = module.run(args)
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        width = max(map(len, result))
+        for key, value in result.items():
+            print(f"{key:<{width}}  {value}")
+    sys.stdout.flush()
+    return 0
