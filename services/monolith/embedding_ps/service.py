@@ -17,7 +17,16 @@ _LOGGER = logging.getLogger("monolith.embedding_ps")
 
 
 def build_embedding_ps(shard: EmbeddingShard, server_config: ServerConfig) -> MonolithServer:
-    """An unstarted server for one shard, its tables visible in /metrics."""
+    """An unstarted server for one shard, its tables visible in /metrics.
+
+    Raises:
+        ValueError: the shard may answer with messages larger than the server can send.
+    """
+    if shard.config.max_message_bytes > server_config.max_message_bytes:
+        raise ValueError(
+            f"shard max_message_bytes={shard.config.max_message_bytes} exceeds the server's "
+            f"max_message_bytes={server_config.max_message_bytes}; set both to the same limit"
+        )
     servicer = EmbeddingPSServicer(shard)
     metrics.SHARDS.add(shard)
     return build_server(
@@ -73,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
             role=args.role,
             slots=load_slots_file(args.config),
             max_ids_per_request=args.max_ids_per_request,
+            max_message_bytes=args.max_message_mb * 1024 * 1024,
         )
     )
     server = build_embedding_ps(

@@ -28,8 +28,8 @@ class EmbeddingPSServicer(pb_grpc.EmbeddingPSServicer):
         self._shard = shard
 
     def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext) -> pb.LookupResponse:
-        if request.mode == pb.LOOKUP_MODE_UNSPECIFIED:
-            raise InvalidArgument("mode must be LOOKUP_MODE_TRAINING or LOOKUP_MODE_SERVING")
+        if request.mode not in (pb.LOOKUP_MODE_TRAINING, pb.LOOKUP_MODE_SERVING):
+            raise InvalidArgument(f"mode must be LOOKUP_MODE_TRAINING or LOOKUP_MODE_SERVING, got {request.mode}")
         training = request.mode == pb.LOOKUP_MODE_TRAINING
         requests = [(s.slot, self._ids(s.slot, s.num_ids, s.ids), self._counts(s)) for s in request.slots]
         embeddings = self._shard.lookup(requests, training, request.update_time)
@@ -72,15 +72,15 @@ class EmbeddingPSServicer(pb_grpc.EmbeddingPSServicer):
 
     def Import(self, request_iterator: Iterable[pb.RowChunk], context: grpc.ServicerContext) -> pb.ImportResponse:
         upserted = deleted = 0
-        for c in request_iterator:
-            what = f"slot {c.slot!r}"
+        for index, c in enumerate(request_iterator):
+            what = f"import chunk {index} ({upserted} rows, {deleted} deletions applied before it): slot {c.slot!r}"
             rows = RowBatch(
-                ids=self._ids(c.slot, c.num_rows, c.ids),
+                ids=self._ids(c.slot, c.num_rows, c.ids, what),
                 values=decode_array(c.values, "<f4", (c.num_rows, c.width), f"{what} values"),
                 update_times=decode_array(c.update_times, "<u4", (c.num_rows,), f"{what} update_times"),
             )
             deleted_ids = decode_array(c.deleted_ids, "<i8", (c.num_deleted,), f"{what} deleted_ids")
-            u, d = self._shard.import_chunk(c.slot, rows, deleted_ids)
+            u, d = self._shard.import_chunk(c.slot, rows, deleted_ids, what)
             upserted += u
             deleted += d
         return pb.ImportResponse(upserted=upserted, deleted=deleted, version=self._shard.version)
@@ -106,11 +106,12 @@ class EmbeddingPSServicer(pb_grpc.EmbeddingPSServicer):
             ],
         )
 
-    def _ids(self, slot: str, num_ids: int, data: bytes) -> np.ndarray:
+    def _ids(self, slot: str, num_ids: int, data: bytes, what: str = "") -> np.ndarray:
+        what = what or f"slot {slot!r}"
         limit = self._shard.config.max_ids_per_request
         if num_ids > limit:
-            raise ResourceExhausted(f"slot {slot!r}: {num_ids} ids; the limit is max_ids_per_request={limit}")
-        return decode_array(data, "<i8", (num_ids,), f"slot {slot!r} ids")
+            raise ResourceExhausted(f"{what}: {num_ids} ids; the limit is max_ids_per_request={limit}")
+        return decode_array(data, "<i8", (num_ids,), f"{what} ids")
 
     @staticmethod
     def _counts(s: pb.SlotIds) -> np.ndarray | None:

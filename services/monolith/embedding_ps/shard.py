@@ -34,7 +34,11 @@ class ShardConfig:
             (read-only to clients; changes arrive by import from the training shard).
         slots: the feature slots.
         max_ids_per_request: ids (summed over slots) one request may carry.
-        export_chunk_rows: default rows per exported chunk.
+        max_message_bytes: the largest message the server may send; lookups whose answer
+            would be larger are refused before they change anything, and export chunks
+            are cut to fit.
+        export_chunk_rows: default rows per exported chunk (also capped by the two limits
+            above, so an export always imports into a shard configured alike).
         initial_capacity: rows each table starts with.
     """
 
@@ -43,6 +47,7 @@ class ShardConfig:
     role: str
     slots: tuple[SlotConfig, ...]
     max_ids_per_request: int = 1_000_000
+    max_message_bytes: int = 64 * 1024 * 1024
     export_chunk_rows: int = 65_536
     initial_capacity: int = 1024
 
@@ -55,7 +60,7 @@ class ShardConfig:
             raise ValueError(f"role: must be one of {', '.join(ROLES)}, got {self.role!r}")
         if not self.slots:
             raise ValueError("slots: at least one slot is required")
-        for name in ("max_ids_per_request", "export_chunk_rows", "initial_capacity"):
+        for name in ("max_ids_per_request", "max_message_bytes", "export_chunk_rows", "initial_capacity"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)!r}")
 
@@ -108,6 +113,12 @@ class EmbeddingShard:
                 f"shard {self.config.shard} has role {self.config.role!r}: training lookups need a training shard"
             )
         self._check_ids(requests)
+        answer_bytes = sum(ids.shape[0] * (4 * self.tables[slot].dim + 16) for slot, ids, _ in requests)
+        if answer_bytes > self.config.max_message_bytes:
+            raise ResourceExhausted(
+                f"the answer would be about {answer_bytes} bytes, over the max message size "
+                f"{self.config.max_message_bytes}; split the request"
+            )
         for slot, ids, counts in requests:
             if counts is not None:
                 if counts.shape != ids.shape:
@@ -167,9 +178,9 @@ class EmbeddingShard:
         for slot in slots:
             self._table(slot)
         version = self.clock.stable()
-        chunk_rows = max_rows or self.config.export_chunk_rows
         for name in slots or list(self.tables):
             table = self.tables[name]
+            chunk_rows = self._chunk_rows(table, include_state, max_rows)
             deleted = table.deleted_since(since) if since > 0 else np.zeros(0, np.int64)
             for start in range(0, deleted.shape[0], chunk_rows):
                 yield ExportChunk(name, _empty_rows(table, include_state), include_state,
@@ -177,16 +188,24 @@ class EmbeddingShard:
             for rows in table.export(since, include_state, chunk_rows):
                 yield ExportChunk(name, rows, include_state, np.zeros(0, np.int64), version)
 
-    def import_chunk(self, slot: str, rows: RowBatch, deleted_ids: np.ndarray) -> tuple[int, int]:
-        """Applies one exported chunk: deletions first, then upserts. Returns the counts."""
+    def import_chunk(self, slot: str, rows: RowBatch, deleted_ids: np.ndarray, what: str = "") -> tuple[int, int]:
+        """Applies one exported chunk, all or nothing: deletions first, then upserts.
+
+        A stream of chunks is applied chunk by chunk; applying a chunk again is harmless
+        (upserts and deletions are idempotent), so a failed import can simply be retried.
+
+        Returns:
+            (rows upserted, rows deleted).
+        """
         table = self._table(slot)
+        what = what or f"slot {slot!r}"
         if rows.values.ndim != 2 or rows.values.shape[1] not in (table.dim, table.width):
             raise InvalidArgument(
-                f"slot {slot!r}: rows of width {rows.values.shape[-1]} fit neither the embedding dim {table.dim} "
+                f"{what}: rows of width {rows.values.shape[-1]} fit neither the embedding dim {table.dim} "
                 f"nor the full row width {table.width} (embedding + {table.config.optimizer.kind} state)"
             )
         self._check_ids([(slot, np.concatenate([rows.ids, deleted_ids]), None)])
-        require_finite(rows.values, f"slot {slot!r} imported values")
+        require_finite(rows.values, f"{what} values")
         with self.clock.mutation() as version:
             deleted = table.delete(deleted_ids, version) if deleted_ids.shape[0] else 0
             if rows.ids.shape[0]:
@@ -215,7 +234,7 @@ class EmbeddingShard:
         seen: set[str] = set()
         for slot, ids, _ in requests:
             self._table(slot)
-            if slot in seen and ids.shape[0]:
+            if slot in seen:
                 raise InvalidArgument(f"slot {slot!r} appears more than once in the request")
             seen.add(slot)
             if self.config.num_shards > 1 and ids.shape[0]:
@@ -227,6 +246,13 @@ class EmbeddingShard:
                         f"slot {slot!r}: {wrong.size} id(s) belong to other shards, e.g. id {int(ids[i])} belongs "
                         f"to shard {int(owners[i])}, not {self.config.shard} (of {self.config.num_shards})"
                     )
+
+
+    def _chunk_rows(self, table: EmbeddingTable, include_state: bool, requested: int) -> int:
+        """Rows per export chunk: as asked (or the default), within both request limits."""
+        row_bytes = 8 + 4 + 4 * (table.width if include_state else table.dim)
+        fitting = max(1, (self.config.max_message_bytes - 4096) // row_bytes)
+        return max(1, min(requested or self.config.export_chunk_rows, self.config.max_ids_per_request, fitting))
 
 
 def _resolve_time(update_time: float) -> float:

@@ -1,0 +1,1 @@
+"""Shared server runtime: server factory, error-to-status mapping, wire arrays, metrics."""

@@ -1,0 +1,61 @@
+"""Exceptions that know their gRPC status code.
+
+Cores raise these; `ErrorAndMetricsInterceptor` turns them into `context.abort(code,
+str(exc))` in one place, so servicers never catch exceptions themselves.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class MonolithError(Exception):
+    """Base of all errors with a gRPC status; the message is `str(exc)`.
+
+    Attributes:
+        code: The status the client sees. INTERNAL unless a subclass says otherwise.
+    """
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class InvalidArgument(MonolithError):
+    """The request is malformed, whatever the server's state."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(MonolithError):
+    """A named entity (table, row, checkpoint) does not exist."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class FailedPrecondition(MonolithError):
+    """The server is not in a state to do this (e.g. no shard id assigned yet)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ResourceExhausted(MonolithError):
+    """A capacity limit was hit (table full, too many rows in one request)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(MonolithError):
+    """A transient failure; the client may retry."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class AlreadyExists(MonolithError):
+    """The entity the client tried to create is already there."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class OutOfRange(MonolithError):
+    """A valid kind of value outside the range the server accepts (e.g. a shard index)."""
+
+    code = grpc.StatusCode.OUT_OF_RANGE

@@ -1,0 +1,178 @@
+"""The one place where handler exceptions become gRPC statuses and RPCs are counted.
+
+Handlers raise `MonolithError` subclasses (or let bugs escape); this interceptor turns
+them into `context.abort(code, message)` and records go-grpc-prometheus metrics with the
+final status code, for all four handler kinds.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+from monolith.common import metrics
+from monolith.common.errors import MonolithError
+
+_LOGGER = logging.getLogger("monolith.grpc")
+
+_OK = grpc.StatusCode.OK
+
+
+class _Call:
+    """Metrics for one RPC: counted as started on creation, as handled on `finish`."""
+
+    def __init__(self, labels: tuple[str, str, str]) -> None:
+        self._labels = labels
+        self._started = time.perf_counter()
+        metrics.grpc_server_started_total.labels(*labels).inc()
+
+    def finish(self, code: grpc.StatusCode) -> None:
+        metrics.grpc_server_handled_total.labels(*self._labels, code.name).inc()
+        metrics.grpc_server_handling_seconds.labels(*self._labels).observe(
+            time.perf_counter() - self._started
+        )
+
+
+def _final_code(context: grpc.ServicerContext) -> grpc.StatusCode:
+    """The status of an RPC whose handler returned normally (it may have set a code)."""
+    return context.code() or _OK
+
+
+def _status_of(
+    exc: Exception, context: grpc.ServicerContext, method: str
+) -> tuple[grpc.StatusCode, str | None]:
+    """Decides the status for an exception that escaped a handler.
+
+    Returns:
+        The code, and the details to abort with; None details mean the status is already
+        settled and the exception should propagate unchanged.
+    """
+    code = context.code()
+    # grpc's context.abort() records the status and then raises a bare Exception(); it is
+    # the handler choosing its status, not a bug, so it passes through untouched.
+    if type(exc) is Exception and not exc.args and code not in (None, _OK):
+        return code, None
+    # The client cancelled or the deadline passed, so reading the request stream failed;
+    # nobody is listening for a status.
+    if not context.is_active():
+        return grpc.StatusCode.CANCELLED, None
+    if isinstance(exc, MonolithError):
+        return exc.code, str(exc)
+    _LOGGER.error("unexpected error in %s", method, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+
+
+def _wrap_unary_response(
+    behavior: Callable[[Any, grpc.ServicerContext], Any],
+    labels: tuple[str, str, str],
+    method: str,
+) -> Callable[[Any, grpc.ServicerContext], Any]:
+    """Wraps a unary-unary or stream-unary handler."""
+
+    def handle(request: Any, context: grpc.ServicerContext) -> Any:
+        call = _Call(labels)
+        try:
+            response = behavior(request, context)
+        except Exception as exc:
+            code, details = _status_of(exc, context, method)
+            call.finish(code)
+            if details is None:
+                raise
+            context.abort(code, details)
+        call.finish(_final_code(context))
+        return response
+
+    return handle
+
+
+def _wrap_stream_response(
+    behavior: Callable[[Any, grpc.ServicerContext], Iterator[Any]],
+    labels: tuple[str, str, str],
+    method: str,
+) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
+    """Wraps a unary-stream or stream-stream handler, including errors mid-stream."""
+
+    def handle(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        call = _Call(labels)
+        try:
+            # Inside the generator, so an error at call time and one on the hundredth
+            # response are mapped alike.
+            yield from behavior(request, context)
+        except GeneratorExit:
+            call.finish(grpc.StatusCode.CANCELLED)
+            raise
+        except Exception as exc:
+            code, details = _status_of(exc, context, method)
+            call.finish(code)
+            if details is None:
+                raise
+            context.abort(code, details)
+        else:
+            call.finish(_final_code(context))
+
+    return handle
+
+
+def _rpc_type(handler: grpc.RpcMethodHandler) -> str:
+    if handler.request_streaming and handler.response_streaming:
+        return "bidi_stream"
+    if handler.request_streaming:
+        return "client_stream"
+    if handler.response_streaming:
+        return "server_stream"
+    return "unary"
+
+
+def _split_method(full_method: str) -> tuple[str, str]:
+    """Splits "/pkg.Service/Method" into ("pkg.Service", "Method")."""
+    service, _, method = full_method.lstrip("/").rpartition("/")
+    return service, method
+
+
+class ErrorAndMetricsInterceptor(grpc.ServerInterceptor):
+    """Maps exceptions to statuses and records RPC metrics for every handler kind.
+
+    A `MonolithError` becomes its own code and message. Any other exception is logged
+    with its traceback on "monolith.grpc" and becomes INTERNAL. A status the handler set
+    itself (`context.abort`, `context.set_code`) is kept. Every RPC is counted in
+    `grpc_server_started_total`, `grpc_server_handled_total` (with the final code) and
+    `grpc_server_handling_seconds`.
+    """
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None:  # Unknown method: grpc answers UNIMPLEMENTED itself.
+            return None
+        behavior = handler.unary_unary or handler.unary_stream
+        behavior = behavior or handler.stream_unary or handler.stream_stream
+        # Non-blocking handlers (health Watch) answer through a callback after returning,
+        # so a wrapper could neither see their errors nor time them; grpc only honours
+        # the flag on the original function anyway.
+        if getattr(behavior, "experimental_non_blocking", False):
+            return handler
+
+        method = handler_call_details.method
+        labels = (_rpc_type(handler), *_split_method(method))
+        codecs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary:
+            wrapped = _wrap_unary_response(handler.unary_unary, labels, method)
+            return grpc.unary_unary_rpc_method_handler(wrapped, **codecs)
+        if handler.unary_stream:
+            wrapped = _wrap_stream_response(handler.unary_stream, labels, method)
+            return grpc.unary_stream_rpc_method_handler(wrapped, **codecs)
+        if handler.stream_unary:
+            wrapped = _wrap_unary_response(handler.stream_unary, labels, method)
+            return grpc.stream_unary_rpc_method_handler(wrapped, **codecs)
+        wrapped = _wrap_stream_response(handler.stream_stream, labels, method)
+        return grpc.stream_stream_rpc_method_handler(wrapped, **codecs)

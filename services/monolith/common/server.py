@@ -1,0 +1,294 @@
+"""The one server factory: every monolith gRPC server is built here.
+
+`build_server` returns an unstarted server with error mapping, metrics, health and
+reflection attached and its port already bound, so tests can bind port 0 and read the
+port back. Only `main` starts it, usually via `run_until_signal`, which drains on SIGTERM
+the way Kubernetes expects: health NOT_SERVING, `stop(grace)`, then flush.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import threading
+from collections.abc import Callable, Sequence
+from concurrent import futures
+from types import FrameType, TracebackType
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from monolith.common import metrics
+from monolith.common.interceptor import ErrorAndMetricsInterceptor
+
+_LOGGER = logging.getLogger("monolith.server")
+
+_INT32_MAX = 2**31 - 1  # gRPC channel arguments are C ints.
+
+# Ping idle clients so half-open connections (a node gone without a FIN) are noticed, and
+# accept client pings every 10 s: a stricter limit makes the server answer clients
+# that use keepalive with GOAWAY "too_many_pings".
+_KEEPALIVE_OPTIONS = (
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+)
+
+
+def _check_port(name: str, port: int) -> None:
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{name} must be in 0..65535, got {port}")
+
+
+def _check_positive(name: str, value: float, upper: int | None = None) -> None:
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    if upper is not None and value > upper:
+        raise ValueError(f"{name} must be at most {upper}, got {value}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """How to serve; built once in `main` from flags or environment.
+
+    Attributes:
+        host: Interface to bind gRPC and metrics on ("0.0.0.0" in containers).
+        port: gRPC port; 0 picks a free one.
+        metrics_port: Prometheus /metrics HTTP port; 0 picks a free one, None disables.
+        max_workers: Threads serving RPCs.
+        max_message_bytes: Max send and receive message size (gRPC's default is 4 MiB).
+        max_concurrent_rpcs: Beyond this many RPCs in flight, new ones get
+            RESOURCE_EXHAUSTED; None means no limit.
+        grace_seconds: How long `stop` lets in-flight RPCs finish.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    metrics_port: int | None = 0
+    max_workers: int = 16
+    max_message_bytes: int = 64 * 1024 * 1024
+    max_concurrent_rpcs: int | None = None
+    grace_seconds: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not self.host:
+            raise ValueError("host must not be empty")
+        _check_port("port", self.port)
+        if self.metrics_port is not None:
+            _check_port("metrics_port", self.metrics_port)
+            if self.metrics_port == self.port != 0:
+                raise ValueError(f"metrics_port and port are both {self.port}")
+        _check_positive("max_workers", self.max_workers)
+        _check_positive("max_message_bytes", self.max_message_bytes, upper=_INT32_MAX)
+        if self.max_concurrent_rpcs is not None:
+            _check_positive("max_concurrent_rpcs", self.max_concurrent_rpcs)
+        if self.grace_seconds < 0:
+            raise ValueError(f"grace_seconds must be >= 0, got {self.grace_seconds}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Service:
+    """A gRPC service to serve, and how to add it to a server.
+
+    Attributes:
+        name: Full service name, e.g. "monolith.api.embedding_ps.v1.EmbeddingPS"; used
+            for its health status and in reflection.
+        register: Adds the servicer, e.g.
+            `lambda s: pb2_grpc.add_EmbeddingPSServicer_to_server(servicer, s)`.
+    """
+
+    name: str
+    register: Callable[[grpc.Server], None]
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class MonolithServer:
+    """A built gRPC server plus its health status and /metrics endpoint.
+
+    Use `build_server` to make one. Tests use it as a context manager; `main` calls
+    `run_until_signal`.
+    """
+
+    def __init__(
+        self,
+        server: grpc.Server,
+        config: ServerConfig,
+        port: int,
+        service_names: Sequence[str],
+        health_servicer: health.HealthServicer,
+    ) -> None:
+        self._server = server
+        self._config = config
+        self._service_names = tuple(service_names)
+        self._lock = threading.Lock()
+        self._started = False
+        self._stopped = False
+        self._metrics_httpd: Any = None
+        self.port: int = port
+        self.metrics_port: int | None = None
+        self.health: health.HealthServicer = health_servicer
+
+    @property
+    def address(self) -> str:
+        """Where clients dial, "host:port"."""
+        return _host_port(self._config.host, self.port)
+
+    def start(self) -> None:
+        """Starts /metrics (if enabled) and gRPC, then reports SERVING.
+
+        A component that must restore state before taking traffic calls
+        `set_serving(False)` until it is ready.
+
+        Raises:
+            RuntimeError: The server was stopped; gRPC servers cannot restart.
+        """
+        with self._lock:
+            if self._stopped:
+                raise RuntimeError("server was stopped; build a new one")
+            if self._started:
+                return
+            if self._config.metrics_port is not None:
+                self._metrics_httpd, self.metrics_port = metrics.start_metrics_http(
+                    self._config.host, self._config.metrics_port
+                )
+            self._server.start()
+            self._started = True
+        self.set_serving(True)
+        metrics_at = "disabled"
+        if self.metrics_port is not None:
+            metrics_at = f"http://{_host_port(self._config.host, self.metrics_port)}/metrics"
+        _LOGGER.info("serving gRPC on %s, metrics %s", self.address, metrics_at)
+
+    def set_serving(self, serving: bool) -> None:
+        """Sets the health status of the whole server ("") and of every service.
+
+        Ignored once `stop` has begun: health stays NOT_SERVING from then on.
+        """
+        status = health_pb2.HealthCheckResponse.NOT_SERVING
+        if serving:
+            status = health_pb2.HealthCheckResponse.SERVING
+        for name in ("", *self._service_names):
+            self.health.set(name, status)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Reports NOT_SERVING, drains in-flight RPCs, and closes /metrics. Idempotent.
+
+        Args:
+            grace: Seconds in-flight RPCs get before they are cancelled; defaults to
+                `config.grace_seconds`.
+        """
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        self.health.enter_graceful_shutdown()
+        self._server.stop(self._config.grace_seconds if grace is None else grace).wait()
+        if self._metrics_httpd is not None:
+            metrics.stop_metrics_http(self._metrics_httpd)
+            self._metrics_httpd = None
+        _LOGGER.info("stopped gRPC on %s", self.address)
+
+    def run_until_signal(self, on_shutdown: Callable[[], None] | None = None) -> None:
+        """Serves until SIGTERM or SIGINT, then drains and calls `on_shutdown`.
+
+        Starts the server if it is not started. After the first signal the previous
+        handlers are restored, so a second Ctrl-C interrupts a slow drain.
+
+        Args:
+            on_shutdown: Runs after the server has stopped, e.g. to flush a checkpoint.
+
+        Raises:
+            RuntimeError: Not called from the main thread (Python delivers signals there).
+        """
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("run_until_signal must be called from the main thread")
+        received: list[signal.Signals] = []
+        wake = threading.Event()
+
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            # Only record it: logging here could re-enter a handler the signal interrupted.
+            received.append(signal.Signals(signum))
+            wake.set()
+
+        watched = (signal.SIGTERM, signal.SIGINT)
+        previous = {sig: signal.signal(sig, on_signal) for sig in watched}
+        try:
+            self.start()
+            wake.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        _LOGGER.info("received %s, shutting down", received[0].name)
+        self.stop()
+        if on_shutdown is not None:
+            on_shutdown()
+
+    def __enter__(self) -> MonolithServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def build_server(config: ServerConfig, services: Sequence[Service]) -> MonolithServer:
+    """Builds an unstarted server with the services, health, reflection and metrics.
+
+    The port is bound here, so `.port` is known before `start()`. Health reports
+    NOT_SERVING for "" and every service until `start()`.
+
+    Args:
+        config: How to serve.
+        services: The services to register; names must be unique.
+
+    Returns:
+        The server, ready to `start()`.
+
+    Raises:
+        ValueError: Two services share a name.
+        RuntimeError: The port could not be bound.
+    """
+    names = [s.name for s in services]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate service names in {names}")
+    options = [
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        # gRPC's Linux default lets a second server bind a busy port and silently share
+        # its traffic; a clash must fail instead.
+        ("grpc.so_reuseport", 0),
+        *_KEEPALIVE_OPTIONS,
+    ]
+    server = grpc.server(
+        futures.ThreadPoolExecutor(
+            max_workers=config.max_workers, thread_name_prefix="grpc-worker"
+        ),
+        interceptors=[ErrorAndMetricsInterceptor()],
+        options=options,
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+    )
+    for service in services:
+        service.register(server)
+
+    health_servicer = health.HealthServicer()
+    for name in ("", *names):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(_host_port(config.host, config.port))
+    return MonolithServer(server, config, port, names, health_servicer)
