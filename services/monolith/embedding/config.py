@@ -11,13 +11,10 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
-import yaml
 
 INITIALIZERS = ("zeros", "uniform", "normal")
 OPTIMIZERS = ("sgd", "adagrad", "ftrl", "adam")
 FILTERS = ("none", "counting", "probabilistic")
-# Keys a slot entry may carry for other layers (the data source), ignored by the tables.
-SLOT_KEYS_OF_OTHER_LAYERS = frozenset({"source", "multi_valued", "max_values"})
 
 
 class ConfigError(ValueError):
@@ -206,20 +203,3 @@ def slots_from_list(raw: Any, path: str = "slots", ignore: frozenset[str] = froz
         seen.add(slot.name)
     return slots
 
-
-def load_slots_file(path: str) -> tuple[SlotConfig, ...]:
-    """Reads the `slots` section of a model config YAML file.
-
-    Raises:
-        ConfigError: the file is missing, not YAML, or a slot is invalid (naming the field).
-    """
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(raw, Mapping) or "slots" not in raw:
-        raise ConfigError(f"{path}: must be a mapping with a `slots` list")
-    return slots_from_list(raw["slots"], "slots", ignore=SLOT_KEYS_OF_OTHER_LAYERS)

@@ -28,6 +28,7 @@ from monolith.embedding.config import SlotConfig
 from monolith.embedding.hashing import stable_hash64
 from monolith.embedding.row_math import OPTIMIZER_CODES, hyper_parameters, initializer_params
 
+MAX_DELETION_LOG = 1 << 20  # deletions remembered per table; older ones need a full export
 GROWTH = 1.125  # arena growth factor: small, so spare rows cost little memory (copies are cheap)
 MIN_GROWTH_ROWS = 1024
 
@@ -101,6 +102,7 @@ class EmbeddingTable:
         self._deleted_ids = np.zeros(0, dtype=np.int64)
         self._deleted_versions = np.zeros(0, dtype=np.int64)
         self._num_deleted = 0
+        self._deletions_floor = 0  # deletions at or below this version were forgotten
 
         self._max_update_time = 0
         self._admissions = 0
@@ -153,6 +155,8 @@ class EmbeddingTable:
                 table_kernels.gather(self._values, rows, out)
                 return out
         counts = np.ones(ids.shape[0], dtype=np.int32) if counts is None else np.ascontiguousarray(counts, np.int32)
+        if counts.shape != ids.shape:
+            raise ValueError(f"{counts.shape[0]} counts for {ids.shape[0]} ids")
         stamp = self._stamp(now)
         with self._lock.write():
             self._reserve(ids.shape[0])
@@ -223,6 +227,8 @@ class EmbeddingTable:
         if values.ndim != 2 or values.shape[1] not in (self.dim, self.width) or values.shape[0] != ids.shape[0]:
             raise ValueError(f"rows of shape {values.shape} do not fit slot {self.config.name!r} (dim {self.dim})")
         times = np.ascontiguousarray(batch.update_times, dtype=np.uint32)
+        if times.shape != ids.shape:
+            raise ValueError(f"{times.shape[0]} update times for {ids.shape[0]} rows")
         with self._lock.write():
             self._reserve(ids.shape[0])
             table_kernels.upsert_rows(
@@ -269,8 +275,18 @@ class EmbeddingTable:
                 yield batch
 
     def deleted_since(self, since: int) -> np.ndarray:
-        """Ids deleted (expired or deleted by import) after version `since`."""
+        """Ids deleted (expired or deleted by import) after version `since`.
+
+        Raises:
+            LookupError: deletions after `since` were dropped from the bounded log; the
+                consumer needs a full export instead.
+        """
         with self._lock.read():
+            if since < self._deletions_floor:
+                raise LookupError(
+                    f"slot {self.config.name!r} remembers deletions only after version {self._deletions_floor}, "
+                    f"not since {since}: a full export is needed"
+                )
             n = self._num_deleted
             mask = self._deleted_versions[:n] > since
             return self._deleted_ids[:n][mask]
@@ -333,6 +349,15 @@ class EmbeddingTable:
         n, k = self._num_deleted, ids.shape[0]
         if k == 0:
             return
+        if n + k > MAX_DELETION_LOG and n >= 2:
+            # Forget the older half (by version) so the log stays bounded; consumers that
+            # are further behind than that get a full export instead.
+            order = np.argsort(self._deleted_versions[:n], kind="stable")
+            keep = np.sort(order[n // 2 :])
+            self._deletions_floor = max(self._deletions_floor, int(self._deleted_versions[order[n // 2 - 1]]))
+            n = keep.shape[0]
+            self._deleted_ids[:n] = self._deleted_ids[keep]
+            self._deleted_versions[:n] = self._deleted_versions[keep]
         if n + k > self._deleted_ids.shape[0]:
             capacity = max(n + k, 2 * self._deleted_ids.shape[0], 1024)
             self._deleted_ids = _resized(self._deleted_ids, capacity, n, 0)

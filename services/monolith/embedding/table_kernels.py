@@ -76,8 +76,10 @@ def lookup_or_create(
                 p_time[pending] = now
         elif filter_kind == FILTER_PROBABILISTIC:
             # Each occurrence admits independently with probability p, so `occurrences`
-            # of them admit with 1 - (1 - p)^occurrences. The draw is keyed by (id, version).
-            u = to_unit_float(mix64(np.uint64(key) ^ mix64(np.uint64(new_version) ^ p_seed)))
+            # of them admit with 1 - (1 - p)^occurrences. The draw is keyed by (id, version,
+            # position), so an id repeated within one call gets a fresh draw per repeat.
+            draw_key = mix64(np.uint64(new_version) ^ p_seed) + np.uint64(i)
+            u = to_unit_float(mix64(np.uint64(key) ^ mix64(draw_key)))
             admit = u < 1.0 - (1.0 - admit_probability) ** occurrences
         if not admit:
             rows[i] = -1

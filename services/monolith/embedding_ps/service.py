@@ -7,8 +7,8 @@ import logging
 import threading
 
 from monolith.common.server import MonolithServer, ServerConfig, Service, build_server
-from monolith.embedding.config import load_slots_file
 from monolith.embedding_ps import metrics
+from monolith.model.config import load_model_config
 from monolith.embedding_ps.servicer import SERVICE_NAME, EmbeddingPSServicer
 from monolith.embedding_ps.shard import ROLES, EmbeddingShard, ShardConfig
 from monolith.api.embedding_ps.v1 import embedding_ps_pb2_grpc as pb_grpc
@@ -63,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `monolith embedding-ps`."""
     parser.add_argument("--shard", type=int, required=True, help="this shard's index, 0..num-shards-1")
     parser.add_argument("--num-shards", type=int, required=True, help="number of shards")
-    parser.add_argument("--config", required=True, help="model config YAML (its `slots` section is used)")
+    parser.add_argument("--config", required=True, help="model config YAML (this shard holds every slot's table and bias table)")
     parser.add_argument("--role", choices=ROLES, default="training", help="training or serving (read-only)")
     parser.add_argument("--host", default="0.0.0.0", help="interface to bind (default: all)")
     parser.add_argument("--port", type=int, default=50051, help="gRPC port (0 picks a free one)")
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
             shard=args.shard,
             num_shards=args.num_shards,
             role=args.role,
-            slots=load_slots_file(args.config),
+            slots=load_model_config(args.config).tables(),
             max_ids_per_request=args.max_ids_per_request,
             max_message_bytes=args.max_message_mb * 1024 * 1024,
         )

@@ -181,7 +181,10 @@ class EmbeddingShard:
         for name in slots or list(self.tables):
             table = self.tables[name]
             chunk_rows = self._chunk_rows(table, include_state, max_rows)
-            deleted = table.deleted_since(since) if since > 0 else np.zeros(0, np.int64)
+            try:
+                deleted = table.deleted_since(since) if since > 0 else np.zeros(0, np.int64)
+            except LookupError as exc:
+                raise FailedPrecondition(str(exc)) from None
             for start in range(0, deleted.shape[0], chunk_rows):
                 yield ExportChunk(name, _empty_rows(table, include_state), include_state,
                                   deleted[start : start + chunk_rows], version)  # fmt: skip
@@ -199,6 +202,12 @@ class EmbeddingShard:
         """
         table = self._table(slot)
         what = what or f"slot {slot!r}"
+        n = rows.ids.shape[0]
+        if rows.values.shape[:1] != (n,) or rows.update_times.shape != (n,):
+            raise InvalidArgument(
+                f"{what}: {n} ids, {rows.values.shape[0]} value rows and {rows.update_times.shape[0]} update_times "
+                "times; they must match"
+            )
         if rows.values.ndim != 2 or rows.values.shape[1] not in (table.dim, table.width):
             raise InvalidArgument(
                 f"{what}: rows of width {rows.values.shape[-1]} fit neither the embedding dim {table.dim} "

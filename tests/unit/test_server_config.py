@@ -1,0 +1,56 @@
+"""ServerConfig rejects values that would fail later, naming the field."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from monolith.common.server import ServerConfig
+
+
+def test_defaults_are_valid() -> None:
+    config = ServerConfig()
+
+    assert (config.host, config.port, config.metrics_port) == ("127.0.0.1", 0, 0)
+    assert config.max_message_bytes == 64 * 1024 * 1024
+
+
+def test_is_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ServerConfig().port = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"host": ""}, "host"),
+        ({"port": -1}, "port"),
+        ({"port": 65536}, "port"),
+        ({"metrics_port": -1}, "metrics_port"),
+        ({"metrics_port": 70000}, "metrics_port"),
+        ({"port": 8500, "metrics_port": 8500}, "metrics_port"),
+        ({"max_workers": 0}, "max_workers"),
+        ({"max_message_bytes": 0}, "max_message_bytes"),
+        ({"max_message_bytes": 2**31}, "max_message_bytes"),
+        ({"max_concurrent_rpcs": 0}, "max_concurrent_rpcs"),
+        ({"grace_seconds": -0.1}, "grace_seconds"),
+    ],
+)
+def test_invalid_values_name_the_field(overrides: dict[str, object], field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        ServerConfig(**overrides)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"port": 65535, "metrics_port": None},
+        {"port": 0, "metrics_port": 0},
+        {"max_message_bytes": 2**31 - 1},
+        {"max_concurrent_rpcs": 1},
+        {"grace_seconds": 0.0},
+    ],
+)
+def test_edge_values_are_accepted(overrides: dict[str, object]) -> None:
+    ServerConfig(**overrides)  # type: ignore[arg-type]
