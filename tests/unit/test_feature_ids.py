@@ -1,0 +1,53 @@
+"""feature_ids: stable across processes, distinct across features, ints and strings alike."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from monolith.data.feature_ids import feature_id, feature_ids
+
+VALUES = ["M", "F", "technician", "852", "", "Children's"]
+
+
+def test_ids_are_the_same_in_another_process() -> None:
+    here = {"gender": feature_ids("gender", VALUES).tolist(), "user_id": feature_ids("user_id", [1, 2, 943]).tolist()}
+    script = (
+        "import json; from monolith.data.feature_ids import feature_ids; "
+        f"print(json.dumps({{'gender': feature_ids('gender', {VALUES!r}).tolist(), "
+        "'user_id': feature_ids('user_id', [1, 2, 943]).tolist()}))"
+    )
+    # A different PYTHONHASHSEED makes sure nothing leans on Python's salted hash().
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
+    assert json.loads(out.stdout) == here
+
+
+def test_same_value_in_two_features_gets_two_ids() -> None:
+    values = np.arange(1000)
+    assert not np.intersect1d(feature_ids("user_id", values), feature_ids("movie_id", values)).size
+
+
+def test_ints_and_strings_hash_through_their_text() -> None:
+    ints = feature_ids("movie_id", np.array([7, 8, 7], dtype=np.int64))
+    assert ints.dtype == np.int64
+    assert ints[0] == ints[2] != ints[1]
+    np.testing.assert_array_equal(ints, feature_ids("movie_id", ["7", "8", "7"]))
+    np.testing.assert_array_equal(ints, [feature_id("movie_id", v) for v in (7, 8, 7)])
+
+
+def test_distinct_values_get_distinct_ids() -> None:
+    values = np.arange(100_000)
+    assert len(np.unique(feature_ids("movie_id", values))) == len(values)
+
+
+def test_shape_is_kept_and_empty_input_is_fine() -> None:
+    grid = np.array([["a", "b"], ["b", "c"]])
+    ids = feature_ids("x", grid)
+    assert ids.shape == (2, 2) and ids[0, 1] == ids[1, 0]
+    empty = feature_ids("x", [])
+    assert empty.shape == (0,) and empty.dtype == np.int64
