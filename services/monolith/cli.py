@@ -13,6 +13,7 @@ from monolith.embedding.config import ConfigError
 # run(args) -> exit code, and are imported only when chosen (TensorFlow is slow to load).
 _COMMANDS: dict[str, tuple[str, str]] = {
     "embedding-ps": ("monolith.embedding_ps.service", "serve one embedding-PS shard"),
+    "dense-ps": ("monolith.dense_ps.service", "serve the dense model's parameters"),
     "bench": ("monolith.bench.cli", "run a benchmark and print one JSON line"),
 }
 

@@ -1,0 +1,88 @@
+"""The DensePS gRPC servicer: a thin adapter between protos and `DenseStore`.
+
+Each RPC decodes its tensors (shape- and length-checked), calls the store, and encodes
+the answer. Errors are exceptions that know their status, mapped by the server's
+interceptor.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import grpc
+import numpy as np
+
+from monolith.api.dense_ps.v1 import dense_ps_pb2 as pb
+from monolith.api.dense_ps.v1 import dense_ps_pb2_grpc as pb_grpc
+from monolith.common.errors import InvalidArgument
+from monolith.common.wire import decode_array, encode_array
+from monolith.dense_ps.store import DenseStore
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DensePS"].full_name
+
+# numpy arrays have at most 64 dimensions; no dense layer comes near this.
+MAX_RANK = 32
+
+
+class DensePSServicer(pb_grpc.DensePSServicer):
+    """Serves one store."""
+
+    def __init__(self, store: DenseStore) -> None:
+        self._store = store
+
+    def Init(self, request: pb.InitRequest, context: grpc.ServicerContext) -> pb.InitResponse:
+        version, tensors = self._store.init(decode_tensors(request.tensors, "init tensor"))
+        return pb.InitResponse(version=version, tensors=encode_tensors(tensors))
+
+    def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> pb.PullResponse:
+        version, tensors = self._store.pull(list(request.names), request.if_newer_than)
+        if tensors is None:
+            return pb.PullResponse(version=version, unchanged=True)
+        return pb.PullResponse(version=version, tensors=encode_tensors(tensors))
+
+    def Push(self, request: pb.PushRequest, context: grpc.ServicerContext) -> pb.PushResponse:
+        try:
+            grads = decode_tensors(request.gradients, "gradient")
+        except InvalidArgument:
+            # A malformed push never reaches the store; count it there all the same, so the
+            # rejected-pushes metric sees every rejection.
+            self._store.count_rejected_push()
+            raise
+        return pb.PushResponse(version=self._store.push(grads))
+
+    def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
+        s = self._store.stats()
+        return pb.StatsResponse(
+            version=s.version,
+            num_tensors=s.num_tensors,
+            parameters=s.parameters,
+            bytes=s.bytes,
+            pushes=s.pushes,
+            rejected_pushes=s.rejected_pushes,
+            optimizer=s.optimizer,
+        )
+
+
+def decode_tensors(messages: Iterable[pb.Tensor], what: str) -> dict[str, np.ndarray]:
+    """Read-only float32 arrays by name, after checking ranks, sizes and unique names.
+
+    `decode_array` compares the byte length with the declared shape in Python integers, so
+    a negative or absurd dimension fails there instead of allocating anything.
+
+    Raises:
+        InvalidArgument: a repeated name, a rank above MAX_RANK, a negative dimension, or
+            bytes that do not fit the shape.
+    """
+    out: dict[str, np.ndarray] = {}
+    for t in messages:
+        if t.name in out:
+            raise InvalidArgument(f"{what} {t.name!r} appears more than once in the request")
+        if len(t.shape) > MAX_RANK:
+            raise InvalidArgument(f"{what} {t.name!r}: rank {len(t.shape)} exceeds {MAX_RANK}")
+        out[t.name] = decode_array(t.values, "<f4", tuple(t.shape), f"{what} {t.name!r}")
+    return out
+
+
+def encode_tensors(tensors: Mapping[str, np.ndarray]) -> list[pb.Tensor]:
+    """Tensor messages, in the mapping's order."""
+    return [pb.Tensor(name=n, shape=t.shape, values=encode_array(t, "<f4")) for n, t in tensors.items()]

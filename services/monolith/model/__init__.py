@@ -1,0 +1,1 @@
+"""The model: its config, the dense tower in TensorFlow, evaluation metrics."""

@@ -1,0 +1,151 @@
+"""The dense tower in TensorFlow, as pure functions of named parameters.
+
+The parameters live on the dense-PS (or in a local store), not in tf.Variables: a step
+takes them as tensors, with the embeddings the trainer looked up, and returns gradients
+for both. Embedding inputs are per id occurrence, `[n_ids, dim]`, with the example each
+occurrence belongs to; the tower mean-pools them per example. The gradient it returns for
+embeddings is that of the *summed* loss (each example's full gradient reaches its ids, so
+sparse rows learn at per-example speed), while dense gradients are of the mean loss.
+
+DeepFM (Guo et al. 2017): logit = global bias + sum of per-slot bias terms
+  + FM second-order interactions of the slot embeddings + MLP(concatenated embeddings).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+
+from monolith.model.config import ModelConfig
+
+_ACTIVATIONS = {"relu": tf.nn.relu, "tanh": tf.nn.tanh, "sigmoid": tf.nn.sigmoid, "gelu": tf.nn.gelu}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepResult:
+    """What one training step returns (numpy)."""
+
+    logits: np.ndarray  # float32 [batch]
+    loss: float  # mean logloss over the batch
+    dense_grads: dict[str, np.ndarray]  # of the mean loss
+    embedding_grads: list[np.ndarray]  # per feature, [n_ids, dim], of the summed loss
+    bias_grads: list[np.ndarray]  # per feature with a bias, [n_ids, 1], of the summed loss
+
+
+class DenseModel:
+    """DeepFM or MLP over the slots of a ModelConfig."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
+        self.features = config.features
+        self.bias_features = [i for i, f in enumerate(self.features) if f.bias is not None]
+        self._activation = _ACTIVATIONS[config.model.activation]
+        self._fm = config.model.kind == "deepfm"
+        width = sum(f.table.dim for f in self.features)
+        shapes: dict[str, tuple[int, ...]] = {"global_bias": (1,)}
+        for i, units in enumerate(config.model.hidden_units):
+            shapes[f"mlp/kernel_{i}"] = (width, units)
+            shapes[f"mlp/bias_{i}"] = (units,)
+            width = units
+        shapes["mlp/kernel_out"] = (width, 1)
+        shapes["mlp/bias_out"] = (1,)
+        self.parameter_shapes = shapes
+        self.parameter_names = tuple(shapes)
+        dims = [f.table.dim for f in self.features]
+        signature = (
+            [tf.TensorSpec(shapes[n], tf.float32) for n in self.parameter_names],
+            [tf.TensorSpec((None, d), tf.float32) for d in dims],
+            [tf.TensorSpec((None, 1), tf.float32) for _ in self.bias_features],
+            [tf.TensorSpec((None,), tf.int32) for _ in self.features],
+            tf.TensorSpec((None,), tf.float32),
+        )
+        self._train_step = tf.function(self._train_step_impl, input_signature=signature, reduce_retracing=True)
+        self._forward = tf.function(self._forward_impl, input_signature=signature[:4] + (tf.TensorSpec((), tf.int32),))
+
+    def initial_parameters(self, seed: int) -> dict[str, np.ndarray]:
+        """Glorot-uniform kernels and zero biases, deterministic in `seed`."""
+        rng = np.random.default_rng(seed)
+        params = {}
+        for name, shape in self.parameter_shapes.items():
+            if "kernel" in name:
+                limit = np.sqrt(6.0 / (shape[0] + shape[1]))
+                params[name] = rng.uniform(-limit, limit, shape).astype(np.float32)
+            else:
+                params[name] = np.zeros(shape, np.float32)
+        return params
+
+    def train_step(
+        self,
+        params: dict[str, np.ndarray],
+        embeddings: list[np.ndarray],
+        biases: list[np.ndarray],
+        segments: list[np.ndarray],
+        labels: np.ndarray,
+    ) -> StepResult:
+        """Forward and backward on one batch.
+
+        Args:
+            params: dense parameters by name.
+            embeddings: per feature, float32 [n_ids, dim], one row per id occurrence.
+            biases: per feature with a bias table, float32 [n_ids, 1].
+            segments: per feature, int32 [n_ids]: the example of each occurrence.
+            labels: float32 [batch], 0 or 1.
+        """
+        ordered = [params[n] for n in self.parameter_names]
+        logits, loss_sum, dense_grads, emb_grads, bias_grads = self._train_step(
+            ordered, embeddings, biases, segments, labels
+        )
+        batch = max(len(labels), 1)
+        return StepResult(
+            logits=logits.numpy(),
+            loss=float(loss_sum.numpy()) / batch,
+            dense_grads={n: g.numpy() for n, g in zip(self.parameter_names, dense_grads)},
+            embedding_grads=[g.numpy() for g in emb_grads],
+            bias_grads=[g.numpy() for g in bias_grads],
+        )
+
+    def logits(
+        self,
+        params: dict[str, np.ndarray],
+        embeddings: list[np.ndarray],
+        biases: list[np.ndarray],
+        segments: list[np.ndarray],
+        batch_size: int,
+    ) -> np.ndarray:
+        """Forward only: float32 [batch] logits."""
+        ordered = [params[n] for n in self.parameter_names]
+        return self._forward(ordered, embeddings, biases, segments, np.int32(batch_size)).numpy()
+
+    # ------------------------------------------------------------ TF graphs
+
+    def _forward_impl(self, params, embeddings, biases, segments, batch_size):  # type: ignore[no-untyped-def]
+        p = dict(zip(self.parameter_names, params))
+        pooled = [tf.math.unsorted_segment_mean(e, s, batch_size) for e, s in zip(embeddings, segments)]
+        logit = tf.fill([batch_size], p["global_bias"][0])
+        for b, i in zip(biases, self.bias_features):
+            logit += tf.math.unsorted_segment_mean(b, segments[i], batch_size)[:, 0]
+        if self._fm:
+            stacked = tf.stack(pooled, axis=1)  # [batch, slots, dim]
+            square_of_sum = tf.square(tf.reduce_sum(stacked, axis=1))
+            sum_of_squares = tf.reduce_sum(tf.square(stacked), axis=1)
+            logit += 0.5 * tf.reduce_sum(square_of_sum - sum_of_squares, axis=1)
+        hidden = tf.concat(pooled, axis=1)
+        for i in range(len(self.config.model.hidden_units)):
+            hidden = self._activation(tf.matmul(hidden, p[f"mlp/kernel_{i}"]) + p[f"mlp/bias_{i}"])
+        logit += (tf.matmul(hidden, p["mlp/kernel_out"]) + p["mlp/bias_out"])[:, 0]
+        return logit
+
+    def _train_step_impl(self, params, embeddings, biases, segments, labels):  # type: ignore[no-untyped-def]
+        batch_size = tf.shape(labels)[0]
+        with tf.GradientTape() as tape:
+            tape.watch(params)
+            tape.watch(embeddings)
+            tape.watch(biases)
+            logits = self._forward_impl(params, embeddings, biases, segments, batch_size)
+            loss_sum = tf.reduce_sum(tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits))
+        dense_grads, emb_grads, bias_grads = tape.gradient(loss_sum, [params, embeddings, biases])
+        scale = 1.0 / tf.cast(tf.maximum(batch_size, 1), tf.float32)
+        dense_grads = [g * scale for g in dense_grads]
+        return logits, loss_sum, dense_grads, emb_grads, bias_grads

@@ -1,0 +1,1 @@
+"""The trainer: looks up embeddings, runs the dense tower in TensorFlow, pushes gradients."""

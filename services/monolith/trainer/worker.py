@@ -1,0 +1,88 @@
+"""One trainer worker: a training step over a batch, and scoring.
+
+A step: look up the batch's ids (deduped per table by the backend, with occurrence counts
+for admission), run the dense tower forward and backward in TensorFlow with the cached
+dense parameters, push sparse gradients (each id gets the sum of its examples'
+gradients) and dense gradients, and refresh the dense parameters every k steps.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from monolith.data.batch import Batch
+from monolith.model.config import ModelConfig
+from monolith.model.dense_model import DenseModel, StepResult
+from monolith.trainer.backends import DenseBackend, SparseBackend
+from monolith.trainer.metrics import sigmoid
+
+
+class TrainerWorker:
+    """Trains and scores batches against a sparse and a dense backend.
+
+    Args:
+        config: the model config.
+        sparse: where embeddings live (the embedding-PS shards, or local tables).
+        dense: where dense parameters live (the dense-PS, or a local store).
+    """
+
+    def __init__(self, config: ModelConfig, sparse: SparseBackend, dense: DenseBackend) -> None:
+        self.config = config
+        self.model = DenseModel(config)
+        self._sparse = sparse
+        self._dense = dense
+        self._version, self._params = dense.init(self.model.initial_parameters(config.training.seed))
+        self.steps = 0
+
+    @property
+    def dense_version(self) -> int:
+        """Version of the cached dense parameters."""
+        return self._version
+
+    def train(self, batch: Batch) -> StepResult:
+        """One training step; returns its logits (scored before the update) and loss."""
+        update_time = float(batch.timestamps.max()) if len(batch) else 0.0
+        ids, embeddings, biases, segments = self._lookup(batch, training=True, update_time=update_time)
+        result = self.model.train_step(self._params, embeddings, biases, segments, batch.labels)
+        gradients: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for feature, grads in zip(self.config.features, result.embedding_grads):
+            gradients[feature.table.name] = (ids[feature.source], grads)
+        for i, grads in zip(self.model.bias_features, result.bias_grads):
+            feature = self.config.features[i]
+            gradients[feature.bias.name] = (ids[feature.source], grads)  # type: ignore[union-attr]
+        self._sparse.apply_gradients(gradients, update_time)
+        self._dense.push(result.dense_grads)
+        self.steps += 1
+        if self.steps % self.config.training.dense_refresh_steps == 0:
+            self.refresh_dense()
+        return result
+
+    def predict(self, batch: Batch) -> np.ndarray:
+        """Probabilities for a batch with the current parameters; changes nothing."""
+        _, embeddings, biases, segments = self._lookup(batch, training=False, update_time=0.0)
+        return sigmoid(self.model.logits(self._params, embeddings, biases, segments, len(batch)))
+
+    def refresh_dense(self) -> None:
+        """Pulls the dense parameters if the PS has newer ones."""
+        version, params = self._dense.pull(self._version)
+        if params is not None:
+            self._version, self._params = version, params
+
+    def _lookup(
+        self, batch: Batch, training: bool, update_time: float
+    ) -> tuple[dict[str, np.ndarray], list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+        features = self.config.features
+        ids = {f.source: batch.ids[f.source] for f in features}
+        request = {f.table.name: ids[f.source] for f in features}
+        request.update({f.bias.name: ids[f.source] for f in features if f.bias is not None})
+        rows = self._sparse.lookup(request, training=training, update_time=update_time)
+        embeddings = [rows[f.table.name] for f in features]
+        biases = [rows[features[i].bias.name] for i in self.model.bias_features]  # type: ignore[union-attr]
+        segments = [_segments(batch.row_splits[f.source]) for f in features]
+        return ids, embeddings, biases, segments
+
+
+def _segments(row_splits: np.ndarray) -> np.ndarray:
+    """The example index of each id occurrence."""
+    counts = np.diff(row_splits)
+    return np.repeat(np.arange(counts.shape[0], dtype=np.int32), counts)
