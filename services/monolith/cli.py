@@ -14,6 +14,7 @@ from monolith.embedding.config import ConfigError
 _COMMANDS: dict[str, tuple[str, str]] = {
     "embedding-ps": ("monolith.embedding_ps.service", "serve one embedding-PS shard"),
     "dense-ps": ("monolith.dense_ps.service", "serve the dense model's parameters"),
+    "trainer": ("monolith.trainer.service", "train against the embedding-PS and dense-PS"),
     "bench": ("monolith.bench.cli", "run a benchmark and print one JSON line"),
 }
 

@@ -10,11 +10,13 @@ import sys
 # name -> module with `run(args) -> dict` and optional `add_arguments(parser)`.
 BENCHMARKS = {
     "table": "monolith.bench.table",
+    "train": "monolith.bench.train",
 }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
+    parser.add_argument("--config", default=None, help="model config for the benchmarks that train a model")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line (last line)")
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for smoke tests")
 

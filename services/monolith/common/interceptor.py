@@ -39,7 +39,10 @@ class _Call:
 
 def _final_code(context: grpc.ServicerContext) -> grpc.StatusCode:
     """The status of an RPC whose handler returned normally (it may have set a code)."""
-    return context.code() or _OK
+    if context.code() is not None:
+        return context.code()
+    # A stream that ended because the client went away did not succeed.
+    return _OK if context.is_active() else grpc.StatusCode.CANCELLED
 
 
 def _status_of(
@@ -153,9 +156,9 @@ class ErrorAndMetricsInterceptor(grpc.ServerInterceptor):
             return None
         behavior = handler.unary_unary or handler.unary_stream
         behavior = behavior or handler.stream_unary or handler.stream_stream
-        # Non-blocking handlers (health Watch) answer through a callback after returning,
-        # so a wrapper could neither see their errors nor time them; grpc only honours
-        # the flag on the original function anyway.
+        # Non-blocking handlers answer through a callback after returning, so a wrapper
+        # could neither see their errors nor time them; and grpc only honours the flag
+        # on the original function.
         if getattr(behavior, "experimental_non_blocking", False):
             return handler
 

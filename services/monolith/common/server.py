@@ -106,6 +106,28 @@ class Service:
     register: Callable[[grpc.Server], None]
 
 
+class _HealthServicer(health.HealthServicer):
+    """The stock health servicer, with Watch answered from a worker thread.
+
+    The stock non-blocking Watch deadlocks if a watcher hangs up while `set()` or
+    `enter_graceful_shutdown()` runs: they send under the servicer's lock and wait for
+    gRPC's event thread, which is waiting for that lock to close the cancelled Watch
+    (grpc/grpc PR #43403, unreleased in 1.85). A blocking Watch only queues under the
+    lock. grpc keeps the flag on the function, hence an override, not the stock class.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(experimental_non_blocking=False)
+
+    def Watch(  # noqa: N802 (gRPC method name)
+        self,
+        request: health_pb2.HealthCheckRequest,
+        context: grpc.ServicerContext,
+        send_response_callback: Callable[[Any], None] | None = None,
+    ) -> Any:
+        return super().Watch(request, context)
+
+
 def _host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -283,7 +305,7 @@ def build_server(config: ServerConfig, services: Sequence[Service]) -> MonolithS
     for service in services:
         service.register(server)
 
-    health_servicer = health.HealthServicer()
+    health_servicer = _HealthServicer()
     for name in ("", *names):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -18,7 +18,8 @@ model:
   activation: relu
   optimizer: {kind: adam, learning_rate: 0.001}   # the dense tower's optimizer (dense-PS)
 training:
-  batch_size: 256
+  batch_size: 256           # examples per step when training on history (batch mode)
+  online_batch_size: 16     # examples per step when streaming (online mode): smaller = fresher
   dense_refresh_steps: 1    # trainers pull dense parameters every k steps
 ```
 
@@ -28,6 +29,7 @@ Every problem raises `ConfigError` naming the field path, e.g. `model.hidden_uni
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 from typing import Any, Mapping
 
 import yaml
@@ -89,12 +91,16 @@ class TrainingConfig:
     """How trainers step.
 
     Attributes:
-        batch_size: examples per step.
+        batch_size: examples per step when training on stored history (batch mode).
+        online_batch_size: examples per step when training on the stream (online mode).
+            Events of a batch are all scored with the parameters from before it, so small
+            online batches let the model react within a user's session.
         dense_refresh_steps: pull dense parameters from the dense-PS every k steps.
         seed: seed of the dense parameters' initial values.
     """
 
     batch_size: int = 256
+    online_batch_size: int = 256
     dense_refresh_steps: int = 1
     seed: int = 0
 
@@ -186,12 +192,15 @@ def model_config_from_dict(raw: Any) -> ModelConfig:
             _fail("slots", f"deepfm's FM term needs one embedding dim for every slot, got {sorted(dims)}")
     model = DenseModelConfig(kind=kind, hidden_units=hidden_units, activation=activation, optimizer=optimizer)
 
-    t = _mapping(top.get("training"), "training", {"batch_size", "dense_refresh_steps", "seed"})
+    t = _mapping(top.get("training"), "training", {"batch_size", "online_batch_size", "dense_refresh_steps", "seed"})
     seed = t.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         _fail("training.seed", f"must be an integer, got {seed!r}")
     training = TrainingConfig(
         batch_size=_positive_int(t.get("batch_size", 256), "training.batch_size"),
+        online_batch_size=_positive_int(
+            t.get("online_batch_size", t.get("batch_size", 256)), "training.online_batch_size"
+        ),
         dense_refresh_steps=_positive_int(t.get("dense_refresh_steps", 1), "training.dense_refresh_steps"),
         seed=seed,
     )
@@ -225,6 +234,12 @@ __all__ = [
     "ModelConfig",
     "OptimizerConfig",
     "TrainingConfig",
+    "default_config_path",
     "load_model_config",
     "model_config_from_dict",
 ]
+
+
+def default_config_path() -> str:
+    """The shipped MovieLens-100k model config."""
+    return str(importlib.resources.files("monolith.model") / "movielens.yaml")

@@ -53,16 +53,25 @@ class DenseModel:
         shapes["mlp/bias_out"] = (1,)
         self.parameter_shapes = shapes
         self.parameter_names = tuple(shapes)
-        dims = [f.table.dim for f in self.features]
+        self._sizes = [int(np.prod(shapes[n])) for n in self.parameter_names]
+        self._dims = [f.table.dim for f in self.features]
+        # The graphs take a handful of flat tensors rather than lists of them: tf.function's
+        # per-argument binding costs ~0.1 ms per tensor, which dominated small batches.
+        flat = tf.TensorSpec((None,), tf.float32)
         signature = (
-            [tf.TensorSpec(shapes[n], tf.float32) for n in self.parameter_names],
-            [tf.TensorSpec((None, d), tf.float32) for d in dims],
-            [tf.TensorSpec((None, 1), tf.float32) for _ in self.bias_features],
-            [tf.TensorSpec((None,), tf.int32) for _ in self.features],
-            tf.TensorSpec((None,), tf.float32),
+            flat,  # dense parameters, concatenated in parameter_names order
+            flat,  # embeddings of every feature, concatenated
+            flat,  # biases of every feature with a bias table, concatenated
+            tf.TensorSpec((None,), tf.int32),  # example of each id occurrence, concatenated
+            tf.TensorSpec((None,), tf.int32),  # id occurrences per feature
+            tf.TensorSpec((None,), tf.float32),  # labels
         )
-        self._train_step = tf.function(self._train_step_impl, input_signature=signature, reduce_retracing=True)
-        self._forward = tf.function(self._forward_impl, input_signature=signature[:4] + (tf.TensorSpec((), tf.int32),))
+        # Concrete functions, traced once: calling a tf.function re-checks its trace cache on
+        # every call, which cost more than the step itself on small batches.
+        self._train_step = tf.function(self._train_step_impl).get_concrete_function(*signature)
+        self._forward = tf.function(self._forward_impl).get_concrete_function(
+            *signature[:5], tf.TensorSpec((), tf.int32)
+        )
 
     def initial_parameters(self, seed: int) -> dict[str, np.ndarray]:
         """Glorot-uniform kernels and zero biases, deterministic in `seed`."""
@@ -93,17 +102,21 @@ class DenseModel:
             segments: per feature, int32 [n_ids]: the example of each occurrence.
             labels: float32 [batch], 0 or 1.
         """
-        ordered = [params[n] for n in self.parameter_names]
-        logits, loss_sum, dense_grads, emb_grads, bias_grads = self._train_step(
-            ordered, embeddings, biases, segments, labels
+        logits, loss_sum, dense_flat, emb_flat, bias_flat = self._train_step(
+            *self._pack(params, embeddings, biases, segments), labels
         )
-        batch = max(len(labels), 1)
+        counts = [len(s) for s in segments]
+        dense_grads = np.split(dense_flat.numpy(), np.cumsum(self._sizes)[:-1])
+        emb_grads = np.split(emb_flat.numpy(), np.cumsum([n * d for n, d in zip(counts, self._dims)])[:-1])
+        bias_grads = np.split(bias_flat.numpy(), np.cumsum([counts[i] for i in self.bias_features])[:-1])
         return StepResult(
             logits=logits.numpy(),
-            loss=float(loss_sum.numpy()) / batch,
-            dense_grads={n: g.numpy() for n, g in zip(self.parameter_names, dense_grads)},
-            embedding_grads=[g.numpy() for g in emb_grads],
-            bias_grads=[g.numpy() for g in bias_grads],
+            loss=float(loss_sum.numpy()) / max(len(labels), 1),
+            dense_grads={
+                n: g.reshape(self.parameter_shapes[n]) for n, g in zip(self.parameter_names, dense_grads)
+            },
+            embedding_grads=[g.reshape(n, d) for g, n, d in zip(emb_grads, counts, self._dims)],
+            bias_grads=[g.reshape(-1, 1) for g in bias_grads] if self.bias_features else [],
         )
 
     def logits(
@@ -115,13 +128,48 @@ class DenseModel:
         batch_size: int,
     ) -> np.ndarray:
         """Forward only: float32 [batch] logits."""
-        ordered = [params[n] for n in self.parameter_names]
-        return self._forward(ordered, embeddings, biases, segments, np.int32(batch_size)).numpy()
+        return self._forward(*self._pack(params, embeddings, biases, segments), np.int32(batch_size)).numpy()
+
+    def _pack(
+        self,
+        params: dict[str, np.ndarray],
+        embeddings: list[np.ndarray],
+        biases: list[np.ndarray],
+        segments: list[np.ndarray],
+    ) -> tuple[np.ndarray, ...]:
+        def flat(arrays: list[np.ndarray], dtype: type) -> np.ndarray:
+            if not arrays:
+                return np.zeros(0, dtype)
+            return np.concatenate([np.asarray(a, dtype).reshape(-1) for a in arrays])
+
+        return (
+            flat([params[n] for n in self.parameter_names], np.float32),
+            flat(embeddings, np.float32),
+            flat(biases, np.float32),
+            flat(segments, np.int32),
+            np.array([len(s) for s in segments], np.int32),
+        )
 
     # ------------------------------------------------------------ TF graphs
 
-    def _forward_impl(self, params, embeddings, biases, segments, batch_size):  # type: ignore[no-untyped-def]
-        p = dict(zip(self.parameter_names, params))
+    def _unpack(self, params, embeddings, biases, segments, counts):  # type: ignore[no-untyped-def]
+        p = dict(zip(self.parameter_names, tf.split(params, self._sizes)))
+        p = {n: tf.reshape(t, self.parameter_shapes[n]) for n, t in p.items()}
+        emb = tf.split(embeddings, counts * tf.constant(self._dims, tf.int32), num=len(self._dims))
+        emb = [tf.reshape(e, (-1, d)) for e, d in zip(emb, self._dims)]
+        seg = tf.split(segments, counts, num=len(self._dims))
+        if self.bias_features:
+            bias = tf.split(biases, tf.gather(counts, self.bias_features), num=len(self.bias_features))
+            bias = [tf.reshape(b, (-1, 1)) for b in bias]
+        else:
+            bias = []
+        return p, emb, bias, seg
+
+    def _forward_impl(self, params, embeddings, biases, segments, counts, batch_size):  # type: ignore[no-untyped-def]
+        p, embeddings, biases, segments = self._unpack(params, embeddings, biases, segments, counts)
+        return self._logits(p, embeddings, biases, segments, batch_size)
+
+    def _logits(self, p, embeddings, biases, segments, batch_size):  # type: ignore[no-untyped-def]
         pooled = [tf.math.unsorted_segment_mean(e, s, batch_size) for e, s in zip(embeddings, segments)]
         logit = tf.fill([batch_size], p["global_bias"][0])
         for b, i in zip(biases, self.bias_features):
@@ -137,15 +185,14 @@ class DenseModel:
         logit += (tf.matmul(hidden, p["mlp/kernel_out"]) + p["mlp/bias_out"])[:, 0]
         return logit
 
-    def _train_step_impl(self, params, embeddings, biases, segments, labels):  # type: ignore[no-untyped-def]
+    def _train_step_impl(self, params, embeddings, biases, segments, counts, labels):  # type: ignore[no-untyped-def]
         batch_size = tf.shape(labels)[0]
         with tf.GradientTape() as tape:
-            tape.watch(params)
-            tape.watch(embeddings)
-            tape.watch(biases)
-            logits = self._forward_impl(params, embeddings, biases, segments, batch_size)
+            tape.watch([params, embeddings, biases])
+            logits = self._forward_impl(params, embeddings, biases, segments, counts, batch_size)
             loss_sum = tf.reduce_sum(tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits))
-        dense_grads, emb_grads, bias_grads = tape.gradient(loss_sum, [params, embeddings, biases])
-        scale = 1.0 / tf.cast(tf.maximum(batch_size, 1), tf.float32)
-        dense_grads = [g * scale for g in dense_grads]
+        dense_grads, emb_grads, bias_grads = tape.gradient(
+            loss_sum, [params, embeddings, biases], unconnected_gradients=tf.UnconnectedGradients.ZERO
+        )
+        dense_grads = dense_grads / tf.cast(tf.maximum(batch_size, 1), tf.float32)
         return logits, loss_sum, dense_grads, emb_grads, bias_grads

@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from monolith.data.batch import Batch
-from monolith.trainer.metrics import auc
+from monolith.trainer.metrics import auc, log_loss
 from monolith.trainer.progress import Progress
 from monolith.trainer.worker import TrainerWorker
 
@@ -63,7 +63,7 @@ def progressive_validation(
 
     progress = Progress(f"{label}: progressive", len(stream), enabled=show_progress)
     scores = []
-    for batch in stream.batches(batch_size):
+    for batch in stream.batches(worker.config.training.online_batch_size):
         scored = worker.predict(batch)
         scores.append(scored)
         result = worker.train(batch)
@@ -77,6 +77,12 @@ def progressive_validation(
         examples_per_s=len(train) / elapsed,
         final_train_loss=loss,
     )
+
+
+def evaluate(worker: TrainerWorker, data: Batch) -> dict[str, float]:
+    """Log loss and AUC of the current parameters on `data`; changes nothing."""
+    scores = np.concatenate([worker.predict(b) for b in data.batches(worker.config.training.batch_size)])
+    return {"log_loss": log_loss(data.labels, scores), "auc": auc(data.labels, scores)}
 
 
 def running_mean_baseline(data: Batch, fraction: float = 0.8, prior_weight: float = 2.0) -> float:
