@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from collections.abc import Iterator
 
@@ -20,6 +19,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from monolith.common.errors import InvalidArgument, Unavailable
+from monolith.common.process import wait_healthy
 from monolith.common.server import MonolithServer, Service, ServerConfig, build_server
 
 SERVICE = "monolith.test.v1.Probe"
@@ -275,11 +275,7 @@ def test_run_until_signal_drains_and_flushes_on_sigterm() -> None:
     )
     try:
         port = int(proc.stdout.readline())
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-            # Handlers are installed before the server reports SERVING.
-            deadline = time.monotonic() + 10
-            while _health_or_none(ch) != SERVING and time.monotonic() < deadline:
-                time.sleep(0.05)
+        wait_healthy(f"127.0.0.1:{port}", timeout=10)  # Handlers are in place by then.
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=15)
     finally:
@@ -287,10 +283,3 @@ def test_run_until_signal_drains_and_flushes_on_sigterm() -> None:
 
     assert proc.returncode == 0
     assert out.splitlines()[-1:] == ["flushed"]
-
-
-def _health_or_none(channel: grpc.Channel) -> int | None:
-    try:
-        return _health(channel, "")
-    except grpc.RpcError:
-        return None

@@ -71,3 +71,50 @@ def _route(ids: np.ndarray, salt: np.uint64, num_shards: np.uint64) -> np.ndarra
     for i in range(ids.shape[0]):
         out[i] = np.int64(hash_id(ids[i], salt) % num_shards)
     return out
+
+
+@numba.njit(nogil=True, cache=True)
+def dedupe_and_route(ids: np.ndarray, salt: np.uint64, num_shards: np.uint64):  # type: ignore[no-untyped-def]
+    """Unique ids of a batch, grouped by owning shard, in one pass.
+
+    Returns:
+        unique: int64 [u] distinct ids, grouped by shard (ascending id within a shard);
+        inverse: int64 [n], position in `unique` of each input id;
+        counts: int32 [u], occurrences of each unique id;
+        bounds: int64 [num_shards + 1], shard s owns unique[bounds[s]:bounds[s + 1]].
+    """
+    n = ids.shape[0]
+    order = np.argsort(ids, kind="mergesort")
+    sorted_unique = np.empty(n, dtype=np.int64)
+    counts_sorted = np.zeros(n, dtype=np.int32)
+    inverse_sorted = np.empty(n, dtype=np.int64)
+    u = -1
+    for k in range(n):
+        key = ids[order[k]]
+        if u < 0 or sorted_unique[u] != key:
+            u += 1
+            sorted_unique[u] = key
+        counts_sorted[u] += 1
+        inverse_sorted[order[k]] = u
+    u += 1
+    owners = np.empty(u, dtype=np.int64)
+    bounds = np.zeros(np.int64(num_shards) + 1, dtype=np.int64)
+    for k in range(u):
+        owners[k] = np.int64(hash_id(sorted_unique[k], salt) % num_shards)
+        bounds[owners[k] + 1] += 1
+    for s in range(np.int64(num_shards)):
+        bounds[s + 1] += bounds[s]
+    fill = bounds[:-1].copy()
+    position = np.empty(u, dtype=np.int64)
+    unique = np.empty(u, dtype=np.int64)
+    counts = np.empty(u, dtype=np.int32)
+    for k in range(u):
+        p = fill[owners[k]]
+        fill[owners[k]] += 1
+        position[k] = p
+        unique[p] = sorted_unique[k]
+        counts[p] = counts_sorted[k]
+    inverse = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        inverse[i] = position[inverse_sorted[i]]
+    return unique, inverse, counts, bounds

@@ -8,6 +8,7 @@ occurrence), fans out to the shards concurrently, and returns results in input o
 from __future__ import annotations
 
 import dataclasses
+from concurrent import futures
 from typing import Iterator, Mapping, Sequence
 
 import grpc
@@ -16,18 +17,21 @@ import numpy as np
 from monolith.api.embedding_ps.v1 import embedding_ps_pb2 as pb
 from monolith.api.embedding_ps.v1 import embedding_ps_pb2_grpc as pb_grpc
 from monolith.common.wire import decode_array, encode_array
-from monolith.embedding.hashing import route_to_shards, stable_hash64
+from monolith.embedding.hashing import dedupe_and_route, stable_hash64
 from monolith.embedding.table_kernels import sum_duplicates
 
 
 @dataclasses.dataclass(frozen=True)
 class _Routed:
-    """One slot's ids of one call, deduped and split by shard."""
+    """One slot's ids of one call, deduped and grouped by shard."""
 
+    unique: np.ndarray  # distinct ids, shard by shard
     inverse: np.ndarray  # position of each input id in `unique`
-    unique: np.ndarray
     counts: np.ndarray  # occurrences of each unique id
-    by_shard: list[np.ndarray]  # positions in `unique` owned by each shard
+    bounds: np.ndarray  # shard s owns unique[bounds[s]:bounds[s + 1]]
+
+    def part(self, shard: int) -> slice:
+        return slice(int(self.bounds[shard]), int(self.bounds[shard + 1]))
 
 
 class ShardedEmbeddingClient:
@@ -55,6 +59,9 @@ class ShardedEmbeddingClient:
         ]
         self._channels = [grpc.insecure_channel(a, options=options) for a in addresses]
         self._stubs = [pb_grpc.EmbeddingPSStub(c) for c in self._channels]
+        # Blocking calls on a small pool: a sync channel's `.future()` starts a thread per
+        # call, which cost more than the RPC itself on loopback.
+        self._pool = futures.ThreadPoolExecutor(max_workers=len(addresses), thread_name_prefix="ps-client")
         self._dims = dict(slot_dims)
         self._salts = {slot: stable_hash64(slot) for slot in self._dims}
         self._timeout = timeout
@@ -75,26 +82,25 @@ class ShardedEmbeddingClient:
         """
         routed = {slot: self._route(slot, ids) for slot, ids in features.items()}
         mode = pb.LOOKUP_MODE_TRAINING if training else pb.LOOKUP_MODE_SERVING
-        calls = []
-        for shard, stub in enumerate(self._stubs):
+        requests = {}
+        for shard in range(self.num_shards):
             slots = [
                 pb.SlotIds(
                     slot=slot,
-                    num_ids=len(r.by_shard[shard]),
-                    ids=encode_array(r.unique[r.by_shard[shard]], "<i8"),
-                    counts=encode_array(r.counts[r.by_shard[shard]], "<i4") if training else b"",
+                    num_ids=int(r.bounds[shard + 1] - r.bounds[shard]),
+                    ids=encode_array(r.unique[r.part(shard)], "<i8"),
+                    counts=encode_array(r.counts[r.part(shard)], "<i4") if training else b"",
                 )
                 for slot, r in routed.items()
-                if len(r.by_shard[shard])
+                if r.bounds[shard + 1] > r.bounds[shard]
             ]
             if slots:
-                request = pb.LookupRequest(slots=slots, mode=mode, update_time=update_time)
-                calls.append((shard, stub.Lookup.future(request, timeout=self._timeout)))
+                requests[shard] = pb.LookupRequest(slots=slots, mode=mode, update_time=update_time)
         unique_rows = {slot: np.zeros((len(r.unique), self._dims[slot]), np.float32) for slot, r in routed.items()}
-        for shard, call in calls:
-            for e in call.result().slots:
+        for shard, response in self._fan_out("Lookup", requests):
+            for e in response.slots:
                 rows = decode_array(e.values, "<f4", (e.num_ids, e.dim), f"shard {shard} slot {e.slot!r}")
-                unique_rows[e.slot][routed[e.slot].by_shard[shard]] = rows
+                unique_rows[e.slot][routed[e.slot].part(shard)] = rows
         return {slot: unique_rows[slot][r.inverse] for slot, r in routed.items()}
 
     def apply_gradients(
@@ -114,25 +120,23 @@ class ShardedEmbeddingClient:
             r = self._route(slot, ids)
             g = np.ascontiguousarray(grads, dtype=np.float32).reshape(len(r.inverse), -1)
             summed[slot] = (r, sum_duplicates(r.inverse, g, len(r.unique)))
-        calls = []
-        for shard, stub in enumerate(self._stubs):
+        requests = {}
+        for shard in range(self.num_shards):
             slots = [
                 pb.SlotGradients(
                     slot=slot,
-                    num_ids=len(r.by_shard[shard]),
-                    ids=encode_array(r.unique[r.by_shard[shard]], "<i8"),
+                    num_ids=int(r.bounds[shard + 1] - r.bounds[shard]),
+                    ids=encode_array(r.unique[r.part(shard)], "<i8"),
                     dim=g.shape[1],
-                    gradients=encode_array(g[r.by_shard[shard]], "<f4"),
+                    gradients=encode_array(g[r.part(shard)], "<f4"),
                 )
                 for slot, (r, g) in summed.items()
-                if len(r.by_shard[shard])
+                if r.bounds[shard + 1] > r.bounds[shard]
             ]
             if slots:
-                request = pb.ApplyGradientsRequest(slots=slots, update_time=update_time)
-                calls.append(stub.ApplyGradients.future(request, timeout=self._timeout))
+                requests[shard] = pb.ApplyGradientsRequest(slots=slots, update_time=update_time)
         applied = filtered = 0
-        for call in calls:
-            response = call.result()
+        for _, response in self._fan_out("ApplyGradients", requests):
             applied += response.applied
             filtered += response.filtered
         return applied, filtered
@@ -153,10 +157,11 @@ class ShardedEmbeddingClient:
 
     def stats(self) -> list[pb.StatsResponse]:
         """Every shard's stats, in shard order."""
-        calls = [stub.Stats.future(pb.StatsRequest(), timeout=self._timeout) for stub in self._stubs]
-        return [call.result() for call in calls]
+        requests = {shard: pb.StatsRequest() for shard in range(self.num_shards)}
+        return [response for _, response in self._fan_out("Stats", requests)]
 
     def close(self) -> None:
+        self._pool.shutdown(wait=True)
         for channel in self._channels:
             channel.close()
 
@@ -166,11 +171,20 @@ class ShardedEmbeddingClient:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    def _fan_out(self, method: str, requests: dict[int, object]) -> list[tuple[int, object]]:
+        """Calls `method` on each shard with a request, concurrently; answers in shard order.
+
+        Raises:
+            grpc.RpcError: the first failed call's error (after every call has finished).
+        """
+        calls = {
+            shard: self._pool.submit(getattr(self._stubs[shard], method), request, timeout=self._timeout)
+            for shard, request in requests.items()
+        }
+        return [(shard, call.result()) for shard, call in sorted(calls.items())]
+
     def _route(self, slot: str, ids: np.ndarray) -> _Routed:
         if slot not in self._dims:
             raise ValueError(f"unknown slot {slot!r}; known: {', '.join(sorted(self._dims))}")
         flat = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
-        unique, inverse, counts = np.unique(flat, return_inverse=True, return_counts=True)
-        owners = route_to_shards(unique, self._salts[slot], self.num_shards)
-        by_shard = [np.flatnonzero(owners == s) for s in range(self.num_shards)]
-        return _Routed(inverse.astype(np.int64), unique, counts.astype(np.int32), by_shard)
+        return _Routed(*dedupe_and_route(flat, np.uint64(self._salts[slot]), np.uint64(self.num_shards)))

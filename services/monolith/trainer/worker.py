@@ -8,6 +8,8 @@ gradients) and dense gradients, and refresh the dense parameters every k steps.
 
 from __future__ import annotations
 
+from concurrent import futures
+
 import numpy as np
 
 from monolith.data.batch import Batch
@@ -33,6 +35,7 @@ class TrainerWorker:
         self._dense = dense
         self._version, self._params = dense.init(self.model.initial_parameters(config.training.seed))
         self.steps = 0
+        self._dense_pool = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dense-push")
 
     @property
     def dense_version(self) -> int:
@@ -50,17 +53,28 @@ class TrainerWorker:
         for i, grads in zip(self.model.bias_features, result.bias_grads):
             feature = self.config.features[i]
             gradients[feature.bias.name] = (ids[feature.source], grads)  # type: ignore[union-attr]
-        self._sparse.apply_gradients(gradients, update_time)
-        self._dense.push(result.dense_grads)
         self.steps += 1
-        if self.steps % self.config.training.dense_refresh_steps == 0:
-            self.refresh_dense()
+        refresh = self.steps % self.config.training.dense_refresh_steps == 0
+        # The dense push (and pull) overlaps the sparse push: they go to different servers.
+        # Both finish before the step returns, so the next step sees its own updates.
+        dense = self._dense_pool.submit(self._push_dense, result.dense_grads, refresh)
+        self._sparse.apply_gradients(gradients, update_time)
+        dense.result()
         return result
 
     def predict(self, batch: Batch) -> np.ndarray:
         """Probabilities for a batch with the current parameters; changes nothing."""
         _, embeddings, biases, segments = self._lookup(batch, training=False, update_time=0.0)
         return sigmoid(self.model.logits(self._params, embeddings, biases, segments, len(batch)))
+
+    def _push_dense(self, grads: dict[str, np.ndarray], refresh: bool) -> None:
+        self._dense.push(grads)
+        if refresh:
+            self.refresh_dense()
+
+    def close(self) -> None:
+        """Stops the helper thread."""
+        self._dense_pool.shutdown(wait=True)
 
     def refresh_dense(self) -> None:
         """Pulls the dense parameters if the PS has newer ones."""
