@@ -15,6 +15,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "embedding-ps": ("monolith.embedding_ps.service", "serve one embedding-PS shard"),
     "dense-ps": ("monolith.dense_ps.service", "serve the dense model's parameters"),
     "trainer": ("monolith.trainer.service", "train against the embedding-PS and dense-PS"),
+    "serving": ("monolith.serving.service", "serve the Predict API (TF Serving's PredictionService)"),
     "bench": ("monolith.bench.cli", "run a benchmark and print one JSON line"),
 }
 

@@ -68,6 +68,8 @@ class EmbeddingPSServicer(pb_grpc.EmbeddingPSServicer):
                 num_deleted=c.deleted_ids.shape[0],
                 deleted_ids=encode_array(c.deleted_ids, "<i8"),
                 version=c.version,
+                incarnation=self._shard.incarnation,
+                newest_update_time=c.newest_update_time,
             )
 
     def Import(self, request_iterator: Iterable[pb.RowChunk], context: grpc.ServicerContext) -> pb.ImportResponse:
@@ -92,6 +94,7 @@ class EmbeddingPSServicer(pb_grpc.EmbeddingPSServicer):
             num_shards=cfg.num_shards,
             role=cfg.role,
             version=self._shard.version,
+            incarnation=self._shard.incarnation,
             slots=[
                 pb.SlotStats(
                     slot=name,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import uuid
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -75,12 +76,24 @@ class ExportChunk:
     deleted_ids: np.ndarray
     version: int
 
+    @property
+    def newest_update_time(self) -> float:
+        """Newest last-update time among the chunk's rows (whole seconds); 0 if it has none."""
+        return float(self.rows.update_times.max()) if self.rows.update_times.shape[0] else 0.0
+
 
 class EmbeddingShard:
-    """The tables of one shard, with request validation and the version clock."""
+    """The tables of one shard, with request validation and the version clock.
+
+    Attributes:
+        incarnation: a random id drawn when the shard is created. Versions restart from 0
+            with a new process, so a follower that remembers (incarnation, version) can
+            tell "nothing new" from "a different shard that happens to be at that version".
+    """
 
     def __init__(self, config: ShardConfig) -> None:
         self.config = config
+        self.incarnation = uuid.uuid4().hex
         self.clock = VersionClock()
         self.tables = {s.name: EmbeddingTable(s, config.initial_capacity) for s in config.slots}
         self._salts = {s.name: stable_hash64(s.name) for s in config.slots}

@@ -21,6 +21,7 @@ training:
   batch_size: 256           # examples per step when training on history (batch mode)
   online_batch_size: 16     # examples per step when streaming (online mode): smaller = fresher
   dense_refresh_steps: 1    # trainers pull dense parameters every k steps
+  negative_sample_rate: 1.0 # fraction of negatives kept in training data (serving corrects)
 ```
 
 Every problem raises `ConfigError` naming the field path, e.g. `model.hidden_units[1]`.
@@ -97,12 +98,15 @@ class TrainingConfig:
             online batches let the model react within a user's session.
         dense_refresh_steps: pull dense parameters from the dense-PS every k steps.
         seed: seed of the dense parameters' initial values.
+        negative_sample_rate: the fraction of negatives the training data keeps (the
+            sample-joiner down-samples them); serving corrects the log-odds by log(rate).
     """
 
     batch_size: int = 256
     online_batch_size: int = 256
     dense_refresh_steps: int = 1
     seed: int = 0
+    negative_sample_rate: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,10 +196,17 @@ def model_config_from_dict(raw: Any) -> ModelConfig:
             _fail("slots", f"deepfm's FM term needs one embedding dim for every slot, got {sorted(dims)}")
     model = DenseModelConfig(kind=kind, hidden_units=hidden_units, activation=activation, optimizer=optimizer)
 
-    t = _mapping(top.get("training"), "training", {"batch_size", "online_batch_size", "dense_refresh_steps", "seed"})
+    t = _mapping(
+        top.get("training"),
+        "training",
+        {"batch_size", "online_batch_size", "dense_refresh_steps", "seed", "negative_sample_rate"},
+    )
     seed = t.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         _fail("training.seed", f"must be an integer, got {seed!r}")
+    rate = t.get("negative_sample_rate", 1.0)
+    if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 < rate <= 1:
+        _fail("training.negative_sample_rate", f"must be a number in (0, 1], got {rate!r}")
     training = TrainingConfig(
         batch_size=_positive_int(t.get("batch_size", 256), "training.batch_size"),
         online_batch_size=_positive_int(
@@ -203,6 +214,7 @@ def model_config_from_dict(raw: Any) -> ModelConfig:
         ),
         dense_refresh_steps=_positive_int(t.get("dense_refresh_steps", 1), "training.dense_refresh_steps"),
         seed=seed,
+        negative_sample_rate=float(rate),
     )
     return ModelConfig(features=features, model=model, training=training)
 

@@ -15,6 +15,7 @@ import numpy as np
 from monolith.data.batch import Batch
 from monolith.model.config import ModelConfig
 from monolith.model.dense_model import DenseModel, StepResult
+from monolith.model.inputs import lookup_features
 from monolith.trainer.backends import DenseBackend, SparseBackend
 from monolith.trainer.metrics import sigmoid
 
@@ -85,18 +86,8 @@ class TrainerWorker:
     def _lookup(
         self, batch: Batch, training: bool, update_time: float
     ) -> tuple[dict[str, np.ndarray], list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
-        features = self.config.features
-        ids = {f.source: batch.ids[f.source] for f in features}
-        request = {f.table.name: ids[f.source] for f in features}
-        request.update({f.bias.name: ids[f.source] for f in features if f.bias is not None})
-        rows = self._sparse.lookup(request, training=training, update_time=update_time)
-        embeddings = [rows[f.table.name] for f in features]
-        biases = [rows[features[i].bias.name] for i in self.model.bias_features]  # type: ignore[union-attr]
-        segments = [_segments(batch.row_splits[f.source]) for f in features]
+        ids = {f.source: batch.ids[f.source] for f in self.config.features}
+        embeddings, biases, segments = lookup_features(
+            self.config, self._sparse, ids, batch.row_splits, training, update_time
+        )
         return ids, embeddings, biases, segments
-
-
-def _segments(row_splits: np.ndarray) -> np.ndarray:
-    """The example index of each id occurrence."""
-    counts = np.diff(row_splits)
-    return np.repeat(np.arange(counts.shape[0], dtype=np.int32), counts)

@@ -1,0 +1,189 @@
+"""The served model, with no gRPC in it: request features in, calibrated probabilities out.
+
+Features arrive as one array per feature (the Predict inputs): shape `[batch]`, or
+`[batch, k]` for a multi-valued feature (string tensors may pad rows with ""), where an
+outer size of 1 is broadcast across the batch, so a ranking call sends the user's
+features once and N candidates' features. Raw values (ints or strings) map to ids with
+the same stable per-feature hash the training data went through. Ids are looked up in
+the serving embedding-PS (read-only: unknown ids read as zeros), the dense tower runs in
+TensorFlow, and the log-odds correction for negative down-sampling is applied:
+a model trained on data keeping a fraction r of negatives overestimates the odds by 1/r,
+so the served logit is the model's logit + log(r).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from typing import Mapping
+
+import numpy as np
+
+from monolith.common.errors import InvalidArgument, Unavailable
+from monolith.data.feature_ids import feature_ids
+from monolith.model.config import ModelConfig
+from monolith.model.dense_model import DenseModel
+from monolith.model.inputs import lookup_features
+from monolith.trainer.backends import DenseBackend, SparseBackend
+from monolith.trainer.metrics import sigmoid
+
+_LOGGER = logging.getLogger("monolith.serving")
+MAX_BATCH = 65_536
+
+
+class ServingModel:
+    """Scores requests with the serving tables and the latest dense parameters pulled.
+
+    Args:
+        config: the model config.
+        sparse: the serving embedding-PS shards (or local tables), used read-only.
+        dense: where to pull dense parameters from (the dense-PS).
+    """
+
+    def __init__(self, config: ModelConfig, sparse: SparseBackend, dense: DenseBackend) -> None:
+        self.config = config
+        self.model = DenseModel(config)
+        self._sparse = sparse
+        self._dense = dense
+        self._lock = threading.Lock()
+        self._params: dict[str, np.ndarray] | None = None
+        self._version = 0
+        self._log_odds_shift = math.log(config.training.negative_sample_rate)
+        self.input_names = tuple(f.source for f in config.features)
+        self._features = {f.source: f for f in config.features}
+
+    @property
+    def ready(self) -> bool:
+        """Whether dense parameters have been loaded."""
+        return self._params is not None
+
+    @property
+    def dense_version(self) -> int:
+        return self._version
+
+    def refresh_dense(self) -> bool:
+        """Pulls dense parameters if the dense-PS has newer ones; returns whether it did."""
+        version, params = self._dense.pull(self._version)
+        if params is None:
+            return False
+        with self._lock:
+            self._version, self._params = version, params
+        return True
+
+    def predict(self, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Calibrated probabilities, float32 [batch], for one request's features."""
+        ids, row_splits, batch = self.parse(inputs)
+        return self.score(ids, row_splits, batch)
+
+    def score(self, ids: Mapping[str, np.ndarray], row_splits: Mapping[str, np.ndarray], batch: int) -> np.ndarray:
+        """Probabilities for parsed, ragged features (see `parse`)."""
+        params = self._params
+        if params is None:
+            raise Unavailable("the model has no dense parameters yet (the dense-PS is not initialized)")
+        embeddings, biases, segments = lookup_features(self.config, self._sparse, ids, row_splits, training=False)
+        logits = self.model.logits(params, embeddings, biases, segments, batch)
+        return sigmoid(logits + self._log_odds_shift)
+
+    def parse(self, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
+        """Checks the request's features and turns them into ragged ids.
+
+        Returns:
+            (flat int64 ids per feature, int64 row_splits per feature, batch size).
+
+        Raises:
+            InvalidArgument: a feature is missing or unknown, or shapes do not line up.
+        """
+        unknown = sorted(set(inputs) - set(self._features))
+        if unknown:
+            raise InvalidArgument(
+                f"unknown input(s) {', '.join(unknown)}; the signature's inputs are "
+                f"{', '.join(self.input_names)} and request_id"
+            )
+        missing = [name for name in self.input_names if name not in inputs]
+        if missing:
+            raise InvalidArgument(f"missing input(s) {', '.join(missing)}; every feature must be sent")
+        arrays = {name: np.asarray(a) for name, a in inputs.items()}
+        for name, array in arrays.items():
+            if array.ndim not in (1, 2):
+                raise InvalidArgument(
+                    f"input {name!r}: expects shape [batch] or [batch, k], got {list(array.shape)}"
+                )
+            if array.shape[0] == 0:
+                raise InvalidArgument(f"input {name!r}: outer dimension is 0; send at least one example")
+        batch = max(a.shape[0] for a in arrays.values())
+        if batch > MAX_BATCH:
+            raise InvalidArgument(f"batch of {batch} examples; at most {MAX_BATCH} per request")
+        ids, row_splits = {}, {}
+        for name, array in arrays.items():
+            if array.shape[0] not in (1, batch):
+                sizes = ", ".join(f"{n}: {a.shape[0]}" for n, a in arrays.items())
+                raise InvalidArgument(
+                    f"input {name!r}: outer dimension {array.shape[0]} is neither 1 (broadcast) nor the batch "
+                    f"size {batch} ({sizes})"
+                )
+            if array.ndim == 2 and array.shape[1] != 1 and not self._features[name].multi_valued:
+                raise InvalidArgument(
+                    f"input {name!r}: the feature is single-valued; expects shape [batch], got {list(array.shape)}"
+                )
+            if array.shape[0] == 1 and batch > 1:
+                array = np.repeat(array, batch, axis=0)
+            values, counts = _flatten(array)
+            ids[name] = feature_ids(name, values)
+            row_splits[name] = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        return ids, row_splits, batch
+
+
+def _flatten(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Values and per-example counts; "" pads rows of string tensors."""
+    if array.ndim == 1:
+        return array, np.ones(array.shape[0], dtype=np.int64)
+    if array.dtype == object:
+        keep = array != ""
+        return array[keep], keep.sum(axis=1)
+    return array.reshape(-1), np.full(array.shape[0], array.shape[1], dtype=np.int64)
+
+
+class DenseRefresher:
+    """Pulls dense parameters every `interval` seconds on a daemon thread.
+
+    Args:
+        model: the served model.
+        interval: seconds between pulls.
+        on_ready: called once, when the first parameters arrive.
+    """
+
+    def __init__(self, model: ServingModel, interval: float, on_ready=None) -> None:  # type: ignore[no-untyped-def]
+        self._model = model
+        self._interval = interval
+        self._on_ready = on_ready
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dense-refresh", daemon=True)
+        self._failing = False
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            was_ready = self._model.ready
+            try:
+                if self._model.refresh_dense():
+                    _LOGGER.info("dense parameters at version %d", self._model.dense_version)
+                if self._failing:
+                    _LOGGER.info("dense-PS reachable again")
+                self._failing = False
+            except Exception as exc:  # noqa: BLE001 - any failure: keep serving the old parameters
+                if not self._failing:
+                    _LOGGER.warning("dense refresh failed (serving the previous parameters): %s", exc)
+                self._failing = True
+            if not was_ready and self._model.ready and self._on_ready is not None:
+                self._on_ready()
+            # Until the first parameters arrive, retry quickly.
+            if self._stop.wait(self._interval if self._model.ready else min(self._interval, 0.5)):
+                return

@@ -1,0 +1,77 @@
+"""`monolith serving`: the Predict API process."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+from monolith.common.server import MonolithServer, ServerConfig, Service, build_server
+from monolith.dense_ps.client import DensePSClient
+from monolith.embedding_ps.client import ShardedEmbeddingClient
+from monolith.model.config import default_config_path, load_model_config
+from monolith.serving.model import DenseRefresher, ServingModel
+from monolith.serving.servicer import SERVICE_NAME, PredictionServicer, SignatureConfig
+
+_LOGGER = logging.getLogger("monolith.serving")
+
+
+def build_serving(model: ServingModel, signature: SignatureConfig, server_config: ServerConfig) -> MonolithServer:
+    """An unstarted Predict server over `model`."""
+    servicer = PredictionServicer(model, signature)
+    return build_server(
+        server_config,
+        [Service(SERVICE_NAME, lambda s: prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(servicer, s))],
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `monolith serving`."""
+    parser.add_argument("--config", default=default_config_path(), help="model config YAML (default: MovieLens)")
+    parser.add_argument("--embedding-ps", required=True, help="comma-separated host:port of every SERVING shard")
+    parser.add_argument("--dense-ps", required=True, help="host:port of the dense-PS")
+    parser.add_argument("--model-name", default="monolith", help="model_spec.name clients use")
+    parser.add_argument("--signature-name", default="serving_default", help="model_spec.signature_name")
+    parser.add_argument("--dense-sync-interval", type=float, default=10.0, help="seconds between dense pulls")
+    parser.add_argument("--max-inflight", type=int, default=64, help="calls in flight before RESOURCE_EXHAUSTED")
+    parser.add_argument("--workers", type=int, default=16, help="threads serving calls")
+    parser.add_argument("--host", default="0.0.0.0", help="interface to bind (default: all)")
+    parser.add_argument("--port", type=int, default=8500, help="gRPC port (TF Serving's default)")
+    parser.add_argument("--metrics-port", type=int, default=9100, help="Prometheus /metrics port (0: free one)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serves Predict until SIGTERM."""
+    if args.dense_sync_interval <= 0:
+        raise ValueError(f"--dense-sync-interval must be > 0, got {args.dense_sync_interval}")
+    config = load_model_config(args.config)
+    addresses = [a.strip() for a in args.embedding_ps.split(",") if a.strip()]
+    sparse = ShardedEmbeddingClient(addresses, config.table_dims())
+    dense = DensePSClient(args.dense_ps)
+    model = ServingModel(config, sparse, dense)
+    server = build_serving(
+        model,
+        SignatureConfig(args.model_name, args.signature_name),
+        ServerConfig(
+            host=args.host,
+            port=args.port,
+            metrics_port=args.metrics_port,
+            max_workers=args.workers,
+            max_concurrent_rpcs=args.max_inflight,
+        ),
+    )
+    refresher = DenseRefresher(model, args.dense_sync_interval, on_ready=lambda: server.set_serving(True))
+    server.start()
+    if not model.ready:
+        server.set_serving(False)  # until the first dense parameters arrive
+    refresher.start()
+    _LOGGER.info("serving model %r on port %d", args.model_name, server.port)
+
+    def shutdown() -> None:
+        refresher.stop()
+        sparse.close()
+        dense.close()
+
+    server.run_until_signal(on_shutdown=shutdown)
+    return 0
