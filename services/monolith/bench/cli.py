@@ -11,6 +11,7 @@ import sys
 BENCHMARKS = {
     "table": "monolith.bench.table",
     "train": "monolith.bench.train",
+    "serving": "monolith.bench.serving",
 }
 
 

@@ -218,3 +218,27 @@ def _gather_ragged(flat: np.ndarray, splits: np.ndarray, rows: np.ndarray) -> tu
     # Position k of output row i comes from splits[rows[i]] + (k - out_splits[i]).
     shift = np.repeat(splits[:-1][rows] - out_splits[:-1], lengths)
     return flat[shift + np.arange(out_splits[-1])], out_splits
+
+
+def raw_feature_values(cache_dir: str | os.PathLike | None = None) -> dict[str, list[dict]]:
+    """Unhashed feature values per user and per movie, as a product backend would send them.
+
+    Returns:
+        {"users": [{user_id, age (bucket), gender, occupation, zip}], "movies": [{movie_id, genres}]}.
+    """
+    directory = fetch_movielens(cache_dir)
+    users = pq.read_table(directory / FILES[1]).to_pylist()
+    items = pq.read_table(directory / FILES[2]).to_pylist()
+    return {
+        "users": [
+            {
+                "user_id": u["user_id"],
+                "age": str(_AGE_BUCKETS[np.searchsorted(_AGE_BOUNDS, u["age"], side="right")]),
+                "gender": u["gender"],
+                "occupation": u["occupation"],
+                "zip": u["zip_code"][:3],
+            }
+            for u in users
+        ],
+        "movies": [{"movie_id": m["movie_id"], "genres": [g for g in GENRES if m[g]] or ["unknown"]} for m in items],
+    }
