@@ -41,6 +41,7 @@ from monolith.embedding.config import (
     InitializerConfig,
     OptimizerConfig,
     SlotConfig,
+    slot_from_dict,
     slots_from_list,
 )
 
@@ -166,7 +167,7 @@ def _feature(raw: Mapping[str, Any], table: SlotConfig, path: str) -> FeatureSlo
             "expire_after": table.expire_after,
             "seed": table.seed,
         }
-        bias = slots_from_list([bias_raw], f"{path}.bias")[0]
+        bias = slot_from_dict(bias_raw, f"{path}.bias")
     return FeatureSlot(table=table, source=source, multi_valued=multi, bias=bias)
 
 
@@ -177,6 +178,10 @@ def model_config_from_dict(raw: Any) -> ModelConfig:
         _fail("slots", "is required")
     tables = slots_from_list(top["slots"], "slots", ignore=frozenset({"source", "multi_valued", "bias"}))
     features = tuple(_feature(r, t, f"slots[{i}]") for i, (r, t) in enumerate(zip(top["slots"], tables)))
+    bias_tables = {f.bias.name: i for i, f in enumerate(features) if f.bias is not None}
+    for i, feature in enumerate(features):
+        if feature.name in bias_tables:
+            _fail(f"slots[{i}].name", f"{feature.name!r} is the name of slots[{bias_tables[feature.name]}]'s bias table")
 
     m = _mapping(top.get("model"), "model", {"kind", "hidden_units", "activation", "optimizer"})
     kind = m.get("kind", "deepfm")

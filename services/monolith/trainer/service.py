@@ -48,7 +48,9 @@ def run(args: argparse.Namespace) -> int:
     if args.mode == "online":
         print("monolith trainer: online mode (tailing the sample log) is not built yet", file=sys.stderr)
         return 2
-    if args.num_workers < 1 or not 0 <= args.worker_index < args.num_workers:
+    if args.num_workers < 1:
+        raise ValueError(f"--num-workers must be >= 1, got {args.num_workers}")
+    if not 0 <= args.worker_index < args.num_workers:
         raise ValueError(f"--worker-index must be in 0..{args.num_workers - 1}, got {args.worker_index}")
     config = load_model_config(args.config)
     data = load_movielens(args.cache_dir, limit=args.limit)
