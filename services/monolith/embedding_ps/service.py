@@ -1,4 +1,4 @@
-"""Wires an embedding-PS process: shard + gRPC server + expiry sweeps; and its CLI."""
+"""Wires an embedding-PS process: shard + gRPC server + expiry sweeps or sync; and its CLI."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from monolith.embedding_ps import metrics
 from monolith.model.config import load_model_config
 from monolith.embedding_ps.servicer import SERVICE_NAME, EmbeddingPSServicer
 from monolith.embedding_ps.shard import ROLES, EmbeddingShard, ShardConfig
+from monolith.embedding_ps.sync import ServingSync
 from monolith.api.embedding_ps.v1 import embedding_ps_pb2_grpc as pb_grpc
 
 _LOGGER = logging.getLogger("monolith.embedding_ps")
@@ -68,13 +69,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="0.0.0.0", help="interface to bind (default: all)")
     parser.add_argument("--port", type=int, default=50051, help="gRPC port (0 picks a free one)")
     parser.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port (0: free one)")
-    parser.add_argument("--expire-interval", type=float, default=60.0, help="seconds between expiry sweeps")
+    parser.add_argument(
+        "--expire-interval", type=float, default=60.0,
+        help="seconds between expiry sweeps (none with --sync-from: expirations arrive from the training shard)",
+    )  # fmt: skip
     parser.add_argument("--max-ids-per-request", type=int, default=1_000_000, help="ids one request may carry")
     parser.add_argument("--max-message-mb", type=int, default=64, help="max gRPC message size in MiB")
+    parser.add_argument(
+        "--sync-from",
+        metavar="HOST:PORT",
+        help="training shard (same index) this serving shard follows: pulls its changes every --sync-interval",
+    )
+    parser.add_argument(
+        "--sync-interval", type=float, default=1.0, help="seconds between syncs from --sync-from (default 1)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """`monolith embedding-ps`: serves one shard until SIGTERM."""
+    if args.sync_from and args.role != "serving":
+        raise ValueError(f"--sync-from needs --role serving (a {args.role} shard takes no imports from another)")
     shard = EmbeddingShard(
         ShardConfig(
             shard=args.shard,
@@ -85,6 +99,9 @@ def run(args: argparse.Namespace) -> int:
             max_message_bytes=args.max_message_mb * 1024 * 1024,
         )
     )
+    # A synced serving shard mirrors its training shard, expirations included; sweeping
+    # it on its own would only make it diverge.
+    follower = ServingSync(shard, args.sync_from, args.sync_interval) if args.sync_from else None
     server = build_embedding_ps(
         shard,
         ServerConfig(
@@ -94,11 +111,21 @@ def run(args: argparse.Namespace) -> int:
             max_message_bytes=args.max_message_mb * 1024 * 1024,
         ),
     )
-    sweeper = ExpirySweeper(shard, args.expire_interval)
+    sweeper = ExpirySweeper(shard, 0 if follower else args.expire_interval)
     sweeper.start()
     _LOGGER.info(
-        "embedding-ps shard %d/%d (%s) with slots %s on port %d",
+        "embedding-ps shard %d/%d (%s) with slots %s on port %d%s",
         args.shard, args.num_shards, args.role, ", ".join(shard.tables), server.port,
+        f", following {args.sync_from} every {args.sync_interval:g} s" if follower else "",
     )  # fmt: skip
-    server.run_until_signal(on_shutdown=sweeper.stop)
+    if follower:
+        # Serve at once (unknown ids read as zeros) rather than wait for the first copy.
+        follower.start()
+
+    def shut_down() -> None:
+        sweeper.stop()
+        if follower:
+            follower.stop()
+
+    server.run_until_signal(on_shutdown=shut_down)
     return 0

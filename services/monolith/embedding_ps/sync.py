@@ -1,0 +1,405 @@
+"""Train→serve parameter sync: a serving shard follows its training shard.
+
+The paper's training PS pushes the rows touched since the last sync to the serving PS
+every interval (§2.2.3; 10 s in its code). Here the serving side pulls instead, because
+then both restarts resume with no extra state:
+
+- The serving process remembers the training shard's (incarnation, version) it has
+  applied up to and asks for `Export(since_version=version)`: rows changed and ids
+  deleted (expired) since then. The training shard keeps no per-follower state; its
+  row versions and bounded deletion log are the "touched-key set".
+- A serving process that starts empty remembers nothing, so its first sync is a full
+  copy (`since_version=0`).
+- A restarted training shard starts a new incarnation whose versions restart from 0, so
+  the serving side sees a different incarnation and copies it in full, then deletes
+  every row the copy did not contain (rows the new training shard does not have). It
+  never clears its tables first: lookups keep answering throughout.
+- While the training shard is unreachable the serving shard keeps answering with the
+  rows it has (stale) and the sync retries every interval.
+
+Only embeddings travel (no optimizer state), as in the paper's code: serving never
+applies gradients. Imports go through the serving shard's own `import_chunk`, so each
+chunk applies all or nothing, deletions before upserts, and re-applying one after a
+failed attempt is harmless.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import threading
+import time
+import weakref
+from typing import Iterator
+
+import grpc
+import numpy as np
+import prometheus_client
+
+from monolith.api.embedding_ps.v1 import embedding_ps_pb2 as pb
+from monolith.api.embedding_ps.v1 import embedding_ps_pb2_grpc as pb_grpc
+from monolith.common.errors import MonolithError
+from monolith.common.wire import decode_array
+from monolith.embedding.table import RowBatch
+from monolith.embedding_ps.shard import EmbeddingShard
+
+_LOGGER = logging.getLogger("monolith.embedding_ps.sync")
+
+STATS_TIMEOUT = 5.0  # seconds; Stats is tiny, a slow answer means the shard is in trouble
+
+# Reconnect quickly after the training shard comes back: gRPC's default backoff grows to
+# 120 s, during which every sync would fail fast although the shard is up again.
+_CHANNEL_OPTIONS = (
+    ("grpc.max_receive_message_length", -1),  # chunk size is bounded by the request below
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
+
+_LABELS = ("shard",)
+SYNC_LAG = prometheus_client.Gauge(
+    "monolith_sync_lag_seconds",
+    "Wall-clock now minus the newest row update time the serving shard holds from its training shard "
+    "(whole seconds; a freshness lag when trainers stamp rows with wall-clock times). NaN before any row.",
+    _LABELS,
+)
+SYNC_ROWS = prometheus_client.Counter(
+    "monolith_sync_rows_total", "Rows upserted into the serving shard by sync.", _LABELS
+)
+SYNC_DELETIONS = prometheus_client.Counter(
+    "monolith_sync_deletions_total",
+    "Rows deleted from the serving shard by sync (expired on training, or absent from a full copy).",
+    _LABELS,
+)
+SYNC_FULL_RESYNCS = prometheus_client.Counter(
+    "monolith_sync_full_resyncs_total",
+    "Full copies from the training shard (first sync, a restarted training shard, or too far behind).",
+    _LABELS,
+)
+SYNC_FAILURES = prometheus_client.Counter(
+    "monolith_sync_failures_total", "Sync attempts that failed (retried at the next interval).", _LABELS
+)
+SYNC_DURATION = prometheus_client.Histogram(
+    "monolith_sync_duration_seconds",
+    "Time of one sync attempt, successful or not.",
+    _LABELS,
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0),
+)
+SYNC_VERSION = prometheus_client.Gauge(
+    "monolith_sync_version", "Training shard version the serving shard is complete up to.", _LABELS
+)
+
+
+class SyncError(Exception):
+    """The training shard answered, but with something this serving shard cannot follow."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SyncResult:
+    """What one sync attempt did.
+
+    Attributes:
+        ok: the training shard answered and everything it sent was applied.
+        full_resync: the attempt copied the training shard in full.
+        rows: rows upserted (also those applied before a failure).
+        deletions: rows deleted: ids expired on training, or absent from a full copy.
+        acknowledged: (incarnation, version) of the training shard the serving shard is
+            complete up to after the attempt; None before the first successful sync.
+        error: why the attempt failed; "" when ok.
+    """
+
+    ok: bool
+    full_resync: bool = False
+    rows: int = 0
+    deletions: int = 0
+    acknowledged: tuple[str, int] | None = None
+    error: str = ""
+
+
+@dataclasses.dataclass
+class _Progress:
+    """Counts of one attempt, kept up to date chunk by chunk so a failure reports them."""
+
+    full_resync: bool = False
+    rows: int = 0
+    deletions: int = 0
+
+
+class ServingSync:
+    """Keeps a local serving shard in step with one training shard.
+
+    `sync_once` is one attempt, callable directly (tests); `start` runs it every
+    `interval` seconds on a daemon thread until `stop`.
+
+    Args:
+        shard: the local shard to update; must have role "serving".
+        training_address: "host:port" of the training shard with the same index.
+        interval: seconds from the start of one attempt to the start of the next.
+        timeout: seconds one Export stream (a full copy included) may take.
+
+    Attributes:
+        training_address: where the training shard is.
+        acknowledged: (incarnation, version) of the training shard this shard is complete
+            up to; None until the first successful sync.
+        newest_update_time: newest row update time (seconds since the epoch) applied
+            from the current training incarnation; 0 before any row.
+
+    Raises:
+        ValueError: the shard is not a serving shard, or interval/timeout are not positive.
+    """
+
+    def __init__(self, shard: EmbeddingShard, training_address: str, interval: float = 1.0,
+                 timeout: float = 300.0) -> None:  # fmt: skip
+        if shard.config.role != "serving":
+            raise ValueError(f"sync needs a serving shard to update, got role {shard.config.role!r}")
+        if not (math.isfinite(interval) and interval > 0):
+            raise ValueError(f"sync interval must be a positive number of seconds, got {interval}")
+        if not (math.isfinite(timeout) and timeout > 0):
+            raise ValueError(f"sync timeout must be a positive number of seconds, got {timeout}")
+        self.training_address = training_address
+        self.acknowledged: tuple[str, int] | None = None
+        self.newest_update_time = 0.0
+        self._shard = shard
+        self._interval = interval
+        self._timeout = timeout
+        # Chunks must pass this shard's own per-request id limit when imported.
+        self._chunk_rows = min(shard.config.export_chunk_rows, shard.config.max_ids_per_request)
+        self._channel = grpc.insecure_channel(training_address, options=list(_CHANNEL_OPTIONS))
+        self._stub = pb_grpc.EmbeddingPSStub(self._channel)
+        self._attempt_lock = threading.Lock()  # one attempt at a time: thread and callers
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="serving-sync", daemon=True)
+        self._outage: str | None = None  # the failure being reported, until a success
+        self._outage_failures = 0
+        self._outage_started = 0.0
+        self._copies = 0
+
+        label = str(shard.config.shard)
+        self._rows_metric = SYNC_ROWS.labels(label)
+        self._deletions_metric = SYNC_DELETIONS.labels(label)
+        self._full_metric = SYNC_FULL_RESYNCS.labels(label)
+        self._failures_metric = SYNC_FAILURES.labels(label)
+        self._duration_metric = SYNC_DURATION.labels(label)
+        self._version_metric = SYNC_VERSION.labels(label)
+        # Computed at scrape time, so the lag keeps growing while syncs fail or hang. A weak
+        # reference: the registry is global and must not keep a stopped sync alive.
+        this = weakref.ref(self)
+
+        def lag() -> float:
+            sync = this()
+            return sync.lag_seconds() if sync is not None else math.nan
+
+        SYNC_LAG.labels(label).set_function(lag)
+
+    # ---------------------------------------------------------------- running
+
+    def start(self) -> None:
+        """Syncs now and then every interval on a daemon thread."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stops the thread, cancelling an attempt in flight (imports are idempotent). Final."""
+        self._stop.set()
+        self._channel.close()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def lag_seconds(self) -> float:
+        """Wall-clock now minus `newest_update_time`; NaN before any row arrived."""
+        return time.time() - self.newest_update_time if self.newest_update_time > 0 else math.nan
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                self.sync_once()
+            except Exception:  # noqa: BLE001 - the thread must outlive a bug in one attempt
+                if not self._stop.is_set():
+                    _LOGGER.exception("sync from %s: unexpected error; retrying", self.training_address)
+            self._stop.wait(max(0.0, self._interval - (time.monotonic() - started)))
+
+    # ---------------------------------------------------------------- one sync
+
+    def sync_once(self) -> SyncResult:
+        """One attempt: applies what the training shard has that this shard lacks.
+
+        Returns:
+            What was applied; on failure `ok` is False and `error` says why. Failures
+            leave the shard serving what it had plus any chunks applied before them.
+
+        Raises:
+            RuntimeError: called after `stop`.
+        """
+        if self._stop.is_set():
+            raise RuntimeError("this ServingSync was stopped")
+        with self._attempt_lock:
+            started = time.monotonic()
+            progress = _Progress()
+            try:
+                self._sync(progress)
+            except (grpc.RpcError, MonolithError, SyncError) as exc:
+                result = self._failed(exc, progress)
+            else:
+                result = self._succeeded(progress)
+            self._duration_metric.observe(time.monotonic() - started)
+            return result
+
+    def _sync(self, progress: _Progress) -> None:
+        stats = self._stub.Stats(pb.StatsRequest(), timeout=STATS_TIMEOUT)
+        self._check_source(stats)
+        if self.acknowledged is None or self.acknowledged[0] != stats.incarnation:
+            self._full_copy(stats.incarnation, progress)
+            return
+        incarnation, since = self.acknowledged
+        if stats.version <= since:
+            return  # nothing happened on the training shard since
+        try:
+            version = since
+            for chunk in self._export(since, incarnation):
+                self._apply(chunk, progress)
+                version = chunk.version
+                self.newest_update_time = max(self.newest_update_time, chunk.newest_update_time)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+            # The training shard's bounded deletion log no longer reaches back to `since`.
+            _LOGGER.info("sync from %s: %s; copying in full", self.training_address, exc.details())
+            self._full_copy(incarnation, progress)
+            return
+        # An export with no chunks carries no completeness version, so keep the old one:
+        # asking again since it is correct, just a wasted scan.
+        self._acknowledge(incarnation, version)
+
+    def _full_copy(self, incarnation: str, progress: _Progress) -> None:
+        """Imports every row of the training shard, then deletes the rows it lacks."""
+        started = time.monotonic()
+        progress.full_resync = True
+        received: dict[str, list[np.ndarray]] = {name: [] for name in self._shard.tables}
+        version = 0  # no chunks: the training shard is empty; "since 0" is always safe
+        newest = 0.0
+        for chunk in self._export(0, incarnation):
+            received[chunk.slot].append(self._apply(chunk, progress))
+            version = chunk.version
+            newest = max(newest, chunk.newest_update_time)
+        # Rows deleted on the training side while this shard was not following (or rows
+        # of a previous training incarnation) were never sent as deletions: only the
+        # complete copy tells which local rows are stale.
+        for slot, parts in received.items():
+            stale = self._local_ids_missing_from(slot, parts)
+            for start in range(0, stale.shape[0], self._chunk_rows):
+                _, deleted = self._shard.import_chunk(slot, _no_rows(self._shard, slot),
+                                                      stale[start : start + self._chunk_rows])  # fmt: skip
+                progress.deletions += deleted
+                self._deletions_metric.inc(deleted)
+        # What this shard holds is now exactly this incarnation's copy, however old.
+        self.newest_update_time = newest
+        self._acknowledge(incarnation, version)
+        self._full_metric.inc()
+        self._copies += 1
+        _LOGGER.info(
+            "sync from %s: %s full copy of incarnation %s complete up to version %d: %d rows upserted, "
+            "%d stale rows deleted in %.2f s",
+            self.training_address, "first" if self._copies == 1 else "new", incarnation[:8], version,
+            progress.rows, progress.deletions, time.monotonic() - started,
+        )  # fmt: skip
+
+    def _export(self, since: int, incarnation: str) -> Iterator[pb.RowChunk]:
+        """The training shard's export since a version, checked to come from `incarnation`."""
+        request = pb.ExportRequest(since_version=since, max_rows_per_chunk=self._chunk_rows)
+        for chunk in self._stub.Export(request, timeout=self._timeout):
+            if chunk.incarnation != incarnation:
+                # Versions of another incarnation mean nothing against `since`.
+                raise SyncError(
+                    f"training shard at {self.training_address} restarted during the sync "
+                    f"(incarnation {incarnation[:8]} -> {chunk.incarnation[:8]}); copying it next time"
+                )
+            yield chunk
+
+    def _apply(self, chunk: pb.RowChunk, progress: _Progress) -> np.ndarray:
+        """Imports one chunk into the local shard; returns the ids of its rows."""
+        what = f"chunk of slot {chunk.slot!r} from {self.training_address}"
+        rows = RowBatch(
+            ids=decode_array(chunk.ids, "<i8", (chunk.num_rows,), f"{what} ids"),
+            values=decode_array(chunk.values, "<f4", (chunk.num_rows, chunk.width), f"{what} values"),
+            update_times=decode_array(chunk.update_times, "<u4", (chunk.num_rows,), f"{what} update_times"),
+        )
+        deleted_ids = decode_array(chunk.deleted_ids, "<i8", (chunk.num_deleted,), f"{what} deleted_ids")
+        upserted, deleted = self._shard.import_chunk(chunk.slot, rows, deleted_ids, what)
+        progress.rows += upserted
+        progress.deletions += deleted
+        self._rows_metric.inc(upserted)
+        self._deletions_metric.inc(deleted)
+        return rows.ids
+
+    def _local_ids_missing_from(self, slot: str, received: list[np.ndarray]) -> np.ndarray:
+        local = [chunk.rows.ids for chunk in self._shard.export(0, False, self._chunk_rows, [slot])]
+        if not local:
+            return np.zeros(0, np.int64)
+        local_ids = np.concatenate(local)
+        if not received:
+            return local_ids
+        return local_ids[~np.isin(local_ids, np.concatenate(received))]
+
+    def _check_source(self, stats: pb.StatsResponse) -> None:
+        """Refuses to follow a shard whose rows this shard could not hold."""
+        mine = self._shard.config
+        if (stats.shard, stats.num_shards) != (mine.shard, mine.num_shards):
+            raise SyncError(
+                f"{self.training_address} is shard {stats.shard} of {stats.num_shards}; this serving shard is "
+                f"{mine.shard} of {mine.num_shards}"
+            )
+        unknown = sorted({s.slot for s in stats.slots} - set(self._shard.tables))
+        if unknown:
+            raise SyncError(
+                f"{self.training_address} has slot(s) {', '.join(unknown)} this serving shard does not; "
+                "start both from the same model config"
+            )
+        if not stats.incarnation:
+            raise SyncError(f"{self.training_address} reports no incarnation; it predates sync")
+
+    def _acknowledge(self, incarnation: str, version: int) -> None:
+        self.acknowledged = (incarnation, version)
+        self._version_metric.set(version)
+
+    # --------------------------------------------------------------- outcomes
+
+    def _succeeded(self, progress: _Progress) -> SyncResult:
+        if self._outage is not None:
+            _LOGGER.info(
+                "sync from %s recovered after %d failed attempt(s) over %.1f s",
+                self.training_address, self._outage_failures, time.monotonic() - self._outage_started,
+            )  # fmt: skip
+            self._outage = None
+        return SyncResult(True, progress.full_resync, progress.rows, progress.deletions, self.acknowledged)
+
+    def _failed(self, exc: Exception, progress: _Progress) -> SyncResult:
+        error = _describe(exc)
+        self._failures_metric.inc()
+        # One WARNING per outage (or when its cause changes), not one per interval.
+        kind = error.split(":", 1)[0]
+        if self._outage is None:
+            self._outage_failures = 0
+            self._outage_started = time.monotonic()
+        self._outage_failures += 1
+        if kind != self._outage and not self._stop.is_set():
+            _LOGGER.warning(
+                "sync from %s failing: %s; serving keeps answering with the rows it has, retrying every %g s",
+                self.training_address, error, self._interval,
+            )  # fmt: skip
+        self._outage = kind
+        return SyncResult(False, progress.full_resync, progress.rows, progress.deletions, self.acknowledged, error)
+
+
+def _describe(exc: Exception) -> str:
+    """A one-line cause, starting with a stable kind (the status code, or the error class)."""
+    if isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call):
+        return f"{exc.code().name}: {exc.details()}"
+    if isinstance(exc, MonolithError):
+        return f"{exc.code.name}: {exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _no_rows(shard: EmbeddingShard, slot: str) -> RowBatch:
+    dim = shard.tables[slot].dim
+    return RowBatch(np.zeros(0, np.int64), np.zeros((0, dim), np.float32), np.zeros(0, np.uint32))

@@ -1,0 +1,344 @@
+"""ServingSync against a real in-process training server: full copy, increments, expiry,
+restarts on either side, outages, freshness."""
+
+from __future__ import annotations
+
+import logging
+import time
+import types
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import prometheus_client
+import pytest
+
+from monolith.api.embedding_ps.v1 import embedding_ps_pb2 as pb
+from monolith.common.server import MonolithServer, ServerConfig
+from monolith.embedding import table as table_module
+from monolith.embedding.config import AdmissionConfig, OptimizerConfig, SlotConfig
+from monolith.embedding.hashing import route_to_shards, stable_hash64
+from monolith.embedding_ps.service import build_embedding_ps
+from monolith.embedding_ps.shard import EmbeddingShard, ShardConfig
+from monolith.embedding_ps.sync import ServingSync, SyncResult
+
+SLOTS = (
+    SlotConfig("user", dim=4, optimizer=OptimizerConfig("adagrad"), admission=AdmissionConfig("counting", 2)),
+    SlotConfig("item", dim=3, optimizer=OptimizerConfig("sgd", learning_rate=0.5)),
+    SlotConfig("tag", dim=2, expire_after=100.0),
+)
+NUM_SHARDS = 2
+
+
+def ids_for(slot: str, n: int, offset: int = 0, shard: int = 0) -> np.ndarray:
+    """n distinct ids of `slot` >= offset that route to `shard`."""
+    candidates = np.arange(offset, offset + 8 * n + 64, dtype=np.int64)
+    chosen = candidates[route_to_shards(candidates, stable_hash64(slot), NUM_SHARDS) == shard][:n]
+    assert chosen.shape[0] == n
+    return chosen
+
+
+USERS, ITEMS, TAGS = ids_for("user", 20), ids_for("item", 30), ids_for("tag", 10)
+
+
+def make_shard(role: str, shard: int = 0) -> EmbeddingShard:
+    return EmbeddingShard(ShardConfig(shard, NUM_SHARDS, role, SLOTS, export_chunk_rows=7))
+
+
+def rows_of(shard: EmbeddingShard, slot: str) -> tuple[list[int], bytes, list[int]]:
+    """Every row of a slot sorted by id: (ids, embedding bytes, update times)."""
+    batches = list(shard.tables[slot].export(0, False, 1 << 20))
+    if not batches:
+        return [], b"", []
+    ids = np.concatenate([b.ids for b in batches])
+    order = np.argsort(ids)
+    values = np.concatenate([b.values for b in batches])[order]
+    times = np.concatenate([b.update_times for b in batches])[order]
+    return ids[order].tolist(), values.tobytes(), times.tolist()
+
+
+def assert_mirrors(serving: EmbeddingShard, training: EmbeddingShard) -> None:
+    """Row for row the same embeddings and update times, and the same serving lookups."""
+    for slot in training.tables:
+        assert rows_of(serving, slot) == rows_of(training, slot), slot
+    probe = [("user", USERS, None), ("item", ITEMS, None), ("tag", TAGS, None)]
+    for (slot, _, _), a, b in zip(probe, training.lookup(probe, False), serving.lookup(probe, False)):
+        np.testing.assert_array_equal(b, a, err_msg=slot)
+
+
+def train(shard: EmbeddingShard, when: float, users: np.ndarray = USERS, items: np.ndarray = ITEMS,
+          tags: np.ndarray = TAGS) -> None:  # fmt: skip
+    """Creates rows (users need two sightings; the first five are seen once and stay pending) and updates some."""
+    counts = np.array([1] * 5 + [2] * (users.shape[0] - 5), np.int32)
+    shard.lookup([("user", users, counts), ("item", items, None), ("tag", tags, None)], True, when)
+    shard.apply_gradients([("item", items[:5], np.ones((5, 3), np.float32))], when)
+
+
+class TrainingServers:
+    """Training shards served in this process; a restart keeps the port."""
+
+    def __init__(self) -> None:
+        self.servers: list[MonolithServer] = []
+        self.shard = make_shard("training")
+        self.port = 0
+        self.serve(self.shard)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def serve(self, shard: EmbeddingShard) -> None:
+        server = build_embedding_ps(shard, ServerConfig(host="127.0.0.1", port=self.port, metrics_port=None))
+        server.start()
+        self.servers.append(server)
+        self.shard, self.port = shard, server.port
+
+    def down(self) -> None:
+        self.servers[-1].stop(grace=0)
+
+    def restart(self, shard: EmbeddingShard | None = None) -> EmbeddingShard:
+        """Stops the running server and serves `shard` (default: a new, empty one) on the same port."""
+        self.down()
+        self.serve(shard or make_shard("training"))
+        return self.shard
+
+
+@pytest.fixture
+def training() -> Iterator[TrainingServers]:
+    servers = TrainingServers()
+    yield servers
+    for server in servers.servers:
+        server.stop(grace=0)
+
+
+@pytest.fixture
+def follow() -> Iterator[Callable[..., tuple[EmbeddingShard, ServingSync]]]:
+    """Makes (serving shard, ServingSync) pairs; stops them after the test."""
+    started: list[ServingSync] = []
+
+    def make(address: str, shard: int = 0, **kwargs: Any) -> tuple[EmbeddingShard, ServingSync]:
+        serving = make_shard("serving", shard)
+        started.append(ServingSync(serving, address, **kwargs))
+        return serving, started[-1]
+
+    yield make
+    for sync in started:
+        sync.stop()
+
+
+def sync_until_ok(sync: ServingSync, timeout: float = 5.0) -> SyncResult:
+    """Retries until an attempt succeeds: the channel may still be backing off from an outage."""
+    deadline = time.monotonic() + timeout
+    while not (result := sync.sync_once()).ok:
+        assert time.monotonic() < deadline, result.error
+        time.sleep(0.05)
+    return result
+
+
+def metric(name: str) -> float:
+    return prometheus_client.REGISTRY.get_sample_value(name, {"shard": "0"}) or 0.0
+
+
+def test_first_sync_copies_the_training_shard_in_full(training: TrainingServers, follow: Callable[..., Any]) -> None:
+    train(training.shard, 1000.0)
+    serving, sync = follow(training.address)
+    full_before = metric("monolith_sync_full_resyncs_total")
+
+    result = sync.sync_once()
+
+    assert result.ok and result.full_resync, result.error
+    assert result.rows == 15 + 30 + 10  # five users were seen once: pending, not synced
+    assert result.acknowledged == sync.acknowledged == (training.shard.incarnation, training.shard.version)
+    assert_mirrors(serving, training.shard)
+    assert metric("monolith_sync_full_resyncs_total") == full_before + 1
+    assert metric("monolith_sync_version") == training.shard.version
+
+
+def test_later_syncs_carry_only_the_changes(training: TrainingServers, follow: Callable[..., Any]) -> None:
+    train(training.shard, 1000.0)
+    serving, sync = follow(training.address)
+    sync.sync_once()
+    new_items = ids_for("item", 4, offset=10_000)
+    training.shard.lookup([("item", new_items, None)], True, 1100.0)
+    training.shard.apply_gradients([("user", USERS[5:8], np.full((3, 4), 0.5, np.float32))], 1100.0)
+
+    result = sync.sync_once()
+    idle = sync.sync_once()
+
+    assert result.ok and not result.full_resync
+    assert result.rows == 4 + 3
+    assert_mirrors(serving, training.shard)
+    assert idle.ok and (idle.rows, idle.deletions, idle.full_resync) == (0, 0, False)
+    assert idle.acknowledged == (training.shard.incarnation, training.shard.version)
+
+
+def test_expired_rows_disappear_from_serving(training: TrainingServers, follow: Callable[..., Any]) -> None:
+    train(training.shard, 1000.0)
+    fresh_tags = ids_for("tag", 3, offset=10_000)
+    training.shard.lookup([("tag", fresh_tags, None)], True, 1200.0)
+    serving, sync = follow(training.address)
+    sync.sync_once()
+    assert serving.tables["tag"].contains(TAGS).all()
+
+    evicted = training.shard.expire(now=1150.0)
+    result = sync.sync_once()
+
+    assert evicted["tag"] == TAGS.shape[0]
+    assert result.ok and not result.full_resync and result.deletions == TAGS.shape[0]
+    assert not serving.tables["tag"].contains(TAGS).any()
+    assert serving.tables["tag"].contains(fresh_tags).all()
+    assert_mirrors(serving, training.shard)
+
+
+def test_forgotten_deletions_fall_back_to_a_full_copy(
+    training: TrainingServers, follow: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(table_module, "MAX_DELETION_LOG", 4)
+    train(training.shard, 1000.0)
+    serving, sync = follow(training.address)
+    sync.sync_once()
+    # Two expiry sweeps overflow a log of 4: the first sweep's deletions are forgotten, so
+    # "what was deleted since the last sync" can no longer be answered.
+    assert training.shard.expire(now=1150.0)["tag"] == 10
+    training.shard.lookup([("tag", TAGS[:5], None)], True, 1200.0)
+    assert training.shard.expire(now=1350.0)["tag"] == 5
+
+    result = sync.sync_once()
+
+    assert result.ok and result.full_resync, result.error
+    assert not serving.tables["tag"].contains(TAGS).any()
+    assert_mirrors(serving, training.shard)
+
+
+def test_restarted_training_shard_is_copied_in_full_and_its_missing_rows_deleted(
+    training: TrainingServers, follow: Callable[..., Any]
+) -> None:
+    train(training.shard, 1000.0)
+    serving, sync = follow(training.address)
+    sync.sync_once()
+    old_incarnation = training.shard.incarnation
+
+    restarted = training.restart()
+    # Versions restart from 0 and may pass the acknowledged one: only the incarnation tells.
+    for _ in range(3):
+        train(restarted, 2000.0, users=USERS[:10], items=ITEMS[10:], tags=TAGS[:0])
+    assert restarted.version > sync.acknowledged[1]
+    result = sync_until_ok(sync)
+
+    assert restarted.incarnation != old_incarnation
+    assert result.ok and result.full_resync, result.error
+    assert result.deletions == 15 - 5 + 10 + 10  # users 10..19, items 0..9 and every tag
+    assert sync.acknowledged == (restarted.incarnation, restarted.version)
+    assert_mirrors(serving, restarted)
+
+
+def test_restarted_serving_shard_starts_with_a_full_copy(training: TrainingServers, follow: Callable[..., Any]) -> None:
+    train(training.shard, 1000.0)
+    _, first = follow(training.address)
+    first.sync_once()
+    training.shard.apply_gradients([("item", ITEMS[:2], np.ones((2, 3), np.float32))], 1100.0)
+
+    serving, second = follow(training.address)  # a new process: remembers nothing
+    result = second.sync_once()
+
+    assert result.ok and result.full_resync and result.rows == 55
+    assert_mirrors(serving, training.shard)
+
+
+def test_training_shard_down_keeps_serving_and_resumes_incrementally(
+    training: TrainingServers, follow: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    train(training.shard, 1000.0)
+    serving, sync = follow(training.address)
+    sync.sync_once()
+    before = serving.lookup([("item", ITEMS, None)], False)[0]
+    failures_before = metric("monolith_sync_failures_total")
+
+    training.down()
+    training.shard.apply_gradients([("item", ITEMS[:3], np.ones((3, 3), np.float32))], 1100.0)
+    with caplog.at_level(logging.INFO, logger="monolith.embedding_ps.sync"):
+        failed = [sync.sync_once() for _ in range(3)]
+        during = serving.lookup([("item", ITEMS, None)], False)[0]
+        training.serve(training.shard)  # the same process is reachable again
+        recovered = sync_until_ok(sync)
+
+    assert [r.ok for r in failed] == [False] * 3
+    assert all(r.error.startswith("UNAVAILABLE") for r in failed), failed[0].error
+    np.testing.assert_array_equal(during, before)  # stale, but answering
+    assert metric("monolith_sync_failures_total") >= failures_before + 3
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "serving keeps answering" in warnings[0].getMessage()
+    assert recovered.ok and not recovered.full_resync and recovered.rows == 3
+    assert any("recovered after" in r.getMessage() for r in caplog.records)
+    assert_mirrors(serving, training.shard)
+
+
+def test_newest_update_time_follows_the_training_data_time(
+    training: TrainingServers, follow: Callable[..., Any]
+) -> None:
+    serving, sync = follow(training.address)
+    sync.sync_once()
+    assert sync.newest_update_time == 0 and np.isnan(sync.lag_seconds())
+
+    now = float(int(time.time()))
+    train(training.shard, now - 30)
+    sync.sync_once()
+    assert sync.newest_update_time == now - 30
+    training.shard.apply_gradients([("item", ITEMS[:1], np.ones((1, 3), np.float32))], now - 10)
+    sync.sync_once()
+    assert sync.newest_update_time == now - 10
+    assert 10 <= metric("monolith_sync_lag_seconds") < 20
+
+    # A training shard restarted on older data: serving now holds older data, and says so.
+    train(training.restart(), now - 50)
+    sync_until_ok(sync)
+    assert sync.newest_update_time == now - 50
+    assert 50 <= sync.lag_seconds() < 60
+
+
+def test_a_shard_of_another_index_is_refused(training: TrainingServers, follow: Callable[..., Any]) -> None:
+    train(training.shard, 1000.0)
+    serving, sync = follow(training.address, shard=1)
+
+    result = sync.sync_once()
+
+    assert not result.ok and result.acknowledged is None
+    assert "is shard 0 of 2; this serving shard is 1 of 2" in result.error
+    assert len(serving.tables["item"]) == 0
+
+
+def test_a_training_restart_during_the_sync_aborts_it(training: TrainingServers, follow: Callable[..., Any]) -> None:
+    train(training.shard, 1000.0)
+    serving, sync = follow(training.address)
+    stub = sync._stub
+    # Stats answered by the old process, Export by its successor.
+    stale = stub.Stats(pb.StatsRequest())
+    stale.incarnation = "0" * 32
+    sync._stub = types.SimpleNamespace(Stats=lambda *a, **k: stale, Export=stub.Export)
+
+    result = sync.sync_once()
+
+    assert not result.ok and "restarted during the sync" in result.error
+    assert len(serving.tables["item"]) == 0 and sync.acknowledged is None
+
+
+def test_the_thread_keeps_serving_in_step(training: TrainingServers, follow: Callable[..., Any]) -> None:
+    serving, sync = follow(training.address, interval=0.05)
+    sync.start()
+    train(training.shard, 1000.0)
+    deadline = time.monotonic() + 5
+    while rows_of(serving, "item") != rows_of(training.shard, "item"):
+        assert time.monotonic() < deadline, "serving did not catch up within 5 s"
+        time.sleep(0.02)
+    sync.stop()
+
+    assert_mirrors(serving, training.shard)
+    with pytest.raises(RuntimeError, match="stopped"):
+        sync.sync_once()
+
+
+def test_only_a_serving_shard_can_follow() -> None:
+    with pytest.raises(ValueError, match="needs a serving shard"):
+        ServingSync(make_shard("training"), "127.0.0.1:1")
+    with pytest.raises(ValueError, match="interval"):
+        ServingSync(make_shard("serving"), "127.0.0.1:1", interval=0)
