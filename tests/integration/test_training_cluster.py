@@ -98,9 +98,8 @@ def test_two_asynchronous_trainers_lower_the_held_out_loss(in_process: InProcess
 
     def run(index: int) -> None:
         try:
-            for _ in range(2):
-                for batch in batches[index::2]:
-                    workers[index].train(batch)
+            for batch in batches[index::2]:
+                workers[index].train(batch)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread
             errors.append(exc)
 
@@ -115,10 +114,11 @@ def test_two_asynchronous_trainers_lower_the_held_out_loss(in_process: InProcess
 
     # Before any training no row exists, so every prediction is 0.5.
     assert before["log_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    # One pass, as the paper trains; a second pass over 6,000 examples can overfit.
     assert after["log_loss"] < before["log_loss"] - 0.02, (before, after)
     assert after["auc"] > 0.65, after
     steps = [w.steps for w in workers]
-    assert steps == [2 * len(batches[0::2]), 2 * len(batches[1::2])]
+    assert steps == [len(batches[0::2]), len(batches[1::2])]
     # Every push was applied: version 1 after init, plus one per step of either worker.
     assert in_process.dense_store.version == 1 + sum(steps)
     assert all(w.dense_version > 1 for w in workers)

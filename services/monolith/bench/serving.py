@@ -39,7 +39,7 @@ from monolith.trainer.backends import LocalDense, LocalEmbeddings
 from monolith.trainer.worker import TrainerWorker
 
 CANDIDATES = 100
-CONCURRENCY = 4
+CONCURRENCY = 2
 USER_FEATURES = ("user_id", "age", "gender", "occupation", "zip")
 
 
@@ -208,7 +208,7 @@ def _freshness(config_path: str, workdir: str, probes: int) -> dict[str, float]:
             wait_healthy(address)
         trainer = RoleProcess(
             ["--log-level", "WARNING", "trainer", "--config", config_path, "--embedding-ps", ",".join(training),
-             "--dense-ps", f"127.0.0.1:{dense_port}", "--part", "all"], os.path.join(workdir, "trainer.log"),
+             "--dense-ps", f"127.0.0.1:{dense_port}", "--part", "all", "--epochs", "1000"], os.path.join(workdir, "trainer.log"),
         )  # fmt: skip
         procs.append(trainer)
         slot = config.features[0].table.name

@@ -59,3 +59,25 @@ class OutOfRange(MonolithError):
     """A valid kind of value outside the range the server accepts (e.g. a shard index)."""
 
     code = grpc.StatusCode.OUT_OF_RANGE
+
+
+_BY_CODE = {
+    cls.code: cls
+    for cls in (InvalidArgument, NotFound, FailedPrecondition, ResourceExhausted, Unavailable, AlreadyExists, OutOfRange)
+}
+
+
+def from_rpc_error(exc: grpc.RpcError, what: str) -> MonolithError:
+    """An error of ours for a failed call to another service, keeping its status.
+
+    A deadline or a lost connection becomes UNAVAILABLE (the caller may retry); other
+    codes keep their class; the message names the peer (`what`) and its details.
+    """
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+        code = grpc.StatusCode.UNAVAILABLE
+    error = _BY_CODE.get(code, MonolithError)(f"{what}: {code.name}: {details}")
+    if type(error) is MonolithError:
+        error.code = grpc.StatusCode.INTERNAL
+    return error

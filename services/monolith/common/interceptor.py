@@ -59,6 +59,10 @@ def _status_of(
     # the handler choosing its status, not a bug, so it passes through untouched.
     if type(exc) is Exception and not exc.args and code not in (None, _OK):
         return code, None
+    # The generated servicer base classes set UNIMPLEMENTED and then raise
+    # NotImplementedError for methods a service does not offer: keep their status.
+    if isinstance(exc, NotImplementedError) and code == grpc.StatusCode.UNIMPLEMENTED:
+        return code, context.details() or "Method not implemented!"
     # The client cancelled or the deadline passed, so reading the request stream failed;
     # nobody is listening for a status.
     if not context.is_active():

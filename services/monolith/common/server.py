@@ -163,11 +163,12 @@ class MonolithServer:
         """Where clients dial, "host:port"."""
         return _host_port(self._config.host, self.port)
 
-    def start(self) -> None:
+    def start(self, serving: bool = True) -> None:
         """Starts /metrics (if enabled) and gRPC, then reports SERVING.
 
-        A component that must restore state before taking traffic calls
-        `set_serving(False)` until it is ready.
+        Args:
+            serving: the health to report; a component that must load state before taking
+                traffic starts with False and calls `set_serving(True)` when ready.
 
         Raises:
             RuntimeError: The server was stopped; gRPC servers cannot restart.
@@ -183,7 +184,7 @@ class MonolithServer:
                 )
             self._server.start()
             self._started = True
-        self.set_serving(True)
+        self.set_serving(serving)
         metrics_at = "disabled"
         if self.metrics_port is not None:
             metrics_at = f"http://{_host_port(self._config.host, self.metrics_port)}/metrics"

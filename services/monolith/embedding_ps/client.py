@@ -16,6 +16,7 @@ import numpy as np
 
 from monolith.api.embedding_ps.v1 import embedding_ps_pb2 as pb
 from monolith.api.embedding_ps.v1 import embedding_ps_pb2_grpc as pb_grpc
+from monolith.common.errors import from_rpc_error
 from monolith.common.wire import decode_array, encode_array
 from monolith.embedding.hashing import dedupe_and_route, stable_hash64
 from monolith.embedding.table_kernels import sum_duplicates
@@ -57,6 +58,7 @@ class ShardedEmbeddingClient:
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
         ]
+        self._addresses = list(addresses)
         self._channels = [grpc.insecure_channel(a, options=options) for a in addresses]
         self._stubs = [pb_grpc.EmbeddingPSStub(c) for c in self._channels]
         # Blocking calls on a small pool: a sync channel's `.future()` starts a thread per
@@ -175,13 +177,22 @@ class ShardedEmbeddingClient:
         """Calls `method` on each shard with a request, concurrently; answers in shard order.
 
         Raises:
-            grpc.RpcError: the first failed call's error (after every call has finished).
+            MonolithError: the first failed call's status (UNAVAILABLE for a shard that is
+                down or too slow), naming the shard.
         """
         calls = {
             shard: self._pool.submit(getattr(self._stubs[shard], method), request, timeout=self._timeout)
             for shard, request in requests.items()
         }
-        return [(shard, call.result()) for shard, call in sorted(calls.items())]
+        answers = []
+        for shard, call in sorted(calls.items()):
+            try:
+                answers.append((shard, call.result()))
+            except grpc.RpcError as exc:
+                for other in calls.values():
+                    other.cancel()
+                raise from_rpc_error(exc, f"embedding-PS shard {shard} ({self._addresses[shard]}) {method}") from None
+        return answers
 
     def _route(self, slot: str, ids: np.ndarray) -> _Routed:
         if slot not in self._dims:

@@ -136,6 +136,10 @@ class ServingModel:
 
 def _flatten(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Values and per-example counts; "" pads rows of string tensors."""
+    if array.dtype.kind == "S":
+        array = np.vectorize(lambda b: b.decode("utf-8"), otypes=[object])(array)
+    elif array.dtype.kind == "U":
+        array = array.astype(object)
     if array.ndim == 1:
         return array, np.ones(array.shape[0], dtype=np.int64)
     if array.dtype == object:

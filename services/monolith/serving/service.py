@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 
 from tensorflow_serving.apis import prediction_service_pb2_grpc
@@ -34,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-name", default="monolith", help="model_spec.name clients use")
     parser.add_argument("--signature-name", default="serving_default", help="model_spec.signature_name")
     parser.add_argument("--dense-sync-interval", type=float, default=10.0, help="seconds between dense pulls")
+    parser.add_argument("--ps-timeout", type=float, default=5.0, help="seconds per embedding-PS lookup")
     parser.add_argument("--max-inflight", type=int, default=64, help="calls in flight before RESOURCE_EXHAUSTED")
     parser.add_argument("--workers", type=int, default=16, help="threads serving calls")
     parser.add_argument("--host", default="0.0.0.0", help="interface to bind (default: all)")
@@ -47,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--dense-sync-interval must be > 0, got {args.dense_sync_interval}")
     config = load_model_config(args.config)
     addresses = [a.strip() for a in args.embedding_ps.split(",") if a.strip()]
-    sparse = ShardedEmbeddingClient(addresses, config.table_dims())
+    sparse = ShardedEmbeddingClient(addresses, config.table_dims(), timeout=args.ps_timeout)
     dense = DensePSClient(args.dense_ps)
     model = ServingModel(config, sparse, dense)
     server = build_serving(
@@ -62,9 +64,11 @@ def run(args: argparse.Namespace) -> int:
         ),
     )
     refresher = DenseRefresher(model, args.dense_sync_interval, on_ready=lambda: server.set_serving(True))
-    server.start()
-    if not model.ready:
-        server.set_serving(False)  # until the first dense parameters arrive
+    # Everything loaded so far (TensorFlow, the model) lives for the whole process: moving it
+    # out of the collector's reach keeps full collections, and the latency spikes they
+    # cause, small.
+    gc.freeze()
+    server.start(serving=False)  # SERVING once the first dense parameters arrive
     refresher.start()
     _LOGGER.info("serving model %r on port %d", args.model_name, server.port)
 

@@ -38,16 +38,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--part", choices=PARTS, default="train",
                         help="which part of the data set: the first 80%% by time, the last 20%%, or all")  # fmt: skip
     parser.add_argument("--limit", type=int, default=None, help="use only the first N examples")
+    parser.add_argument("--epochs", type=int, default=1, help="passes over the data (the paper trains one)")
     parser.add_argument("--worker-index", type=int, default=0, help="this trainer's index")
     parser.add_argument("--num-workers", type=int, default=1, help="trainers sharing the data set")
     parser.add_argument("--cache-dir", default=None, help="where the data set is cached")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Trains one pass; prints a JSON summary line last."""
+    """Trains `--epochs` passes (one by default); prints a JSON summary of the last pass as the last line."""
     if args.mode == "online":
         print("monolith trainer: online mode (tailing the sample log) is not built yet", file=sys.stderr)
         return 2
+    if args.epochs < 1:
+        raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
     if args.num_workers < 1:
         raise ValueError(f"--num-workers must be >= 1, got {args.num_workers}")
     if not 0 <= args.worker_index < args.num_workers:
@@ -62,7 +65,11 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with ShardedEmbeddingClient(addresses, config.table_dims()) as sparse, DensePSClient(args.dense_ps) as dense:
         worker = TrainerWorker(config, sparse, dense)
-        summary = train_pass(worker, data, args.worker_index, args.num_workers, stop)
+        for _ in range(args.epochs):
+            summary = train_pass(worker, data, args.worker_index, args.num_workers, stop)
+            if stop.is_set():
+                break
+        worker.close()
     print(json.dumps(summary, sort_keys=True))
     return 0
 
