@@ -35,6 +35,20 @@ def gather(values: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
 
 
 @numba.njit(nogil=True, cache=True)
+def lookup_into(index: np.ndarray, keys: np.ndarray, values: np.ndarray, seed: np.uint64, ids: np.ndarray,
+                out: np.ndarray) -> int:  # fmt: skip
+    """out[i] = embedding of ids[i], zeros if it has no row; returns the number of misses.
+
+    One call instead of find + gather: each numba call checks the types of its arguments,
+    which costs as much as looking up a few hundred ids.
+    """
+    rows = np.empty(ids.shape[0], dtype=np.int64)
+    misses = id_map.find_many(index, keys, seed, ids, rows)
+    gather(values, rows, out)
+    return misses
+
+
+@numba.njit(nogil=True, cache=True)
 def lookup_or_create(
     index, keys, meta, values, version, update_time, seed, dim,
     init_kind, init_scale, slot_seed, opt_kind, hp,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 
 from tensorflow_serving.apis import prediction_service_pb2_grpc
@@ -64,10 +63,6 @@ def run(args: argparse.Namespace) -> int:
         ),
     )
     refresher = DenseRefresher(model, args.dense_sync_interval, on_ready=lambda: server.set_serving(True))
-    # Everything loaded so far (TensorFlow, the model) lives for the whole process: moving it
-    # out of the collector's reach keeps full collections, and the latency spikes they
-    # cause, small.
-    gc.freeze()
     server.start(serving=False)  # SERVING once the first dense parameters arrive
     refresher.start()
     _LOGGER.info("serving model %r on port %d", args.model_name, server.port)
