@@ -19,6 +19,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent import futures
 from typing import Callable
 
 import grpc
@@ -131,8 +132,11 @@ def _over_grpc(rows: int, seconds: float, workdir: str) -> dict[str, float]:
             client.lookup({"bench": batches[next(cursor) % len(batches)]})
             return BATCH
 
+        # The same fan-out as the sharded client: blocking calls on a two-thread pool.
+        pool = futures.ThreadPoolExecutor(max_workers=2)
+
         def grpc_echo() -> int:
-            calls = [s.future(r, timeout=30) for s, r in zip(echo_stubs, requests)]
+            calls = [pool.submit(s, r, timeout=30) for s, r in zip(echo_stubs, requests)]
             for call in calls:
                 np.frombuffer(call.result(), dtype="<f4")
             return BATCH
@@ -144,6 +148,7 @@ def _over_grpc(rows: int, seconds: float, workdir: str) -> dict[str, float]:
             lookups.append(_rate(grpc_lookup, seconds))
             echoes.append(_rate(grpc_echo, seconds))
         client.close()
+        pool.shutdown()
         for channel in channels:
             channel.close()
         return {

@@ -75,34 +75,50 @@ def _route(ids: np.ndarray, salt: np.uint64, num_shards: np.uint64) -> np.ndarra
 
 @numba.njit(nogil=True, cache=True)
 def dedupe_and_route(ids: np.ndarray, salt: np.uint64, num_shards: np.uint64):  # type: ignore[no-untyped-def]
-    """Unique ids of a batch, grouped by owning shard, in one pass.
+    """Unique ids of a batch, grouped by owning shard, in linear time.
+
+    Dedupes with a small open-addressing table (numba's sort-based np.unique is ~20x
+    slower at batch sizes of a few thousand), then groups by shard with a counting sort.
 
     Returns:
-        unique: int64 [u] distinct ids, grouped by shard (ascending id within a shard);
+        unique: int64 [u] distinct ids, grouped by shard (first-seen order within a shard);
         inverse: int64 [n], position in `unique` of each input id;
         counts: int32 [u], occurrences of each unique id;
         bounds: int64 [num_shards + 1], shard s owns unique[bounds[s]:bounds[s + 1]].
     """
     n = ids.shape[0]
-    order = np.argsort(ids, kind="mergesort")
-    sorted_unique = np.empty(n, dtype=np.int64)
-    counts_sorted = np.zeros(n, dtype=np.int32)
-    inverse_sorted = np.empty(n, dtype=np.int64)
-    u = -1
-    for k in range(n):
-        key = ids[order[k]]
-        if u < 0 or sorted_unique[u] != key:
-            u += 1
-            sorted_unique[u] = key
-        counts_sorted[u] += 1
-        inverse_sorted[order[k]] = u
-    u += 1
+    capacity = 16
+    while capacity < 2 * n:
+        capacity *= 2
+    mask = np.uint64(capacity - 1)
+    slots = np.full(capacity, -1, dtype=np.int64)  # index into first_seen, or -1
+    first_seen = np.empty(n, dtype=np.int64)
+    seen_counts = np.zeros(n, dtype=np.int32)
+    order = np.empty(n, dtype=np.int64)  # unique number (first-seen order) of each input
+    u = 0
+    for i in range(n):
+        key = ids[i]
+        slot = hash_id(key, salt) & mask
+        while True:
+            k = slots[slot]
+            if k < 0:
+                slots[slot] = u
+                first_seen[u] = key
+                k = u
+                u += 1
+                break
+            if first_seen[k] == key:
+                break
+            slot = (slot + np.uint64(1)) & mask
+        seen_counts[k] += 1
+        order[i] = k
+    shards = np.int64(num_shards)
     owners = np.empty(u, dtype=np.int64)
-    bounds = np.zeros(np.int64(num_shards) + 1, dtype=np.int64)
+    bounds = np.zeros(shards + 1, dtype=np.int64)
     for k in range(u):
-        owners[k] = np.int64(hash_id(sorted_unique[k], salt) % num_shards)
+        owners[k] = np.int64(hash_id(first_seen[k], salt) % num_shards)
         bounds[owners[k] + 1] += 1
-    for s in range(np.int64(num_shards)):
+    for s in range(shards):
         bounds[s + 1] += bounds[s]
     fill = bounds[:-1].copy()
     position = np.empty(u, dtype=np.int64)
@@ -112,9 +128,9 @@ def dedupe_and_route(ids: np.ndarray, salt: np.uint64, num_shards: np.uint64):  
         p = fill[owners[k]]
         fill[owners[k]] += 1
         position[k] = p
-        unique[p] = sorted_unique[k]
-        counts[p] = counts_sorted[k]
+        unique[p] = first_seen[k]
+        counts[p] = seen_counts[k]
     inverse = np.empty(n, dtype=np.int64)
     for i in range(n):
-        inverse[i] = position[inverse_sorted[i]]
+        inverse[i] = position[order[i]]
     return unique, inverse, counts, bounds

@@ -19,7 +19,7 @@ from monolith.api.embedding_ps.v1 import embedding_ps_pb2_grpc as pb_grpc
 from monolith.common.errors import from_rpc_error
 from monolith.common.wire import decode_array, encode_array
 from monolith.embedding.hashing import dedupe_and_route, stable_hash64
-from monolith.embedding.table_kernels import sum_duplicates
+from monolith.embedding.table_kernels import gather, sum_duplicates
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,12 +98,16 @@ class ShardedEmbeddingClient:
             ]
             if slots:
                 requests[shard] = pb.LookupRequest(slots=slots, mode=mode, update_time=update_time)
-        unique_rows = {slot: np.zeros((len(r.unique), self._dims[slot]), np.float32) for slot, r in routed.items()}
+        unique_rows = {slot: np.empty((len(r.unique), self._dims[slot]), np.float32) for slot, r in routed.items()}
         for shard, response in self._fan_out("Lookup", requests):
             for e in response.slots:
                 rows = decode_array(e.values, "<f4", (e.num_ids, e.dim), f"shard {shard} slot {e.slot!r}")
                 unique_rows[e.slot][routed[e.slot].part(shard)] = rows
-        return {slot: unique_rows[slot][r.inverse] for slot, r in routed.items()}
+        out = {}
+        for slot, r in routed.items():
+            out[slot] = np.empty((len(r.inverse), self._dims[slot]), np.float32)
+            gather(unique_rows[slot], r.inverse, out[slot])  # numpy's fancy indexing is ~5x slower
+        return out
 
     def apply_gradients(
         self, gradients: Mapping[str, tuple[np.ndarray, np.ndarray]], update_time: float = 0.0
