@@ -29,7 +29,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from monolith.common.process import RoleProcess, free_port, wait_healthy
+from monolith.common.process import RoleProcess, start_role, wait_healthy
 from monolith.data.movielens import load_movielens, raw_feature_values
 from monolith.dense_ps.client import DensePSClient
 from monolith.embedding.table import RowBatch
@@ -48,9 +48,23 @@ def _progress(message: str) -> None:
     print(f"[bench serving] {message}", file=sys.stderr, flush=True)
 
 
-def _ps_args(shard: int, port: int, config: str, extra: list[str] | None = None) -> list[str]:
-    return ["--log-level", "WARNING", "embedding-ps", "--shard", str(shard), "--num-shards", "2", "--config",
-            config, "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0", *(extra or [])]  # fmt: skip
+def _start_parameter_servers(
+    config_path: str, workdir: str, procs: list[RoleProcess], tag: str
+) -> tuple[list[str], str]:
+    """2 training embedding-PS shards and a dense-PS; returns their addresses once healthy."""
+    ps = []
+    for shard in range(2):
+        proc, address = start_role(
+            ["embedding-ps", "--shard", str(shard), "--num-shards", "2", "--config", config_path],
+            os.path.join(workdir, f"{tag}-ps{shard}.log"),
+        )
+        procs.append(proc)
+        ps.append(address)
+    proc, dense_address = start_role(["dense-ps", "--config", config_path], os.path.join(workdir, f"{tag}-dense.log"))
+    procs.append(proc)
+    for address in (*ps, dense_address):
+        wait_healthy(address)
+    return ps, dense_address
 
 
 def _requests(count: int, rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
@@ -103,19 +117,7 @@ def _throughput(config_path: str, workdir: str, seconds: float) -> dict[str, flo
     config = load_model_config(config_path)
     procs: list[RoleProcess] = []
     try:
-        ps = []
-        for shard in range(2):
-            port = free_port()
-            procs.append(RoleProcess(_ps_args(shard, port, config_path), os.path.join(workdir, f"ps{shard}.log")))
-            ps.append(f"127.0.0.1:{port}")
-        dense_port = free_port()
-        procs.append(RoleProcess(
-            ["--log-level", "WARNING", "dense-ps", "--config", config_path, "--host", "127.0.0.1",
-             "--port", str(dense_port), "--metrics-port", "0"], os.path.join(workdir, "dense.log"),
-        ))  # fmt: skip
-        dense_address = f"127.0.0.1:{dense_port}"
-        for address in (*ps, dense_address):
-            wait_healthy(address)
+        ps, dense_address = _start_parameter_servers(config_path, workdir, procs, "throughput")
         _progress("training on MovieLens-100k to fill the tables")
         data = load_movielens()
         with ShardedEmbeddingClient(ps, config.table_dims()) as sparse, DensePSClient(dense_address) as dense:
@@ -123,13 +125,12 @@ def _throughput(config_path: str, workdir: str, seconds: float) -> dict[str, flo
             for batch in data.batches(config.training.batch_size):
                 worker.train(batch)
             worker.close()
-        serving_port = free_port()
-        procs.append(RoleProcess(
-            ["--log-level", "WARNING", "serving", "--config", config_path, "--embedding-ps", ",".join(ps),
-             "--dense-ps", dense_address, "--host", "127.0.0.1", "--port", str(serving_port),
-             "--metrics-port", "0"], os.path.join(workdir, "serving.log"),
-        ))  # fmt: skip
-        wait_healthy(f"127.0.0.1:{serving_port}")
+        proc, serving_address = start_role(
+            ["serving", "--config", config_path, "--embedding-ps", ",".join(ps), "--dense-ps", dense_address],
+            os.path.join(workdir, "serving.log"),
+        )
+        procs.append(proc)
+        wait_healthy(serving_address)
 
         rng = np.random.default_rng(0)
         requests = _requests(200, rng)
@@ -146,7 +147,7 @@ def _throughput(config_path: str, workdir: str, seconds: float) -> dict[str, flo
         inprocess_qps = done / (time.perf_counter() - start)
 
         _progress(f"Predict over gRPC at concurrency {CONCURRENCY}")
-        channel = grpc.insecure_channel(f"127.0.0.1:{serving_port}")
+        channel = grpc.insecure_channel(serving_address)
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         for p in protos[:10]:
             stub.Predict(p, timeout=30)
@@ -189,28 +190,22 @@ def _freshness(config_path: str, workdir: str, probes: int) -> dict[str, float]:
     config = load_model_config(config_path)
     procs: list[RoleProcess] = []
     try:
-        training, serving = [], []
+        training, dense_address = _start_parameter_servers(config_path, workdir, procs, "freshness")
+        serving = []
         for shard in range(2):
-            port = free_port()
-            procs.append(RoleProcess(_ps_args(shard, port, config_path), os.path.join(workdir, f"t{shard}.log")))
-            training.append(f"127.0.0.1:{port}")
-        dense_port = free_port()
-        procs.append(RoleProcess(
-            ["--log-level", "WARNING", "dense-ps", "--config", config_path, "--host", "127.0.0.1",
-             "--port", str(dense_port), "--metrics-port", "0"], os.path.join(workdir, "dense2.log"),
-        ))  # fmt: skip
-        for address in training:
-            wait_healthy(address)
-        for shard in range(2):
-            port = free_port()
-            extra = ["--role", "serving", "--sync-from", training[shard], "--sync-interval", "1"]
-            procs.append(RoleProcess(_ps_args(shard, port, config_path, extra), os.path.join(workdir, f"s{shard}.log")))
-            serving.append(f"127.0.0.1:{port}")
-        for address in (*serving, f"127.0.0.1:{dense_port}"):
+            proc, address = start_role(
+                ["embedding-ps", "--shard", str(shard), "--num-shards", "2", "--config", config_path,
+                 "--role", "serving", "--sync-from", training[shard], "--sync-interval", "1"],
+                os.path.join(workdir, f"serving-ps{shard}.log"),
+            )  # fmt: skip
+            procs.append(proc)
+            serving.append(address)
+        for address in serving:
             wait_healthy(address)
         trainer = RoleProcess(
             ["--log-level", "WARNING", "trainer", "--config", config_path, "--embedding-ps", ",".join(training),
-             "--dense-ps", f"127.0.0.1:{dense_port}", "--part", "all", "--epochs", "1000"], os.path.join(workdir, "trainer.log"),
+             "--dense-ps", dense_address, "--part", "all", "--epochs", "1000"],
+            os.path.join(workdir, "trainer.log"),
         )  # fmt: skip
         procs.append(trainer)
         slot = config.features[0].table.name

@@ -27,7 +27,7 @@ import numpy as np
 import yaml
 
 from monolith.bench import echo
-from monolith.common.process import RoleProcess, free_port, wait_healthy
+from monolith.common.process import RoleProcess, free_port, start_role, wait_healthy
 from monolith.embedding.config import SlotConfig
 from monolith.embedding.table import EmbeddingTable
 from monolith.embedding_ps.client import ShardedEmbeddingClient
@@ -99,13 +99,12 @@ def _over_grpc(rows: int, seconds: float, workdir: str) -> dict[str, float]:
     try:
         ps_addresses, echo_addresses = [], []
         for shard in range(2):
-            port = free_port()
-            procs.append(RoleProcess(
-                ["--log-level", "WARNING", "embedding-ps", "--shard", str(shard), "--num-shards", "2",
-                 "--config", config, "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0"],
+            proc, address = start_role(
+                ["embedding-ps", "--shard", str(shard), "--num-shards", "2", "--config", config],
                 os.path.join(workdir, f"ps{shard}.log"),
-            ))  # fmt: skip
-            ps_addresses.append(f"127.0.0.1:{port}")
+            )
+            procs.append(proc)
+            ps_addresses.append(address)
             port = free_port()
             procs.append(RoleProcess(["--port", str(port)], os.path.join(workdir, f"echo{shard}.log"), echo.__name__))
             echo_addresses.append(f"127.0.0.1:{port}")

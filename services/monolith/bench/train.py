@@ -16,7 +16,7 @@ import os
 import sys
 import tempfile
 
-from monolith.common.process import RoleProcess, free_port, wait_healthy
+from monolith.common.process import RoleProcess, start_role, wait_healthy
 from monolith.data.movielens import load_movielens
 from monolith.dense_ps.client import DensePSClient
 from monolith.embedding_ps.client import ShardedEmbeddingClient
@@ -40,20 +40,14 @@ def _distributed(config_path: str, data, workdir: str) -> ProtocolResult:  # typ
     try:
         ps = []
         for shard in range(2):
-            port = free_port()
-            procs.append(RoleProcess(
-                ["--log-level", "WARNING", "embedding-ps", "--shard", str(shard), "--num-shards", "2",
-                 "--config", config_path, "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0"],
+            proc, address = start_role(
+                ["embedding-ps", "--shard", str(shard), "--num-shards", "2", "--config", config_path],
                 os.path.join(workdir, f"embedding-ps-{shard}.log"),
-            ))  # fmt: skip
-            ps.append(f"127.0.0.1:{port}")
-        dense_port = free_port()
-        procs.append(RoleProcess(
-            ["--log-level", "WARNING", "dense-ps", "--config", config_path, "--host", "127.0.0.1",
-             "--port", str(dense_port), "--metrics-port", "0"],
-            os.path.join(workdir, "dense-ps.log"),
-        ))  # fmt: skip
-        dense_address = f"127.0.0.1:{dense_port}"
+            )
+            procs.append(proc)
+            ps.append(address)
+        proc, dense_address = start_role(["dense-ps", "--config", config_path], os.path.join(workdir, "dense-ps.log"))
+        procs.append(proc)
         for address in (*ps, dense_address):
             wait_healthy(address)
         with ShardedEmbeddingClient(ps, config.table_dims()) as sparse, DensePSClient(dense_address) as dense:

@@ -81,3 +81,17 @@ class RoleProcess:
         """SIGKILL at once (failure tests)."""
         self.process.kill()
         self.process.wait()
+
+
+def start_role(args: Sequence[str], log_path: str | None = None) -> tuple[RoleProcess, str]:
+    """Starts `monolith <role> ...` on a free loopback port (metrics on another free one).
+
+    Returns:
+        The process and its "127.0.0.1:port" address; wait for it with `wait_healthy`.
+    """
+    port = free_port()
+    process = RoleProcess(
+        ["--log-level", "WARNING", *args, "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0"],
+        log_path,
+    )
+    return process, f"127.0.0.1:{port}"

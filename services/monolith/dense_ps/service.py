@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Mapping
-
-import yaml
 
 from monolith.api.dense_ps.v1 import dense_ps_pb2_grpc as pb_grpc
 from monolith.common.server import MonolithServer, ServerConfig, Service, build_server
 from monolith.dense_ps import metrics
-from monolith.dense_ps.optimizers import DenseOptimizerConfig, dense_optimizer_from_dict
 from monolith.dense_ps.servicer import SERVICE_NAME, DensePSServicer
 from monolith.dense_ps.store import DenseStore
-from monolith.embedding.config import ConfigError
+from monolith.model.config import default_config_path, load_model_config
 
 _LOGGER = logging.getLogger("monolith.dense_ps")
 
@@ -28,34 +24,10 @@ def build_dense_ps(store: DenseStore, server_config: ServerConfig) -> MonolithSe
     )
 
 
-def load_optimizer_file(path: str) -> DenseOptimizerConfig:
-    """Reads `model.optimizer` of a model config YAML file; a missing section means defaults.
-
-    Raises:
-        ConfigError: the file is missing or not YAML, or the optimizer is invalid (naming
-            the field).
-    """
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{path}: must be a mapping")
-    # Other keys of `model` (the dense tower's layers) belong to the trainer.
-    model = raw.get("model") or {}
-    if not isinstance(model, Mapping):
-        raise ConfigError(f"model: must be a mapping, got {type(model).__name__}")
-    return dense_optimizer_from_dict(model.get("optimizer"), "model.optimizer")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `monolith dense-ps`."""
-    parser.add_argument("--config", required=True, help="model config YAML (its `model.optimizer` is used)")
+    parser.add_argument("--config", default=default_config_path(),
+                        help="model config YAML (its `model.optimizer` is used; default: MovieLens)")  # fmt: skip
     parser.add_argument("--host", default="0.0.0.0", help="interface to bind (default: all)")
     parser.add_argument("--port", type=int, default=50060, help="gRPC port (0 picks a free one)")
     parser.add_argument("--metrics-port", type=int, default=9095, help="Prometheus /metrics port (0: free one)")
@@ -64,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`monolith dense-ps`: serves the dense parameters until SIGTERM."""
-    store = DenseStore(load_optimizer_file(args.config))
+    store = DenseStore(load_model_config(args.config).model.optimizer)
     server = build_dense_ps(
         store,
         ServerConfig(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import threading
 
+from monolith.common.periodic import PeriodicTask
 from monolith.common.server import MonolithServer, ServerConfig, Service, build_server
 from monolith.embedding_ps import metrics
 from monolith.model.config import load_model_config
@@ -35,29 +35,15 @@ def build_embedding_ps(shard: EmbeddingShard, server_config: ServerConfig) -> Mo
     )
 
 
-class ExpirySweeper:
-    """Runs the shard's expiry sweep every `interval` seconds on a daemon thread."""
+def expiry_sweeper(shard: EmbeddingShard, interval: float) -> PeriodicTask:
+    """Runs the shard's expiry sweep every `interval` seconds (not started)."""
 
-    def __init__(self, shard: EmbeddingShard, interval: float) -> None:
-        self._shard = shard
-        self._interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="expiry-sweeper", daemon=True)
+    def sweep() -> None:
+        evicted = shard.expire()
+        if any(evicted.values()):
+            _LOGGER.info("expiry sweep evicted %s", {k: v for k, v in evicted.items() if v})
 
-    def start(self) -> None:
-        if self._interval > 0:
-            self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            evicted = self._shard.expire()
-            if any(evicted.values()):
-                _LOGGER.info("expiry sweep evicted %s", {k: v for k, v in evicted.items() if v})
+    return PeriodicTask("expiry-sweeper", interval, sweep, run_first=False)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -111,8 +97,9 @@ def run(args: argparse.Namespace) -> int:
             max_message_bytes=args.max_message_mb * 1024 * 1024,
         ),
     )
-    sweeper = ExpirySweeper(shard, 0 if follower else args.expire_interval)
-    sweeper.start()
+    sweeper = None if follower or args.expire_interval <= 0 else expiry_sweeper(shard, args.expire_interval)
+    if sweeper:
+        sweeper.start()
     _LOGGER.info(
         "embedding-ps shard %d/%d (%s) with slots %s on port %d%s",
         args.shard, args.num_shards, args.role, ", ".join(shard.tables), server.port,
@@ -123,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
         follower.start()
 
     def shut_down() -> None:
-        sweeper.stop()
+        if sweeper:
+            sweeper.stop()
         if follower:
             follower.stop()
 

@@ -16,11 +16,12 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
 from monolith.common.errors import InvalidArgument, Unavailable
+from monolith.common.periodic import PeriodicTask
 from monolith.data.feature_ids import feature_ids
 from monolith.model.config import ModelConfig
 from monolith.model.dense_model import DenseModel
@@ -148,46 +149,30 @@ def _flatten(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return array.reshape(-1), np.full(array.shape[0], array.shape[1], dtype=np.int64)
 
 
-class DenseRefresher:
-    """Pulls dense parameters every `interval` seconds on a daemon thread.
+def dense_refresher(model: ServingModel, interval: float, on_ready: Callable[[], None]) -> PeriodicTask:
+    """Pulls dense parameters every `interval` seconds (not started).
 
-    Args:
-        model: the served model.
-        interval: seconds between pulls.
-        on_ready: called once, when the first parameters arrive.
+    Until the first parameters arrive it retries every half second, then calls `on_ready`
+    once. A failed pull is logged once per outage; the model keeps serving the parameters
+    it has.
     """
+    failing = False
 
-    def __init__(self, model: ServingModel, interval: float, on_ready=None) -> None:  # type: ignore[no-untyped-def]
-        self._model = model
-        self._interval = interval
-        self._on_ready = on_ready
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="dense-refresh", daemon=True)
-        self._failing = False
+    def refresh() -> float | None:
+        nonlocal failing
+        was_ready = model.ready
+        try:
+            if model.refresh_dense():
+                _LOGGER.info("dense parameters at version %d", model.dense_version)
+            if failing:
+                _LOGGER.info("dense-PS reachable again")
+            failing = False
+        except Exception as exc:  # noqa: BLE001 - any failure: keep serving the old parameters
+            if not failing:
+                _LOGGER.warning("dense refresh failed (serving the previous parameters): %s", exc)
+            failing = True
+        if not was_ready and model.ready:
+            on_ready()
+        return None if model.ready else min(interval, 0.5)
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-    def _run(self) -> None:
-        while True:
-            was_ready = self._model.ready
-            try:
-                if self._model.refresh_dense():
-                    _LOGGER.info("dense parameters at version %d", self._model.dense_version)
-                if self._failing:
-                    _LOGGER.info("dense-PS reachable again")
-                self._failing = False
-            except Exception as exc:  # noqa: BLE001 - any failure: keep serving the old parameters
-                if not self._failing:
-                    _LOGGER.warning("dense refresh failed (serving the previous parameters): %s", exc)
-                self._failing = True
-            if not was_ready and self._model.ready and self._on_ready is not None:
-                self._on_ready()
-            # Until the first parameters arrive, retry quickly.
-            if self._stop.wait(self._interval if self._model.ready else min(self._interval, 0.5)):
-                return
+    return PeriodicTask("dense-refresh", interval, refresh)

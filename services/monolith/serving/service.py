@@ -11,7 +11,7 @@ from monolith.common.server import MonolithServer, ServerConfig, Service, build_
 from monolith.dense_ps.client import DensePSClient
 from monolith.embedding_ps.client import ShardedEmbeddingClient
 from monolith.model.config import default_config_path, load_model_config
-from monolith.serving.model import DenseRefresher, ServingModel
+from monolith.serving.model import ServingModel, dense_refresher
 from monolith.serving.servicer import SERVICE_NAME, PredictionServicer, SignatureConfig
 
 _LOGGER = logging.getLogger("monolith.serving")
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
             max_concurrent_rpcs=args.max_inflight,
         ),
     )
-    refresher = DenseRefresher(model, args.dense_sync_interval, on_ready=lambda: server.set_serving(True))
+    refresher = dense_refresher(model, args.dense_sync_interval, on_ready=lambda: server.set_serving(True))
     server.start(serving=False)  # SERVING once the first dense parameters arrive
     refresher.start()
     _LOGGER.info("serving model %r on port %d", args.model_name, server.port)
