@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 
-from monolith.data.feature_ids import feature_id, feature_ids
+from monolith.data.feature_ids import FeatureIdCache, feature_id, feature_ids
 
 VALUES = ["M", "F", "technician", "852", "", "Children's"]
 
@@ -51,3 +51,14 @@ def test_shape_is_kept_and_empty_input_is_fine() -> None:
     assert ids.shape == (2, 2) and ids[0, 1] == ids[1, 0]
     empty = feature_ids("x", [])
     assert empty.shape == (0,) and empty.dtype == np.int64
+
+
+def test_the_cache_gives_the_same_ids_as_feature_ids_and_stays_bounded() -> None:
+    cache = FeatureIdCache(max_entries=4)
+    for values in (
+        np.array(["a", "b", "a"], dtype=object),
+        np.array([7, 8, 7, 9, 10, 11, 12]),
+        np.array([["x", "y"], ["x", ""]], dtype=object),
+    ):
+        np.testing.assert_array_equal(cache("f", values), feature_ids("f", values))
+    assert cache._entries <= 4

@@ -177,7 +177,9 @@ def _throughput(config_path: str, workdir: str, seconds: float) -> dict[str, flo
             "predict_qps": len(latencies) / elapsed,
             "inprocess_qps": inprocess_qps,
             "p50_ms": float(np.percentile(ms, 50)),
+            "p90_ms": float(np.percentile(ms, 90)),
             "p99_ms": float(np.percentile(ms, 99)),
+            "max_ms": float(ms.max()),
             "concurrency": CONCURRENCY,
             "candidates_per_request": CANDIDATES,
         }

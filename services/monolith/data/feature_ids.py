@@ -60,3 +60,35 @@ def feature_ids(feature: str, values: np.ndarray | Sequence) -> np.ndarray:
 def _digest(feature: str, value: object) -> bytes:
     """8 bytes of blake2b over the feature name and the value's text."""
     return hashlib.blake2b(f"{feature}{_SEPARATOR}{value}".encode(), digest_size=8).digest()
+
+
+class FeatureIdCache:
+    """`feature_ids` with a memo of the values seen, for request-sized batches.
+
+    Serving hashes the same few thousand users and items over and over; a dict lookup
+    costs a tenth of a blake2b plus `np.unique` on a 100-value request. The memo is
+    bounded: past `max_entries` values it starts over.
+    """
+
+    def __init__(self, max_entries: int = 1_000_000) -> None:
+        self._memo: dict[str, dict[object, int]] = {}
+        self._entries = 0
+        self._max_entries = max_entries
+
+    def __call__(self, feature: str, values: np.ndarray | Sequence) -> np.ndarray:
+        """Same result as `feature_ids(feature, values)`."""
+        array = np.asarray(values)
+        flat = array.ravel().tolist()
+        memo = self._memo.setdefault(feature, {})
+        out = np.empty(len(flat), dtype=np.int64)
+        for i, value in enumerate(flat):
+            cached = memo.get(value)
+            if cached is None:
+                if self._entries >= self._max_entries:
+                    self._memo.clear()
+                    self._entries = 0
+                    memo = self._memo.setdefault(feature, {})
+                cached = memo[value] = feature_id(feature, value)
+                self._entries += 1
+            out[i] = cached
+        return out.reshape(array.shape)

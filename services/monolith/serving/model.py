@@ -22,7 +22,7 @@ import numpy as np
 
 from monolith.common.errors import InvalidArgument, Unavailable
 from monolith.common.periodic import PeriodicTask
-from monolith.data.feature_ids import feature_ids
+from monolith.data.feature_ids import FeatureIdCache
 from monolith.model.config import ModelConfig
 from monolith.model.dense_model import DenseModel
 from monolith.model.inputs import lookup_features
@@ -53,6 +53,7 @@ class ServingModel:
         self._log_odds_shift = math.log(config.training.negative_sample_rate)
         self.input_names = tuple(f.source for f in config.features)
         self._features = {f.source: f for f in config.features}
+        self._feature_ids = FeatureIdCache()
 
     @property
     def ready(self) -> bool:
@@ -130,7 +131,7 @@ class ServingModel:
             if array.shape[0] == 1 and batch > 1:
                 array = np.repeat(array, batch, axis=0)
             values, counts = _flatten(array)
-            ids[name] = feature_ids(name, values)
+            ids[name] = self._feature_ids(name, values)
             row_splits[name] = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         return ids, row_splits, batch
 
