@@ -61,9 +61,10 @@ class ShardedEmbeddingClient:
         self._addresses = list(addresses)
         self._channels = [grpc.insecure_channel(a, options=options) for a in addresses]
         self._stubs = [pb_grpc.EmbeddingPSStub(c) for c in self._channels]
-        # Blocking calls on a small pool: a sync channel's `.future()` starts a thread per
-        # call, which cost more than the RPC itself on loopback.
-        self._pool = futures.ThreadPoolExecutor(max_workers=len(addresses), thread_name_prefix="ps-client")
+        # Blocking calls on a pool: a sync channel's `.future()` starts a thread per call,
+        # which cost more than the RPC itself on loopback. Sized for several callers at once
+        # (serving threads), so one caller's shard call never queues behind another's.
+        self._pool = futures.ThreadPoolExecutor(max_workers=8 * len(addresses), thread_name_prefix="ps-client")
         self._dims = dict(slot_dims)
         self._salts = {slot: stable_hash64(slot) for slot in self._dims}
         self._timeout = timeout

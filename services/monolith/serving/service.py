@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+import tensorflow as tf
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from monolith.common.server import MonolithServer, ServerConfig, Service, build_server
@@ -46,6 +47,10 @@ def run(args: argparse.Namespace) -> int:
     """Serves Predict until SIGTERM."""
     if args.dense_sync_interval <= 0:
         raise ValueError(f"--dense-sync-interval must be > 0, got {args.dense_sync_interval}")
+    # The tower is small (a few thousand multiply-adds per candidate): spreading one call
+    # over TensorFlow's thread pools only makes concurrent calls contend for the cores.
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
     config = load_model_config(args.config)
     addresses = [a.strip() for a in args.embedding_ps.split(",") if a.strip()]
     sparse = ShardedEmbeddingClient(addresses, config.table_dims(), timeout=args.ps_timeout)
