@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
+from monolith.bench.cluster import start_parameter_servers
 from monolith.common.process import RoleProcess, start_role, wait_healthy
 from monolith.data.movielens import load_movielens, raw_feature_values
 from monolith.dense_ps.client import DensePSClient
@@ -46,25 +47,6 @@ USER_FEATURES = ("user_id", "age", "gender", "occupation", "zip")
 
 def _progress(message: str) -> None:
     print(f"[bench serving] {message}", file=sys.stderr, flush=True)
-
-
-def _start_parameter_servers(
-    config_path: str, workdir: str, procs: list[RoleProcess], tag: str
-) -> tuple[list[str], str]:
-    """2 training embedding-PS shards and a dense-PS; returns their addresses once healthy."""
-    ps = []
-    for shard in range(2):
-        proc, address = start_role(
-            ["embedding-ps", "--shard", str(shard), "--num-shards", "2", "--config", config_path],
-            os.path.join(workdir, f"{tag}-ps{shard}.log"),
-        )
-        procs.append(proc)
-        ps.append(address)
-    proc, dense_address = start_role(["dense-ps", "--config", config_path], os.path.join(workdir, f"{tag}-dense.log"))
-    procs.append(proc)
-    for address in (*ps, dense_address):
-        wait_healthy(address)
-    return ps, dense_address
 
 
 def _requests(count: int, rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
@@ -117,7 +99,7 @@ def _throughput(config_path: str, workdir: str, seconds: float) -> dict[str, flo
     config = load_model_config(config_path)
     procs: list[RoleProcess] = []
     try:
-        ps, dense_address = _start_parameter_servers(config_path, workdir, procs, "throughput")
+        ps, dense_address = start_parameter_servers(config_path, workdir, procs, "throughput")
         _progress("training on MovieLens-100k to fill the tables")
         data = load_movielens()
         with ShardedEmbeddingClient(ps, config.table_dims()) as sparse, DensePSClient(dense_address) as dense:
@@ -195,7 +177,7 @@ def _freshness(config_path: str, workdir: str, probes: int) -> dict[str, float]:
     config = load_model_config(config_path)
     procs: list[RoleProcess] = []
     try:
-        training, dense_address = _start_parameter_servers(config_path, workdir, procs, "freshness")
+        training, dense_address = start_parameter_servers(config_path, workdir, procs, "freshness")
         serving = []
         for shard in range(2):
             proc, address = start_role(

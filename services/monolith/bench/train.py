@@ -12,11 +12,11 @@ Plus the running-mean baseline of SYSTEM.md on the same events.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 
-from monolith.common.process import RoleProcess, start_role, wait_healthy
+from monolith.bench.cluster import start_parameter_servers
+from monolith.common.process import RoleProcess
 from monolith.data.movielens import load_movielens
 from monolith.dense_ps.client import DensePSClient
 from monolith.embedding_ps.client import ShardedEmbeddingClient
@@ -38,18 +38,7 @@ def _distributed(config_path: str, data, workdir: str) -> ProtocolResult:  # typ
     config = load_model_config(config_path)
     procs: list[RoleProcess] = []
     try:
-        ps = []
-        for shard in range(2):
-            proc, address = start_role(
-                ["embedding-ps", "--shard", str(shard), "--num-shards", "2", "--config", config_path],
-                os.path.join(workdir, f"embedding-ps-{shard}.log"),
-            )
-            procs.append(proc)
-            ps.append(address)
-        proc, dense_address = start_role(["dense-ps", "--config", config_path], os.path.join(workdir, "dense-ps.log"))
-        procs.append(proc)
-        for address in (*ps, dense_address):
-            wait_healthy(address)
+        ps, dense_address = start_parameter_servers(config_path, workdir, procs, "train")
         with ShardedEmbeddingClient(ps, config.table_dims()) as sparse, DensePSClient(dense_address) as dense:
             worker = TrainerWorker(config, sparse, dense)
             return progressive_validation(worker, data, label="distributed")

@@ -1,0 +1,61 @@
+"""The benchmarks run end to end (small sizes) and print one JSON line last.
+
+Speed figures are machine-dependent and are never asserted here; what is asserted are
+the invariants that hold on any machine: the figures exist and are sane, distributed
+training learns exactly what the in-process run learns, serving sees trained rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+MONOLITH = os.path.join(os.path.dirname(sys.executable), "monolith")
+
+
+def _bench(name: str, timeout: float) -> dict:
+    done = subprocess.run(
+        [MONOLITH, "bench", name, "--quick", "--json"], capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_table_benchmark() -> None:
+    result = _bench("table", 300)
+
+    for key in ("lookup_ids_per_s", "dict_lookup_ids_per_s", "insert_ids_per_s", "grpc_lookup_ids_per_s",
+                "grpc_echo_ids_per_s"):  # fmt: skip
+        assert result[key] > 0, key
+    assert result["payload_bytes_per_row"] == 8 + 4 * 16 + 4 * 16  # key + embedding + adagrad state
+    assert result["payload_bytes_per_row"] <= result["bytes_per_row"] < 2 * result["payload_bytes_per_row"]
+    assert set(result["bars_met"]) == {"lookup_vs_dict>=10", "grpc_lookup_vs_echo>=0.5", "memory_vs_payload<=1.3"}
+
+
+def test_train_benchmark() -> None:
+    result = _bench("train", 600)
+
+    assert result["train_examples"] == 16_000 and result["eval_examples"] == 4_000
+    for key in ("progressive_auc", "frozen_auc", "running_mean_baseline_auc", "reference_progressive_auc"):
+        assert 0.5 < result[key] < 1.0, key
+    # The distributed run and the in-process reference apply the same updates in the same
+    # order, so they learn the same model.
+    assert result["progressive_auc"] == pytest.approx(result["reference_progressive_auc"], abs=0.005)
+    assert result["frozen_auc"] == pytest.approx(result["reference_frozen_auc"], abs=0.005)
+    assert result["examples_per_s"] > 0 and result["reference_examples_per_s"] > 0
+
+
+def test_serving_benchmark() -> None:
+    result = _bench("serving", 600)
+
+    assert result["predict_qps"] > 0 and result["inprocess_qps"] > 0
+    assert 0 < result["p50_ms"] <= result["p90_ms"] <= result["p99_ms"] <= result["max_ms"]
+    # Every probe's update reached the serving shard (the probe times out otherwise), while
+    # a trainer was training.
+    assert result["freshness_probes"] == 10
+    assert 0 < result["freshness_p50_s"] <= result["freshness_p99_s"]
+    assert result["trainer_training_during_probes"] is True
