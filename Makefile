@@ -7,7 +7,7 @@ PROTO_SRC := $(shell find protos -name '*.proto')
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup protos test test-unit test-integration bench run clean
+.PHONY: help setup protos lint test test-unit test-integration bench run clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -24,7 +24,10 @@ setup: $(STAMP) protos ## Create .venv, install pinned dependencies, generate pr
 protos: $(STAMP) ## Generate Python code from protos/ into services/monolith/api/
 	@$(PY) -m monolith.protogen protos services
 
-test: setup ## Run all tests (unit, integration, e2e)
+lint: setup ## Static checks (undefined names, unused imports)
+	$(VENV)/bin/ruff check --select F services clients tests
+
+test: setup lint ## Static checks, then all tests (unit, integration, e2e)
 	$(PY) -m pytest -q tests
 
 test-unit: setup ## Run the unit tests only
