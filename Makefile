@@ -39,8 +39,8 @@ test-integration: setup ## Run the integration tests only
 bench: setup ## Run the table benchmark (see `monolith bench --help` for the others)
 	$(VENV)/bin/monolith bench table --json
 
-run: setup ## Local stack + live replay of MovieLens-100k (arrives with the serving issue)
-	@echo "make run: the local stack and live replay arrive with the model-serving issue; not built yet." >&2
+run: setup ## Local stack + live replay of MovieLens-100k (not built yet: a later issue)
+	@echo "make run: the local stack and live replay are not built yet (a later issue); see README for running the roles by hand." >&2
 	@exit 2
 
 clean: ## Remove the virtual environment and generated code
