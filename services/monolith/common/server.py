@@ -8,6 +8,7 @@ the way Kubernetes expects: health NOT_SERVING, `stop(grace)`, then flush.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import gc
 import logging
@@ -129,6 +130,32 @@ class _HealthServicer(health.HealthServicer):
         send_response_callback: Callable[[Any], None] | None = None,
     ) -> Any:
         return super().Watch(request, context)
+
+
+def add_server_arguments(parser: argparse.ArgumentParser, port: int, metrics_port: int) -> None:
+    """The flags every role's server takes: where to listen and how large messages may be.
+
+    Args:
+        parser: the role's argument parser.
+        port: the role's default gRPC port.
+        metrics_port: the role's default /metrics port.
+    """
+    parser.add_argument("--host", default="0.0.0.0", help="interface to bind (default: all)")
+    parser.add_argument("--port", type=int, default=port, help=f"gRPC port (default {port}; 0 picks a free one)")
+    parser.add_argument("--metrics-port", type=int, default=metrics_port,
+                        help=f"Prometheus /metrics port (default {metrics_port}; 0 picks a free one)")  # fmt: skip
+    parser.add_argument("--max-message-mb", type=int, default=64, help="max gRPC message size in MiB")
+
+
+def server_config_from_args(args: argparse.Namespace, **fields: Any) -> ServerConfig:
+    """The ServerConfig of `add_server_arguments`' flags, plus role-specific fields."""
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        max_message_bytes=args.max_message_mb * 1024 * 1024,
+        **fields,
+    )
 
 
 def _host_port(host: str, port: int) -> str:

@@ -6,7 +6,14 @@ import argparse
 import logging
 
 from monolith.api.dense_ps.v1 import dense_ps_pb2_grpc as pb_grpc
-from monolith.common.server import MonolithServer, ServerConfig, Service, build_server
+from monolith.common.server import (
+    MonolithServer,
+    ServerConfig,
+    Service,
+    add_server_arguments,
+    build_server,
+    server_config_from_args,
+)
 from monolith.dense_ps import metrics
 from monolith.dense_ps.servicer import SERVICE_NAME, DensePSServicer
 from monolith.dense_ps.store import DenseStore
@@ -28,24 +35,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `monolith dense-ps`."""
     parser.add_argument("--config", default=default_config_path(),
                         help="model config YAML (its `model.optimizer` is used; default: MovieLens)")  # fmt: skip
-    parser.add_argument("--host", default="0.0.0.0", help="interface to bind (default: all)")
-    parser.add_argument("--port", type=int, default=50060, help="gRPC port (0 picks a free one)")
-    parser.add_argument("--metrics-port", type=int, default=9095, help="Prometheus /metrics port (0: free one)")
-    parser.add_argument("--max-message-mb", type=int, default=64, help="max gRPC message size in MiB")
+    add_server_arguments(parser, port=50060, metrics_port=9095)
 
 
 def run(args: argparse.Namespace) -> int:
     """`monolith dense-ps`: serves the dense parameters until SIGTERM."""
     store = DenseStore(load_model_config(args.config).model.optimizer)
-    server = build_dense_ps(
-        store,
-        ServerConfig(
-            host=args.host,
-            port=args.port,
-            metrics_port=args.metrics_port,
-            max_message_bytes=args.max_message_mb * 1024 * 1024,
-        ),
-    )
+    server = build_dense_ps(store, server_config_from_args(args))
     c = store.optimizer_config
     _LOGGER.info("dense-ps with %s (learning rate %g) on port %d", c.kind, c.learning_rate, server.port)
     server.run_until_signal()

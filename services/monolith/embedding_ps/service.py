@@ -6,7 +6,14 @@ import argparse
 import logging
 
 from monolith.common.periodic import PeriodicTask
-from monolith.common.server import MonolithServer, ServerConfig, Service, build_server
+from monolith.common.server import (
+    MonolithServer,
+    ServerConfig,
+    Service,
+    add_server_arguments,
+    build_server,
+    server_config_from_args,
+)
 from monolith.embedding_ps import metrics
 from monolith.model.config import load_model_config
 from monolith.embedding_ps.servicer import SERVICE_NAME, EmbeddingPSServicer
@@ -52,15 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-shards", type=int, required=True, help="number of shards")
     parser.add_argument("--config", required=True, help="model config YAML (this shard holds every slot's table and bias table)")
     parser.add_argument("--role", choices=ROLES, default="training", help="training or serving (read-only)")
-    parser.add_argument("--host", default="0.0.0.0", help="interface to bind (default: all)")
-    parser.add_argument("--port", type=int, default=50051, help="gRPC port (0 picks a free one)")
-    parser.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port (0: free one)")
+    add_server_arguments(parser, port=50051, metrics_port=9090)
     parser.add_argument(
         "--expire-interval", type=float, default=60.0,
         help="seconds between expiry sweeps (none with --sync-from: expirations arrive from the training shard)",
     )  # fmt: skip
     parser.add_argument("--max-ids-per-request", type=int, default=1_000_000, help="ids one request may carry")
-    parser.add_argument("--max-message-mb", type=int, default=64, help="max gRPC message size in MiB")
     parser.add_argument(
         "--sync-from",
         metavar="HOST:PORT",
@@ -88,15 +92,7 @@ def run(args: argparse.Namespace) -> int:
     # A synced serving shard mirrors its training shard, expirations included; sweeping
     # it on its own would only make it diverge.
     follower = ServingSync(shard, args.sync_from, args.sync_interval) if args.sync_from else None
-    server = build_embedding_ps(
-        shard,
-        ServerConfig(
-            host=args.host,
-            port=args.port,
-            metrics_port=args.metrics_port,
-            max_message_bytes=args.max_message_mb * 1024 * 1024,
-        ),
-    )
+    server = build_embedding_ps(shard, server_config_from_args(args))
     sweeper = None if follower or args.expire_interval <= 0 else expiry_sweeper(shard, args.expire_interval)
     if sweeper:
         sweeper.start()

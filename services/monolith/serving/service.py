@@ -8,7 +8,14 @@ import logging
 import tensorflow as tf
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-from monolith.common.server import MonolithServer, ServerConfig, Service, build_server
+from monolith.common.server import (
+    MonolithServer,
+    ServerConfig,
+    Service,
+    add_server_arguments,
+    build_server,
+    server_config_from_args,
+)
 from monolith.dense_ps.client import DensePSClient
 from monolith.embedding_ps.client import ShardedEmbeddingClient
 from monolith.model.config import default_config_path, load_model_config
@@ -38,9 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ps-timeout", type=float, default=5.0, help="seconds per embedding-PS lookup")
     parser.add_argument("--max-inflight", type=int, default=64, help="calls in flight before RESOURCE_EXHAUSTED")
     parser.add_argument("--workers", type=int, default=16, help="threads serving calls")
-    parser.add_argument("--host", default="0.0.0.0", help="interface to bind (default: all)")
-    parser.add_argument("--port", type=int, default=8500, help="gRPC port (TF Serving's default)")
-    parser.add_argument("--metrics-port", type=int, default=9100, help="Prometheus /metrics port (0: free one)")
+    add_server_arguments(parser, port=8500, metrics_port=9100)  # 8500: TF Serving's gRPC port
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,13 +64,7 @@ def run(args: argparse.Namespace) -> int:
     server = build_serving(
         model,
         SignatureConfig(args.model_name, args.signature_name),
-        ServerConfig(
-            host=args.host,
-            port=args.port,
-            metrics_port=args.metrics_port,
-            max_workers=args.workers,
-            max_concurrent_rpcs=args.max_inflight,
-        ),
+        server_config_from_args(args, max_workers=args.workers, max_concurrent_rpcs=args.max_inflight),
     )
     refresher = dense_refresher(model, args.dense_sync_interval, on_ready=lambda: server.set_serving(True))
     server.start(serving=False)  # SERVING once the first dense parameters arrive
