@@ -9,7 +9,7 @@ user's scores while a trainer trains on that user.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 import numpy as np
@@ -119,6 +119,27 @@ def _positives_of(data: Batch, user_id: int, count: int) -> Batch:
     return Batch(batch.ids, batch.row_splits, np.ones(count, np.float32), batch.timestamps)
 
 
+def _wait_until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} within {timeout:.0f} s"
+        time.sleep(0.02)
+
+
+def _wait_synced(stack: Stack) -> None:
+    """Until every serving shard has acknowledged its training shard's current version."""
+    targets = [(shard.incarnation, shard.version) for shard in stack.training.shards]
+
+    def synced() -> bool:
+        for sync, (incarnation, version) in zip(stack.syncs, targets):
+            acknowledged = sync.acknowledged
+            if acknowledged is None or acknowledged[0] != incarnation or acknowledged[1] < version:
+                return False
+        return True
+
+    _wait_until(synced, "serving shards acknowledge the training shards' versions")
+
+
 def _wait_for_change(stack: Stack, request: predict_pb2.PredictRequest, before: np.ndarray) -> float:
     start = time.monotonic()
     while time.monotonic() - start < 10:
@@ -138,7 +159,7 @@ def test_training_on_a_user_reaches_served_scores_within_the_sync_interval(stack
     stack.model.refresh_dense()
     # Wait until the serving shards hold what was trained so far, so the change measured
     # below is the trainer's next step only.
-    time.sleep(3 * SYNC_INTERVAL)
+    _wait_synced(stack)
     before = _scores(stack, request)
 
     for _ in range(3):
@@ -158,7 +179,12 @@ def test_serving_keeps_answering_while_the_training_shards_are_down(stack: Stack
     before = _scores(stack, request)
     for server in stack.training.servers:
         server.stop(grace=0)
-    time.sleep(3 * SYNC_INTERVAL)  # the syncs fail meanwhile
+    # Every sync thread has met the outage: its latest attempt failed (those before the
+    # stop succeeded).
+    _wait_until(
+        lambda: all(s.last_result is not None and not s.last_result.ok for s in stack.syncs),
+        "a failed sync attempt on every serving shard",
+    )
 
     after = _scores(stack, request)
 

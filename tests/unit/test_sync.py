@@ -149,6 +149,7 @@ def test_first_sync_copies_the_training_shard_in_full(training: TrainingServers,
     assert result.ok and result.full_resync, result.error
     assert result.rows == 15 + 30 + 10  # five users were seen once: pending, not synced
     assert result.acknowledged == sync.acknowledged == (training.shard.incarnation, training.shard.version)
+    assert sync.last_result is result
     assert_mirrors(serving, training.shard)
     assert metric("monolith_sync_full_resyncs_total") == full_before + 1
     assert metric("monolith_sync_version") == training.shard.version
@@ -326,9 +327,10 @@ def test_the_thread_keeps_serving_in_step(training: TrainingServers, follow: Cal
     serving, sync = follow(training.address, interval=0.05)
     sync.start()
     train(training.shard, 1000.0)
+    target = (training.shard.incarnation, training.shard.version)
     deadline = time.monotonic() + 5
-    while rows_of(serving, "item") != rows_of(training.shard, "item"):
-        assert time.monotonic() < deadline, "serving did not catch up within 5 s"
+    while sync.acknowledged != target:
+        assert time.monotonic() < deadline, f"acknowledged {sync.acknowledged}, not {target}, within 5 s"
         time.sleep(0.02)
     sync.stop()
 

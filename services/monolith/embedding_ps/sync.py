@@ -144,6 +144,7 @@ class ServingSync:
             up to; None until the first successful sync.
         newest_update_time: newest row update time (seconds since the epoch) applied
             from the current training incarnation; 0 before any row.
+        last_result: what the latest finished attempt did; None before the first.
 
     Raises:
         ValueError: the shard is not a serving shard, or interval/timeout are not positive.
@@ -174,6 +175,7 @@ class ServingSync:
         self._outage_failures = 0
         self._outage_started = 0.0
         self._copies = 0
+        self._last_result: SyncResult | None = None
 
         label = str(shard.config.shard)
         self._rows_metric = SYNC_ROWS.labels(label)
@@ -204,6 +206,11 @@ class ServingSync:
         self._channel.close()
         if self._thread.is_alive():
             self._thread.join()
+
+    @property
+    def last_result(self) -> SyncResult | None:
+        """The latest finished attempt's result (read-only), so callers can wait on it."""
+        return self._last_result
 
     def lag_seconds(self) -> float:
         """Wall-clock now minus `newest_update_time`; NaN before any row arrived."""
@@ -243,6 +250,7 @@ class ServingSync:
             else:
                 result = self._succeeded(progress)
             self._duration_metric.observe(time.monotonic() - started)
+            self._last_result = result
             return result
 
     def _sync(self, progress: _Progress) -> None:
