@@ -192,11 +192,11 @@ def test_training_lookup_rejects_a_bad_update_time(
 
 
 def test_lookup_with_an_unknown_mode_value_is_rejected(ps_cluster: Cluster, ids: Ids) -> None:
-    """BUG (pinned, fails until fixed): a mode outside the enum (here 3) is served as SERVING.
+    """A mode outside the enum (here 3) is INVALID_ARGUMENT, not served as SERVING.
 
-    The servicer only rejects LOOKUP_MODE_UNSPECIFIED and treats every other non-TRAINING
-    value as a serving lookup, so a client built against a newer proto (or a corrupt
-    message) silently gets read-only answers instead of INVALID_ARGUMENT.
+    Regression: the servicer once rejected only LOOKUP_MODE_UNSPECIFIED and treated every
+    other non-TRAINING value as a serving lookup, so a client built against a newer proto
+    (or a corrupt message) silently got read-only answers.
     """
     call = _lookup(ps_cluster, [_ids("item", ids.known["item"])], mode=3)
 
@@ -204,10 +204,10 @@ def test_lookup_with_an_unknown_mode_value_is_rejected(ps_cluster: Cluster, ids:
 
 
 def test_a_slot_given_twice_once_without_ids_is_rejected(ps_cluster: Cluster, ids: Ids) -> None:
-    """BUG (pinned, fails until fixed): the proto says a slot may appear at most once.
+    """The proto says a slot may appear at most once, even when a repeat carries no ids.
 
-    `EmbeddingShard._check_ids` only counts a repeat that carries ids, so
-    [item: 2 ids, item: 0 ids] is accepted and answered with two `item` entries.
+    Regression: the shard once counted only repeats that carried ids, so
+    [item: 2 ids, item: 0 ids] was accepted and answered with two `item` entries.
     """
     slots = [_ids("item", ids.known["item"][:2]), _ids("item", [])]
 
@@ -418,13 +418,13 @@ def test_serving_shard_refuses_training_lookups_and_gradients(serving_shard: Clu
 def test_training_lookup_whose_answer_exceeds_the_message_limit_changes_nothing(
     make_cluster: Callable[..., Cluster],
 ) -> None:
-    """BUG (pinned, fails until fixed): a lookup answer is ~4 * dim / 12 times its request
-    (8-byte id + 4-byte count in, dim float32 out), so a request well under
-    max_message_bytes can produce an answer over it. gRPC then fails the send with
-    RESOURCE_EXHAUSTED, but the training lookup has already created the rows: the client
-    sees an error and the table changed. With the defaults (64 MiB, max_ids_per_request
-    1,000,000) any slot with dim > 16 hits this. The shard should refuse up front when
-    num_ids * dim * 4 exceeds the limit."""
+    """A lookup whose answer would exceed max_message_bytes is refused before any row is made.
+
+    A lookup answer is ~4 * dim / 12 times its request (8-byte id + 4-byte count in, dim
+    float32 out), so a request well under the limit can produce an answer over it. Were
+    the send to fail only after the training lookup created its rows, the client would
+    see an error while the table changed (as it once did); the shard refuses up front
+    when num_ids * dim * 4 exceeds the limit."""
     cluster = make_cluster(num_shards=1, max_message_bytes=MIB)
     request = _ids("item", np.arange(40_000), counts=np.ones(40_000))  # 480 KB in, 1.28 MB out
     assert request.ByteSize() < MIB
@@ -433,11 +433,12 @@ def test_training_lookup_whose_answer_exceeds_the_message_limit_changes_nothing(
 
 
 def test_default_export_chunks_fit_the_message_limit(make_cluster: Callable[..., Cluster]) -> None:
-    """BUG (pinned, fails until fixed): Export's default chunk (export_chunk_rows = 65,536
-    rows) ignores max_message_bytes, so once a slot holds enough rows an Export with
-    max_rows_per_chunk=0 fails with RESOURCE_EXHAUSTED "Sent message larger than max".
-    With the defaults (64 MiB) that is any slot whose exported row is >= 256 floats, e.g.
-    an adagrad slot of dim 128 exported with optimizer state."""
+    """Export's default chunk size respects max_message_bytes, not only export_chunk_rows.
+
+    Regression: the default chunk (export_chunk_rows = 65,536 rows) once ignored the
+    message limit, so an Export with max_rows_per_chunk=0 of a large enough slot failed
+    with RESOURCE_EXHAUSTED "Sent message larger than max" (with the defaults, any slot
+    whose exported row is >= 256 floats, e.g. adagrad of dim 128 with optimizer state)."""
     cluster = make_cluster(num_shards=1, max_message_bytes=MIB)
     for start in (0, 10_000):
         cluster.client.lookup({"item": np.arange(start, start + 10_000)}, training=True)
@@ -448,10 +449,12 @@ def test_default_export_chunks_fit_the_message_limit(make_cluster: Callable[...,
 
 
 def test_export_imports_into_a_shard_with_the_same_id_limit(make_cluster: Callable[..., Cluster]) -> None:
-    """BUG (pinned, fails until fixed): Import checks each chunk against
-    max_ids_per_request, but Export's default chunk is export_chunk_rows (65,536) rows
-    whatever that limit is; so with --max-ids-per-request below 65,536, a serving replica
-    cannot import its training shard's export (RESOURCE_EXHAUSTED)."""
+    """A shard's default export chunks pass an Import into a shard with the same id limit.
+
+    Import checks each chunk against max_ids_per_request, so Export's default chunk must
+    not exceed it. Regression: it was once export_chunk_rows (65,536) whatever the limit,
+    and with --max-ids-per-request below that a serving replica could not import its
+    training shard's export (RESOURCE_EXHAUSTED)."""
     source = make_cluster(num_shards=1, max_ids_per_request=100)
     replica = make_cluster(num_shards=1, max_ids_per_request=100)
     for start in (0, 100):

@@ -375,12 +375,12 @@ def test_metadata_errors(stack: Stack) -> None:
     ],
 )
 def test_the_other_prediction_service_methods_are_unimplemented(stack: Stack, method: str, request_type: Any) -> None:
-    """BUG: they answer INTERNAL "internal error: NotImplementedError: Method not implemented!".
+    """Classify, Regress and MultiInference answer UNIMPLEMENTED, as the servicer promises.
 
-    The servicer docstring promises UNIMPLEMENTED, and the generated base method sets it
-    (context.set_code(UNIMPLEMENTED), then raises NotImplementedError), but the error
-    interceptor maps any exception other than a MonolithError or a bare abort() to INTERNAL
-    and logs a traceback, discarding the code the handler set.
+    Regression: the generated base method sets UNIMPLEMENTED and then raises
+    NotImplementedError, and the error interceptor once mapped that exception to INTERNAL
+    ("internal error: NotImplementedError: Method not implemented!"), discarding the code
+    the handler had set.
     """
     with pytest.raises(grpc.RpcError) as info:
         getattr(stack.stub, method)(request_type(), timeout=TIMEOUT)
@@ -561,13 +561,12 @@ def test_a_shard_down_fails_predict_quickly_and_serving_recovers(outage: Outage)
 
 
 def test_a_shard_down_is_unavailable_not_internal(outage: Outage) -> None:
-    """BUG: Predict answers INTERNAL while a shard is down.
+    """While a shard is down Predict answers UNAVAILABLE naming the embedding-PS, not INTERNAL.
 
-    The embedding client's grpc.RpcError (UNAVAILABLE, connection refused) escapes
-    ServingModel.predict; the interceptor maps it to INTERNAL with details "internal error:
-    _InactiveRpcError: <...repr with the shard's address...>" and logs an ERROR traceback
-    per call. A dependency outage is transient: UNAVAILABLE (retryable by gRPC retry
-    policies and TF Serving clients), with a message saying the embedding-PS is unreachable.
+    A dependency outage is transient: UNAVAILABLE is retryable by gRPC retry policies and
+    TF Serving clients. Regression: the embedding client's grpc.RpcError once escaped
+    ServingModel.predict and the interceptor turned it into INTERNAL with the raw repr of
+    the error, logging a traceback per call.
     """
     assert outage.code == CODE.UNAVAILABLE, (outage.code, outage.details)
     assert "embedding" in outage.details.lower()

@@ -206,9 +206,8 @@ def test_a_bad_config_names_the_field(raw: Any, message: str) -> None:
     assert message in str(info.value)
 
 
-# Bugs pinned here: a problem *inside* a slot's bias section is reported at the path
-# "slots[0].bias[0]...", because `_feature` passes "slots[0].bias" to `slots_from_list`,
-# which appends a list index. The field the user wrote is "slots[0].bias.optimizer.kind".
+# A problem *inside* a slot's bias section is reported at the field the user wrote,
+# "slots[0].bias.optimizer.kind" (regression: it was once "slots[0].bias[0]...").
 BAD_BIAS: list[tuple[str, dict[str, Any], str]] = [
     ("bias optimizer.kind", {"optimizer": {"kind": "nope"}}, "slots[0].bias.optimizer.kind: must be one of"),
     ("bias optimizer unknown key", {"optimizer": {"lr": 1}}, "slots[0].bias.optimizer: unknown field(s) lr"),
@@ -225,9 +224,9 @@ def test_a_bad_value_inside_a_bias_section_names_its_field(bias: dict[str, Any],
 
 
 def test_a_slot_named_like_another_slots_bias_table_is_rejected() -> None:
-    # Bug pinned here: slot "user_id" with a bias section makes a table "user_id/bias"; a
-    # second slot literally named "user_id/bias" is accepted, so tables() lists the name
-    # twice and the PS and the trainer's request dicts silently merge the two tables.
+    # Slot "user_id" with a bias section makes a table "user_id/bias"; a second slot
+    # literally named "user_id/bias" would list the name twice in tables(), and the PS and
+    # the trainer's request dicts would silently merge the two tables (regression).
     raw = _set(("slots", 1, "name"), "user_id/bias")
 
     with pytest.raises(ConfigError, match=r"slots\[1\]\.name"):

@@ -330,11 +330,11 @@ def test_padding_differs_per_row(model: ServingModel, examples: Request) -> None
 
 
 def test_a_numpy_unicode_array_is_padded_like_an_object_array(model: ServingModel, examples: Request) -> None:
-    """BUG: padding with "" is honoured only for dtype=object arrays.
+    """Padding with "" is honoured for numpy string arrays as for dtype=object arrays.
 
-    `_flatten` strips "" only when `array.dtype == object`; a 2-D numpy string array
-    (dtype '<U…', what `np.array([["Comedy", ""]])` gives an in-process caller) has its ""
-    hashed as a genre id instead, so the same request scores differently.
+    A 2-D numpy string array (dtype '<U…', what `np.array([["Comedy", ""]])` gives an
+    in-process caller) scores like the same object array. Regression: "" was once stripped
+    only when `array.dtype == object`, and hashed as a genre id otherwise.
     """
     one = {name: values[:1] for name, values in examples.items()}
     as_object = {**one, "genres": np.array([["Comedy", ""]], dtype=object)}

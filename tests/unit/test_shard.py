@@ -442,13 +442,15 @@ def test_export_of_selected_slots() -> None:
     assert all(c.version == shard.version for c in chunks)
 
 
-# ------------------------------------------------- known bugs (these tests fail)
+# ------------------------------------------- inconsistent chunks (regressions)
 
 
 def test_import_chunk_with_inconsistent_row_batch_changes_nothing() -> None:
-    """BUG: import_chunk checks the rows' width but not that ids and values have the same
-    length; the table's upsert raises ValueError only after the chunk's deletions were
-    applied, so a bad chunk half-applies (and surfaces as INTERNAL, not INVALID_ARGUMENT)."""
+    """ids and values of different lengths are InvalidArgument, checked before anything applies.
+
+    Regression: import_chunk once checked only the rows' width, and the table's upsert
+    raised ValueError after the chunk's deletions were applied, so a bad chunk
+    half-applied (and surfaced as INTERNAL)."""
     shard = trained_shard()
     rows = RowBatch(USER[:2], np.zeros((3, 4), np.float32), np.zeros(2, np.uint32))
     before = snapshot(shard)
@@ -462,8 +464,8 @@ def test_import_chunk_with_inconsistent_row_batch_changes_nothing() -> None:
 
 
 def test_import_chunk_with_too_few_update_times_is_rejected() -> None:
-    """BUG: nothing checks len(update_times) == len(ids); the numba upsert kernel reads past
-    the end of the array (no bounds checks) and stamps rows with whatever memory follows."""
+    """len(update_times) must equal len(ids): the numba upsert kernel does no bounds checks,
+    so a shorter array would stamp rows with whatever memory follows it (as it once did)."""
     shard = make_shard(role="serving")
     rows = RowBatch(USER[:5], np.ones((5, 4), np.float32), np.zeros(0, np.uint32))
 

@@ -745,12 +745,12 @@ def test_concurrent_lookups_never_see_torn_rows() -> None:
     np.testing.assert_array_equal(table.lookup(hot), np.full((64, dim), steps[0], np.float32))
 
 
-# ------------------------------------------------- known bugs (these tests fail)
+# ------------------------------------------------ inconsistent batches (regressions)
 
 
 def test_upsert_rejects_update_times_of_the_wrong_length() -> None:
-    """BUG: upsert checks the values' shape against ids but not update_times; the kernel
-    reads times[i] past the end of a shorter array (numba does no bounds checks)."""
+    """upsert checks update_times against ids, not only the values' shape: the kernel would
+    read times[i] past the end of a shorter array (numba does no bounds checks)."""
     table = make_table(dim=3)
     batch = RowBatch(np.arange(5, dtype=np.int64), np.ones((5, 3), np.float32), np.zeros(1, np.uint32))
 
