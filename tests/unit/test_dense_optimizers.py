@@ -1,12 +1,12 @@
-"""Dense optimizers against their textbook formulas, and their validated config."""
+"""Dense optimizers against tf.keras.optimizers with the same hyper-parameters, and their config."""
 
 from __future__ import annotations
 
-import math
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from monolith.dense_ps.optimizers import (
     DenseOptimizerConfig,
@@ -45,62 +45,54 @@ def _close(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
         np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
-def test_sgd_is_w_minus_lr_g() -> None:
-    config = DenseOptimizerConfig(kind="sgd", learning_rate=0.1)
-    grads = _grads()
-    expected = {n: p.astype(np.float64) for n, p in _start().items()}
+def _keras(optimizer: tf.keras.optimizers.Optimizer, grads: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The same steps taken by a tf.keras optimizer on tf.Variables; a push may omit tensors."""
+    params = {n: tf.Variable(p) for n, p in _start().items()}
+    optimizer.build(list(params.values()))
     for g in grads:
-        for n in expected:
-            expected[n] = expected[n] - 0.1 * g[n]
+        optimizer.apply_gradients([(tf.constant(g[n]), params[n]) for n in g])
+    assert int(optimizer.iterations.numpy()) == len(grads)
+    return {n: p.numpy() for n, p in params.items()}
 
-    _close(_run(config, grads), expected)
+
+# Each of our optimizers beside the tf.keras optimizer with the same hyper-parameters.
+KERAS_PAIRS: list[tuple[str, DenseOptimizerConfig, Callable[[], tf.keras.optimizers.Optimizer]]] = [
+    ("sgd", DenseOptimizerConfig(kind="sgd", learning_rate=0.1), lambda: tf.keras.optimizers.SGD(learning_rate=0.1)),
+    (
+        "adagrad",
+        DenseOptimizerConfig(kind="adagrad", learning_rate=0.5, initial_accumulator=0.1, epsilon=1e-7),
+        lambda: tf.keras.optimizers.Adagrad(learning_rate=0.5, initial_accumulator_value=0.1, epsilon=1e-7),
+    ),
+    (
+        "adam",
+        DenseOptimizerConfig(kind="adam", learning_rate=0.01, beta1=0.9, beta2=0.999, epsilon=1e-7),
+        lambda: tf.keras.optimizers.Adam(learning_rate=0.01, beta_1=0.9, beta_2=0.999, epsilon=1e-7),
+    ),
+    (
+        "adam-defaults",
+        DenseOptimizerConfig(),
+        lambda: tf.keras.optimizers.Adam(),
+    ),
+]
 
 
-def test_adagrad_accumulates_squares_from_the_initial_accumulator() -> None:
-    config = DenseOptimizerConfig(kind="adagrad", learning_rate=0.5, initial_accumulator=0.1, epsilon=1e-7)
+@pytest.mark.parametrize(("config", "keras"), [p[1:] for p in KERAS_PAIRS], ids=[p[0] for p in KERAS_PAIRS])
+def test_steps_match_tf_keras(config: DenseOptimizerConfig, keras: Callable[[], tf.keras.optimizers.Optimizer]) -> None:
     grads = _grads()
-    w = {n: p.astype(np.float64) for n, p in _start().items()}
-    acc = {n: np.full(s, 0.1) for n, s in SHAPES.items()}
-    for g in grads:
-        for n in w:
-            acc[n] = acc[n] + g[n].astype(np.float64) ** 2
-            w[n] = w[n] - 0.5 * g[n] / (np.sqrt(acc[n]) + 1e-7)
 
-    _close(_run(config, grads), w)
+    _close(_run(config, grads), _keras(keras(), grads))
 
 
-def test_adam_matches_kingma_ba_with_keras_epsilon() -> None:
-    """tf.keras folds the bias corrections into the step size, so epsilon meets sqrt(v), not sqrt(v_hat)."""
-    b1, b2, lr, eps = 0.9, 0.999, 0.01, 1e-7
-    config = DenseOptimizerConfig(kind="adam", learning_rate=lr, beta1=b1, beta2=b2, epsilon=eps)
-    grads = _grads()
-    w = {n: p.astype(np.float64) for n, p in _start().items()}
-    m = {n: np.zeros(s) for n, s in SHAPES.items()}
-    v = {n: np.zeros(s) for n, s in SHAPES.items()}
-    for t, g in enumerate(grads, start=1):
-        for n in w:
-            m[n] = b1 * m[n] + (1 - b1) * g[n]
-            v[n] = b2 * v[n] + (1 - b2) * g[n].astype(np.float64) ** 2
-            w[n] = w[n] - lr * math.sqrt(1 - b2**t) / (1 - b1**t) * m[n] / (np.sqrt(v[n]) + eps)
-
-    _close(_run(config, grads), w)
-
-
-def test_adam_steps_are_global_so_a_tensor_skipped_by_a_push_catches_up_with_the_later_step() -> None:
-    """As in tf.keras: the step count is the optimizer's, not the tensor's."""
-    b1, b2, lr, eps = 0.9, 0.999, 0.01, 1e-7
+@pytest.mark.parametrize(("config", "keras"), [p[1:] for p in KERAS_PAIRS], ids=[p[0] for p in KERAS_PAIRS])
+def test_a_tensor_skipped_by_a_push_steps_as_in_tf_keras(
+    config: DenseOptimizerConfig, keras: Callable[[], tf.keras.optimizers.Optimizer]
+) -> None:
+    """The step count is the optimizer's, not the tensor's: Adam's bias correction for a
+    tensor that missed the first push uses the global step, as tf.keras does."""
     grads = _grads()
     grads[0] = {"kernel": grads[0]["kernel"]}  # the first push carries no bias gradient
-    w = _start()["bias"].astype(np.float64)
-    m = v = np.zeros(2)
-    for t, g in enumerate(grads[1:], start=2):
-        m = b1 * m + (1 - b1) * g["bias"]
-        v = b2 * v + (1 - b2) * g["bias"].astype(np.float64) ** 2
-        w = w - lr * math.sqrt(1 - b2**t) / (1 - b1**t) * m / (np.sqrt(v) + eps)
 
-    got = _run(DenseOptimizerConfig(kind="adam", learning_rate=lr), grads)
-
-    np.testing.assert_allclose(got["bias"], w, rtol=1e-5, atol=1e-6)
+    _close(_run(config, grads), _keras(keras(), grads))
 
 
 def test_a_zero_gradient_on_fresh_adam_state_leaves_parameters_finite() -> None:
