@@ -7,7 +7,7 @@ PROTO_SRC := $(shell find protos -name '*.proto')
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup protos lint test test-unit test-integration bench run clean
+.PHONY: help setup protos lint test test-fast test-unit test-integration bench run clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -29,6 +29,9 @@ lint: setup ## Static checks (undefined names, unused imports)
 
 test: setup lint ## Static checks, then all tests (unit, integration, e2e)
 	$(PY) -m pytest -q tests
+
+test-fast: setup lint ## Static checks, then every test not marked slow (no benchmark smoke runs)
+	$(PY) -m pytest -q -m "not slow" tests
 
 test-unit: setup ## Run the unit tests only
 	$(PY) -m pytest -q tests/unit

@@ -14,6 +14,9 @@ import sys
 
 import pytest
 
+# Minutes each: `make test-fast` (pytest -m "not slow") leaves them out, `make test` runs them.
+pytestmark = pytest.mark.slow
+
 MONOLITH = os.path.join(os.path.dirname(sys.executable), "monolith")
 
 
