@@ -9,18 +9,6 @@ from __future__ import annotations
 import grpc
 
 
-MAX_ECHO_CHARS = 200  # a client's value echoed in a message is cut to this length
-
-
-def shorten(text: str, limit: int = MAX_ECHO_CHARS) -> str:
-    """`text` cut to `limit` characters, marked as cut: for echoing client values in errors.
-
-    gRPC sends a status message in a header, and an unbounded echo of a client's string
-    would exceed the header limit and turn a clear INVALID_ARGUMENT into a lost stream.
-    """
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
-
-
 class ConfigError(ValueError):
     """A configuration value is missing, of the wrong type, or out of range; names the field path."""
 
@@ -77,6 +65,12 @@ class OutOfRange(MonolithError):
     code = grpc.StatusCode.OUT_OF_RANGE
 
 
+class DeadlineExceeded(MonolithError):
+    """The client's deadline passed before the work was done; the rest was abandoned."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 _BY_CODE = {
     cls.code: cls
     for cls in (InvalidArgument, NotFound, FailedPrecondition, ResourceExhausted, Unavailable, AlreadyExists, OutOfRange)
@@ -97,3 +91,23 @@ def from_rpc_error(exc: grpc.RpcError, what: str) -> MonolithError:
     if type(error) is MonolithError:
         error.code = grpc.StatusCode.INTERNAL
     return error
+
+
+# Status details travel in a trailer, percent-encoded (up to 12 bytes per character);
+# past the client's 8 KiB metadata limit the client sees RESOURCE_EXHAUSTED "Stream
+# removed" instead of the status. 512 characters stay within it whatever they are.
+MAX_DETAILS_CHARS = 512
+
+
+def bounded_details(message: str, limit: int = MAX_DETAILS_CHARS) -> str:
+    """A status message cut to `limit` characters, keeping its start and its end.
+
+    Both ends, because the start names the field and the end often says what is allowed
+    ("...; this shard has: user, item").
+    """
+    if len(message) <= limit:
+        return message
+    cut = f" ...[{len(message) - limit} chars cut]... "
+    head = (limit - len(cut)) * 2 // 3
+    tail = limit - len(cut) - head
+    return f"{message[:head]}{cut}{message[-tail:]}"
