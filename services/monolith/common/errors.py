@@ -9,6 +9,18 @@ from __future__ import annotations
 import grpc
 
 
+MAX_ECHO_CHARS = 200  # a client's value echoed in a message is cut to this length
+
+
+def shorten(text: str, limit: int = MAX_ECHO_CHARS) -> str:
+    """`text` cut to `limit` characters, marked as cut: for echoing client values in errors.
+
+    gRPC sends a status message in a header, and an unbounded echo of a client's string
+    would exceed the header limit and turn a clear INVALID_ARGUMENT into a lost stream.
+    """
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 class ConfigError(ValueError):
     """A configuration value is missing, of the wrong type, or out of range; names the field path."""
 
