@@ -7,7 +7,8 @@ import logging
 import sys
 from typing import Callable
 
-from monolith.embedding.config import ConfigError
+from monolith.common.errors import ConfigError
+from monolith.common.tf_startup import quiet_tensorflow_startup
 
 # Subcommand name -> (module path, help). Modules expose add_arguments(parser) and
 # run(args) -> exit code, and are imported only when chosen (TensorFlow is slow to load).
@@ -37,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, (module_path, help_text) in _COMMANDS.items():
         command = sub.add_parser(name, help=help_text)
         if name == chosen:
-            add_arguments, run = _load(module_path)
+            with quiet_tensorflow_startup():  # the role's module may be the first to import TensorFlow
+                add_arguments, run = _load(module_path)
             add_arguments(command)
             command.set_defaults(run=run)
     args = parser.parse_args(argv)

@@ -20,7 +20,8 @@ from monolith.api.embedding_ps.v1 import embedding_ps_pb2_grpc as pb_grpc
 from monolith.common.server import MonolithServer, ServerConfig
 from monolith.common.wire import decode_array
 from monolith.embedding.config import AdmissionConfig, OptimizerConfig, SlotConfig
-from monolith.embedding.hashing import route_to_shards, stable_hash64
+from monolith.embedding.hashing import stable_hash64
+from monolith.embedding_ps.routing import route_to_shards
 from monolith.embedding_ps.client import ShardedEmbeddingClient
 from monolith.embedding_ps.service import build_embedding_ps
 from monolith.embedding_ps.shard import EmbeddingShard, ShardConfig

@@ -318,7 +318,7 @@ def _run(tmp_path: Path, config: str, port: int) -> subprocess.Popen[str]:
 
 def test_cli_serves_with_the_configured_optimizer_then_exits_0_on_sigterm(tmp_path: Path) -> None:
     port = free_port()
-    config = "slots:\n  - name: user\nmodel:\n  hidden_units: [64, 32]\n  optimizer: {kind: sgd, learning_rate: 0.5}\n"
+    config = "features:\n  - name: user\nmodel:\n  hidden_units: [64, 32]\n  optimizer: {kind: sgd, learning_rate: 0.5}\n"
     proc = _run(tmp_path, config, port)
     try:
         wait_healthy(f"127.0.0.1:{port}", timeout=30, service=SERVICE)
@@ -351,7 +351,7 @@ def test_cli_serves_with_the_configured_optimizer_then_exits_0_on_sigterm(tmp_pa
     ids=["unknown kind", "negative learning rate", "unknown key", "model not a mapping", "not yaml"],
 )
 def test_cli_with_a_bad_config_exits_2_naming_the_field(tmp_path: Path, config: str, message: str) -> None:
-    proc = _run(tmp_path, "slots: [{name: user}]\n" + config, free_port())
+    proc = _run(tmp_path, "features: [{name: user}]\n" + config, free_port())
     try:
         _, stderr = proc.communicate(timeout=15)
     finally:

@@ -19,7 +19,7 @@ from monolith.embedding_ps.client import ShardedEmbeddingClient
 MONOLITH = str(Path(sys.executable).with_name("monolith"))
 SERVICE = "monolith.api.embedding_ps.v1.EmbeddingPS"
 CONFIG = """\
-slots:
+features:
   - name: user
     dim: 8
     admission: {filter: counting, threshold: 2}
@@ -84,13 +84,13 @@ def test_serves_a_lookup_then_exits_0_on_sigterm(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("config", "flags", "message"),
     [
-        ("slots:\n  - name: user\n    dim: -1\n", (), "slots[0].dim: must be an integer in 1..4096, got -1"),
-        (CONFIG + "  - name: user\n", (), "slots[2].name: duplicate slot name 'user'"),
-        ("slots:\n  - name: user\n    optimizer: {kind: rmsprop}\n", (), "slots[0].optimizer.kind"),
-        ("slots: [\n", (), "not valid YAML"),
+        ("features:\n  - name: user\n    dim: -1\n", (), "features[0].dim: input should be greater than or equal to 1, got -1"),
+        (CONFIG + "  - name: user\n", (), "features[2].name: duplicate feature name 'user'"),
+        ("features:\n  - name: user\n    optimizer: {kind: rmsprop}\n", (), "features[0].optimizer.kind"),
+        ("features: [\n", (), "not valid YAML"),
         (CONFIG, ("--shard", "1", "--num-shards", "1"), "shard: must be in 0..0, got 1"),
     ],
-    ids=["negative dim", "duplicate slot", "unknown optimizer", "not yaml", "shard out of range"],
+    ids=["negative dim", "duplicate feature", "unknown optimizer", "not yaml", "shard out of range"],
 )
 def test_bad_config_exits_2_naming_the_field(tmp_path: Path, config: str, flags: tuple[str, ...], message: str) -> None:
     flags = flags or ("--shard", "0", "--num-shards", "1")

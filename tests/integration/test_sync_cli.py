@@ -22,7 +22,7 @@ from monolith.common.process import RoleProcess, free_port, wait_healthy
 from monolith.embedding_ps.client import ShardedEmbeddingClient
 
 CONFIG = """\
-slots:
+features:
   - name: user
     dim: 8
   - name: item

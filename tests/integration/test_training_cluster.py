@@ -32,7 +32,8 @@ from monolith.data.movielens import load_movielens
 from monolith.dense_ps.client import DensePSClient
 from monolith.dense_ps.service import build_dense_ps
 from monolith.dense_ps.store import DenseStore
-from monolith.embedding.hashing import route_to_shards, stable_hash64
+from monolith.embedding.hashing import stable_hash64
+from monolith.embedding_ps.routing import route_to_shards
 from monolith.embedding_ps.client import ShardedEmbeddingClient
 from monolith.model.config import ModelConfig, default_config_path, load_model_config, model_config_from_dict
 from monolith.model.dense_model import DenseModel

@@ -1,31 +1,34 @@
-"""Slot configuration: every rejection names the field path and the problem."""
+"""Table configuration (pydantic): every rejection names the field path and the problem."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
+import pydantic
 import pytest
 
-from monolith.embedding.config import (
-    AdmissionConfig,
-    ConfigError,
-    InitializerConfig,
-    OptimizerConfig,
-    SlotConfig,
-    slot_from_dict,
-    slots_from_list,
-)
+from monolith.common.config import parse_config
+from monolith.common.errors import ConfigError
+from monolith.embedding.config import AdmissionConfig, InitializerConfig, OptimizerConfig, TableConfig
 
 
 def test_defaults_are_valid() -> None:
-    slot = SlotConfig(name="user_id")
+    table = TableConfig(name="user_id")
 
-    assert slot.dim == 16
-    assert slot.initializer == InitializerConfig("uniform", 0.05)
-    assert slot.optimizer.kind == "adagrad"
-    assert slot.admission == AdmissionConfig("none", 1)
-    assert slot.expire_after is None
+    assert table.dim == 16
+    assert table.initializer == InitializerConfig(kind="uniform", scale=0.05)
+    assert table.optimizer.kind == "adagrad"
+    assert table.admission == AdmissionConfig(filter="none", threshold=1)
+    assert table.expire_after is None
+
+
+def test_configs_are_frozen_and_hashable() -> None:
+    table = TableConfig(name="a")
+
+    with pytest.raises(pydantic.ValidationError):
+        table.dim = 8  # type: ignore[misc]
+    assert hash(table) == hash(TableConfig(name="a"))
 
 
 @pytest.mark.parametrize(
@@ -37,115 +40,96 @@ def test_state_width(kind: str, dim: int, width: int) -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "field"),
+    ("raw", "field"),
     [
         ({"name": ""}, "name"),
         ({"name": 7}, "name"),
+        ({"name": "x" * 257}, "name"),
         ({"dim": 0}, "dim"),
         ({"dim": 4097}, "dim"),
         ({"dim": 1.0}, "dim"),
         ({"dim": True}, "dim"),
-        ({"initializer": InitializerConfig(kind="xavier")}, "initializer.kind"),
-        ({"initializer": InitializerConfig(scale=-0.1)}, "initializer.scale"),
-        ({"initializer": InitializerConfig(scale=math.inf)}, "initializer.scale"),
-        ({"initializer": InitializerConfig(scale="0.1")}, "initializer.scale"),  # type: ignore[arg-type]
-        ({"optimizer": OptimizerConfig(kind="rmsprop")}, "optimizer.kind"),
-        ({"optimizer": OptimizerConfig(learning_rate=0.0)}, "optimizer.learning_rate"),
-        ({"optimizer": OptimizerConfig(learning_rate=math.nan)}, "optimizer.learning_rate"),
-        ({"optimizer": OptimizerConfig(initial_accumulator=-1.0)}, "optimizer.initial_accumulator"),
-        ({"optimizer": OptimizerConfig(epsilon=math.inf)}, "optimizer.epsilon"),
-        ({"optimizer": OptimizerConfig(l1=-0.5)}, "optimizer.l1"),
-        ({"optimizer": OptimizerConfig(l2=True)}, "optimizer.l2"),  # type: ignore[arg-type]
-        ({"optimizer": OptimizerConfig(beta=-1.0)}, "optimizer.beta"),
-        ({"optimizer": OptimizerConfig(beta1=1.0)}, "optimizer.beta1"),
-        ({"optimizer": OptimizerConfig(beta2=-0.1)}, "optimizer.beta2"),
-        ({"admission": AdmissionConfig(filter="bloom")}, "admission.filter"),
-        ({"admission": AdmissionConfig(threshold=0)}, "admission.threshold"),
-        ({"admission": AdmissionConfig(threshold=2**30 + 1)}, "admission.threshold"),
-        ({"admission": AdmissionConfig(threshold=2.0)}, "admission.threshold"),  # type: ignore[arg-type]
+        ({"dim": "16"}, "dim"),
+        ({"initializer": {"kind": "xavier"}}, "initializer.kind"),
+        ({"initializer": {"scale": -0.1}}, "initializer.scale"),
+        ({"initializer": {"scale": math.inf}}, "initializer.scale"),
+        ({"initializer": {"scale": "0.1"}}, "initializer.scale"),
+        ({"optimizer": {"kind": "rmsprop"}}, "optimizer.kind"),
+        ({"optimizer": {"learning_rate": 0.0}}, "optimizer.learning_rate"),
+        ({"optimizer": {"learning_rate": math.nan}}, "optimizer.learning_rate"),
+        ({"optimizer": {"initial_accumulator": -1.0}}, "optimizer.initial_accumulator"),
+        ({"optimizer": {"epsilon": math.inf}}, "optimizer.epsilon"),
+        ({"optimizer": {"l1": -0.5}}, "optimizer.l1"),
+        ({"optimizer": {"l2": True}}, "optimizer.l2"),
+        ({"optimizer": {"beta": -1.0}}, "optimizer.beta"),
+        ({"optimizer": {"beta1": 1.0}}, "optimizer.beta1"),
+        ({"optimizer": {"beta2": -0.1}}, "optimizer.beta2"),
+        ({"optimizer": 0.1}, "optimizer"),
+        ({"admission": {"filter": "bloom"}}, "admission.filter"),
+        ({"admission": {"threshold": 0}}, "admission.threshold"),
+        ({"admission": {"threshold": 2**30 + 1}}, "admission.threshold"),
+        ({"admission": {"threshold": 2.0}}, "admission.threshold"),
         ({"expire_after": 0}, "expire_after"),
         ({"expire_after": -5.0}, "expire_after"),
         ({"expire_after": math.inf}, "expire_after"),
+        ({"expire_after": "1d"}, "expire_after"),
         ({"seed": 1.5}, "seed"),
         ({"seed": False}, "seed"),
     ],
 )
-def test_slot_config_rejects_bad_field(kwargs: dict[str, Any], field: str) -> None:
-    kwargs = {"name": "s", **kwargs}
-
+def test_bad_field_is_named_with_its_path(raw: dict[str, Any], field: str) -> None:
     with pytest.raises(ConfigError) as info:
-        SlotConfig(**kwargs)
+        parse_config(TableConfig, {"name": "s", **raw}, "tables[3]")
 
-    assert str(info.value).startswith(f"{field}: ")
+    assert str(info.value).startswith(f"tables[3].{field}: ")
+    assert "got " in str(info.value)
+
+
+def test_every_bad_field_is_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(TableConfig, {"name": "s", "dim": 0, "optimizer": {"kind": "x"}}, "t")
+
+    assert str(info.value).split("; ")[0].startswith("t.dim: ")
+    assert str(info.value).split("; ")[1].startswith("t.optimizer.kind: ")
+
+
+def test_unknown_and_missing_keys_are_named() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(TableConfig, {"dimension": 8, "optimizer": {"kind": "sgd", "lr": 0.1}}, "t")
+
+    parts = str(info.value).split("; ")
+    assert "t.name: is required" in parts
+    assert "t.dimension: unknown field" in parts
+    assert "t.optimizer.lr: unknown field" in parts
+
+
+def test_long_values_are_cut_in_messages() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(TableConfig, {"name": "s", "initializer": {"kind": "k" * 100_000}})
+
+    assert len(str(info.value)) < 500
 
 
 def test_boundary_values_are_accepted() -> None:
-    slot = SlotConfig(
+    table = TableConfig(
         name="s",
         dim=4096,
-        initializer=InitializerConfig("zeros", 0.0),
-        optimizer=OptimizerConfig("ftrl", initial_accumulator=0.0, l1=0.0, beta1=0.0, beta2=0.0),
-        admission=AdmissionConfig("counting", 2**30),
+        initializer=InitializerConfig(kind="zeros", scale=0.0),
+        optimizer=OptimizerConfig(kind="ftrl", initial_accumulator=0.0, l1=0.0, beta1=0.0, beta2=0.0),
+        admission=AdmissionConfig(filter="counting", threshold=2**30),
         expire_after=1e-3,
         seed=-3,
     )
 
-    assert slot.dim == 4096
+    assert table.dim == 4096
 
 
-def _slot(name: str, **extra: Any) -> dict[str, Any]:
-    return {"name": name, "dim": 4, **extra}
+def test_built_in_code_a_bad_value_raises_pydantics_error() -> None:
+    with pytest.raises(pydantic.ValidationError):
+        TableConfig(name="s", dim=0)
 
 
-@pytest.mark.parametrize(
-    ("raw", "message"),
-    [
-        ([_slot("a"), _slot("b", optimizer={"learning_rate": -1})], "slots[1].optimizer.learning_rate: "),
-        ([_slot("a", dim="16")], "slots[0].dim: "),
-        ([_slot("a"), _slot("b"), _slot("c", initializer={"kind": "he"})], "slots[2].initializer.kind: "),
-        ([_slot("a", admission={"filter": "counting", "threshold": 0})], "slots[0].admission.threshold: "),
-        ([_slot("a", expire_after="1d")], "slots[0].expire_after: "),
-        ([{"dim": 4}], "slots[0].name: is required"),
-        ([_slot("a"), "b"], "slots[1]: must be a mapping"),
-        ([_slot("a", optimizer=0.1)], "slots[0].optimizer: must be a mapping"),
-        ([_slot("a"), _slot("b"), _slot("a")], "slots[2].name: duplicate slot name 'a'"),
-        ([], "slots: must be a non-empty list"),
-        ({"name": "a"}, "slots: must be a non-empty list"),
-    ],
-)
-def test_slots_from_list_names_the_field(raw: Any, message: str) -> None:
-    with pytest.raises(ConfigError) as info:
-        slots_from_list(raw)
-
-    assert message in str(info.value)
-    assert str(info.value).startswith(message.split(":")[0] + ":")
-
-
-def test_unknown_keys_are_rejected_and_listed() -> None:
-    with pytest.raises(ConfigError) as info:
-        slots_from_list([_slot("a"), _slot("b", dimension=8, colour="red")])
-
-    message = str(info.value)
-    assert message.startswith("slots[1]: unknown field(s) colour, dimension")
-    assert "known:" in message and "expire_after" in message
-
-
-def test_unknown_nested_keys_are_rejected() -> None:
-    with pytest.raises(ConfigError) as info:
-        slots_from_list([_slot("a", optimizer={"kind": "sgd", "lr": 0.1})])
-
-    assert str(info.value).startswith("slots[0].optimizer: unknown field(s) lr")
-
-
-def test_keys_of_other_layers_are_ignored_only_when_asked() -> None:
-    raw = [_slot("a", source="user_id", multi_valued=True)]
-
-    assert slots_from_list(raw, ignore=frozenset({"source", "multi_valued"}))[0].name == "a"
-    with pytest.raises(ConfigError, match=r"slots\[0\]: unknown field\(s\) multi_valued, source"):
-        slots_from_list(raw)
-
-
-def test_full_slot_is_parsed() -> None:
+def test_full_table_is_parsed() -> None:
     raw = {
         "name": "movie",
         "dim": 8,
@@ -156,20 +140,14 @@ def test_full_slot_is_parsed() -> None:
         "seed": 9,
     }
 
-    slot = slot_from_dict(raw, "slots[0]")
+    table = parse_config(TableConfig, raw)
 
-    assert slot == SlotConfig(
+    assert table == TableConfig(
         name="movie",
         dim=8,
-        initializer=InitializerConfig("normal", 0.01),
-        optimizer=OptimizerConfig("ftrl", learning_rate=0.1, l1=0.5, l2=1.0, beta=0.5),
-        admission=AdmissionConfig("probabilistic", 4),
+        initializer=InitializerConfig(kind="normal", scale=0.01),
+        optimizer=OptimizerConfig(kind="ftrl", learning_rate=0.1, l1=0.5, l2=1.0, beta=0.5),
+        admission=AdmissionConfig(filter="probabilistic", threshold=4),
         expire_after=3600,
         seed=9,
     )
-
-
-def test_null_nested_sections_take_defaults() -> None:
-    slot = slot_from_dict({"name": "a", "initializer": None, "optimizer": None, "admission": None}, "slots[0]")
-
-    assert slot == SlotConfig(name="a")

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 import yaml
 
-from monolith.dense_ps.optimizers import DenseOptimizerConfig
 from monolith.embedding.config import AdmissionConfig, InitializerConfig, OptimizerConfig
+from monolith.common.errors import ConfigError
 from monolith.model.config import (
-    ConfigError,
+    DenseOptimizerConfig,
     ModelConfig,
     default_config_path,
     load_model_config,
@@ -25,7 +25,7 @@ MOVIELENS_FEATURES = ("user_id", "movie_id", "age", "gender", "occupation", "zip
 def minimal() -> dict[str, Any]:
     """A small valid config that each bad case breaks in one place."""
     return {
-        "slots": [
+        "features": [
             {"name": "user_id", "dim": 4, "bias": {"optimizer": {"kind": "adagrad", "learning_rate": 0.3}}},
             {"name": "movie_id", "dim": 4},
             {"name": "genres", "dim": 4, "multi_valued": True},
@@ -44,7 +44,7 @@ def shipped() -> ModelConfig:
     return load_model_config(default_config_path())
 
 
-def test_the_shipped_config_has_seven_slots_each_with_a_bias_table(shipped: ModelConfig) -> None:
+def test_the_shipped_config_has_seven_features_each_with_a_bias_table(shipped: ModelConfig) -> None:
     tables = shipped.tables()
 
     assert tuple(f.name for f in shipped.features) == MOVIELENS_FEATURES
@@ -61,7 +61,7 @@ def test_the_shipped_config_values(shipped: ModelConfig) -> None:
     user = shipped.features[0]
 
     assert multi == {n: n == "genres" for n in MOVIELENS_FEATURES}
-    assert user.table.initializer == InitializerConfig("normal", 0.01)
+    assert user.table.initializer == InitializerConfig(kind="normal", scale=0.01)
     assert user.table.optimizer == OptimizerConfig(kind="adagrad", learning_rate=0.1, initial_accumulator=0.1)
     assert user.bias is not None
     assert user.bias.optimizer == OptimizerConfig(kind="adagrad", learning_rate=0.3, initial_accumulator=0.1)
@@ -80,8 +80,8 @@ def test_the_default_path_points_at_a_readable_file() -> None:
 # --------------------------------------------------------------------------- defaults
 
 
-def test_a_config_of_slots_only_takes_every_default() -> None:
-    config = model_config_from_dict({"slots": [{"name": "user_id"}]})
+def test_a_config_of_features_only_takes_every_default() -> None:
+    config = model_config_from_dict({"features": [{"name": "user_id"}]})
 
     (feature,) = config.features
     assert (feature.source, feature.multi_valued, feature.bias) == ("user_id", False, None)
@@ -101,9 +101,9 @@ def test_online_batch_size_defaults_to_batch_size() -> None:
     assert (training.batch_size, training.online_batch_size) == (32, 32)
 
 
-def test_source_names_the_column_and_the_slot_names_the_table() -> None:
+def test_source_names_the_column_and_the_feature_names_the_table() -> None:
     raw = minimal()
-    raw["slots"][1]["source"] = "item"
+    raw["features"][1]["source"] = "item"
 
     config = model_config_from_dict(raw)
 
@@ -111,23 +111,23 @@ def test_source_names_the_column_and_the_slot_names_the_table() -> None:
 
 
 def test_a_bias_table_inherits_admission_expiry_and_seed() -> None:
-    raw = {"slots": [{"name": "user_id", "admission": {"filter": "counting", "threshold": 3},
+    raw = {"features": [{"name": "user_id", "admission": {"filter": "counting", "threshold": 3},
                       "expire_after": 60.0, "seed": 7, "bias": {}}]}  # fmt: skip
 
-    bias = model_config_from_dict(raw).features[0].bias
+    bias = model_config_from_dict(raw).features[0].bias_table
 
     assert bias is not None
     assert (bias.name, bias.dim) == ("user_id/bias", 1)
-    assert bias.admission == AdmissionConfig("counting", 3)
+    assert bias.admission == AdmissionConfig(filter="counting", threshold=3)
     assert (bias.expire_after, bias.seed) == (60.0, 7)
     assert bias.initializer.kind == "zeros"
     assert (bias.optimizer.kind, bias.optimizer.learning_rate) == ("ftrl", 0.05)
 
 
-def test_mlp_accepts_slots_of_different_dims() -> None:
+def test_mlp_accepts_features_of_different_dims() -> None:
     raw = minimal()
     raw["model"]["kind"] = "mlp"
-    raw["slots"][2]["dim"] = 2
+    raw["features"][2]["dim"] = 2
 
     config = model_config_from_dict(raw)
 
@@ -156,44 +156,49 @@ def _delete(path: tuple[Any, ...]) -> dict[str, Any]:
 
 
 BAD: list[tuple[str, Any, str]] = [
-    ("unknown top-level key", _set(("serving",), {}), "config: unknown field(s) serving"),
-    ("not a mapping", [1, 2], "config: must be a mapping, got list"),
-    ("empty", None, "slots: is required"),
-    ("missing slots", _delete(("slots",)), "slots: is required"),
-    ("empty slots", _set(("slots",), []), "slots: must be a non-empty list"),
-    ("bad slot dim", _set(("slots", 2, "dim"), 0), "slots[2].dim: must be an integer in 1..4096"),
-    ("slot without name", _delete(("slots", 1, "name")), "slots[1].name: is required"),
-    ("unknown slot key", _set(("slots", 1, "pooling"), "sum"), "slots[1]: unknown field(s) pooling"),
-    ("duplicate slot", _set(("slots", 1, "name"), "user_id"), "slots[1].name: duplicate slot name"),
-    ("empty source", _set(("slots", 0, "source"), ""), "slots[0].source: must be a non-empty string"),
-    ("multi_valued not bool", _set(("slots", 2, "multi_valued"), "yes"),
-     "slots[2].multi_valued: must be true or false"),
-    ("bias unknown key", _set(("slots", 0, "bias", "dim"), 4), "slots[0].bias: unknown field(s) dim"),
-    ("bias not a mapping", _set(("slots", 0, "bias"), True), "slots[0].bias: must be a mapping, got bool"),
-    ("model not a mapping", _set(("model",), [64]), "model: must be a mapping, got list"),
-    ("model unknown key", _set(("model", "layers"), [4]), "model: unknown field(s) layers"),
-    ("model.kind", _set(("model", "kind"), "wide_deep"), "model.kind: must be one of deepfm, mlp, got 'wide_deep'"),
-    ("hidden not a list", _set(("model", "hidden_units"), 64), "model.hidden_units: must be a list"),
-    ("hidden zero", _set(("model", "hidden_units"), [8, 0]), "model.hidden_units[1]: must be an integer >= 1, got 0"),
-    ("hidden float", _set(("model", "hidden_units"), [8.0]), "model.hidden_units[0]: must be an integer >= 1"),
-    ("hidden bool", _set(("model", "hidden_units"), [True]), "model.hidden_units[0]: must be an integer >= 1"),
+    ("unknown top-level key", _set(("serving",), {}), "serving: unknown field"),
+    ("not a mapping", [1, 2], "config: must be a mapping with features, model and training, got list"),
+    ("empty", None, "config: must be a mapping"),
+    ("missing features", _delete(("features",)), "features: is required"),
+    ("the old word", {"slots": [{"name": "a"}]}, "slots: unknown field"),
+    ("empty features", _set(("features",), []), "features: value should have at least 1 item"),
+    ("bad feature dim", _set(("features", 2, "dim"), 0), "features[2].dim: input should be greater than or equal to 1, got 0"),
+    ("feature without name", _delete(("features", 1, "name")), "features[1].name: is required"),
+    ("unknown feature key", _set(("features", 1, "pooling"), "sum"), "features[1].pooling: unknown field"),
+    ("duplicate feature", _set(("features", 1, "name"), "user_id"), "features[1].name: duplicate feature name"),
+    ("empty source", _set(("features", 0, "source"), ""), "features[0].source: string should have at least 1 character"),
+    ("multi_valued not bool", _set(("features", 2, "multi_valued"), "yes"),
+     "features[2].multi_valued: input should be a valid boolean, got 'yes'"),
+    ("bias unknown key", _set(("features", 0, "bias", "dim"), 4), "features[0].bias.dim: unknown field"),
+    ("bias not a mapping", _set(("features", 0, "bias"), True), "features[0].bias: input should be a valid dictionary"),
+    ("model not a mapping", _set(("model",), [64]), "model: input should be a valid dictionary"),
+    ("model unknown key", _set(("model", "layers"), [4]), "model.layers: unknown field"),
+    ("model.kind", _set(("model", "kind"), "wide_deep"), "model.kind: input should be 'deepfm' or 'mlp', got 'wide_deep'"),
+    ("hidden not a list", _set(("model", "hidden_units"), 64), "model.hidden_units: input should be a valid tuple"),
+    ("hidden zero", _set(("model", "hidden_units"), [8, 0]),
+     "model.hidden_units[1]: input should be greater than or equal to 1, got 0"),
+    ("hidden float", _set(("model", "hidden_units"), [8.0]), "model.hidden_units[0]: input should be a valid integer"),
+    ("hidden bool", _set(("model", "hidden_units"), [True]), "model.hidden_units[0]: input should be a valid integer"),
     ("activation", _set(("model", "activation"), "swish"),
-     "model.activation: must be one of relu, tanh, sigmoid, gelu"),
-    ("optimizer.kind", _set(("model", "optimizer", "kind"), "rmsprop"), "model.optimizer.kind: must be one of"),
+     "model.activation: input should be 'relu', 'tanh', 'sigmoid' or 'gelu', got 'swish'"),
+    ("optimizer.kind", _set(("model", "optimizer", "kind"), "rmsprop"), "model.optimizer.kind: input should be"),
     ("optimizer.learning_rate", _set(("model", "optimizer", "learning_rate"), 0),
-     "model.optimizer.learning_rate: must be a finite number > 0"),
-    ("optimizer unknown key", _set(("model", "optimizer", "lr"), 0.1), "model.optimizer: unknown field(s) lr"),
-    ("deepfm unequal dims", _set(("slots", 1, "dim"), 8),
-     "slots: deepfm's FM term needs one embedding dim for every slot, got [4, 8]"),
-    ("training not a mapping", _set(("training",), 5), "training: must be a mapping, got int"),
-    ("training unknown key", _set(("training", "epochs"), 2), "training: unknown field(s) epochs"),
-    ("batch_size 0", _set(("training", "batch_size"), 0), "training.batch_size: must be an integer >= 1, got 0"),
-    ("batch_size str", _set(("training", "batch_size"), "256"), "training.batch_size: must be an integer >= 1"),
+     "model.optimizer.learning_rate: input should be greater than 0, got 0"),
+    ("optimizer unknown key", _set(("model", "optimizer", "lr"), 0.1), "model.optimizer.lr: unknown field"),
+    ("deepfm unequal dims", _set(("features", 1, "dim"), 8),
+     "features: deepfm's FM term needs one embedding dim for every feature, got [4, 8]"),
+    ("training not a mapping", _set(("training",), 5), "training: input should be a valid dictionary"),
+    ("training unknown key", _set(("training", "epochs"), 2), "training.epochs: unknown field"),
+    ("batch_size 0", _set(("training", "batch_size"), 0),
+     "training.batch_size: input should be greater than or equal to 1, got 0"),
+    ("batch_size str", _set(("training", "batch_size"), "256"), "training.batch_size: input should be a valid integer"),
     ("online_batch_size", _set(("training", "online_batch_size"), -1),
-     "training.online_batch_size: must be an integer >= 1, got -1"),
-    ("dense_refresh_steps", _set(("training", "dense_refresh_steps"), 0), "training.dense_refresh_steps: must be"),
-    ("seed float", _set(("training", "seed"), 1.5), "training.seed: must be an integer, got 1.5"),
-    ("seed bool", _set(("training", "seed"), True), "training.seed: must be an integer, got True"),
+     "training.online_batch_size: input should be greater than or equal to 1, got -1"),
+    ("dense_refresh_steps", _set(("training", "dense_refresh_steps"), 0), "training.dense_refresh_steps: input should"),
+    ("seed float", _set(("training", "seed"), 1.5), "training.seed: input should be a valid integer, got 1.5"),
+    ("seed bool", _set(("training", "seed"), True), "training.seed: input should be a valid integer, got True"),
+    ("negative_sample_rate", _set(("training", "negative_sample_rate"), 0),
+     "training.negative_sample_rate: input should be greater than 0, got 0"),
 ]  # fmt: skip
 
 
@@ -206,30 +211,30 @@ def test_a_bad_config_names_the_field(raw: Any, message: str) -> None:
     assert message in str(info.value)
 
 
-# A problem *inside* a slot's bias section is reported at the field the user wrote,
-# "slots[0].bias.optimizer.kind" (regression: it was once "slots[0].bias[0]...").
+# A problem *inside* a feature's bias section is reported at the field the user wrote,
+# "features[0].bias.optimizer.kind" (regression: it was once "slots[0].bias[0]...").
 BAD_BIAS: list[tuple[str, dict[str, Any], str]] = [
-    ("bias optimizer.kind", {"optimizer": {"kind": "nope"}}, "slots[0].bias.optimizer.kind: must be one of"),
-    ("bias optimizer unknown key", {"optimizer": {"lr": 1}}, "slots[0].bias.optimizer: unknown field(s) lr"),
-    ("bias initializer.kind", {"initializer": {"kind": "x"}}, "slots[0].bias.initializer.kind: must be one of"),
+    ("bias optimizer.kind", {"optimizer": {"kind": "nope"}}, "features[0].bias.optimizer.kind: input should be"),
+    ("bias optimizer unknown key", {"optimizer": {"lr": 1}}, "features[0].bias.optimizer.lr: unknown field"),
+    ("bias initializer.kind", {"initializer": {"kind": "x"}}, "features[0].bias.initializer.kind: input should be"),
 ]
 
 
 @pytest.mark.parametrize(("bias", "message"), [c[1:] for c in BAD_BIAS], ids=[c[0] for c in BAD_BIAS])
 def test_a_bad_value_inside_a_bias_section_names_its_field(bias: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError) as info:
-        model_config_from_dict(_set(("slots", 0, "bias"), bias))
+        model_config_from_dict(_set(("features", 0, "bias"), bias))
 
     assert str(info.value).startswith(message), str(info.value)
 
 
-def test_a_slot_named_like_another_slots_bias_table_is_rejected() -> None:
-    # Slot "user_id" with a bias section makes a table "user_id/bias"; a second slot
+def test_a_feature_named_like_another_features_bias_table_is_rejected() -> None:
+    # Feature "user_id" with a bias section makes a table "user_id/bias"; a second feature
     # literally named "user_id/bias" would list the name twice in tables(), and the PS and
     # the trainer's request dicts would silently merge the two tables (regression).
-    raw = _set(("slots", 1, "name"), "user_id/bias")
+    raw = _set(("features", 1, "name"), "user_id/bias")
 
-    with pytest.raises(ConfigError, match=r"slots\[1\]\.name"):
+    with pytest.raises(ConfigError, match=r"features\[1\]\.name"):
         model_config_from_dict(raw)
 
 
@@ -257,7 +262,7 @@ def test_a_missing_file_is_a_config_error_starting_with_its_path(tmp_path: Path)
 
 def test_bad_yaml_is_a_config_error_starting_with_the_path(tmp_path: Path) -> None:
     path = tmp_path / "model.yaml"
-    path.write_text("slots: [\n  - name: user_id\n")
+    path.write_text("features: [\n  - name: user_id\n")
 
     with pytest.raises(ConfigError) as info:
         load_model_config(str(path))
@@ -272,4 +277,4 @@ def test_a_bad_field_in_a_file_names_the_path_then_the_field(tmp_path: Path) -> 
     with pytest.raises(ConfigError) as info:
         load_model_config(str(path))
 
-    assert str(info.value).startswith(f"{path}: model.hidden_units[1]: must be an integer >= 1")
+    assert str(info.value).startswith(f"{path}: model.hidden_units[1]: input should be greater than or equal to 1")

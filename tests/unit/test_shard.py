@@ -13,7 +13,8 @@ import pytest
 
 from monolith.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from monolith.embedding.config import AdmissionConfig, InitializerConfig, OptimizerConfig, SlotConfig
-from monolith.embedding.hashing import route_to_shards, stable_hash64
+from monolith.embedding.hashing import stable_hash64
+from monolith.embedding_ps.routing import route_to_shards
 from monolith.embedding.table import RowBatch
 from monolith.embedding_ps.shard import EmbeddingShard, ShardConfig
 

@@ -17,7 +17,8 @@ from monolith.api.embedding_ps.v1 import embedding_ps_pb2 as pb
 from monolith.common.server import MonolithServer, ServerConfig
 from monolith.embedding import table as table_module
 from monolith.embedding.config import AdmissionConfig, OptimizerConfig, SlotConfig
-from monolith.embedding.hashing import route_to_shards, stable_hash64
+from monolith.embedding.hashing import stable_hash64
+from monolith.embedding_ps.routing import route_to_shards
 from monolith.embedding_ps.service import build_embedding_ps
 from monolith.embedding_ps.shard import EmbeddingShard, ShardConfig
 from monolith.embedding_ps.sync import ServingSync, SyncResult

@@ -8,85 +8,14 @@ moments), held in float32 like the parameters.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Mapping
 
 import numpy as np
 
-from monolith.embedding.config import ConfigError
+from monolith.model.config import DenseOptimizerConfig
 
-KINDS = ("sgd", "adagrad", "adam")
 STEP_KEY = "step"  # the optimizer-state entry holding the step count
-
-
-@dataclasses.dataclass(frozen=True)
-class DenseOptimizerConfig:
-    """The dense optimizer, read from the model config's `model.optimizer` mapping.
-
-    Attributes:
-        kind: "sgd", "adagrad" or "adam".
-        learning_rate: step size (> 0).
-        beta1: adam's first-moment decay, in [0, 1).
-        beta2: adam's second-moment decay, in [0, 1).
-        epsilon: added to denominators of adagrad and adam (> 0: a zero gradient on a
-            fresh Adam tensor would otherwise divide 0 by 0).
-        initial_accumulator: adagrad's starting accumulator (>= 0).
-    """
-
-    kind: str = "adam"
-    learning_rate: float = 0.001
-    beta1: float = 0.9
-    beta2: float = 0.999
-    epsilon: float = 1e-7
-    initial_accumulator: float = 0.1
-
-    def __post_init__(self) -> None:
-        _validate(dataclasses.asdict(self), "optimizer")
-
-
-def _validate(values: Mapping[str, Any], path: str) -> None:
-    """Checks optimizer fields, raising ConfigError naming `path`.field."""
-    if values["kind"] not in KINDS:
-        raise ConfigError(f"{path}.kind: must be one of {', '.join(KINDS)}, got {values['kind']!r}")
-    if not _finite(values["learning_rate"]) or values["learning_rate"] <= 0:
-        raise ConfigError(f"{path}.learning_rate: must be a finite number > 0, got {values['learning_rate']!r}")
-    for name in ("beta1", "beta2"):
-        if not _finite(values[name]) or not 0 <= values[name] < 1:
-            raise ConfigError(f"{path}.{name}: must be in [0, 1), got {values[name]!r}")
-    if not _finite(values["epsilon"]) or values["epsilon"] <= 0:
-        raise ConfigError(f"{path}.epsilon: must be a finite number > 0, got {values['epsilon']!r}")
-    if not _finite(values["initial_accumulator"]) or values["initial_accumulator"] < 0:
-        raise ConfigError(
-            f"{path}.initial_accumulator: must be a finite number >= 0, got {values['initial_accumulator']!r}"
-        )
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def dense_optimizer_from_dict(raw: Any, path: str = "model.optimizer") -> DenseOptimizerConfig:
-    """Builds the config from parsed YAML, with errors naming the field under `path`.
-
-    Args:
-        raw: the optimizer mapping; None means every default.
-        path: where it sits in the file.
-
-    Raises:
-        ConfigError: not a mapping, an unknown key, or a value out of range.
-    """
-    if raw is None:
-        return DenseOptimizerConfig()
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{path}: must be a mapping, got {type(raw).__name__}")
-    known = [f.name for f in dataclasses.fields(DenseOptimizerConfig)]
-    unknown = sorted(set(map(str, raw)) - set(known))
-    if unknown:
-        raise ConfigError(f"{path}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    # Validated here first so that errors carry the real path, not the dataclass's own.
-    _validate({**dataclasses.asdict(DenseOptimizerConfig()), **raw}, path)
-    return DenseOptimizerConfig(**raw)
 
 
 class DenseOptimizer:

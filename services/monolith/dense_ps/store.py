@@ -17,7 +17,8 @@ import numpy as np
 
 from monolith.common.errors import FailedPrecondition, InvalidArgument, MonolithError
 from monolith.common.wire import require_finite
-from monolith.dense_ps.optimizers import STEP_KEY, DenseOptimizerConfig, make_dense_optimizer
+from monolith.dense_ps.optimizers import STEP_KEY, make_dense_optimizer
+from monolith.model.config import DenseOptimizerConfig
 
 
 @dataclasses.dataclass(frozen=True)

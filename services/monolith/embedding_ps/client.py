@@ -18,7 +18,8 @@ from monolith.api.embedding_ps.v1 import embedding_ps_pb2 as pb
 from monolith.api.embedding_ps.v1 import embedding_ps_pb2_grpc as pb_grpc
 from monolith.common.errors import from_rpc_error
 from monolith.common.wire import decode_array, encode_array
-from monolith.embedding.hashing import dedupe_and_route, stable_hash64
+from monolith.embedding.hashing import stable_hash64
+from monolith.embedding_ps.routing import dedupe_and_route
 from monolith.embedding.table_kernels import gather, sum_duplicates
 
 

@@ -1,7 +1,7 @@
 """The model config: one YAML file every service reads.
 
 ```yaml
-slots:                      # the feature slots: one collisionless table each
+features:                   # what the model reads; each feature owns one collisionless table
   - name: user_id
     source: user_id         # the example column it reads (default: the name)
     multi_valued: false     # several ids per example, mean-pooled
@@ -24,204 +24,205 @@ training:
   negative_sample_rate: 1.0 # fraction of negatives kept in training data (serving corrects)
 ```
 
-Every problem raises `ConfigError` naming the field path, e.g. `model.hidden_units[1]`.
+Words: a *feature* is what this file declares and a request carries; a *table* is what an
+embedding-PS shard holds. A feature owns the table of its name and, with `bias`, a dim-1
+table named `<feature>/bias`. Every problem raises `ConfigError` naming the field path,
+e.g. `model.hidden_units[1]`.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import importlib.resources
-from typing import Any, Mapping
+from typing import Annotated, Any, Literal
 
+import pydantic
 import yaml
+from pydantic import BeforeValidator, Field
 
-from monolith.dense_ps.optimizers import DenseOptimizerConfig, dense_optimizer_from_dict
-from monolith.embedding.config import (
-    ConfigError,
-    InitializerConfig,
-    OptimizerConfig,
-    SlotConfig,
-    slot_from_dict,
-    slots_from_list,
-)
+from monolith.common.config import ConfigModel, IntTuple, parse_config
+from monolith.common.errors import ConfigError
+from monolith.embedding.config import AdmissionConfig, InitializerConfig, OptimizerConfig, TableConfig
 
-MODEL_KINDS = ("deepfm", "mlp")
-ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu")
 BIAS_SUFFIX = "/bias"
+PositiveInt = Annotated[int, Field(ge=1)]
 
 
-@dataclasses.dataclass(frozen=True)
-class FeatureSlot:
-    """A feature as the model sees it: its table, its data source, its optional bias table.
+class BiasConfig(ConfigModel):
+    """A feature's per-id bias term: a dim-1 table sharing the feature's admission and expiry.
 
     Attributes:
-        table: the embedding table's config.
-        source: the example column the ids come from.
-        multi_valued: whether an example may hold several ids (mean-pooled).
-        bias: the dim-1 bias table's config, or None.
+        initializer: how new bias terms start (default zeros).
+        optimizer: the bias table's sparse optimizer (default FTRL, learning rate 0.05).
     """
 
-    table: SlotConfig
-    source: str
-    multi_valued: bool
-    bias: SlotConfig | None
-
-    @property
-    def name(self) -> str:
-        return self.table.name
+    initializer: InitializerConfig = InitializerConfig(kind="zeros")
+    optimizer: OptimizerConfig = OptimizerConfig(kind="ftrl", learning_rate=0.05)
 
 
-@dataclasses.dataclass(frozen=True)
-class DenseModelConfig:
+class FeatureConfig(ConfigModel):
+    """A feature as the model sees it: its data source, its table, its optional bias table.
+
+    Attributes:
+        name: unique feature name; also the name of its table.
+        source: the example column (and Predict input) the ids come from; default the name.
+        multi_valued: whether an example may hold several ids (mean-pooled).
+        dim: embedding dimension (1..4096).
+        initializer: how new rows start.
+        optimizer: the table's sparse optimizer.
+        admission: the admission filter.
+        expire_after: seconds of data time without an update before a row is evicted.
+        seed: initializer seed.
+        bias: the per-id bias term, or None for none.
+    """
+
+    model_config = pydantic.ConfigDict(ignored_types=(functools.cached_property,))
+
+    name: Annotated[str, Field(min_length=1, max_length=256)]
+    source: Annotated[str, Field(min_length=1, max_length=256)]
+    multi_valued: bool = False
+    dim: Annotated[int, Field(ge=1, le=4096)] = 16
+    initializer: InitializerConfig = InitializerConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    admission: AdmissionConfig = AdmissionConfig()
+    expire_after: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    seed: int = 0
+    bias: BiasConfig | None = None
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _source_defaults_to_name(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("source") is None and isinstance(data.get("name"), str):
+            return {**data, "source": data["name"]}
+        return data
+
+    @functools.cached_property
+    def table(self) -> TableConfig:
+        """The feature's embedding table."""
+        return TableConfig(
+            name=self.name, dim=self.dim, initializer=self.initializer, optimizer=self.optimizer,
+            admission=self.admission, expire_after=self.expire_after, seed=self.seed,
+        )  # fmt: skip
+
+    @functools.cached_property
+    def bias_table(self) -> TableConfig | None:
+        """The feature's dim-1 bias table, or None."""
+        if self.bias is None:
+            return None
+        return TableConfig(
+            name=self.name + BIAS_SUFFIX, dim=1, initializer=self.bias.initializer, optimizer=self.bias.optimizer,
+            admission=self.admission, expire_after=self.expire_after, seed=self.seed,
+        )  # fmt: skip
+
+
+class DenseOptimizerConfig(ConfigModel):
+    """The dense tower's optimizer, applied by the dense-PS to whole tensors.
+
+    Attributes:
+        kind: "sgd", "adagrad" or "adam".
+        learning_rate: step size (> 0).
+        beta1: adam's first-moment decay, in [0, 1).
+        beta2: adam's second-moment decay, in [0, 1).
+        epsilon: added to denominators of adagrad and adam (> 0: a zero gradient on a
+            fresh Adam tensor would otherwise divide 0 by 0).
+        initial_accumulator: adagrad's starting accumulator (>= 0).
+    """
+
+    kind: Literal["sgd", "adagrad", "adam"] = "adam"
+    learning_rate: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 0.001
+    beta1: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.9
+    beta2: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.999
+    epsilon: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1e-7
+    initial_accumulator: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.1
+
+
+class DenseModelConfig(ConfigModel):
     """The dense tower.
 
     Attributes:
-        kind: "deepfm" (per-slot bias + FM interactions + MLP) or "mlp" (bias + MLP).
+        kind: "deepfm" (per-feature bias + FM interactions + MLP) or "mlp" (bias + MLP).
         hidden_units: MLP layer widths.
         activation: MLP activation.
         optimizer: the dense optimizer, applied by the dense-PS.
     """
 
-    kind: str = "deepfm"
-    hidden_units: tuple[int, ...] = (64, 32)
-    activation: str = "relu"
+    kind: Literal["deepfm", "mlp"] = "deepfm"
+    hidden_units: IntTuple = (64, 32)
+    activation: Literal["relu", "tanh", "sigmoid", "gelu"] = "relu"
     optimizer: DenseOptimizerConfig = DenseOptimizerConfig()
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainingConfig:
+class TrainingConfig(ConfigModel):
     """How trainers step.
 
     Attributes:
         batch_size: examples per step when training on stored history (batch mode).
-        online_batch_size: examples per step when training on the stream (online mode).
-            Events of a batch are all scored with the parameters from before it, so small
-            online batches let the model react within a user's session.
+        online_batch_size: examples per step when training on the stream (online mode);
+            default batch_size. Events of a batch are all scored with the parameters from
+            before it, so small online batches let the model react within a user's session.
         dense_refresh_steps: pull dense parameters from the dense-PS every k steps.
         seed: seed of the dense parameters' initial values.
         negative_sample_rate: the fraction of negatives the training data keeps (the
             sample-joiner down-samples them); serving corrects the log-odds by log(rate).
     """
 
-    batch_size: int = 256
-    online_batch_size: int = 256
-    dense_refresh_steps: int = 1
+    batch_size: PositiveInt = 256
+    online_batch_size: PositiveInt = 256
+    dense_refresh_steps: PositiveInt = 1
     seed: int = 0
-    negative_sample_rate: float = 1.0
+    negative_sample_rate: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 1.0
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _online_batch_defaults_to_batch(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "online_batch_size" not in data and "batch_size" in data:
+            return {**data, "online_batch_size": data["batch_size"]}
+        return data
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """Everything about the model: slots, dense tower, training."""
+def _non_empty_tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
 
-    features: tuple[FeatureSlot, ...]
+
+class ModelConfig(ConfigModel):
+    """Everything about the model: features, dense tower, training."""
+
+    model_config = pydantic.ConfigDict(ignored_types=(functools.cached_property,))
+
+    features: Annotated[tuple[FeatureConfig, ...], BeforeValidator(_non_empty_tuple), Field(min_length=1)]
     model: DenseModelConfig = DenseModelConfig()
     training: TrainingConfig = TrainingConfig()
 
-    def tables(self) -> tuple[SlotConfig, ...]:
-        """Every embedding table the PS holds: each slot's, then each bias table."""
-        return tuple(f.table for f in self.features) + tuple(f.bias for f in self.features if f.bias)
+    @pydantic.model_validator(mode="after")
+    def _check_across_features(self) -> ModelConfig:
+        names: dict[str, int] = {}
+        for i, feature in enumerate(self.features):
+            if feature.name in names:
+                raise ValueError(f"features[{i}].name: duplicate feature name {feature.name!r}")
+            names[feature.name] = i
+        for i, feature in enumerate(self.features):
+            if feature.bias is not None and feature.bias_table.name in names:  # type: ignore[union-attr]
+                j = names[feature.bias_table.name]  # type: ignore[union-attr]
+                raise ValueError(f"features[{j}].name: {self.features[j].name!r} is the name of features[{i}]'s bias table")
+        if self.model.kind == "deepfm" and len({f.dim for f in self.features}) > 1:
+            dims = sorted({f.dim for f in self.features})
+            raise ValueError(f"features: deepfm's FM term needs one embedding dim for every feature, got {dims}")
+        return self
+
+    def tables(self) -> tuple[TableConfig, ...]:
+        """Every embedding table the PS holds: each feature's, then each bias table."""
+        return tuple(f.table for f in self.features) + tuple(f.bias_table for f in self.features if f.bias_table)
 
     def table_dims(self) -> dict[str, int]:
         """Embedding dimension of each table, by name."""
         return {t.name: t.dim for t in self.tables()}
 
 
-def _fail(path: str, problem: str) -> None:
-    raise ConfigError(f"{path}: {problem}")
-
-
-def _mapping(raw: Any, path: str, known: set[str]) -> Mapping[str, Any]:
-    if raw is None:
-        return {}
-    if not isinstance(raw, Mapping):
-        _fail(path, f"must be a mapping, got {type(raw).__name__}")
-    unknown = sorted(set(map(str, raw)) - known)
-    if unknown:
-        _fail(path, f"unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return raw
-
-
-def _positive_int(value: Any, path: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        _fail(path, f"must be an integer >= 1, got {value!r}")
-    return value
-
-
-def _feature(raw: Mapping[str, Any], table: SlotConfig, path: str) -> FeatureSlot:
-    source = raw.get("source", table.name)
-    if not isinstance(source, str) or not source:
-        _fail(f"{path}.source", f"must be a non-empty string, got {source!r}")
-    multi = raw.get("multi_valued", False)
-    if not isinstance(multi, bool):
-        _fail(f"{path}.multi_valued", f"must be true or false, got {multi!r}")
-    bias = None
-    if raw.get("bias") is not None:
-        spec = _mapping(raw["bias"], f"{path}.bias", {"optimizer", "initializer"})
-        bias_raw = {
-            "name": table.name + BIAS_SUFFIX,
-            "dim": 1,
-            "initializer": spec.get("initializer", {"kind": "zeros"}),
-            "optimizer": spec.get("optimizer", {"kind": "ftrl", "learning_rate": 0.05}),
-            "admission": dataclasses.asdict(table.admission),
-            "expire_after": table.expire_after,
-            "seed": table.seed,
-        }
-        bias = slot_from_dict(bias_raw, f"{path}.bias")
-    return FeatureSlot(table=table, source=source, multi_valued=multi, bias=bias)
-
-
 def model_config_from_dict(raw: Any) -> ModelConfig:
     """Builds and validates a ModelConfig from parsed YAML."""
-    top = _mapping(raw, "config", {"slots", "model", "training"})
-    if "slots" not in top:
-        _fail("slots", "is required")
-    tables = slots_from_list(top["slots"], "slots", ignore=frozenset({"source", "multi_valued", "bias"}))
-    features = tuple(_feature(r, t, f"slots[{i}]") for i, (r, t) in enumerate(zip(top["slots"], tables)))
-    bias_tables = {f.bias.name: i for i, f in enumerate(features) if f.bias is not None}
-    for i, feature in enumerate(features):
-        if feature.name in bias_tables:
-            _fail(f"slots[{i}].name", f"{feature.name!r} is the name of slots[{bias_tables[feature.name]}]'s bias table")
-
-    m = _mapping(top.get("model"), "model", {"kind", "hidden_units", "activation", "optimizer"})
-    kind = m.get("kind", "deepfm")
-    if kind not in MODEL_KINDS:
-        _fail("model.kind", f"must be one of {', '.join(MODEL_KINDS)}, got {kind!r}")
-    hidden = m.get("hidden_units", [64, 32])
-    if not isinstance(hidden, list):
-        _fail("model.hidden_units", f"must be a list of layer widths, got {hidden!r}")
-    hidden_units = tuple(_positive_int(h, f"model.hidden_units[{i}]") for i, h in enumerate(hidden))
-    activation = m.get("activation", "relu")
-    if activation not in ACTIVATIONS:
-        _fail("model.activation", f"must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
-    optimizer = dense_optimizer_from_dict(m.get("optimizer"), "model.optimizer")
-    if kind == "deepfm":
-        dims = {f.table.dim for f in features}
-        if len(dims) > 1:
-            _fail("slots", f"deepfm's FM term needs one embedding dim for every slot, got {sorted(dims)}")
-    model = DenseModelConfig(kind=kind, hidden_units=hidden_units, activation=activation, optimizer=optimizer)
-
-    t = _mapping(
-        top.get("training"),
-        "training",
-        {"batch_size", "online_batch_size", "dense_refresh_steps", "seed", "negative_sample_rate"},
-    )
-    seed = t.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        _fail("training.seed", f"must be an integer, got {seed!r}")
-    rate = t.get("negative_sample_rate", 1.0)
-    if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 < rate <= 1:
-        _fail("training.negative_sample_rate", f"must be a number in (0, 1], got {rate!r}")
-    training = TrainingConfig(
-        batch_size=_positive_int(t.get("batch_size", 256), "training.batch_size"),
-        online_batch_size=_positive_int(
-            t.get("online_batch_size", t.get("batch_size", 256)), "training.online_batch_size"
-        ),
-        dense_refresh_steps=_positive_int(t.get("dense_refresh_steps", 1), "training.dense_refresh_steps"),
-        seed=seed,
-        negative_sample_rate=float(rate),
-    )
-    return ModelConfig(features=features, model=model, training=training)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: must be a mapping with features, model and training, got {type(raw).__name__}")
+    return parse_config(ModelConfig, raw)
 
 
 def load_model_config(path: str) -> ModelConfig:
@@ -241,20 +242,6 @@ def load_model_config(path: str) -> ModelConfig:
         return model_config_from_dict(raw)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-
-
-__all__ = [
-    "ConfigError",
-    "DenseModelConfig",
-    "FeatureSlot",
-    "InitializerConfig",
-    "ModelConfig",
-    "OptimizerConfig",
-    "TrainingConfig",
-    "default_config_path",
-    "load_model_config",
-    "model_config_from_dict",
-]
 
 
 def default_config_path() -> str:

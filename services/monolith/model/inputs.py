@@ -7,7 +7,7 @@ from typing import Mapping
 import numpy as np
 
 from monolith.model.config import ModelConfig
-from monolith.trainer.backends import SparseBackend
+from monolith.model.backends import SparseBackend
 
 
 def lookup_features(
@@ -34,10 +34,10 @@ def lookup_features(
     """
     features = config.features
     request = {f.table.name: ids[f.source] for f in features}
-    request.update({f.bias.name: ids[f.source] for f in features if f.bias is not None})
+    request.update({f.bias_table.name: ids[f.source] for f in features if f.bias_table is not None})
     rows = sparse.lookup(request, training=training, update_time=update_time)
     embeddings = [rows[f.table.name] for f in features]
-    biases = [rows[f.bias.name] for f in features if f.bias is not None]
+    biases = [rows[f.bias_table.name] for f in features if f.bias_table is not None]
     segments = [_segments(row_splits[f.source]) for f in features]
     return embeddings, biases, segments
 

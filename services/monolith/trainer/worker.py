@@ -16,8 +16,8 @@ from monolith.data.batch import Batch
 from monolith.model.config import ModelConfig
 from monolith.model.dense_model import DenseModel, StepResult
 from monolith.model.inputs import lookup_features
-from monolith.trainer.backends import DenseBackend, SparseBackend
-from monolith.trainer.metrics import sigmoid
+from monolith.model.backends import DenseBackend, SparseBackend
+from monolith.model.scores import sigmoid
 
 
 class TrainerWorker:
@@ -53,7 +53,7 @@ class TrainerWorker:
             gradients[feature.table.name] = (ids[feature.source], grads)
         for i, grads in zip(self.model.bias_features, result.bias_grads):
             feature = self.config.features[i]
-            gradients[feature.bias.name] = (ids[feature.source], grads)  # type: ignore[union-attr]
+            gradients[feature.bias_table.name] = (ids[feature.source], grads)  # type: ignore[union-attr]
         self.steps += 1
         refresh = self.steps % self.config.training.dense_refresh_steps == 0
         # The dense push (and pull) overlaps the sparse push: they go to different servers.
