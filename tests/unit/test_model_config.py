@@ -160,7 +160,7 @@ BAD: list[tuple[str, Any, str]] = [
     ("not a mapping", [1, 2], "config: must be a mapping with features, model and training, got list"),
     ("empty", None, "config: must be a mapping"),
     ("missing features", _delete(("features",)), "features: is required"),
-    ("the old word", {"slots": [{"name": "a"}]}, "slots: unknown field"),
+    ("the old word", {"slots": [{"name": "a"}]}, "features: is required; slots: unknown field"),
     ("empty features", _set(("features",), []), "features: value should have at least 1 item"),
     ("bad feature dim", _set(("features", 2, "dim"), 0), "features[2].dim: input should be greater than or equal to 1, got 0"),
     ("feature without name", _delete(("features", 1, "name")), "features[1].name: is required"),
