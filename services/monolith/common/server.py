@@ -44,6 +44,21 @@ _KEEPALIVE_OPTIONS = (
 )
 
 
+def tune_gc() -> None:
+    """The garbage-collector settings of every server, applied once what it loaded is loaded.
+
+    What is loaded by now (libraries, tables, models) lives as long as the process;
+    freezing it keeps the collector's full passes small. Requests allocate short-lived
+    objects that rarely form cycles, so full passes can also be rare: with the default
+    thresholds they ran every ~1.5 s under load and showed up as 30-50 ms latency spikes
+    (measured on the serving benchmark). Benchmarks apply the same settings to the
+    in-process side of a comparison.
+    """
+    gc.freeze()
+    young, middle, _ = gc.get_threshold()
+    gc.set_threshold(young, middle, FULL_COLLECTION_EVERY)
+
+
 def _check_port(name: str, port: int) -> None:
     if not 0 <= port <= 65535:
         raise ValueError(f"{name} must be in 0..65535, got {port}")
@@ -212,14 +227,7 @@ class MonolithServer:
                 self._metrics_httpd, self.metrics_port = metrics.start_metrics_http(
                     self._config.host, self._config.metrics_port
                 )
-            # What is loaded by now (libraries, tables, models) lives as long as the process;
-            # freezing it keeps the collector's full passes small. Requests allocate short-
-            # lived objects that rarely form cycles, so full passes can also be rare: with
-            # the default thresholds they ran every ~1.5 s under load and showed up as
-            # 30-50 ms latency spikes (measured on the serving benchmark).
-            gc.freeze()
-            young, middle, _ = gc.get_threshold()
-            gc.set_threshold(young, middle, FULL_COLLECTION_EVERY)
+            tune_gc()
             self._server.start()
             self._started = True
         self.set_serving(serving)
