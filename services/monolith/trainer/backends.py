@@ -1,52 +1,43 @@
-"""Where a trainer's parameters live: on the PS services, or in this process.
+"""A trainer's parameters in this process: the in-memory side of `monolith.model.backends`.
 
-The trainer talks to two small protocols. `ShardedEmbeddingClient` and `DensePSClient`
-implement them over gRPC; `LocalEmbeddings` and `LocalDense` implement them in memory
-with the same table engine and optimizers, for the single-process reference run that
-distributed training is measured against.
+`LocalEmbeddings` and `LocalDense` implement the sparse and dense protocols with the same
+table engine and optimizers the PS services run, for the single-process reference run
+that distributed training is measured against.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Protocol
+from typing import Mapping
 
 import numpy as np
 
-from monolith.dense_ps.optimizers import DenseOptimizerConfig
 from monolith.dense_ps.store import DenseStore
 from monolith.embedding.concurrency import VersionClock
 from monolith.embedding.config import SlotConfig
+from monolith.embedding.hashing import stable_hash64
 from monolith.embedding.table import EmbeddingTable
-
-
-class SparseBackend(Protocol):
-    """Embedding lookups and sparse gradient pushes."""
-
-    def lookup(
-        self, features: Mapping[str, np.ndarray], training: bool = False, update_time: float = 0.0
-    ) -> dict[str, np.ndarray]: ...
-
-    def apply_gradients(
-        self, gradients: Mapping[str, tuple[np.ndarray, np.ndarray]], update_time: float = 0.0
-    ) -> tuple[int, int]: ...
-
-
-class DenseBackend(Protocol):
-    """Dense parameter init, pull and push."""
-
-    def init(self, tensors: Mapping[str, np.ndarray]) -> tuple[int, dict[str, np.ndarray]]: ...
-
-    def pull(self, if_newer_than: int = 0) -> tuple[int, dict[str, np.ndarray] | None]: ...
-
-    def push(self, grads: Mapping[str, np.ndarray]) -> int: ...
+from monolith.embedding.table_kernels import gather, sum_duplicates
+from monolith.embedding_ps.routing import dedupe_and_route
+from monolith.model.config import DenseOptimizerConfig
 
 
 class LocalEmbeddings:
-    """In-memory tables with the sharded client's semantics (dedupe, occurrence counts)."""
+    """In-memory tables with the sharded client's semantics (dedupe, occurrence counts).
+
+    Ids are deduped, counted and gathered back by the same kernels the sharded client
+    runs (one shard), so a comparison of the two measures the network, not two dedupes.
+    """
 
     def __init__(self, tables: tuple[SlotConfig, ...]) -> None:
         self.tables = {t.name: EmbeddingTable(t) for t in tables}
+        self._salts = {t.name: np.uint64(stable_hash64(t.name)) for t in tables}
         self._clock = VersionClock()
+
+    def _dedupe(self, name: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(unique ids, position in unique of each id, occurrences of each unique id)."""
+        flat = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+        unique, inverse, counts, _ = dedupe_and_route(flat, self._salts[name], np.uint64(1))
+        return unique, inverse, counts
 
     def lookup(
         self, features: Mapping[str, np.ndarray], training: bool = False, update_time: float = 0.0
@@ -54,13 +45,14 @@ class LocalEmbeddings:
         out = {}
         with self._clock.mutation() as version:
             for name, ids in features.items():
-                unique, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
                 table = self.tables[name]
+                unique, inverse, counts = self._dedupe(name, ids)
                 if training:
-                    rows = table.lookup_train(unique, counts.astype(np.int32), update_time, version)
+                    rows = table.lookup_train(unique, counts, update_time, version)
                 else:
                     rows = table.lookup(unique)
-                out[name] = rows[inverse]
+                out[name] = np.empty((inverse.shape[0], table.dim), np.float32)
+                gather(rows, inverse, out[name])
         return out
 
     def apply_gradients(
@@ -69,7 +61,10 @@ class LocalEmbeddings:
         applied = filtered = 0
         with self._clock.mutation() as version:
             for name, (ids, grads) in gradients.items():
-                a, f = self.tables[name].apply_gradients(ids, grads, update_time, version)
+                unique, inverse, _ = self._dedupe(name, ids)
+                g = np.ascontiguousarray(grads, dtype=np.float32).reshape(inverse.shape[0], -1)
+                a, f = self.tables[name].apply_gradients(unique, sum_duplicates(inverse, g, unique.shape[0]),
+                                                         update_time, version)  # fmt: skip
                 applied += a
                 filtered += f
         return applied, filtered
