@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
+import argparse
 
+import pydantic
 import pytest
 
-from monolith.common.server import ServerConfig
+from monolith.common.errors import ConfigError
+from monolith.common.server import ServerConfig, add_server_arguments, server_config_from_args
 
 
 def test_defaults_are_valid() -> None:
@@ -17,7 +19,7 @@ def test_defaults_are_valid() -> None:
 
 
 def test_is_frozen() -> None:
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(pydantic.ValidationError):
         ServerConfig().port = 1  # type: ignore[misc]
 
 
@@ -54,3 +56,15 @@ def test_invalid_values_name_the_field(overrides: dict[str, object], field: str)
 )
 def test_edge_values_are_accepted(overrides: dict[str, object]) -> None:
     ServerConfig(**overrides)  # type: ignore[arg-type]
+
+
+def test_flags_out_of_range_are_a_config_error_naming_the_field() -> None:
+    parser = argparse.ArgumentParser()
+    add_server_arguments(parser, port=50051, metrics_port=9090)
+    args = parser.parse_args(["--port", "70000", "--max-message-mb", "4096"])
+
+    with pytest.raises(ConfigError) as info:
+        server_config_from_args(args)
+
+    assert "port: input should be less than or equal to 65535, got 70000" in str(info.value)
+    assert "max_message_bytes: input should be less than or equal to 2147483647" in str(info.value)
