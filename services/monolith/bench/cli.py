@@ -7,6 +7,8 @@ import importlib
 import json
 import sys
 
+from monolith.common.tf_startup import quiet_tensorflow_startup
+
 # name -> module with `run(args) -> dict` and optional `add_arguments(parser)`.
 BENCHMARKS = {
     "table": "monolith.bench.table",
@@ -23,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    module = importlib.import_module(BENCHMARKS[args.name])
+    with quiet_tensorflow_startup():  # the train and serving benchmarks import TensorFlow
+        module = importlib.import_module(BENCHMARKS[args.name])
     result = module.run(args)
     if args.json:
         print(json.dumps(result, sort_keys=True))
