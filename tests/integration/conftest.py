@@ -27,9 +27,9 @@ from monolith.embedding_ps.service import build_embedding_ps
 from monolith.embedding_ps.shard import EmbeddingShard, ShardConfig
 
 SLOTS = (
-    SlotConfig("user", dim=8, admission=AdmissionConfig(filter="counting", threshold=2)),
-    SlotConfig("item", dim=8, optimizer=OptimizerConfig(kind="adagrad")),
-    SlotConfig("tag", dim=4, optimizer=OptimizerConfig(kind="sgd", learning_rate=0.5), expire_after=100.0),
+    SlotConfig(name="user", dim=8, admission=AdmissionConfig(filter="counting", threshold=2)),
+    SlotConfig(name="item", dim=8, optimizer=OptimizerConfig(kind="adagrad")),
+    SlotConfig(name="tag", dim=4, optimizer=OptimizerConfig(kind="sgd", learning_rate=0.5), expire_after=100.0),
 )
 
 # A row as exported: (values including optimizer state, update time).

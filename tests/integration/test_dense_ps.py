@@ -26,7 +26,7 @@ from monolith.api.dense_ps.v1 import dense_ps_pb2_grpc as pb_grpc
 from monolith.common.process import free_port, wait_healthy
 from monolith.common.server import MonolithServer, ServerConfig
 from monolith.dense_ps.client import DensePSClient
-from monolith.dense_ps.optimizers import DenseOptimizerConfig
+from monolith.model.config import DenseOptimizerConfig
 from monolith.dense_ps.service import build_dense_ps
 from monolith.dense_ps.store import DenseStore
 
@@ -61,7 +61,7 @@ class DensePS:
         self.server.stop(grace=0)
 
 
-def start_ps(optimizer: DenseOptimizerConfig = DenseOptimizerConfig("sgd", LR), metrics: bool = False) -> DensePS:
+def start_ps(optimizer: DenseOptimizerConfig = DenseOptimizerConfig(kind="sgd", learning_rate=LR), metrics: bool = False) -> DensePS:
     store = DenseStore(optimizer)
     server = build_dense_ps(store, ServerConfig(host="127.0.0.1", port=0, metrics_port=0 if metrics else None))
     server.start()

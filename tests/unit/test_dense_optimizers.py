@@ -5,15 +5,14 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import numpy as np
+import pydantic
 import pytest
 import tensorflow as tf
 
-from monolith.dense_ps.optimizers import (
-    DenseOptimizerConfig,
-    dense_optimizer_from_dict,
-    make_dense_optimizer,
-)
-from monolith.embedding.config import ConfigError
+from monolith.common.config import parse_config
+from monolith.common.errors import ConfigError
+from monolith.dense_ps.optimizers import make_dense_optimizer
+from monolith.model.config import DenseOptimizerConfig
 
 SHAPES = {"kernel": (3, 2), "bias": (2,)}
 STEPS = 4
@@ -132,42 +131,44 @@ def test_state_dict_round_trip_continues_identically(kind: str) -> None:
 
 
 def test_defaults_are_keras_adam() -> None:
-    assert DenseOptimizerConfig() == DenseOptimizerConfig("adam", 0.001, 0.9, 0.999, 1e-7, 0.1)
-    assert dense_optimizer_from_dict(None, "model.optimizer") == DenseOptimizerConfig()
-    assert dense_optimizer_from_dict({}, "model.optimizer") == DenseOptimizerConfig()
+    assert DenseOptimizerConfig() == DenseOptimizerConfig(
+        kind="adam", learning_rate=0.001, beta1=0.9, beta2=0.999, epsilon=1e-7, initial_accumulator=0.1
+    )
+    assert parse_config(DenseOptimizerConfig, None, "model.optimizer") == DenseOptimizerConfig()
+    assert parse_config(DenseOptimizerConfig, {}, "model.optimizer") == DenseOptimizerConfig()
 
 
 def test_from_dict_reads_the_fields() -> None:
     raw = {"kind": "adagrad", "learning_rate": 0.3, "initial_accumulator": 0.0, "epsilon": 1e-6}
 
-    config = dense_optimizer_from_dict(raw, "model.optimizer")
+    config = parse_config(DenseOptimizerConfig, raw, "model.optimizer")
 
     assert config == DenseOptimizerConfig(kind="adagrad", learning_rate=0.3, initial_accumulator=0.0, epsilon=1e-6)
 
 
 def test_constructor_errors_name_the_field() -> None:
-    with pytest.raises(ConfigError, match=r"^optimizer.learning_rate: must be a finite number > 0, got -1$"):
+    with pytest.raises(pydantic.ValidationError, match=r"learning_rate"):
         DenseOptimizerConfig(learning_rate=-1)
 
 
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        ({"kind": "rmsprop"}, "model.optimizer.kind: must be one of sgd, adagrad, adam, got 'rmsprop'"),
-        ({"learning_rate": 0}, "model.optimizer.learning_rate: must be a finite number > 0, got 0"),
-        ({"learning_rate": float("nan")}, "model.optimizer.learning_rate: must be a finite number > 0, got nan"),
-        ({"learning_rate": "0.1"}, "model.optimizer.learning_rate: must be a finite number > 0, got '0.1'"),
-        ({"beta1": 1.0}, "model.optimizer.beta1: must be in [0, 1), got 1.0"),
-        ({"beta2": -0.1}, "model.optimizer.beta2: must be in [0, 1), got -0.1"),
-        ({"epsilon": 0}, "model.optimizer.epsilon: must be a finite number > 0, got 0"),
-        ({"initial_accumulator": -1}, "model.optimizer.initial_accumulator: must be a finite number >= 0, got -1"),
-        ({"learning_rate": True}, "model.optimizer.learning_rate: must be a finite number > 0, got True"),
-        ({"lr": 0.1}, "model.optimizer: unknown field(s) lr; known: beta1, beta2, epsilon, initial_accumulator"),
-        ([1, 2], "model.optimizer: must be a mapping, got list"),
+        ({"kind": "rmsprop"}, "model.optimizer.kind: input should be 'sgd', 'adagrad' or 'adam', got 'rmsprop'"),
+        ({"learning_rate": 0}, "model.optimizer.learning_rate: input should be greater than 0, got 0"),
+        ({"learning_rate": float("nan")}, "model.optimizer.learning_rate: input should be a finite number, got nan"),
+        ({"learning_rate": "0.1"}, "model.optimizer.learning_rate: input should be a valid number, got '0.1'"),
+        ({"beta1": 1.0}, "model.optimizer.beta1: input should be less than 1, got 1.0"),
+        ({"beta2": -0.1}, "model.optimizer.beta2: input should be greater than or equal to 0, got -0.1"),
+        ({"epsilon": 0}, "model.optimizer.epsilon: input should be greater than 0, got 0"),
+        ({"initial_accumulator": -1}, "model.optimizer.initial_accumulator: input should be greater than or equal to 0"),
+        ({"learning_rate": True}, "model.optimizer.learning_rate: input should be a valid number, got True"),
+        ({"lr": 0.1}, "model.optimizer.lr: unknown field"),
+        ([1, 2], "model.optimizer: input should be a valid dictionary"),
     ],
 )
 def test_from_dict_errors_name_the_field(raw: Any, message: str) -> None:
     with pytest.raises(ConfigError) as info:
-        dense_optimizer_from_dict(raw, "model.optimizer")
+        parse_config(DenseOptimizerConfig, raw, "model.optimizer")
 
     assert str(info.value).startswith(message)

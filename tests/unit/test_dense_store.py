@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from monolith.common.errors import FailedPrecondition, InvalidArgument, MonolithError
-from monolith.dense_ps.optimizers import DenseOptimizerConfig
+from monolith.model.config import DenseOptimizerConfig
 from monolith.dense_ps.store import DenseSnapshot, DenseStore
 
 SGD = DenseOptimizerConfig(kind="sgd", learning_rate=0.125)  # a power of two: float32 steps are exact

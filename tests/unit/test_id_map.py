@@ -33,9 +33,9 @@ def sgd_table(initial_capacity: int = 1024, name: str = "ids") -> EmbeddingTable
         SlotConfig(
             name=name,
             dim=DIM,
-            initializer=InitializerConfig("uniform", 0.5),
-            optimizer=OptimizerConfig("sgd", learning_rate=1.0),
-            admission=AdmissionConfig("none"),
+            initializer=InitializerConfig(kind="uniform", scale=0.5),
+            optimizer=OptimizerConfig(kind="sgd", learning_rate=1.0),
+            admission=AdmissionConfig(filter="none"),
         ),
         initial_capacity=initial_capacity,
     )

@@ -22,7 +22,7 @@ from monolith.data.movielens import load_movielens, raw_feature_values
 from monolith.model.config import ModelConfig, default_config_path, model_config_from_dict
 from monolith.serving.model import MAX_BATCH, ServingModel
 from monolith.trainer.backends import LocalDense, LocalEmbeddings
-from monolith.trainer.metrics import sigmoid
+from monolith.model.scores import sigmoid
 from monolith.trainer.worker import TrainerWorker
 
 Request = dict[str, np.ndarray]

@@ -24,9 +24,9 @@ from monolith.embedding_ps.shard import EmbeddingShard, ShardConfig
 from monolith.embedding_ps.sync import ServingSync, SyncResult
 
 SLOTS = (
-    SlotConfig("user", dim=4, optimizer=OptimizerConfig("adagrad"), admission=AdmissionConfig("counting", 2)),
-    SlotConfig("item", dim=3, optimizer=OptimizerConfig("sgd", learning_rate=0.5)),
-    SlotConfig("tag", dim=2, expire_after=100.0),
+    SlotConfig(name="user", dim=4, optimizer=OptimizerConfig(kind="adagrad"), admission=AdmissionConfig(filter="counting", threshold=2)),
+    SlotConfig(name="item", dim=3, optimizer=OptimizerConfig(kind="sgd", learning_rate=0.5)),
+    SlotConfig(name="tag", dim=2, expire_after=100.0),
 )
 NUM_SHARDS = 2
 

@@ -20,7 +20,8 @@ from monolith.data.movielens import load_movielens
 from monolith.model.config import ModelConfig, default_config_path, load_model_config, model_config_from_dict
 from monolith.trainer.backends import LocalDense, LocalEmbeddings
 from monolith.trainer.evaluation import evaluate, progressive_validation, running_mean_baseline
-from monolith.trainer.metrics import auc, log_loss, sigmoid
+from monolith.model.scores import sigmoid
+from monolith.trainer.metrics import auc, log_loss
 from monolith.trainer.progress import Progress
 from monolith.trainer.worker import TrainerWorker
 
