@@ -5,27 +5,44 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PROTO_SRC := $(shell find protos -name '*.proto')
 STAMP := $(VENV)/.installed
+LOCK := requirements.lock
+# The lock pins the runtime dependencies and both extras (test, loadtest), with the hash of
+# every file, for CPython 3.11 on x86-64 Linux whatever machine runs `make lock`. Versions
+# already in the lock are kept while they still satisfy pyproject.toml, so regenerating is
+# repeatable and `make lock-check` does not fail because a new release appeared.
+LOCK_ARGS := pyproject.toml --extra test --extra loadtest --generate-hashes --python-version 3.11 \
+	--python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" --quiet
 
 .DEFAULT_GOAL := help
-.PHONY: help setup protos lint test test-fast test-unit test-integration bench run clean
+.PHONY: help setup lock lock-check protos lint test test-fast test-unit test-integration bench run clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-$(STAMP): pyproject.toml requirements.lock
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.lock
-	$(PY) -m pip install --quiet --no-deps -e '.[test]'
+	$(PY) -m pip install --quiet --require-hashes -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
-setup: $(STAMP) protos ## Create .venv, install pinned dependencies, generate protobuf code
+setup: $(STAMP) protos ## Create .venv, install the locked dependencies (with the test extras), generate protobuf code
+
+lock: $(STAMP) ## Regenerate requirements.lock from pyproject.toml (uv, with hashes)
+	$(VENV)/bin/uv pip compile $(LOCK_ARGS) -o $(LOCK)
+
+lock-check: $(STAMP) ## Fail if requirements.lock is stale: regenerate it into a copy and compare
+	@fresh=$$(mktemp) && cp $(LOCK) $$fresh && \
+	$(VENV)/bin/uv pip compile $(LOCK_ARGS) -o $$fresh && \
+	if diff -u $(LOCK) $$fresh; then rm -f $$fresh; \
+	else rm -f $$fresh; echo "$(LOCK) is stale relative to pyproject.toml: run make lock" >&2; exit 1; fi
 
 protos: $(STAMP) ## Generate Python code from protos/ into services/monolith/api/
 	@$(PY) -m monolith.protogen protos services
 
-lint: setup ## Static checks (undefined names, unused imports)
+lint: setup lock-check ## Static checks (undefined names, unused imports, import floors) and a fresh lock
 	$(VENV)/bin/ruff check --select F services clients tests
+	$(VENV)/bin/lint-imports --no-cache
 
 test: setup lint ## Static checks, then all tests (unit, integration, e2e)
 	$(PY) -m pytest -q tests
