@@ -30,9 +30,9 @@ def make_table(
     config = SlotConfig(
         name=name,
         dim=dim,
-        initializer=InitializerConfig(*init),
-        optimizer=optimizer or OptimizerConfig("sgd", learning_rate=0.1),
-        admission=AdmissionConfig(*admission),
+        initializer=InitializerConfig(kind=init[0], scale=init[1]),
+        optimizer=optimizer or OptimizerConfig(kind="sgd", learning_rate=0.1),
+        admission=AdmissionConfig(filter=admission[0], threshold=admission[1]),
         expire_after=expire_after,
         seed=seed,
     )
@@ -157,7 +157,7 @@ def test_counting_filter_tracks_many_pending_ids() -> None:
 
 
 def test_gradients_of_ids_without_a_row_are_dropped_and_counted() -> None:
-    table = make_table(admission=("counting", 2), optimizer=OptimizerConfig("sgd", learning_rate=1.0))
+    table = make_table(admission=("counting", 2), optimizer=OptimizerConfig(kind="sgd", learning_rate=1.0))
     x, y = ids_of(1), ids_of(2)
     table.lookup_train(np.concatenate([x, y]), np.array([1, 2], np.int32), 5.0, 1)
     initial_y = table.lookup(y)
@@ -169,7 +169,7 @@ def test_gradients_of_ids_without_a_row_are_dropped_and_counted() -> None:
     np.testing.assert_allclose(table.lookup(y), initial_y - 1.0, rtol=1e-6)
     # Once admitted, x starts from its initial vector: the dropped gradient left no trace.
     admitted = table.lookup_train(x, None, 7.0, 3)
-    reference = make_table(optimizer=OptimizerConfig("sgd", learning_rate=1.0))
+    reference = make_table(optimizer=OptimizerConfig(kind="sgd", learning_rate=1.0))
     np.testing.assert_array_equal(admitted, reference.lookup_train(x, None, 7.0, 1))
 
 
@@ -239,7 +239,7 @@ def test_threshold_one_admits_everything(kind: str) -> None:
 
 
 def test_a_recreated_row_starts_identical() -> None:
-    table = make_table(optimizer=OptimizerConfig("adagrad"))
+    table = make_table(optimizer=OptimizerConfig(kind="adagrad"))
     ids = ids_of(5, INT64_MIN, INT64_MAX)
     initial = table.lookup_train(ids, None, 1.0, 1)
     table.apply_gradients(ids, np.ones((3, 4), np.float32), 2.0, 2)
@@ -256,7 +256,7 @@ def test_initial_vectors_depend_on_slot_name_and_seed_only() -> None:
     ids = np.arange(-500, 500, dtype=np.int64) * 31337
     base = make_table(name="user", seed=3).lookup_train(ids, None, 1.0, 1)
 
-    same = make_table(name="user", seed=3, initial_capacity=8, optimizer=OptimizerConfig("adam"))
+    same = make_table(name="user", seed=3, initial_capacity=8, optimizer=OptimizerConfig(kind="adam"))
     np.testing.assert_array_equal(same.lookup_train(ids[::-1], None, 99.0, 7)[::-1], base)
     for other in (make_table(name="user", seed=4), make_table(name="item", seed=3)):
         values = other.lookup_train(ids, None, 1.0, 1)
@@ -337,10 +337,10 @@ def reference_steps(kind: str, opt: OptimizerConfig, row: np.ndarray, grads: lis
 
 
 OPTIMIZERS = {
-    "sgd": OptimizerConfig("sgd", learning_rate=0.3),
-    "adagrad": OptimizerConfig("adagrad", learning_rate=0.2, initial_accumulator=0.1, epsilon=1e-3),
-    "ftrl": OptimizerConfig("ftrl", learning_rate=0.5, initial_accumulator=0.2, l1=0.05, l2=0.3, beta=0.7),
-    "adam": OptimizerConfig("adam", learning_rate=0.01, beta1=0.8, beta2=0.95, epsilon=1e-4),
+    "sgd": OptimizerConfig(kind="sgd", learning_rate=0.3),
+    "adagrad": OptimizerConfig(kind="adagrad", learning_rate=0.2, initial_accumulator=0.1, epsilon=1e-3),
+    "ftrl": OptimizerConfig(kind="ftrl", learning_rate=0.5, initial_accumulator=0.2, l1=0.05, l2=0.3, beta=0.7),
+    "adam": OptimizerConfig(kind="adam", learning_rate=0.01, beta1=0.8, beta2=0.95, epsilon=1e-4),
 }
 
 
@@ -377,7 +377,7 @@ def test_initial_optimizer_state(kind: str, state: list[float]) -> None:
 
 
 def test_initial_ftrl_state_reproduces_the_initial_weight() -> None:
-    opt = OptimizerConfig("ftrl", learning_rate=0.3, initial_accumulator=0.5, l1=0.02, l2=0.4, beta=1.5)
+    opt = OptimizerConfig(kind="ftrl", learning_rate=0.3, initial_accumulator=0.5, l1=0.02, l2=0.4, beta=1.5)
     table = make_table(dim=6, init=("uniform", 1.0), optimizer=opt)
     table.lookup_train(np.arange(50), None, 1.0, 1)
 
@@ -390,7 +390,7 @@ def test_initial_ftrl_state_reproduces_the_initial_weight() -> None:
 
 
 def test_ftrl_l1_zeroes_small_weights() -> None:
-    opt = OptimizerConfig("ftrl", learning_rate=0.5, initial_accumulator=0.1, l1=1.0, l2=0.0, beta=1.0)
+    opt = OptimizerConfig(kind="ftrl", learning_rate=0.5, initial_accumulator=0.1, l1=1.0, l2=0.0, beta=1.0)
     table = make_table(dim=2, init=("zeros", 0.0), optimizer=opt)
     x = ids_of(1)
     table.lookup_train(x, None, 1.0, 1)
@@ -443,7 +443,7 @@ def test_duplicate_ids_take_one_step_with_the_summed_gradient(kind: str) -> None
 
 
 def test_flat_gradients_are_reshaped_per_row() -> None:
-    table = make_table(dim=2, init=("zeros", 0.0), optimizer=OptimizerConfig("sgd", learning_rate=1.0))
+    table = make_table(dim=2, init=("zeros", 0.0), optimizer=OptimizerConfig(kind="sgd", learning_rate=1.0))
     table.lookup_train(ids_of(1), None, 1.0, 1)
 
     table.apply_gradients(ids_of(1), np.array([1, 2], np.float64), 1.0, 2)
@@ -455,7 +455,7 @@ def test_flat_gradients_are_reshaped_per_row() -> None:
 
 
 def test_rows_not_updated_for_expire_after_are_evicted() -> None:
-    table = make_table(expire_after=100, optimizer=OptimizerConfig("sgd"))
+    table = make_table(expire_after=100, optimizer=OptimizerConfig(kind="sgd"))
     a, b, c = np.arange(0, 20), np.arange(20, 30), np.arange(30, 35)
     table.lookup_train(a, None, 1000.0, 1)
     table.lookup_train(b, None, 1050.0, 2)
@@ -503,7 +503,7 @@ def test_expire_with_an_explicit_reference_time() -> None:
 
 
 def test_an_evicted_id_comes_back_fresh() -> None:
-    table = make_table(expire_after=10, optimizer=OptimizerConfig("sgd", learning_rate=1.0))
+    table = make_table(expire_after=10, optimizer=OptimizerConfig(kind="sgd", learning_rate=1.0))
     x = ids_of(77)
     initial = table.lookup_train(x, None, 100.0, 1)
     table.apply_gradients(x, np.ones((1, 4), np.float32), 100.0, 2)
@@ -674,7 +674,7 @@ def test_concurrent_lookups_never_see_torn_rows() -> None:
     # SGD with lr 1, zeros at creation and gradients of -1 in every element: each row only
     # ever holds k in every element, so a read that raced a write would show unequal elements.
     dim = 8
-    sgd = OptimizerConfig("sgd", learning_rate=1.0)
+    sgd = OptimizerConfig(kind="sgd", learning_rate=1.0)
     table = make_table(dim=dim, init=("zeros", 0.0), optimizer=sgd, initial_capacity=8)
     hot = np.arange(64, dtype=np.int64)
     table.lookup_train(hot, None, 1.0, 1)
