@@ -30,11 +30,13 @@ class ConfigModel(pydantic.BaseModel):
 
 
 def _as_tuple(value: Any) -> Any:
-    """YAML gives lists; frozen configs hold tuples."""
     return tuple(value) if isinstance(value, list) else value
 
 
-IntTuple = Annotated[tuple[Annotated[int, pydantic.Field(ge=1)], ...], BeforeValidator(_as_tuple)]
+LIST_AS_TUPLE = BeforeValidator(_as_tuple)
+"""Annotation for tuple fields: YAML gives lists, frozen (hashable) configs hold tuples."""
+
+IntTuple = Annotated[tuple[Annotated[int, pydantic.Field(ge=1)], ...], LIST_AS_TUPLE]
 """A tuple of positive integers that YAML may write as a list."""
 
 

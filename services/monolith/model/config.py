@@ -38,9 +38,9 @@ from typing import Annotated, Any, Literal
 
 import pydantic
 import yaml
-from pydantic import BeforeValidator, Field
+from pydantic import Field
 
-from monolith.common.config import ConfigModel, IntTuple, parse_config
+from monolith.common.config import LIST_AS_TUPLE, ConfigModel, IntTuple, parse_config
 from monolith.common.errors import ConfigError
 from monolith.embedding.config import AdmissionConfig, InitializerConfig, OptimizerConfig, TableConfig
 
@@ -180,16 +180,12 @@ class TrainingConfig(ConfigModel):
         return data
 
 
-def _non_empty_tuple(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
-
-
 class ModelConfig(ConfigModel):
     """Everything about the model: features, dense tower, training."""
 
     model_config = pydantic.ConfigDict(ignored_types=(functools.cached_property,))
 
-    features: Annotated[tuple[FeatureConfig, ...], BeforeValidator(_non_empty_tuple), Field(min_length=1)]
+    features: Annotated[tuple[FeatureConfig, ...], LIST_AS_TUPLE, Field(min_length=1)]
     model: DenseModelConfig = DenseModelConfig()
     training: TrainingConfig = TrainingConfig()
 
