@@ -132,14 +132,14 @@ WRAPPING_HOMES = {127: 40, 126: 14, 0: 14, 1: 12}
 def test_colliding_ids_survive_insertion_and_deletion(data: st.DataObject) -> None:
     table = sgd_table(initial_capacity=64)
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="rng seed"))
-    ids = colliding_ids(table._seed, WRAPPING_HOMES, rng)
+    ids = colliding_ids(table._t.seed, WRAPPING_HOMES, rng)
     n = ids.shape[0]
     created = table.lookup_train(ids, None, 1.0, 1)
     table.apply_gradients(ids, markers(n), 2.0, 2)
     trained = created - markers(n)
     # Backward shift is exact only if the index really held one 80-long cluster.
-    assert table._index.shape[0] == INDEX_SIZE
-    assert np.count_nonzero(table._index >= 0) == n
+    assert table._t.index.shape[0] == INDEX_SIZE
+    assert np.count_nonzero(table._t.index >= 0) == n
 
     order = data.draw(st.permutations(range(n)), label="deletion order")
     n_deleted = data.draw(st.integers(0, n), label="deletions")
@@ -162,7 +162,7 @@ def test_colliding_ids_survive_insertion_and_deletion(data: st.DataObject) -> No
     # Re-inserted ids come back with their initial vectors; the others are untouched.
     np.testing.assert_array_equal(table.lookup_train(ids[deleted], None, 5.0, 5), created[deleted])
     assert len(table) == n
-    assert table._index.shape[0] == INDEX_SIZE
+    assert table._t.index.shape[0] == INDEX_SIZE
     np.testing.assert_array_equal(table.lookup(ids[kept]), trained[kept])
     np.testing.assert_array_equal(table.lookup(ids[deleted]), created[deleted])
 
@@ -170,7 +170,7 @@ def test_colliding_ids_survive_insertion_and_deletion(data: st.DataObject) -> No
 def test_all_ids_in_one_slot_with_interleaved_deletes_and_inserts() -> None:
     table = sgd_table(initial_capacity=64)
     rng = np.random.default_rng(7)
-    ids = colliding_ids(table._seed, {INDEX_SIZE - 1: 85}, rng)
+    ids = colliding_ids(table._t.seed, {INDEX_SIZE - 1: 85}, rng)
     values: dict[int, np.ndarray] = {}
     live: set[int] = set()
 
@@ -190,19 +190,19 @@ def test_all_ids_in_one_slot_with_interleaved_deletes_and_inserts() -> None:
             assert not table.contains(dead).any()
             assert len(table) == len(live)
 
-    assert table._index.shape[0] == INDEX_SIZE
+    assert table._t.index.shape[0] == INDEX_SIZE
 
 
 def test_rows_stay_found_when_the_index_is_rebuilt_around_a_cluster() -> None:
     table = sgd_table(initial_capacity=64)
     rng = np.random.default_rng(11)
-    ids = colliding_ids(table._seed, {5: 60, 6: 20}, rng)
+    ids = colliding_ids(table._t.seed, {5: 60, 6: 20}, rng)
     created = table.lookup_train(ids, None, 1.0, 1)
     spread = np.arange(10**6, 10**6 + 500, dtype=np.int64)
 
     table.lookup_train(spread, None, 1.0, 2)  # grows the arena and rebuilds the index
 
-    assert table._index.shape[0] > INDEX_SIZE
+    assert table._t.index.shape[0] > INDEX_SIZE
     np.testing.assert_array_equal(table.lookup(ids), created)
     table.delete(ids[::2], 3)
     assert not table.contains(ids[::2]).any()
@@ -215,7 +215,7 @@ def test_rows_stay_found_when_the_index_is_rebuilt_around_a_cluster() -> None:
 
 def test_growth_from_eight_rows_to_fifty_thousand_then_reuse() -> None:
     table = sgd_table(initial_capacity=8)
-    assert table._keys.shape[0] == 8
+    assert table._t.keys.shape[0] == 8
     rng = np.random.default_rng(3)
     ids = np.unique(rng.integers(INT64_MIN, INT64_MAX, size=52_000, dtype=np.int64, endpoint=True))[:50_000]
     rng.shuffle(ids)
@@ -225,7 +225,7 @@ def test_growth_from_eight_rows_to_fifty_thousand_then_reuse() -> None:
 
     assert len(table) == 50_000
     assert table.stats().rows == 50_000
-    assert table._keys.shape[0] >= 50_000
+    assert table._t.keys.shape[0] >= 50_000
     np.testing.assert_array_equal(table.lookup(ids), created)
     reference = sgd_table()
     np.testing.assert_array_equal(reference.lookup_train(ids, None, 1.0, 1), created)
@@ -233,17 +233,18 @@ def test_growth_from_eight_rows_to_fifty_thousand_then_reuse() -> None:
     # Deleting N rows and creating N new ids reuses the freed rows: nothing grows.
     deleted, kept = ids[:10_000], ids[10_000:]
     assert table.delete(deleted, 10**6) == 10_000
-    bytes_after_delete = table.stats().bytes
-    capacity = table._keys.shape[0]
-    high = int(table._meta[id_map.META_HIGH])
+    # The arena and index do not grow (the change log does record the new rows).
+    arena_bytes = table._t.values.nbytes + table._t.index.nbytes
+    capacity = table._t.keys.shape[0]
+    high = int(table._t.meta[id_map.META_HIGH])
     fresh = np.arange(1, 10_001, dtype=np.int64) * 1_000_003
     fresh = fresh[~np.isin(fresh, ids)][:10_000]
     new_values = table.lookup_train(fresh, None, 2.0, 10**6 + 1)
 
     assert len(table) == 40_000 + fresh.shape[0]
-    assert table.stats().bytes == bytes_after_delete
-    assert table._keys.shape[0] == capacity
-    assert int(table._meta[id_map.META_HIGH]) == high
+    assert table._t.values.nbytes + table._t.index.nbytes == arena_bytes
+    assert table._t.keys.shape[0] == capacity
+    assert int(table._t.meta[id_map.META_HIGH]) == high
     np.testing.assert_array_equal(table.lookup(kept), created[10_000:])
     np.testing.assert_array_equal(table.lookup(fresh), new_values)
     assert not table.contains(deleted).any()
@@ -254,11 +255,11 @@ def test_meta_counts_live_and_high_water_rows() -> None:
     table.lookup_train(np.arange(6), None, 1.0, 1)
     table.delete(np.array([1, 3]), 2)
 
-    assert int(table._meta[id_map.META_LIVE]) == 4
-    assert int(table._meta[id_map.META_HIGH]) == 6
+    assert int(table._t.meta[id_map.META_LIVE]) == 4
+    assert int(table._t.meta[id_map.META_HIGH]) == 6
     table.lookup_train(np.array([100, 101, 102]), None, 1.0, 3)
     # Two freed rows are reused before a never-used row is handed out.
-    assert int(table._meta[id_map.META_HIGH]) == 7
+    assert int(table._t.meta[id_map.META_HIGH]) == 7
     assert len(table) == 7
 
 

@@ -370,7 +370,7 @@ def test_optimizer_matches_its_textbook_update(kind: str, init: tuple[str, float
     [("sgd", []), ("adagrad", [0.1] * 3), ("adam", [0.0] * 7)],
 )
 def test_initial_optimizer_state(kind: str, state: list[float]) -> None:
-    table = make_table(dim=3, optimizer=OptimizerConfig(kind, initial_accumulator=0.1))
+    table = make_table(dim=3, optimizer=OptimizerConfig(kind=kind, initial_accumulator=0.1))
     table.lookup_train(ids_of(1), None, 1.0, 1)
 
     np.testing.assert_allclose(state_of(table, 1)[3:], np.array(state, np.float32))
@@ -528,12 +528,12 @@ def test_no_expiry_without_expire_after() -> None:
 def test_expiry_frees_rows_for_reuse() -> None:
     table = make_table(expire_after=10, initial_capacity=8)
     table.lookup_train(np.arange(5000), None, 100.0, 1)
-    capacity = table._keys.shape[0]
+    capacity = table.capacity
 
     table.expire(2, now=1000.0)
     table.lookup_train(np.arange(5000, 10_000), None, 1000.0, 3)
 
-    assert table._keys.shape[0] == capacity
+    assert table.capacity == capacity
     assert len(table) == 5000
 
 
@@ -598,7 +598,7 @@ def test_upsert_rejects_rows_of_the_wrong_width() -> None:
     table = make_table(dim=3, optimizer=OPTIMIZERS["adagrad"])
     bad = RowBatch(ids_of(1), np.zeros((1, 4), np.float32), np.zeros(1, np.uint32))
 
-    with pytest.raises(ValueError, match="do not fit slot 'slot'"):
+    with pytest.raises(ValueError, match="do not fit table 'slot'"):
         table.upsert(bad, 1)
     with pytest.raises(ValueError):
         table.upsert(RowBatch(ids_of(1, 2), np.zeros((1, 3), np.float32), np.zeros(2, np.uint32)), 1)
@@ -741,7 +741,7 @@ def test_concurrent_lookups_never_see_torn_rows() -> None:
     assert not any(t.is_alive() for t in threads)
     assert not errors, errors
     assert reads[0] > 10 and reads[1] > 0 and steps[0] > 10
-    assert table._keys.shape[0] > 10_000  # the arena grew while readers ran
+    assert table.capacity > 10_000  # the arena grew while readers ran
     np.testing.assert_array_equal(table.lookup(hot), np.full((64, dim), steps[0], np.float32))
 
 

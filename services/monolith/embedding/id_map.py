@@ -9,15 +9,22 @@ an insert cycles, and adversarial sets can make every rehash cycle. The hash is 
 per map, so ids cannot be chosen to collide in advance; the index is kept at most 70%
 full, where expected probes stay below 2 for hits and about 6 for misses.
 
-Layout (all plain numpy arrays, so growth is a Python-side reallocation):
+A map is a named tuple with (at least) these fields, all plain numpy arrays so growth is
+a Python-side reallocation followed by a new tuple:
+- `index[slot]`: int32 row number, or -1 for an empty slot; its size is a power of two;
 - `keys[row]`: the id owning a row; for a free row, the next free row (an intrusive free
   list, so free rows cost no extra memory);
-- `index[slot]`: int32 row number, or -1 for an empty slot; its size is a power of two;
-- `meta`: int64 scalars the kernels update in place (see the META_* constants).
-Liveness of a row is the caller's business (the table marks free rows with version -1).
+- `meta`: int64 scalars the kernels update in place (see the META_* constants; a caller
+  may append its own scalars after META_SIZE);
+- `seed`: the map's uint64 hash seed.
+The kernels take the tuple, not its arrays one by one, so two same-typed arrays cannot be
+passed in each other's place. Liveness of a row is the caller's business (the table marks
+free rows by their update time).
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import numba
 import numpy as np
@@ -33,9 +40,22 @@ MAX_LOAD = 0.7
 EMPTY = np.int32(-1)
 
 
-def new_meta() -> np.ndarray:
-    """Fresh meta scalars: no rows, empty free list."""
-    meta = np.zeros(META_SIZE, dtype=np.int64)
+class MapArrays(Protocol):
+    """What the kernels read of a map: any named tuple with these fields."""
+
+    @property
+    def index(self) -> np.ndarray: ...
+    @property
+    def keys(self) -> np.ndarray: ...
+    @property
+    def meta(self) -> np.ndarray: ...
+    @property
+    def seed(self) -> np.uint64: ...
+
+
+def new_meta(size: int = META_SIZE) -> np.ndarray:
+    """Fresh meta scalars: no rows, empty free list (and `size - META_SIZE` caller zeros)."""
+    meta = np.zeros(size, dtype=np.int64)
     meta[META_FREE_HEAD] = -1
     return meta
 
@@ -49,8 +69,9 @@ def index_capacity_for(rows: int) -> int:
 
 
 @numba.njit(inline="always", nogil=True, cache=True)
-def find(index: np.ndarray, keys: np.ndarray, seed: np.uint64, key: np.int64) -> np.int64:
-    """Row of `key`, or -1."""
+def find(m: MapArrays, key: np.int64) -> np.int64:
+    """Row of `key` in map `m`, or -1."""
+    index, keys, seed = m.index, m.keys, m.seed
     mask = np.uint64(index.shape[0] - 1)
     slot = hash_id(key, seed) & mask
     while True:
@@ -63,8 +84,9 @@ def find(index: np.ndarray, keys: np.ndarray, seed: np.uint64, key: np.int64) ->
 
 
 @numba.njit(inline="always", nogil=True, cache=True)
-def insert(index: np.ndarray, keys: np.ndarray, seed: np.uint64, key: np.int64, row: np.int64) -> None:
+def insert(m: MapArrays, key: np.int64, row: np.int64) -> None:
     """Puts `row` (whose keys[row] == key) into the index; key must be absent."""
+    index, seed = m.index, m.seed
     mask = np.uint64(index.shape[0] - 1)
     slot = hash_id(key, seed) & mask
     while index[slot] >= 0:
@@ -73,8 +95,9 @@ def insert(index: np.ndarray, keys: np.ndarray, seed: np.uint64, key: np.int64, 
 
 
 @numba.njit(inline="always", nogil=True, cache=True)
-def remove(index: np.ndarray, keys: np.ndarray, seed: np.uint64, key: np.int64) -> np.int64:
+def remove(m: MapArrays, key: np.int64) -> np.int64:
     """Removes `key` from the index by backward-shift deletion; returns its row or -1."""
+    index, keys, seed = m.index, m.keys, m.seed
     mask = np.uint64(index.shape[0] - 1)
     hole = hash_id(key, seed) & mask
     while True:
@@ -106,8 +129,9 @@ def remove(index: np.ndarray, keys: np.ndarray, seed: np.uint64, key: np.int64) 
 
 
 @numba.njit(inline="always", nogil=True, cache=True)
-def alloc_row(meta: np.ndarray, keys: np.ndarray) -> np.int64:
+def alloc_row(m: MapArrays) -> np.int64:
     """Takes a row from the free list, else the next never-used row (capacity checked by caller)."""
+    meta, keys = m.meta, m.keys
     head = meta[META_FREE_HEAD]
     if head >= 0:
         meta[META_FREE_HEAD] = keys[head]
@@ -120,24 +144,25 @@ def alloc_row(meta: np.ndarray, keys: np.ndarray) -> np.int64:
 
 
 @numba.njit(inline="always", nogil=True, cache=True)
-def free_row(meta: np.ndarray, keys: np.ndarray, row: np.int64) -> None:
+def free_row(m: MapArrays, row: np.int64) -> None:
     """Returns a row (already removed from the index) to the free list."""
+    meta, keys = m.meta, m.keys
     keys[row] = meta[META_FREE_HEAD]
     meta[META_FREE_HEAD] = row
     meta[META_LIVE] -= 1
 
 
 @numba.njit(nogil=True, cache=True)
-def rebuild_index(index: np.ndarray, keys: np.ndarray, alive: np.ndarray, seed: np.uint64) -> None:
-    """Fills an empty index with every row whose `alive` flag is set."""
-    index[:] = EMPTY
+def rebuild_index(m: MapArrays, alive: np.ndarray) -> None:
+    """Fills the map's (new, empty) index with every row whose `alive` flag is set."""
+    m.index[:] = EMPTY
     for row in range(alive.shape[0]):
         if alive[row]:
-            insert(index, keys, seed, keys[row], np.int64(row))
+            insert(m, m.keys[row], np.int64(row))
 
 
 @numba.njit(nogil=True, cache=True)
-def find_many(index: np.ndarray, keys: np.ndarray, seed: np.uint64, ids: np.ndarray, rows: np.ndarray) -> int:
+def find_many(m: MapArrays, ids: np.ndarray, rows: np.ndarray) -> int:
     """rows[i] = row of ids[i] or -1; returns the number of misses.
 
     Done in two passes so the cache misses of different ids overlap: the first pass only
@@ -145,6 +170,7 @@ def find_many(index: np.ndarray, keys: np.ndarray, seed: np.uint64, ids: np.ndar
     checks the key and walks the probe sequence where the home slot was not a hit. On a
     table much larger than the cache this is ~1.3x faster than probing id by id.
     """
+    index, keys, seed = m.index, m.keys, m.seed
     mask = np.uint64(index.shape[0] - 1)
     for i in range(ids.shape[0]):
         rows[i] = index[hash_id(ids[i], seed) & mask]
@@ -152,7 +178,7 @@ def find_many(index: np.ndarray, keys: np.ndarray, seed: np.uint64, ids: np.ndar
     for i in range(ids.shape[0]):
         row = rows[i]
         if row < 0 or keys[row] != ids[i]:
-            rows[i] = find(index, keys, seed, ids[i]) if row >= 0 else -1
+            rows[i] = find(m, ids[i]) if row >= 0 else -1
             if rows[i] < 0:
                 misses += 1
     return misses

@@ -6,18 +6,23 @@ A row of the arena is `[embedding (dim) | optimizer state]`. State layouts:
 - ftrl: z (dim), n (dim), as in McMahan et al. 2013 with learning_rate_power -1/2;
 - adam: m (dim), v (dim), step count (1): "lazy" Adam, which advances a row's moments
   only when the row gets a gradient, as sparse Adam does.
-Hyper-parameters travel as a float64 array indexed by the HP_* constants.
+Hyper-parameters travel as a float64 array indexed by the HP_* constants. The kernels
+take the table's constants as one `TableParams` (see table_kernels), not as loose scalars.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numba
 import numpy as np
 
 from monolith.embedding.config import InitializerConfig, OptimizerConfig
 from monolith.embedding.hashing import mix64, stream_value, to_unit_float
+
+if TYPE_CHECKING:
+    from monolith.embedding.table_kernels import TableParams
 
 SGD, ADAGRAD, FTRL, ADAM = 0, 1, 2, 3
 OPTIMIZER_CODES = {"sgd": SGD, "adagrad": ADAGRAD, "ftrl": FTRL, "adam": ADAM}
@@ -45,14 +50,14 @@ def initializer_params(init: InitializerConfig) -> tuple[int, float]:
 
 
 @numba.njit(inline="always", nogil=True, cache=True)
-def init_embedding(values: np.ndarray, row: np.int64, dim: int, key: np.int64, kind: int, scale: float,
-                   slot_seed: np.uint64) -> None:  # fmt: skip
-    """Sets a row's embedding from a random stream keyed by (slot seed, id)."""
+def init_embedding(values: np.ndarray, row: np.int64, key: np.int64, p: TableParams) -> None:
+    """Sets a row's embedding from a random stream keyed by (the table's init seed, id)."""
+    dim, kind, scale = p.dim, p.init_kind, p.init_scale
     if kind == ZEROS:
         for j in range(dim):
             values[row, j] = 0.0
         return
-    base = mix64(np.uint64(key) ^ slot_seed)
+    base = mix64(np.uint64(key) ^ p.init_seed)
     for j in range(dim):
         u = to_unit_float(stream_value(base, 2 * j))
         if kind == UNIFORM:
@@ -64,8 +69,9 @@ def init_embedding(values: np.ndarray, row: np.int64, dim: int, key: np.int64, k
 
 
 @numba.njit(inline="always", nogil=True, cache=True)
-def init_state(values: np.ndarray, row: np.int64, dim: int, kind: int, hp: np.ndarray) -> None:
+def init_state(values: np.ndarray, row: np.int64, p: TableParams) -> None:
     """Sets the optimizer state of a row whose embedding is already set."""
+    dim, kind, hp = p.dim, p.opt_kind, p.hp
     if kind == ADAGRAD:
         for j in range(dim):
             values[row, dim + j] = hp[HP_INIT_ACC]
@@ -88,9 +94,9 @@ def init_state(values: np.ndarray, row: np.int64, dim: int, kind: int, hp: np.nd
 
 
 @numba.njit(inline="always", nogil=True, cache=True)
-def apply_gradient(values: np.ndarray, row: np.int64, grads: np.ndarray, i: np.int64, dim: int, kind: int,
-                   hp: np.ndarray) -> None:  # fmt: skip
+def apply_gradient(values: np.ndarray, row: np.int64, grads: np.ndarray, i: np.int64, p: TableParams) -> None:
     """One optimizer step on `values[row]` with gradient `grads[i]`, computed in float64."""
+    dim, kind, hp = p.dim, p.opt_kind, p.hp
     lr = hp[HP_LR]
     if kind == SGD:
         for j in range(dim):

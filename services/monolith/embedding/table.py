@@ -1,41 +1,60 @@
-"""One slot's collisionless embedding table: what a table is, with no sharding or gRPC.
+"""One collisionless embedding table: what a table is, with no sharding or gRPC.
 
 Every distinct id owns one row of a contiguous float32 arena `[embedding | optimizer
-state]`, with per-row metadata (the shard version of its last change, its last update
-time). Rows are found through a seeded linear-probing index (see `id_map`), created on
-demand when the admission filter lets an id in, updated by the slot's optimizer, evicted
-when not updated for `expire_after`, and exported/imported as changes since a version.
+state]`, with its last update time. Rows are found through a seeded linear-probing index
+(see `id_map`), created on demand when the admission filter lets an id in, updated by the
+table's optimizer, evicted when not updated for `expire_after`, and exported/imported as
+changes since a version.
 
 Time is data time, as in the paper: rows are stamped with the update time the caller
 passes (the batch's example time, or the wall clock), and expiry compares rows with the
 newest update time the table has seen, so a replay of old data expires rows as the live
 system would have, and a pause in training expires nothing.
 
-Thread safety: reads take a shared lock, mutations an exclusive one (see concurrency).
+Changes since a version, in time proportional to the changes: rows carry no version.
+Instead the kernels append the row of every creation, update and import to a change log
+(compacted to the last entry of each live row when it grows past twice the live rows),
+and the table keeps *cuts*: (version, log position, deletion-log position) records made
+at instants when every mutation numbered up to that version had been applied. Changes
+after version S lie at or after the positions of the newest cut at or below S; such an
+export may repeat a few rows changed at or before S, never misses one. A table used on
+its own (mutations in version order) records a cut whenever the version advances; a
+shard, whose concurrent mutations may reach a table out of order, records them itself
+(`record_cut`) while no mutation is in flight.
+
+Thread safety: reads take a shared lock, mutations an exclusive one (see concurrency);
+the expiry sweep takes it one bounded window at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from typing import Iterator
+from typing import Callable, ContextManager, Iterator
 
 import numpy as np
 
 from monolith.embedding import id_map, table_kernels
 from monolith.embedding.concurrency import ReadWriteLock
-from monolith.embedding.config import SlotConfig
+from monolith.embedding.config import TableConfig
 from monolith.embedding.hashing import stable_hash64
 from monolith.embedding.row_math import OPTIMIZER_CODES, hyper_parameters, initializer_params
+from monolith.embedding.table_kernels import FREE, NEWEST_TIME, PendingArrays, TableArrays, TableParams
 
 MAX_DELETION_LOG = 1 << 20  # deletions remembered per table; older ones need a full export
+MAX_CUTS = 1024  # cut records kept per table; older ones are thinned (exports then resend more)
+LOG_SLACK = 65_536  # the change log is compacted when longer than 2 x live rows + this
 GROWTH = 1.125  # arena growth factor: small, so spare rows cost little memory (copies are cheap)
 MIN_GROWTH_ROWS = 1024
+EXPIRY_WINDOW_ROWS = 65_536  # rows one write-locked expiry step scans at most
+EXPIRY_WINDOW_EVICTIONS = 4096  # rows one write-locked expiry step frees at most
+EXPIRY_SCAN_ROWS = 1 << 20  # rows one read-locked search for expired rows scans at most
 
 
 @dataclasses.dataclass(frozen=True)
 class RowBatch:
-    """Rows of one slot, as exported or to import.
+    """Rows of one table, as exported or to import.
 
     Attributes:
         ids: int64 [n].
@@ -61,9 +80,19 @@ class TableStats:
 
 
 class EmbeddingTable:
-    """A growable, collisionless id → embedding table for one slot."""
+    """A growable, collisionless id → embedding table.
 
-    def __init__(self, config: SlotConfig, initial_capacity: int = 1024) -> None:
+    Args:
+        config: the table's configuration.
+        initial_capacity: rows to allocate up front.
+        ordered_versions: mutations reach the table in version order (one caller at a
+            time), so it records its own cuts. A shard passes False and calls
+            `record_cut` itself. A version older than the newest seen makes an ordered
+            table stop recording cuts: later incremental exports then resend more rows
+            than needed, which is safe.
+    """
+
+    def __init__(self, config: TableConfig, initial_capacity: int = 1024, *, ordered_versions: bool = True) -> None:
         self.config = config
         self.dim = config.dim
         self.state_width = config.optimizer.state_width(config.dim)
@@ -71,38 +100,54 @@ class EmbeddingTable:
         self._lock = ReadWriteLock()
         salt = stable_hash64(config.name)
         # Index seeds are random per table so no id set can be built to collide in advance;
-        # the initializer seed is fixed per (slot, seed) so re-created rows start identical.
+        # the initializer seed is fixed per (table, seed) so re-created rows start identical.
         rng = np.random.default_rng()
-        self._seed = np.uint64(rng.integers(0, 2**63))
-        self._pending_seed = np.uint64(rng.integers(0, 2**63))
-        self._slot_seed = np.uint64(stable_hash64(f"{config.name}/{config.seed}") ^ salt)
-        self._init_kind, self._init_scale = initializer_params(config.initializer)
-        self._opt_kind = OPTIMIZER_CODES[config.optimizer.kind]
-        self._hp = hyper_parameters(config.optimizer)
-        self._filter_kind = table_kernels.FILTER_CODES[config.admission.filter]
-        self._threshold = config.admission.threshold
-        if self._threshold <= 1:
-            self._filter_kind = table_kernels.FILTER_NONE
-        self._admit_probability = 1.0 - 0.05 ** (1.0 / self._threshold)
+        init_kind, init_scale = initializer_params(config.initializer)
+        filter_kind = table_kernels.FILTER_CODES[config.admission.filter]
+        threshold = int(config.admission.threshold)
+        self._params = TableParams(
+            dim=int(self.dim),
+            init_kind=int(init_kind),
+            init_scale=float(init_scale),
+            init_seed=np.uint64(stable_hash64(f"{config.name}/{config.seed}") ^ salt),
+            opt_kind=int(OPTIMIZER_CODES[config.optimizer.kind]),
+            hp=hyper_parameters(config.optimizer),
+            filter_kind=int(table_kernels.FILTER_NONE if threshold <= 1 else filter_kind),
+            threshold=threshold,
+            admit_probability=float(1.0 - 0.05 ** (1.0 / threshold)),
+        )
 
         capacity = max(8, int(initial_capacity))
-        self._meta = id_map.new_meta()
-        self._keys = np.zeros(capacity, dtype=np.int64)
-        self._values = _cache_aligned_zeros((capacity, self.width))
-        self._version = np.full(capacity, -1, dtype=np.int64)
-        self._update_time = np.zeros(capacity, dtype=np.uint32)
-        self._index = np.full(id_map.index_capacity_for(capacity), -1, dtype=np.int32)
-
-        self._p_meta = id_map.new_meta()
-        self._p_keys = np.zeros(0, dtype=np.int64)
-        self._p_count = np.zeros(0, dtype=np.int32)
-        self._p_time = np.zeros(0, dtype=np.uint32)
-        self._p_index = np.full(8, -1, dtype=np.int32)
+        self._t = TableArrays(
+            index=np.full(id_map.index_capacity_for(capacity), -1, dtype=np.int32),
+            keys=np.zeros(capacity, dtype=np.int64),
+            meta=id_map.new_meta(table_kernels.META_SIZE),
+            values=_cache_aligned_zeros((capacity, self.width)),
+            update_time=np.full(capacity, FREE, dtype=np.uint32),
+            log=np.zeros(capacity, dtype=np.int32),
+            seed=np.uint64(rng.integers(0, 2**63)),
+        )
+        self._pending = PendingArrays(
+            index=np.full(8, -1, dtype=np.int32),
+            keys=np.zeros(0, dtype=np.int64),
+            meta=id_map.new_meta(),
+            count=np.zeros(0, dtype=np.int32),
+            time=np.zeros(0, dtype=np.uint32),
+            seed=np.uint64(rng.integers(0, 2**63)),
+        )
 
         self._deleted_ids = np.zeros(0, dtype=np.int64)
         self._deleted_versions = np.zeros(0, dtype=np.int64)
         self._num_deleted = 0
         self._deletions_floor = 0  # deletions at or below this version were forgotten
+
+        # Cut records, oldest first: versions ascending, positions non-decreasing.
+        self._cut_versions = np.zeros(MAX_CUTS, dtype=np.int64)
+        self._cut_log = np.zeros(MAX_CUTS, dtype=np.int64)
+        self._cut_deletions = np.zeros(MAX_CUTS, dtype=np.int64)
+        self._num_cuts = 0
+        self._ordered = ordered_versions
+        self._newest_version = 0
 
         self._max_update_time = 0
         self._admissions = 0
@@ -112,14 +157,19 @@ class EmbeddingTable:
     # ----------------------------------------------------------------- reads
 
     def __len__(self) -> int:
-        return int(self._meta[id_map.META_LIVE])
+        return int(self._t.meta[id_map.META_LIVE])
+
+    @property
+    def capacity(self) -> int:
+        """Rows the arena holds before it must grow."""
+        return int(self._t.keys.shape[0])
 
     def lookup(self, ids: np.ndarray) -> np.ndarray:
         """Embeddings of ids; zeros for ids without a row. Changes nothing."""
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         out = np.empty((ids.shape[0], self.dim), dtype=np.float32)
         with self._lock.read():
-            table_kernels.lookup_into(self._index, self._keys, self._values, self._seed, ids, out)
+            table_kernels.lookup_into(self._t, ids, out)
         return out
 
     def contains(self, ids: np.ndarray) -> np.ndarray:
@@ -127,7 +177,7 @@ class EmbeddingTable:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         rows = np.empty(ids.shape[0], dtype=np.int64)
         with self._lock.read():
-            id_map.find_many(self._index, self._keys, self._seed, ids, rows)
+            id_map.find_many(self._t, ids, rows)
         return rows >= 0
 
     # ------------------------------------------------------------- mutations
@@ -147,30 +197,25 @@ class EmbeddingTable:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         out = np.empty((ids.shape[0], self.dim), dtype=np.float32)
         with self._lock.read():
-            if table_kernels.lookup_into(self._index, self._keys, self._values, self._seed, ids, out) == 0:
+            if table_kernels.lookup_into(self._t, ids, out) == 0:
                 return out
-        rows = np.empty(ids.shape[0], dtype=np.int64)
         counts = np.ones(ids.shape[0], dtype=np.int32) if counts is None else np.ascontiguousarray(counts, np.int32)
         if counts.shape != ids.shape:
             raise ValueError(f"{counts.shape[0]} counts for {ids.shape[0]} ids")
         stamp = self._stamp(now)
         with self._lock.write():
-            self._reserve(ids.shape[0])
-            if self._filter_kind == table_kernels.FILTER_COUNTING:
+            self._begin_mutation(version, ids.shape[0])
+            if self._params.filter_kind == table_kernels.FILTER_COUNTING:
                 self._reserve_pending(ids.shape[0])
-            admitted = table_kernels.lookup_or_create(
-                self._index, self._keys, self._meta, self._values, self._version, self._update_time,
-                self._seed, self.dim, self._init_kind, self._init_scale, self._slot_seed, self._opt_kind, self._hp,
-                self._filter_kind, self._threshold, self._admit_probability,
-                self._p_index, self._p_keys, self._p_meta, self._p_count, self._p_time, self._pending_seed,
-                ids, counts, stamp, np.int64(version), rows,
-            )  # fmt: skip
+            admitted, rows = table_kernels.lookup_or_create(
+                self._t, self._params, self._pending, ids, counts, stamp, np.int64(version)
+            )
             self._admissions += admitted
-            table_kernels.gather(self._values, rows, out)
+            table_kernels.gather(self._t.values, rows, out)
         return out
 
     def apply_gradients(self, ids: np.ndarray, grads: np.ndarray, now: float, version: int) -> tuple[int, int]:
-        """Applies gradients with the slot's optimizer; duplicate ids have theirs summed.
+        """Applies gradients with the table's optimizer; duplicate ids have theirs summed.
 
         Returns:
             (rows updated, gradients dropped because their id has no row).
@@ -183,15 +228,16 @@ class EmbeddingTable:
             ids = unique
         stamp = self._stamp(now)
         with self._lock.write():
-            missing = table_kernels.apply_gradients(
-                self._index, self._keys, self._values, self._version, self._update_time, self._seed,
-                self._opt_kind, self._hp, ids, grads, stamp, np.int64(version),
-            )  # fmt: skip
+            self._begin_mutation(version, 0, log_entries=ids.shape[0])
+            missing = table_kernels.apply_gradients(self._t, self._params, ids, grads, stamp)
             self._filtered += missing
         return ids.shape[0] - missing, missing
 
     def expire(self, version: int, now: float | None = None) -> int:
         """Evicts rows not updated for `expire_after` seconds before `now`.
+
+        The sweep runs in bounded windows (`expire_in_windows`), each holding the write
+        lock only briefly, so lookups keep flowing during a sweep of a large table.
 
         Args:
             version: the shard version stamped on the deletions.
@@ -200,74 +246,106 @@ class EmbeddingTable:
         Returns:
             Rows evicted. Pending admission counts that old are forgotten as well.
         """
+        return self.expire_in_windows(now, lambda: contextlib.nullcontext(version))
+
+    def expire_in_windows(self, now: float | None, window: Callable[[], ContextManager[int]]) -> int:
+        """`expire`, with each window run inside `window()`, stamped with the version it yields.
+
+        A shard passes a context that holds its gate shared and takes a fresh version, so
+        an export can take a cut between any two windows. Stretches of the arena with
+        nothing to evict are skipped under the read lock, taking no version.
+
+        Returns:
+            Rows evicted.
+        """
         if self.config.expire_after is None:
             return 0
         reference = self._max_update_time if now is None else now
         cutoff = np.uint32(max(0, min(2**32 - 1, math.floor(reference - self.config.expire_after) + 1)))
-        with self._lock.write():
-            evicted = np.empty(int(self._meta[id_map.META_HIGH]), dtype=np.int64)
-            count = table_kernels.expire_rows(
-                self._index, self._keys, self._meta, self._version, self._update_time, self._seed, cutoff, evicted
-            )
-            self._log_deletions(evicted[:count], version)
-            self._evictions += count
-            table_kernels.expire_pending(
-                self._p_index, self._p_keys, self._p_meta, self._p_count, self._p_time, self._pending_seed, cutoff
-            )
-        return count
+        evicted = np.empty(EXPIRY_WINDOW_EVICTIONS, dtype=np.int64)
+        total = 0
+        position = self._next_expired(cutoff, 0)
+        while position >= 0:
+            with window() as version, self._lock.write():
+                self._begin_mutation(version, 0)
+                count, position = table_kernels.expire_window(
+                    self._t, self._pending, cutoff, position, EXPIRY_WINDOW_ROWS, evicted
+                )
+                self._log_deletions(evicted[:count], version)
+                self._evictions += count
+            total += count
+            if position >= 0:
+                position = self._next_expired(cutoff, position)
+        return total
 
     def upsert(self, batch: RowBatch, version: int) -> None:
         """Imports rows: embeddings (and state, if the batch is full width) overwrite."""
         ids = np.ascontiguousarray(batch.ids, dtype=np.int64)
         values = np.ascontiguousarray(batch.values, dtype=np.float32)
         if values.ndim != 2 or values.shape[1] not in (self.dim, self.width) or values.shape[0] != ids.shape[0]:
-            raise ValueError(f"rows of shape {values.shape} do not fit slot {self.config.name!r} (dim {self.dim})")
+            raise ValueError(f"rows of shape {values.shape} do not fit table {self.config.name!r} (dim {self.dim})")
         times = np.ascontiguousarray(batch.update_times, dtype=np.uint32)
         if times.shape != ids.shape:
             raise ValueError(f"{times.shape[0]} update times for {ids.shape[0]} rows")
         with self._lock.write():
-            self._reserve(ids.shape[0])
-            table_kernels.upsert_rows(
-                self._index, self._keys, self._meta, self._values, self._version, self._update_time, self._seed,
-                self.dim, self._opt_kind, self._hp, ids, values, times, np.int64(version),
-            )  # fmt: skip
+            self._begin_mutation(version, ids.shape[0])
+            table_kernels.upsert_rows(self._t, self._params, ids, values, times)
             if times.shape[0]:
-                self._max_update_time = max(self._max_update_time, int(times.max()))
+                self._max_update_time = max(self._max_update_time, min(int(times.max()), NEWEST_TIME))
 
     def delete(self, ids: np.ndarray, version: int) -> int:
         """Deletes the rows of ids (as an import of deletions); returns how many existed."""
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         with self._lock.write():
-            count = table_kernels.delete_ids(self._index, self._keys, self._meta, self._version, self._seed, ids)
+            self._begin_mutation(version, 0)
+            count = table_kernels.delete_ids(self._t, ids)
             self._log_deletions(ids, version)
         return count
 
     # ---------------------------------------------------------------- export
 
+    def record_cut(self, version: int) -> None:
+        """Records that every mutation numbered <= version has been applied, and no later one.
+
+        The caller guarantees it (a shard calls this while no mutation is in flight);
+        incremental exports since `version` or later then start from here.
+        """
+        with self._lock.write():
+            self._record_cut(version)
+
     def export(self, since: int, include_state: bool, max_rows: int) -> Iterator[RowBatch]:
         """Rows changed after version `since`, in batches of at most max_rows.
 
-        The arena is scanned in windows, each under the read lock, so an export of a large
-        table neither copies it whole nor blocks writers for long. Rows changed while the
-        export runs may or may not be included; they carry versions above the caller's
-        `VersionClock.stable()` taken before the export, so the next export has them.
+        Since 0, the arena is scanned in windows, each under the read lock, so a full
+        export neither copies the table whole nor blocks writers for long. Since a later
+        version, only the change log from the matching cut on is read: O(rows changed).
+        Values are read batch by batch, so rows changed while the export runs may or may
+        not be included (and may be newer than `since`'s next cut); a later export since
+        that cut has them.
         """
         width = self.width if include_state else self.dim
-        start = 0
-        while True:
+        if since <= 0:
+            start = 0
+            while True:
+                with self._lock.read():
+                    high = int(self._t.meta[id_map.META_HIGH])
+                    if start >= high:
+                        return
+                    stop = min(high, start + max_rows)
+                    rows = table_kernels.live_rows(self._t, start, stop)
+                    batch = self._rows_batch(rows, width)
+                start = stop
+                if rows.shape[0]:
+                    yield batch
+        with self._lock.read():
+            rows = self._changed_rows(since)
+        for start in range(0, rows.shape[0], max_rows):
             with self._lock.read():
-                high = int(self._meta[id_map.META_HIGH])
-                if start >= high:
-                    return
-                stop = min(high, start + max_rows)
-                rows = table_kernels.changed_rows(self._version, start, stop, np.int64(since))
-                batch = RowBatch(
-                    ids=self._keys[rows],
-                    values=self._values[rows, :width],
-                    update_times=self._update_time[rows],
-                )
-            start = stop
-            if rows.shape[0]:
+                # A row freed since the log was read is no change to send (its deletion is).
+                part = rows[start : start + max_rows]
+                part = part[self._t.update_time[part] != FREE]
+                batch = self._rows_batch(part, width)
+            if part.shape[0]:
                 yield batch
 
     def deleted_since(self, since: int) -> np.ndarray:
@@ -278,82 +356,215 @@ class EmbeddingTable:
                 consumer needs a full export instead.
         """
         with self._lock.read():
-            if since < self._deletions_floor:
-                raise LookupError(
-                    f"slot {self.config.name!r} remembers deletions only after version {self._deletions_floor}, "
-                    f"not since {since}: a full export is needed"
-                )
-            n = self._num_deleted
-            mask = self._deleted_versions[:n] > since
-            return self._deleted_ids[:n][mask]
+            return self._deleted_since(since)
+
+    def change_count(self, since: int) -> int:
+        """An upper bound on the rows and deletions an export since `since` would list:
+        the change-log and deletion-log entries after its cut. O(1)."""
+        with self._lock.read():
+            log_start, deletions_start = self._cut_for(since)
+            return int(self._t.meta[table_kernels.META_LOG]) - log_start + self._num_deleted - deletions_start
+
+    def changes_since(self, since: int, include_state: bool) -> tuple[RowBatch, np.ndarray]:
+        """Every row changed and id deleted after version `since` (> 0), copied now, at once.
+
+        O(changes). A shard calls it for each table while no mutation is in flight, so
+        an export holds each mutation entirely or not at all.
+
+        Returns:
+            (the changed rows, the deleted ids).
+
+        Raises:
+            LookupError: as `deleted_since`.
+        """
+        width = self.width if include_state else self.dim
+        with self._lock.read():
+            deleted = self._deleted_since(since)
+            return self._rows_batch(self._changed_rows(since), width), deleted
 
     def stats(self) -> TableStats:
         """Live rows, bytes held, and the admission/filter/eviction counters."""
         with self._lock.read():
             arrays = (
-                self._keys, self._values, self._version, self._update_time, self._index,
-                self._p_keys, self._p_count, self._p_time, self._p_index, self._deleted_ids, self._deleted_versions,
+                *(a for a in self._t if isinstance(a, np.ndarray)),
+                *(a for a in self._pending if isinstance(a, np.ndarray)),
+                self._deleted_ids, self._deleted_versions, self._cut_versions, self._cut_log, self._cut_deletions,
             )  # fmt: skip
             return TableStats(
-                rows=int(self._meta[id_map.META_LIVE]),
+                rows=int(self._t.meta[id_map.META_LIVE]),
                 bytes=sum(a.nbytes for a in arrays),
                 admissions=self._admissions,
                 filtered_gradients=self._filtered,
                 evictions=self._evictions,
-                pending_ids=int(self._p_meta[id_map.META_LIVE]),
+                pending_ids=int(self._pending.meta[id_map.META_LIVE]),
             )
 
     # -------------------------------------------------------------- internal
 
     def _stamp(self, now: float) -> np.uint32:
         """Seconds as stored per row; also advances the table's data clock."""
-        stamp = int(min(max(now, 0), 2**32 - 1))
+        stamp = int(min(max(now, 0), NEWEST_TIME))
         self._max_update_time = max(self._max_update_time, stamp)
         return np.uint32(stamp)
 
+    def _begin_mutation(self, version: int, new_rows: int, log_entries: int | None = None) -> None:
+        """Cut bookkeeping and room for a mutation (caller holds the write lock).
+
+        Args:
+            version: the mutation's version.
+            new_rows: rows it may create.
+            log_entries: change-log entries it may append; default new_rows.
+        """
+        if self._ordered:
+            if version > self._newest_version:
+                self._record_cut(self._newest_version)
+                self._newest_version = version
+            elif version < self._newest_version:
+                # The cuts so far stay true (everything logged before one arrived before it),
+                # but "since the newest version" no longer means "from the end of the log".
+                self._ordered = False
+        if new_rows:
+            self._reserve(new_rows)
+        self._reserve_log(new_rows if log_entries is None else log_entries)
+
+    def _record_cut(self, version: int) -> None:
+        n = self._num_cuts
+        log_position = int(self._t.meta[table_kernels.META_LOG])
+        if n and version <= self._cut_versions[n - 1]:
+            if version == self._cut_versions[n - 1]:
+                # Still true at the later positions: nothing newer was applied in between.
+                self._cut_log[n - 1] = log_position
+                self._cut_deletions[n - 1] = self._num_deleted
+            return
+        if n == MAX_CUTS:
+            # Thin the older half; an export since a dropped cut starts from the cut
+            # before it, which only resends more.
+            keep = np.concatenate([np.arange(0, n // 2, 2), np.arange(n // 2, n)])
+            for array in (self._cut_versions, self._cut_log, self._cut_deletions):
+                array[: keep.shape[0]] = array[keep]
+            n = keep.shape[0]
+        self._cut_versions[n] = version
+        self._cut_log[n] = log_position
+        self._cut_deletions[n] = self._num_deleted
+        self._num_cuts = n + 1
+
+    def _cut_for(self, since: int) -> tuple[int, int]:
+        """(change-log, deletion-log) positions from which every change after `since` lies."""
+        if since <= 0:
+            return 0, 0
+        if self._ordered and since >= self._newest_version:
+            return int(self._t.meta[table_kernels.META_LOG]), self._num_deleted
+        i = int(np.searchsorted(self._cut_versions[: self._num_cuts], since, side="right")) - 1
+        if i < 0:
+            return 0, 0
+        return int(self._cut_log[i]), int(self._cut_deletions[i])
+
+    def _changed_rows(self, since: int) -> np.ndarray:
+        """Distinct live rows changed after `since` (caller holds a lock)."""
+        start, _ = self._cut_for(since)
+        return table_kernels.changed_rows(self._t, start, int(self._t.meta[table_kernels.META_LOG]))
+
+    def _deleted_since(self, since: int) -> np.ndarray:
+        if since < self._deletions_floor:
+            raise LookupError(
+                f"table {self.config.name!r} remembers deletions only after version {self._deletions_floor}, "
+                f"not since {since}: a full export is needed"
+            )
+        _, start = self._cut_for(since)
+        versions = self._deleted_versions[start : self._num_deleted]
+        return self._deleted_ids[start : self._num_deleted][versions > since]
+
+    def _rows_batch(self, rows: np.ndarray, width: int) -> RowBatch:
+        return RowBatch(
+            ids=self._t.keys[rows],
+            values=self._t.values[rows, :width],
+            update_times=self._t.update_time[rows],
+        )
+
+    def _next_expired(self, cutoff: np.uint32, position: int) -> int:
+        """The first position >= `position` with something to expire, or -1.
+
+        Searched under the read lock (lookups go on), a bounded stretch at a time so
+        that writers wait little.
+        """
+        while True:
+            with self._lock.read():
+                extent = max(int(self._t.meta[id_map.META_HIGH]), int(self._pending.meta[id_map.META_HIGH]))
+                if position >= extent:
+                    return -1
+                stop = min(extent, position + EXPIRY_SCAN_ROWS)
+                found = table_kernels.first_expired(self._t, self._pending, cutoff, position, stop)
+            if found < stop:
+                return found
+            position = stop
+
     def _reserve(self, extra: int) -> None:
         """Grows the arena and index so `extra` more rows fit (caller holds the write lock)."""
-        live = int(self._meta[id_map.META_LIVE])
-        high = int(self._meta[id_map.META_HIGH])
+        t = self._t
+        live = int(t.meta[id_map.META_LIVE])
+        high = int(t.meta[id_map.META_HIGH])
         need = high + max(0, extra - (high - live))
-        capacity = self._keys.shape[0]
+        capacity = t.keys.shape[0]
         if need > capacity:
             capacity = max(need, int(capacity * GROWTH), capacity + MIN_GROWTH_ROWS)
-            self._keys = _resized(self._keys, capacity, high, 0)
-            self._values = _resized(self._values, capacity, high, 0.0, cache_aligned=True)
-            self._version = _resized(self._version, capacity, high, -1)
-            self._update_time = _resized(self._update_time, capacity, high, 0)
-        if live + extra > id_map.MAX_LOAD * self._index.shape[0]:
-            self._index = np.empty(id_map.index_capacity_for(live + extra), dtype=np.int32)
-            id_map.rebuild_index(self._index, self._keys, self._version[:high] >= 0, self._seed)
+            t = t._replace(
+                keys=_resized(t.keys, capacity, high, 0),
+                values=_resized(t.values, capacity, high, 0.0, cache_aligned=True),
+                update_time=_resized(t.update_time, capacity, high, FREE),
+            )
+        if live + extra > id_map.MAX_LOAD * t.index.shape[0]:
+            t = t._replace(index=np.empty(id_map.index_capacity_for(live + extra), dtype=np.int32))
+            id_map.rebuild_index(t, t.update_time[:high] != FREE)
+        self._t = t
+
+    def _reserve_log(self, extra: int) -> None:
+        """Makes room for `extra` change-log entries, compacting the log when it is long."""
+        t = self._t
+        length = int(t.meta[table_kernels.META_LOG])
+        if length > 2 * int(t.meta[id_map.META_LIVE]) + LOG_SLACK:
+            # Each live row keeps its last entry; cut positions follow. Amortized O(1) per
+            # entry: at least live + LOG_SLACK entries were appended since the last time.
+            positions = self._cut_log[: self._num_cuts].copy()
+            table_kernels.compact_log(t, positions)
+            self._cut_log[: self._num_cuts] = positions
+            length = int(t.meta[table_kernels.META_LOG])
+        capacity = t.log.shape[0]
+        if length + extra > capacity:
+            capacity = max(length + extra, int(capacity * GROWTH), capacity + MIN_GROWTH_ROWS)
+            self._t = t._replace(log=_resized(t.log, capacity, length, 0))
 
     def _reserve_pending(self, extra: int) -> None:
-        live = int(self._p_meta[id_map.META_LIVE])
-        high = int(self._p_meta[id_map.META_HIGH])
+        p = self._pending
+        live = int(p.meta[id_map.META_LIVE])
+        high = int(p.meta[id_map.META_HIGH])
         need = high + max(0, extra - (high - live))
-        capacity = self._p_keys.shape[0]
+        capacity = p.keys.shape[0]
         if need > capacity:
             capacity = max(need, int(capacity * GROWTH), capacity + MIN_GROWTH_ROWS)
-            self._p_keys = _resized(self._p_keys, capacity, high, 0)
-            self._p_count = _resized(self._p_count, capacity, high, 0)
-            self._p_time = _resized(self._p_time, capacity, high, 0)
-        if live + extra > id_map.MAX_LOAD * self._p_index.shape[0]:
-            self._p_index = np.empty(id_map.index_capacity_for(live + extra), dtype=np.int32)
-            id_map.rebuild_index(self._p_index, self._p_keys, self._p_count[:high] > 0, self._pending_seed)
+            p = p._replace(
+                keys=_resized(p.keys, capacity, high, 0),
+                count=_resized(p.count, capacity, high, 0),
+                time=_resized(p.time, capacity, high, 0),
+            )
+        if live + extra > id_map.MAX_LOAD * p.index.shape[0]:
+            p = p._replace(index=np.empty(id_map.index_capacity_for(live + extra), dtype=np.int32))
+            id_map.rebuild_index(p, p.count[:high] > 0)
+        self._pending = p
 
     def _log_deletions(self, ids: np.ndarray, version: int) -> None:
         n, k = self._num_deleted, ids.shape[0]
         if k == 0:
             return
         if n + k > MAX_DELETION_LOG and n >= 2:
-            # Forget the older half (by version) so the log stays bounded; consumers that
-            # are further behind than that get a full export instead.
-            order = np.argsort(self._deleted_versions[:n], kind="stable")
-            keep = np.sort(order[n // 2 :])
-            self._deletions_floor = max(self._deletions_floor, int(self._deleted_versions[order[n // 2 - 1]]))
-            n = keep.shape[0]
-            self._deleted_ids[:n] = self._deleted_ids[keep]
-            self._deleted_versions[:n] = self._deleted_versions[keep]
+            # Forget the older half so the log stays bounded; consumers that are further
+            # behind than that get a full export instead.
+            drop = n // 2
+            self._deletions_floor = max(self._deletions_floor, int(self._deleted_versions[:drop].max()))
+            n -= drop
+            self._deleted_ids[:n] = self._deleted_ids[drop : drop + n]
+            self._deleted_versions[:n] = self._deleted_versions[drop : drop + n]
+            cuts = self._cut_deletions[: self._num_cuts]
+            np.maximum(cuts - drop, 0, out=cuts)
         if n + k > self._deleted_ids.shape[0]:
             capacity = max(n + k, 2 * self._deleted_ids.shape[0], 1024)
             self._deleted_ids = _resized(self._deleted_ids, capacity, n, 0)
