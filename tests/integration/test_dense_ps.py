@@ -217,6 +217,9 @@ BAD_PUSHES: list[tuple[str, list[pb.Tensor], tuple[str, ...]]] = [
      ("gradient 'dense/kernel'", "expected 85070591730234615865843651857942052864 bytes", "got 48")),
     ("absurd rank", [tensor("out/scale", np.ones(1), shape=(1,) * 100)],
      ("gradient 'out/scale': rank 100 exceeds 32",)),
+    ("zero beside a huge dim", [tensor("dense/kernel", np.ones(0), shape=(0, 2**62))],
+     ("gradient 'dense/kernel': shape (0, 4611686018427387904) is too large",)),
+    ("rank 65", [tensor("out/scale", np.ones(1), shape=(1,) * 65)], ("gradient 'out/scale': rank 65 exceeds 32",)),
     ("nan", [_bias([1, 1, 1]), tensor("dense/kernel", np.full((4, 3), np.nan))],
      ("gradient 'dense/kernel': 12 non-finite value(s) (NaN or Inf), first at index (0, 0)",)),
     ("inf", [_bias([1, np.inf, 1])], ("gradient 'dense/bias': 1 non-finite value(s)", "first at index (1,)")),
@@ -274,9 +277,11 @@ def test_init_with_another_layout_is_a_failed_precondition(
         ([tensor("w", np.array([1.0, np.nan]))], ("init tensor 'w': 1 non-finite value(s)",)),
         ([tensor("w", np.ones(2)), tensor("w", np.ones(2))], ("init tensor 'w' appears more than once",)),
         ([tensor("w", np.ones(2), shape=(-2,))], ("init tensor 'w'", "negative size")),
+        ([tensor("w", np.ones(0), shape=(2**62, 0))], ("init tensor 'w': shape (4611686018427387904, 0) is too large",)),
+        ([tensor("w", np.ones(1), shape=(1,) * 70)], ("init tensor 'w': rank 70 exceeds 32",)),
         ([], ("init: at least one tensor is required",)),
     ],
-    ids=["nan", "repeated name", "negative dim", "empty"],
+    ids=["nan", "repeated name", "negative dim", "zero beside a huge dim", "rank 70", "empty"],
 )
 def test_a_bad_init_leaves_a_fresh_ps_uninitialized(
     make_ps: Callable[..., DensePS], tensors: list[pb.Tensor], fragments: tuple[str, ...]

@@ -278,6 +278,21 @@ def _short_tensor() -> Any:
     return tensor
 
 
+def _tensor(values: Any, shape: list[int] | None = None, **fields: Any) -> Any:
+    """`tf.make_tensor_proto(values)`, then some fields replaced; `shape` replaces the dims."""
+    tensor = tf.make_tensor_proto(values)
+    if shape is not None:
+        del tensor.tensor_shape.dim[:]
+        for size in shape:
+            tensor.tensor_shape.dim.add(size=size)
+    for name, value in fields.items():
+        if isinstance(value, list):
+            getattr(tensor, name).extend(value)
+        else:
+            setattr(tensor, name, value)
+    return tensor
+
+
 BAD_REQUESTS = {
     "empty model name": (_set(name=""), CODE.INVALID_ARGUMENT, "Missing ModelSpec name"),
     "unknown model": (_set(name="ranker"), CODE.NOT_FOUND, "Servable not found for request: Latest(ranker)"),
@@ -315,6 +330,41 @@ BAD_REQUESTS = {
         _input("user_id", _short_tensor()),
         CODE.INVALID_ARGUMENT,
         "input 'user_id': tensor_content has 24 bytes",
+    ),
+    "junk tensor_content on a string tensor": (
+        _input("zip", _tensor(np.array(["554"] * 32, dtype=object), tensor_content=b"\x07junk\xff")),
+        CODE.INVALID_ARGUMENT,
+        "input 'zip': a DT_STRING tensor carries its values in string_val; tensor_content",
+    ),
+    "tensor_content of int64 declared as int32": (
+        _input("movie_id", _tensor(np.arange(32, dtype=np.int64), dtype=types_pb2.DT_INT32)),
+        CODE.INVALID_ARGUMENT,
+        "input 'movie_id': tensor_content has 256 bytes; shape [32] of DT_INT32 needs 128",
+    ),
+    "tensor_content longer than the shape": (
+        _input("movie_id", _tensor(np.arange(33, dtype=np.int64), shape=[32])),
+        CODE.INVALID_ARGUMENT,
+        "input 'movie_id': tensor_content has 264 bytes; shape [32] of DT_INT64 needs 256",
+    ),
+    "zero beside a huge dim": (
+        _input("genres", _tensor(np.zeros(0, np.int64), shape=[0, 2**62])),
+        CODE.INVALID_ARGUMENT,
+        "input 'genres': shape [0, 4611686018427387904] is too large",
+    ),
+    "unknown DataType": (
+        _input("movie_id", _tensor(np.arange(32, dtype=np.int64), dtype=999)),
+        CODE.INVALID_ARGUMENT,
+        "input 'movie_id': expects an int64, int32 or string tensor, got unknown DataType 999",
+    ),
+    "rank 65": (
+        _input("movie_id", _tensor(np.arange(1, dtype=np.int64), shape=[1] * 65)),
+        CODE.INVALID_ARGUMENT,
+        "input 'movie_id': rank 65 exceeds 32",
+    ),
+    "more typed values than the shape holds": (
+        _input("user_id", _tensor(np.zeros(0, np.int64), shape=[2], int64_val=[1, 2, 3])),
+        CODE.INVALID_ARGUMENT,
+        "input 'user_id': 3 values do not fill shape [2]",
     ),
     "non-UTF-8 string": (
         _input("zip", tf.make_tensor_proto([b"\xff\xfe"])),

@@ -13,6 +13,38 @@ import numpy as np
 
 from monolith.common.errors import InvalidArgument
 
+# numpy arrays have at most 64 dimensions; no tensor of ours comes near this.
+MAX_RANK = 32
+# numpy refuses ("array is too big") an empty shape whose other dimensions multiply past
+# its limits, e.g. (0, 2**62); such a shape is refused here first. 2**40 elements is still
+# far beyond any message. (A non-empty shape that large fails the length check instead.)
+MAX_SPAN = 1 << 40
+
+
+def check_shape(shape: tuple[int, ...] | list[int], what: str) -> tuple[int, ...]:
+    """A declared shape as Python ints, after checking numpy could hold an array of it.
+
+    Args:
+        shape: One entry per dimension, as the client sent it.
+        what: The field name, used in error messages.
+
+    Returns:
+        The shape as a tuple of Python ints.
+
+    Raises:
+        InvalidArgument: A rank above MAX_RANK, a negative dimension, or a zero dimension
+            beside others whose product exceeds MAX_SPAN.
+    """
+    if len(shape) > MAX_RANK:
+        raise InvalidArgument(f"{what}: rank {len(shape)} exceeds {MAX_RANK}")
+    shape = tuple(int(d) for d in shape)
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"{what}: negative size in shape {shape}")
+    # Python ints, not numpy ones: a hostile shape like (2**62, 8) must not wrap around.
+    if 0 in shape and math.prod(max(d, 1) for d in shape) > MAX_SPAN:
+        raise InvalidArgument(f"{what}: shape {shape} is too large (dimensions multiply past 2**40)")
+    return shape
+
 
 def decode_array(data: bytes, dtype: str, shape: tuple[int, ...], what: str) -> np.ndarray:
     """Views wire bytes as an array, after checking they fit the declared shape.
@@ -27,15 +59,11 @@ def decode_array(data: bytes, dtype: str, shape: tuple[int, ...], what: str) -> 
         A read-only array of `shape` sharing memory with `data`.
 
     Raises:
-        InvalidArgument: A dimension is negative, or `len(data)` is not
+        InvalidArgument: The shape fails `check_shape`, or `len(data)` is not
             `prod(shape) * itemsize`.
     """
-    shape = tuple(int(d) for d in shape)
-    if any(d < 0 for d in shape):
-        raise InvalidArgument(f"{what}: negative size in shape {shape}")
+    shape = check_shape(shape, what)
     kind = np.dtype(dtype)
-    # Python ints, not numpy ones: a hostile shape like (2**62, 8) must fail the length
-    # check below rather than wrap around to a small number.
     expected = math.prod(shape) * kind.itemsize
     if len(data) != expected:
         raise InvalidArgument(

@@ -14,14 +14,11 @@ import numpy as np
 
 from monolith.api.dense_ps.v1 import dense_ps_pb2 as pb
 from monolith.api.dense_ps.v1 import dense_ps_pb2_grpc as pb_grpc
-from monolith.common.errors import InvalidArgument
+from monolith.common.errors import InvalidArgument, shorten
 from monolith.common.wire import decode_array, encode_array
 from monolith.dense_ps.store import DenseStore
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DensePS"].full_name
-
-# numpy arrays have at most 64 dimensions; no dense layer comes near this.
-MAX_RANK = 32
 
 
 class DensePSServicer(pb_grpc.DensePSServicer):
@@ -66,20 +63,19 @@ class DensePSServicer(pb_grpc.DensePSServicer):
 def decode_tensors(messages: Iterable[pb.Tensor], what: str) -> dict[str, np.ndarray]:
     """Read-only float32 arrays by name, after checking ranks, sizes and unique names.
 
-    `decode_array` compares the byte length with the declared shape in Python integers, so
-    a negative or absurd dimension fails there instead of allocating anything.
+    `decode_array` checks the shape (rank, signs, an empty shape numpy could not hold) and
+    compares the byte length with it in Python integers, so an absurd shape fails there
+    instead of allocating anything.
 
     Raises:
-        InvalidArgument: a repeated name, a rank above MAX_RANK, a negative dimension, or
-            bytes that do not fit the shape.
+        InvalidArgument: a repeated name, a shape `check_shape` refuses, or bytes that do
+            not fit the shape.
     """
     out: dict[str, np.ndarray] = {}
     for t in messages:
         if t.name in out:
-            raise InvalidArgument(f"{what} {t.name!r} appears more than once in the request")
-        if len(t.shape) > MAX_RANK:
-            raise InvalidArgument(f"{what} {t.name!r}: rank {len(t.shape)} exceeds {MAX_RANK}")
-        out[t.name] = decode_array(t.values, "<f4", tuple(t.shape), f"{what} {t.name!r}")
+            raise InvalidArgument(f"{what} {shorten(t.name)!r} appears more than once in the request")
+        out[t.name] = decode_array(t.values, "<f4", tuple(t.shape), f"{what} {shorten(t.name)!r}")
     return out
 
 

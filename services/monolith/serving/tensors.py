@@ -1,8 +1,10 @@
 """TensorProto <-> numpy for the Predict API, with TF Serving's validation messages.
 
 Only what the API carries is supported: int64/int32 ids, string ids, float32 scores.
-Values may come as the typed repeated fields or as `tensor_content` bytes, as
-`tf.make_tensor_proto` produces either.
+Int values may come as the typed repeated fields or as `tensor_content` bytes, as
+`tf.make_tensor_proto` produces either; strings come in `string_val`.
+
+Every tensor is checked before anything is allocated for it: its dtype, rank and shape.
 """
 
 from __future__ import annotations
@@ -12,59 +14,95 @@ import math
 import numpy as np
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 
-from monolith.common.errors import InvalidArgument
+from monolith.common.errors import InvalidArgument, shorten
+from monolith.common.wire import MAX_RANK
 
 _INT_TYPES = {types_pb2.DT_INT64: ("<i8", "int64_val"), types_pb2.DT_INT32: ("<i4", "int_val")}
 MAX_ELEMENTS = 1 << 22
 
 
-def shape_of(tensor: tensor_pb2.TensorProto, name: str) -> tuple[int, ...]:
-    """The declared shape, checked: known, non-negative, of sane size."""
+def dtype_name(dtype: int) -> str:
+    """The DataType's name, also for a number the enum does not define."""
+    try:
+        return types_pb2.DataType.Name(dtype)
+    except ValueError:
+        return f"unknown DataType {dtype}"
+
+
+def shape_of(tensor: tensor_pb2.TensorProto, name: str, max_elements: int = MAX_ELEMENTS) -> tuple[int, ...]:
+    """The declared shape, checked: known, of sane rank, non-negative, of at most `max_elements`.
+
+    A zero dimension does not excuse the others: numpy cannot hold [0, 2**62] either.
+    """
     if tensor.tensor_shape.unknown_rank:
-        raise InvalidArgument(f"input {name!r}: shape must be known")
+        raise InvalidArgument(f"input {shorten(name)!r}: shape must be known")
+    rank = len(tensor.tensor_shape.dim)
+    if rank > MAX_RANK:
+        raise InvalidArgument(f"input {shorten(name)!r}: rank {rank} exceeds {MAX_RANK}")
     shape = tuple(int(d.size) for d in tensor.tensor_shape.dim)
     if any(d < 0 for d in shape):
-        raise InvalidArgument(f"input {name!r}: negative dimension in shape {list(shape)}")
-    if math.prod(shape) > MAX_ELEMENTS:
-        raise InvalidArgument(f"input {name!r}: {math.prod(shape)} elements; at most {MAX_ELEMENTS} are accepted")
+        raise InvalidArgument(f"input {shorten(name)!r}: negative dimension in shape {list(shape)}")
+    size = math.prod(shape)
+    if size > max_elements:
+        raise InvalidArgument(f"input {shorten(name)!r}: {size} elements; at most {max_elements} are accepted")
+    if math.prod(max(d, 1) for d in shape) > max_elements:
+        raise InvalidArgument(
+            f"input {shorten(name)!r}: shape {list(shape)} is too large; its dimensions may multiply to at "
+            f"most {max_elements}"
+        )
     return shape
 
 
-def to_numpy(tensor: tensor_pb2.TensorProto, name: str) -> np.ndarray:
+def to_numpy(tensor: tensor_pb2.TensorProto, name: str, max_elements: int = MAX_ELEMENTS) -> np.ndarray:
     """Int tensors as int64 arrays, string tensors as object arrays of str.
 
+    Args:
+        tensor: one input tensor.
+        name: its input name, for messages.
+        max_elements: elements its shape may declare.
+
     Raises:
-        InvalidArgument: an unsupported dtype, or values that do not fill the shape.
+        InvalidArgument: an unsupported dtype, a bad shape, too many elements,
+            tensor_content of the wrong length or on a string tensor, or values that do
+            not fill the shape.
     """
-    shape = shape_of(tensor, name)
+    shape = shape_of(tensor, name, max_elements)
     size = math.prod(shape)
+    what = f"input {shorten(name)!r}"
     if tensor.dtype in _INT_TYPES:
         dtype, field = _INT_TYPES[tensor.dtype]
         if tensor.tensor_content:
             expected = size * np.dtype(dtype).itemsize
             if len(tensor.tensor_content) != expected:
                 raise InvalidArgument(
-                    f"input {name!r}: tensor_content has {len(tensor.tensor_content)} bytes; shape "
-                    f"{list(shape)} of {types_pb2.DataType.Name(tensor.dtype)} needs {expected}"
+                    f"{what}: tensor_content has {len(tensor.tensor_content)} bytes; shape "
+                    f"{list(shape)} of {dtype_name(tensor.dtype)} needs {expected}"
                 )
             values = np.frombuffer(tensor.tensor_content, dtype=dtype)
         else:
-            values = np.asarray(getattr(tensor, field), dtype=np.int64)
+            typed = getattr(tensor, field)
+            if len(typed) > max(size, 1):
+                raise InvalidArgument(f"{what}: {len(typed)} values do not fill shape {list(shape)} ({size} elements)")
+            values = np.asarray(typed, dtype=np.int64)
     elif tensor.dtype == types_pb2.DT_STRING:
+        if tensor.tensor_content:
+            raise InvalidArgument(
+                f"{what}: a DT_STRING tensor carries its values in string_val; tensor_content is not read for "
+                "strings, so it must be empty"
+            )
+        strings = tensor.string_val
+        if len(strings) > max(size, 1):
+            raise InvalidArgument(f"{what}: {len(strings)} values do not fill shape {list(shape)} ({size} elements)")
         try:
-            values = np.array([v.decode("utf-8") for v in tensor.string_val], dtype=object)
+            values = np.array([v.decode("utf-8") for v in strings], dtype=object)
         except UnicodeDecodeError:
-            raise InvalidArgument(f"input {name!r}: string values must be UTF-8") from None
+            raise InvalidArgument(f"{what}: string values must be UTF-8") from None
     else:
-        raise InvalidArgument(
-            f"input {name!r}: expects an int64, int32 or string tensor, got {types_pb2.DataType.Name(tensor.dtype)}"
-        )
+        raise InvalidArgument(f"{what}: expects an int64, int32 or string tensor, got {dtype_name(tensor.dtype)}")
     if values.shape[0] == 1 and size > 1:
         values = np.repeat(values, size)  # TF's convention: one value fills the tensor
     if values.shape[0] != size:
-        raise InvalidArgument(
-            f"input {name!r}: {values.shape[0]} values do not fill shape {list(shape)} ({size} elements)"
-        )
+        raise InvalidArgument(f"{what}: {values.shape[0]} values do not fill shape {list(shape)} ({size} elements)")
     return values.astype(np.int64).reshape(shape) if values.dtype != object else values.reshape(shape)
 
 
