@@ -9,7 +9,7 @@ import sys
 
 from monolith.common.tf_startup import quiet_tensorflow_startup
 
-# name -> module with `run(args) -> dict` and optional `add_arguments(parser)`.
+# name -> module with `run(args) -> dict`.
 BENCHMARKS = {
     "table": "monolith.bench.table",
     "train": "monolith.bench.train",
@@ -21,7 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
     parser.add_argument("--config", default=None, help="model config for the benchmarks that train a model")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line (last line)")
-    parser.add_argument("--quick", action="store_true", help="smaller sizes, for smoke tests")
+    parser.add_argument(
+        "--quick", action="store_true", help="smaller sizes and shorter rounds (a 100,000-row large table), for tests"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,6 +13,8 @@ from concurrent import futures
 
 import grpc
 
+from monolith.common.server import tune_gc
+
 METHOD = "/monolith.bench.Echo/Echo"
 _identity = lambda b: b  # noqa: E731 - raw bytes in and out, no protobuf
 
@@ -34,6 +36,7 @@ def serve(host: str, port: int) -> None:
     options = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), handlers=[handler], options=options)
     bound = server.add_insecure_port(f"{host}:{port}")
+    tune_gc()  # the embedding-PS's garbage-collector settings, so only the work differs
     server.start()
     print(bound, flush=True)
     server.wait_for_termination()
