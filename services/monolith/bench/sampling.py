@@ -10,7 +10,8 @@ polling thread, a main thread waiting for termination) are not busy and not coun
 
 A role process is profiled by running it through this module:
 `python -m monolith.bench.sampling OUT.json <monolith args...>` writes the summary to
-OUT.json when the role exits (e.g. on SIGTERM).
+OUT.json when the role exits (e.g. on SIGTERM); SIGUSR1 forgets what was sampled so far,
+so the summary can cover a load alone, without the start-up.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import atexit
 import collections
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -77,6 +79,7 @@ class Sampler:
         self._thread = threading.Thread(target=self._run, name="bench-sampler", daemon=True)
         self._cumulative: collections.Counter[tuple[str, str]] = collections.Counter()
         self._self: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._lock = threading.Lock()  # a reset must not interleave with a tick
         self.busy_samples = 0
         self.ticks = 0
 
@@ -95,24 +98,35 @@ class Sampler:
         if self._thread.is_alive():
             self._thread.join()
 
+    def reset(self) -> None:
+        """Forgets the samples so far (e.g. a process's start-up), keeps sampling."""
+        with self._lock:
+            self._cumulative.clear()
+            self._self.clear()
+            self.busy_samples = self.ticks = 0
+
     def _run(self) -> None:
-        me = threading.get_ident()
         while not self._stop.wait(self._interval):
-            self.ticks += 1
-            for ident, frame in sys._current_frames().items():
-                if ident == me or (self._threads is not None and ident not in self._threads):
-                    continue
-                top = _where(frame)
-                if not self._include_idle and (top[0].rsplit("/", 1)[-1], top[1]) in _IDLE:
-                    continue
-                seen = set()
-                f: FrameType | None = frame
-                while f is not None:
-                    seen.add(_where(f))
-                    f = f.f_back
-                self.busy_samples += 1
-                self._self[top] += 1
-                self._cumulative.update(seen)
+            with self._lock:
+                self._tick()
+
+    def _tick(self) -> None:
+        me = threading.get_ident()
+        self.ticks += 1
+        for ident, frame in sys._current_frames().items():
+            if ident == me or (self._threads is not None and ident not in self._threads):
+                continue
+            top = _where(frame)
+            if not self._include_idle and (top[0].rsplit("/", 1)[-1], top[1]) in _IDLE:
+                continue
+            seen = set()
+            f: FrameType | None = frame
+            while f is not None:
+                seen.add(_where(f))
+                f = f.f_back
+            self.busy_samples += 1
+            self._self[top] += 1
+            self._cumulative.update(seen)
 
     def summary(self, top: int = 10) -> list[str]:
         """Readable lines: the functions with the most samples on top of the stack (self),
@@ -150,6 +164,8 @@ def _main(argv: list[str]) -> int:
         os.replace(tmp, out)
 
     atexit.register(write)
+    # SIGUSR1 starts the window that counts, so a caller can leave start-up out.
+    signal.signal(signal.SIGUSR1, lambda signum, frame: sampler.reset())
     sampler.start()
     from monolith.cli import main
 
