@@ -241,6 +241,26 @@ def test_a_bad_push_is_rejected_and_changes_nothing(
     assert trained.client.stats().rejected_pushes == rejected + 1
 
 
+def test_long_names_are_echoed_cut_and_keep_their_status(trained: DensePS) -> None:
+    """Regression: a 100,000-character name in the message pushed the status past gRPC's
+    metadata limit; the client saw RESOURCE_EXHAUSTED "Stream removed"."""
+    long_name = "n" * 100_000
+    many_names = [f"{i:04d}" + "m" * 1000 for i in range(200)]
+    calls = {
+        "push": lambda: trained.stub.Push(pb.PushRequest(gradients=[tensor(long_name, np.ones(2))]), timeout=10),
+        "push twice": lambda: trained.stub.Push(
+            pb.PushRequest(gradients=[tensor(long_name, np.ones(2)), tensor(long_name, np.ones(2))]), timeout=10
+        ),
+        "pull": lambda: trained.stub.Pull(pb.PullRequest(names=many_names), timeout=10),
+    }
+    for what, call in calls.items():
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        assert info.value.code() == INVALID, (what, info.value.details()[:200])
+        assert len(info.value.details()) <= 512, what
+    assert "held: dense/bias, dense/kernel, out/scale" in info.value.details()
+
+
 @pytest.mark.parametrize(
     ("request_", "fragments"),
     [

@@ -177,6 +177,22 @@ def test_lookup_rejects_an_unspecified_mode(ps_cluster: Cluster, ids: Ids) -> No
 
 
 def test_lookup_rejects_a_slot_given_twice(ps_cluster: Cluster, ids: Ids) -> None:
+def test_a_slot_name_of_100k_characters_is_echoed_cut_and_keeps_its_status(ps_cluster: Cluster, ids: Ids) -> None:
+    """Regression: the whole name went into the status message, past gRPC's metadata limit,
+    and the client saw RESOURCE_EXHAUSTED "Stream removed" instead of INVALID_ARGUMENT."""
+    name = "s" * 100_000
+    chunk = _chunk(name, ids.known["item"][:1], np.ones((1, 8)))
+
+    for call in (_lookup(ps_cluster, [_ids(name, ids.new["item"])], SERVING),
+                 lambda: ps_cluster.stubs[0].Import(iter([chunk]), timeout=10)):  # fmt: skip
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        assert info.value.code() == INVALID, info.value.details()
+        details = info.value.details()
+        assert len(details) <= 512 and "unknown slot 'sss" in details and "chars cut" in details
+        assert details.endswith("this shard has: item, tag, user")
+
+
     slots = [_ids("item", ids.new["item"][:2]), _ids("tag", ids.new["tag"]), _ids("item", ids.new["item"][2:])]
 
     _assert_rejected(ps_cluster, ids, _lookup(ps_cluster, slots), INVALID, "slot 'item' appears more than once")

@@ -402,6 +402,24 @@ def test_a_bad_request_gets_tf_servings_status_and_the_server_carries_on(
     assert_serves_correctly(stack, examples)
 
 
+def test_long_names_are_echoed_cut_and_keep_their_status(stack: Stack, examples: Features) -> None:
+    """Regression: a 100,000-character name in the message pushed the status past gRPC's
+    metadata limit; the client saw RESOURCE_EXHAUSTED "Stream removed"."""
+    long_input = request_of(examples)
+    long_input.inputs["i" * 100_000].CopyFrom(tf.make_tensor_proto(["x"]))
+    long_model = request_of(examples, name="m" * 100_000)
+    long_alias = request_of(examples)
+    long_alias.output_filter.append("a" * 100_000)
+
+    for request, code in ((long_input, CODE.INVALID_ARGUMENT), (long_model, CODE.NOT_FOUND),
+                          (long_alias, CODE.INVALID_ARGUMENT)):  # fmt: skip
+        with pytest.raises(grpc.RpcError) as info:
+            stack.stub.Predict(request, timeout=TIMEOUT)
+        assert info.value.code() == code, info.value.details()[:200]
+        assert len(info.value.details()) <= 512
+    assert_serves_correctly(stack, examples)
+
+
 def test_metadata_errors(stack: Stack) -> None:
     def metadata(name: str, fields: list[str]) -> grpc.RpcError:
         request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=fields)

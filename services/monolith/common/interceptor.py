@@ -2,7 +2,8 @@
 
 Handlers raise `MonolithError` subclasses (or let bugs escape); this interceptor turns
 them into `context.abort(code, message)` and records go-grpc-prometheus metrics with the
-final status code, for all four handler kinds.
+final status code, for all four handler kinds. It bounds every status message to fit
+gRPC's metadata limit.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import grpc
 
 from monolith.common import metrics
-from monolith.common.errors import MonolithError
+from monolith.common.errors import MonolithError, bounded_details
 
 _LOGGER = logging.getLogger("monolith.grpc")
 
@@ -68,9 +69,9 @@ def _status_of(
     if not context.is_active():
         return grpc.StatusCode.CANCELLED, None
     if isinstance(exc, MonolithError):
-        return exc.code, str(exc)
+        return exc.code, bounded_details(str(exc))
     _LOGGER.error("unexpected error in %s", method, exc_info=exc)
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+    return grpc.StatusCode.INTERNAL, bounded_details(f"internal error: {type(exc).__name__}: {exc}")
 
 
 def _wrap_unary_response(
@@ -145,7 +146,9 @@ class ErrorAndMetricsInterceptor(grpc.ServerInterceptor):
 
     A `MonolithError` becomes its own code and message. Any other exception is logged
     with its traceback on "monolith.grpc" and becomes INTERNAL. A status the handler set
-    itself (`context.abort`, `context.set_code`) is kept. Every RPC is counted in
+    itself (`context.abort`, `context.set_code`) is kept. Messages are cut to
+    `MAX_DETAILS_CHARS`, so an echoed client value cannot push the status past gRPC's
+    metadata limit. Every RPC is counted in
     `grpc_server_started_total`, `grpc_server_handled_total` (with the final code) and
     `grpc_server_handling_seconds`.
     """
