@@ -176,7 +176,6 @@ def test_lookup_rejects_an_unspecified_mode(ps_cluster: Cluster, ids: Ids) -> No
     _assert_rejected(ps_cluster, ids, call, INVALID, "mode must be LOOKUP_MODE_TRAINING or LOOKUP_MODE_SERVING")
 
 
-def test_lookup_rejects_a_slot_given_twice(ps_cluster: Cluster, ids: Ids) -> None:
 def test_a_slot_name_of_100k_characters_is_echoed_cut_and_keeps_its_status(ps_cluster: Cluster, ids: Ids) -> None:
     """Regression: the whole name went into the status message, past gRPC's metadata limit,
     and the client saw RESOURCE_EXHAUSTED "Stream removed" instead of INVALID_ARGUMENT."""
@@ -193,6 +192,7 @@ def test_a_slot_name_of_100k_characters_is_echoed_cut_and_keeps_its_status(ps_cl
         assert details.endswith("this shard has: item, tag, user")
 
 
+def test_lookup_rejects_a_slot_given_twice(ps_cluster: Cluster, ids: Ids) -> None:
     slots = [_ids("item", ids.new["item"][:2]), _ids("tag", ids.new["tag"]), _ids("item", ids.new["item"][2:])]
 
     _assert_rejected(ps_cluster, ids, _lookup(ps_cluster, slots), INVALID, "slot 'item' appears more than once")
