@@ -300,7 +300,11 @@ def test_export_splits_into_chunks_and_filters_slots(make_cluster: Callable[...,
 def test_serving_shard_serves_what_the_training_shards_export(
     make_cluster: Callable[..., Cluster], serving_shard: Cluster
 ) -> None:
-    """A 1-shard serving replica takes every training shard's embeddings (no optimizer state)."""
+    """A 1-shard serving replica takes every training shard's embeddings (no optimizer state).
+
+    Clients cannot write to a serving shard, so the chunks are applied the way its own
+    sync applies them.
+    """
     source = make_cluster()
     ids = _populate(source, 0, update_time=1_700_000_000)
     unknown = {slot: v + 5000 for slot, v in ids.items()}
@@ -311,7 +315,8 @@ def test_serving_shard_serves_what_the_training_shards_export(
     for shard in (0, 1):
         chunks = list(source.client.export(shard, include_optimizer_state=False))
         assert all(c.width == source.shards[0].tables[c.slot].dim for c in chunks)
-        upserted += serving_shard.client.import_chunks(0, iter(chunks)).upserted
+        for c in source.shards[shard].export(0, include_state=False):
+            upserted += serving_shard.shards[0].apply_synced_chunk(c.slot, c.rows, c.deleted_ids)[0]
 
     assert upserted == 3 * 40
     _assert_same_lookups(source, serving_shard, ids)

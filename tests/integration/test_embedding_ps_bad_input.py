@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from monolith.api.embedding_ps.v1 import embedding_ps_pb2 as pb
+from monolith.embedding.table import RowBatch
 
 if TYPE_CHECKING:
     from conftest import Cluster
@@ -418,8 +419,14 @@ def test_max_ids_per_request_is_enforced(make_cluster: Callable[..., Cluster]) -
     _assert_rejected(cluster, None, lambda: cluster.stubs[0].Import(iter(rows), timeout=10), EXHAUSTED, limit)
 
 
+def _synced(cluster: Cluster, slot: str, ids: np.ndarray, values: np.ndarray) -> None:
+    """Rows written into a serving shard the way its own sync writes them."""
+    rows = RowBatch(np.asarray(ids, np.int64), np.asarray(values, np.float32), np.zeros(len(ids), np.uint32))
+    cluster.shards[0].apply_synced_chunk(slot, rows, np.zeros(0, np.int64))
+
+
 def test_serving_shard_refuses_training_lookups_and_gradients(serving_shard: Cluster) -> None:
-    serving_shard.stubs[0].Import(iter([_chunk("item", np.arange(5), np.full((5, 8), 0.5))]), timeout=10)
+    _synced(serving_shard, "item", np.arange(5), np.full((5, 8), 0.5))
     serving = "shard 0 has role 'serving'"
 
     _assert_rejected(serving_shard, None, _lookup(serving_shard, [_ids("item", np.arange(10))]), PRECONDITION,
@@ -429,6 +436,21 @@ def test_serving_shard_refuses_training_lookups_and_gradients(serving_shard: Clu
 
     served = serving_shard.client.lookup({"item": np.arange(10)})["item"]
     np.testing.assert_array_equal(served, np.repeat([[0.5], [0.0]], 5, axis=0) * np.ones((10, 8)))
+
+
+def test_serving_shard_refuses_imports_from_clients(serving_shard: Cluster) -> None:
+    """Only its own sync writes to a serving shard: a client's row would be served until
+    the training shard happened to change it."""
+    _synced(serving_shard, "item", np.arange(5), np.full((5, 8), 0.5))
+    upsert = [_chunk("item", np.arange(3), np.full((3, 8), 9.0))]
+    delete = [_chunk("item", [], np.zeros((0, 8)), num_deleted=2, deleted_ids=_id_bytes([0, 1]))]
+
+    for chunks in (upsert, delete):
+        _assert_rejected(serving_shard, None, lambda: serving_shard.stubs[0].Import(iter(chunks), timeout=10),
+                         PRECONDITION, "shard 0 has role 'serving'", "changes only by sync")  # fmt: skip
+
+    served = serving_shard.client.lookup({"item": np.arange(5)})["item"]
+    np.testing.assert_array_equal(served, np.full((5, 8), 0.5, np.float32))
 
 
 def test_training_lookup_whose_answer_exceeds_the_message_limit_changes_nothing(

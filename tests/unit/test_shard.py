@@ -271,6 +271,9 @@ def test_serving_shard_is_read_only_to_clients() -> None:
         shard.lookup([("user", USER, None)], True, 1000.0)
     with rejected(shard, FailedPrecondition, "read-only"):
         shard.apply_gradients([("user", USER[:1], np.zeros((1, 4), np.float32))], 1000.0)
+    rows = RowBatch(USER[:1], np.ones((1, 4), np.float32), np.zeros(1, np.uint32))
+    with rejected(shard, FailedPrecondition, "role 'serving': it changes only by sync from its training shard"):
+        shard.import_chunk("user", rows, np.zeros(0, np.int64))
     out = shard.lookup([("user", USER, None)], False)
     np.testing.assert_array_equal(out[0], np.zeros((30, 4), np.float32))
     assert shard.version == 0
@@ -357,7 +360,7 @@ def sync(source: EmbeddingShard, target: EmbeddingShard, since: int, include_sta
     for chunk in source.export(since, include_state, max_rows):
         assert chunk.includes_optimizer_state == include_state
         assert chunk.rows.ids.shape[0] <= max_rows and chunk.deleted_ids.shape[0] <= max_rows
-        target.import_chunk(chunk.slot, chunk.rows, chunk.deleted_ids)
+        target.apply_synced_chunk(chunk.slot, chunk.rows, chunk.deleted_ids)
         version = chunk.version
     return version
 
@@ -427,7 +430,7 @@ def test_export_chunks_fit_the_request_limit_of_a_shard_configured_alike() -> No
 
     for chunk in limited.export(0, False):
         assert chunk.rows.ids.shape[0] + chunk.deleted_ids.shape[0] <= 7
-        serving.import_chunk(chunk.slot, chunk.rows, chunk.deleted_ids)
+        serving.apply_synced_chunk(chunk.slot, chunk.rows, chunk.deleted_ids)
 
     for slot in ("user", "item"):
         assert rows_of(serving, slot, False) == rows_of(source, slot, False)
@@ -471,4 +474,4 @@ def test_import_chunk_with_too_few_update_times_is_rejected() -> None:
     rows = RowBatch(USER[:5], np.ones((5, 4), np.float32), np.zeros(0, np.uint32))
 
     with rejected(shard, InvalidArgument, "update_times"):
-        shard.import_chunk("user", rows, np.zeros(0, np.int64))
+        shard.apply_synced_chunk("user", rows, np.zeros(0, np.int64))

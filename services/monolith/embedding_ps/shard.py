@@ -2,7 +2,8 @@
 
 The shard validates whole requests before touching any table, so a bad request changes
 nothing; it owns the shard's version clock, checks that ids belong to this shard, and
-enforces the role (a serving shard is read-only to clients and changes only by import).
+enforces the role (a serving shard is read-only to clients and changes only by its own
+sync from the training shard).
 """
 
 from __future__ import annotations
@@ -205,10 +206,31 @@ class EmbeddingShard:
                 yield ExportChunk(name, rows, include_state, np.zeros(0, np.int64), version)
 
     def import_chunk(self, slot: str, rows: RowBatch, deleted_ids: np.ndarray, what: str = "") -> tuple[int, int]:
-        """Applies one exported chunk, all or nothing: deletions first, then upserts.
+        """Applies one exported chunk a client sent (Import), all or nothing: deletions first, then upserts.
 
         A stream of chunks is applied chunk by chunk; applying a chunk again is harmless
         (upserts and deletions are idempotent), so a failed import can simply be retried.
+
+        Returns:
+            (rows upserted, rows deleted).
+
+        Raises:
+            FailedPrecondition: this is a serving shard. It mirrors its training shard, so a
+                row written by anyone else would be served until training changed it.
+        """
+        if self.config.role != "training":
+            raise FailedPrecondition(
+                f"shard {self.config.shard} has role {self.config.role!r}: it changes only by sync from its training "
+                "shard; import into the training shard"
+            )
+        return self.apply_synced_chunk(slot, rows, deleted_ids, what)
+
+    def apply_synced_chunk(
+        self, slot: str, rows: RowBatch, deleted_ids: np.ndarray, what: str = ""
+    ) -> tuple[int, int]:
+        """Applies one chunk of the training shard's export, in any role, like `import_chunk`.
+
+        Only this process's own sync calls it; it is not reachable over gRPC.
 
         Returns:
             (rows upserted, rows deleted).

@@ -18,9 +18,9 @@ then both restarts resume with no extra state:
   rows it has (stale) and the sync retries every interval.
 
 Only embeddings travel (no optimizer state), as in the paper's code: serving never
-applies gradients. Imports go through the serving shard's own `import_chunk`, so each
-chunk applies all or nothing, deletions before upserts, and re-applying one after a
-failed attempt is harmless.
+applies gradients. Imports go through the serving shard's `apply_synced_chunk` (clients'
+Imports into a serving shard are refused), so each chunk applies all or nothing,
+deletions before upserts, and re-applying one after a failed attempt is harmless.
 """
 
 from __future__ import annotations
@@ -296,8 +296,8 @@ class ServingSync:
         for slot, parts in received.items():
             stale = self._local_ids_missing_from(slot, parts)
             for start in range(0, stale.shape[0], self._chunk_rows):
-                _, deleted = self._shard.import_chunk(slot, _no_rows(self._shard, slot),
-                                                      stale[start : start + self._chunk_rows])  # fmt: skip
+                _, deleted = self._shard.apply_synced_chunk(slot, _no_rows(self._shard, slot),
+                                                            stale[start : start + self._chunk_rows])  # fmt: skip
                 progress.deletions += deleted
                 self._deletions_metric.inc(deleted)
         # What this shard holds is now exactly this incarnation's copy, however old.
@@ -333,7 +333,7 @@ class ServingSync:
             update_times=decode_array(chunk.update_times, "<u4", (chunk.num_rows,), f"{what} update_times"),
         )
         deleted_ids = decode_array(chunk.deleted_ids, "<i8", (chunk.num_deleted,), f"{what} deleted_ids")
-        upserted, deleted = self._shard.import_chunk(chunk.slot, rows, deleted_ids, what)
+        upserted, deleted = self._shard.apply_synced_chunk(chunk.slot, rows, deleted_ids, what)
         progress.rows += upserted
         progress.deletions += deleted
         self._rows_metric.inc(upserted)
