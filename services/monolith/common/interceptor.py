@@ -2,8 +2,9 @@
 
 Handlers raise `MonolithError` subclasses (or let bugs escape); this interceptor turns
 them into `context.abort(code, message)` and records go-grpc-prometheus metrics with the
-final status code, for all four handler kinds. It bounds every status message to fit
-gRPC's metadata limit.
+final status code, for all four handler kinds. It also parses requests on the handler's
+side, so bytes that do not parse are INVALID_ARGUMENT like any other bad request, and
+it bounds every status message to fit gRPC's metadata limit.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import grpc
 
 from monolith.common import metrics
-from monolith.common.errors import MonolithError, bounded_details
+from monolith.common.errors import InvalidArgument, MonolithError, bounded_details
 
 _LOGGER = logging.getLogger("monolith.grpc")
 
@@ -74,17 +75,66 @@ def _status_of(
     return grpc.StatusCode.INTERNAL, bounded_details(f"internal error: {type(exc).__name__}: {exc}")
 
 
+class _Undecodable:
+    """Stands in for a request message whose bytes did not parse (see `_lenient`)."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """The request deserializer, made never to raise.
+
+    If a deserializer raises, gRPC itself answers INTERNAL "Exception deserializing
+    request!". Worse, in a request stream it then still runs the handler, which sees the
+    stream end and returns, and gRPC sends a second status that never completes: the call
+    stays open and `server.stop()` waits for it forever. So the failure is handed to the
+    handler's wrapper as an `_Undecodable`, which raises INVALID_ARGUMENT there.
+    """
+    if deserializer is None:
+        return None
+    message_type = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    name = message_type.full_name if message_type is not None else "the request message"
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - any parse failure is the client's bad bytes
+            return _Undecodable(f"request bytes do not parse as {name} ({exc})")
+
+    return deserialize
+
+
+def _parsed(request: Any, streaming: bool) -> Any:
+    """The request (or request stream) with undecodable messages raising INVALID_ARGUMENT."""
+    if not streaming:
+        if isinstance(request, _Undecodable):
+            raise InvalidArgument(request.message)
+        return request
+
+    def stream() -> Iterator[Any]:
+        for message in request:
+            if isinstance(message, _Undecodable):
+                raise InvalidArgument(message.message)
+            yield message
+
+    return stream()
+
+
 def _wrap_unary_response(
     behavior: Callable[[Any, grpc.ServicerContext], Any],
     labels: tuple[str, str, str],
     method: str,
+    request_streaming: bool,
 ) -> Callable[[Any, grpc.ServicerContext], Any]:
     """Wraps a unary-unary or stream-unary handler."""
 
     def handle(request: Any, context: grpc.ServicerContext) -> Any:
         call = _Call(labels)
         try:
-            response = behavior(request, context)
+            response = behavior(_parsed(request, request_streaming), context)
         except Exception as exc:
             code, details = _status_of(exc, context, method)
             call.finish(code)
@@ -101,6 +151,7 @@ def _wrap_stream_response(
     behavior: Callable[[Any, grpc.ServicerContext], Iterator[Any]],
     labels: tuple[str, str, str],
     method: str,
+    request_streaming: bool,
 ) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
     """Wraps a unary-stream or stream-stream handler, including errors mid-stream."""
 
@@ -109,7 +160,7 @@ def _wrap_stream_response(
         try:
             # Inside the generator, so an error at call time and one on the hundredth
             # response are mapped alike.
-            yield from behavior(request, context)
+            yield from behavior(_parsed(request, request_streaming), context)
         except GeneratorExit:
             call.finish(grpc.StatusCode.CANCELLED)
             raise
@@ -146,9 +197,9 @@ class ErrorAndMetricsInterceptor(grpc.ServerInterceptor):
 
     A `MonolithError` becomes its own code and message. Any other exception is logged
     with its traceback on "monolith.grpc" and becomes INTERNAL. A status the handler set
-    itself (`context.abort`, `context.set_code`) is kept. Messages are cut to
-    `MAX_DETAILS_CHARS`, so an echoed client value cannot push the status past gRPC's
-    metadata limit. Every RPC is counted in
+    itself (`context.abort`, `context.set_code`) is kept. Request bytes that do not parse
+    are INVALID_ARGUMENT. Messages are cut to `MAX_DETAILS_CHARS`, so an echoed client
+    value cannot push the status past gRPC's metadata limit. Every RPC is counted in
     `grpc_server_started_total`, `grpc_server_handled_total` (with the final code) and
     `grpc_server_handling_seconds`.
     """
@@ -172,17 +223,17 @@ class ErrorAndMetricsInterceptor(grpc.ServerInterceptor):
         method = handler_call_details.method
         labels = (_rpc_type(handler), *_split_method(method))
         codecs = {
-            "request_deserializer": handler.request_deserializer,
+            "request_deserializer": _lenient(handler.request_deserializer),
             "response_serializer": handler.response_serializer,
         }
         if handler.unary_unary:
-            wrapped = _wrap_unary_response(handler.unary_unary, labels, method)
+            wrapped = _wrap_unary_response(handler.unary_unary, labels, method, False)
             return grpc.unary_unary_rpc_method_handler(wrapped, **codecs)
         if handler.unary_stream:
-            wrapped = _wrap_stream_response(handler.unary_stream, labels, method)
+            wrapped = _wrap_stream_response(handler.unary_stream, labels, method, False)
             return grpc.unary_stream_rpc_method_handler(wrapped, **codecs)
         if handler.stream_unary:
-            wrapped = _wrap_unary_response(handler.stream_unary, labels, method)
+            wrapped = _wrap_unary_response(handler.stream_unary, labels, method, True)
             return grpc.stream_unary_rpc_method_handler(wrapped, **codecs)
-        wrapped = _wrap_stream_response(handler.stream_stream, labels, method)
+        wrapped = _wrap_stream_response(handler.stream_stream, labels, method, True)
         return grpc.stream_stream_rpc_method_handler(wrapped, **codecs)

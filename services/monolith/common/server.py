@@ -27,6 +27,10 @@ from monolith.common import metrics
 from monolith.common.interceptor import ErrorAndMetricsInterceptor
 
 FULL_COLLECTION_EVERY = 1000  # middle-generation passes per full pass (CPython's default: 10)
+# After the grace period gRPC cancels the calls still open; they close within moments.
+# A stop that takes longer than this beyond the grace period is given up on (and logged),
+# so a call gRPC never closes cannot keep a process from exiting on SIGTERM.
+STOP_MARGIN_SECONDS = 2.0
 
 _LOGGER = logging.getLogger("monolith.server")
 
@@ -247,23 +251,36 @@ class MonolithServer:
         for name in ("", *self._service_names):
             self.health.set(name, status)
 
-    def stop(self, grace: float | None = None) -> None:
+    def stop(self, grace: float | None = None) -> bool:
         """Reports NOT_SERVING, drains in-flight RPCs, and closes /metrics. Idempotent.
+
+        Returns within the grace period plus STOP_MARGIN_SECONDS, even if gRPC has not
+        closed every call by then (that is logged).
 
         Args:
             grace: Seconds in-flight RPCs get before they are cancelled; defaults to
                 `config.grace_seconds`.
+
+        Returns:
+            Whether gRPC closed every call in time (True if the server was already stopped).
         """
         with self._lock:
             if self._stopped:
-                return
+                return True
             self._stopped = True
         self.health.enter_graceful_shutdown()
-        self._server.stop(self._config.grace_seconds if grace is None else grace).wait()
+        grace = self._config.grace_seconds if grace is None else grace
+        closed = self._server.stop(grace).wait(grace + STOP_MARGIN_SECONDS)
+        if not closed:
+            _LOGGER.warning(
+                "gRPC on %s had calls open %.1f s after the %.1f s grace period; stopping without them",
+                self.address, STOP_MARGIN_SECONDS, grace,
+            )  # fmt: skip
         if self._metrics_httpd is not None:
             metrics.stop_metrics_http(self._metrics_httpd)
             self._metrics_httpd = None
         _LOGGER.info("stopped gRPC on %s", self.address)
+        return closed
 
     def run_until_signal(self, on_shutdown: Callable[[], None] | None = None) -> None:
         """Serves until SIGTERM or SIGINT, then drains and calls `on_shutdown`.
