@@ -32,6 +32,7 @@ from tensorflow_serving.apis import (
 )
 
 from conftest import Cluster, start_cluster
+from monolith.common.errors import DeadlineExceeded
 from monolith.common.server import MonolithServer, ServerConfig
 from monolith.data.batch import Batch
 from monolith.data.feature_ids import feature_id, feature_ids
@@ -45,7 +46,8 @@ from monolith.embedding_ps.shard import EmbeddingShard, ShardConfig
 from monolith.model.config import ModelConfig, default_config_path, model_config_from_dict
 from monolith.serving.model import ServingModel
 from monolith.serving.service import build_serving
-from monolith.serving.servicer import SignatureConfig
+from monolith.serving.limits import Deadline
+from monolith.serving.servicer import PredictionServicer, SignatureConfig
 from monolith.trainer.worker import TrainerWorker
 from monolith_client import MonolithClient, PredictError
 
@@ -490,6 +492,117 @@ def test_overload_is_resource_exhausted(stack: Stack, raw: dict[str, list[dict[s
             np.testing.assert_allclose(scores_of(stub, request), expected, rtol=0, atol=1e-6)
     finally:
         server.stop(grace=0)
+
+
+# --------------------------------------------------------------------------- cost bounds
+
+
+def _ranking(examples: Features, candidates: int, genres: np.ndarray | None = None) -> predict_pb2.PredictRequest:
+    """One user (broadcast) and `candidates` movies, each with the given genres row(s)."""
+    features: Features = {name: examples[name][:1] for name in USER_FEATURES}
+    features["movie_id"] = np.arange(candidates, dtype=np.int64)
+    features["genres"] = np.full((candidates, 1), "Drama", dtype=object) if genres is None else genres
+    return request_of(features)
+
+
+def _int_tensor(shape: tuple[int, ...]) -> Any:
+    """An int64 tensor of zeros sent as tensor_content (cheap to build at any size)."""
+    return _tensor(np.zeros(int(np.prod(shape)), np.int64), shape=list(shape))
+
+
+def test_requests_beyond_the_cost_bounds_are_refused_before_the_work(stack: Stack, examples: Features) -> None:
+    """Within the message limit a request could still cost seconds and GiB (genres of shape
+    [65536, 64] took 4.6 s and 1.8 GiB); the bounds refuse it up front."""
+    limits = stack.model.limits
+    huge_genres = _ranking(examples, 65536)
+    huge_genres.inputs["genres"].CopyFrom(_int_tensor((65536, 64)))
+    too_many_together = _ranking(examples, 8192)
+    too_many_together.inputs["genres"].CopyFrom(_int_tensor((8192, limits.max_elements // 8192)))
+    broadcast = _ranking(examples, 8)
+    broadcast.inputs["genres"].CopyFrom(_int_tensor((1, limits.max_elements // 8)))
+    long_strings = _ranking(examples, 2)
+    long_strings.inputs["zip"].CopyFrom(tf.make_tensor_proto(["9" * (limits.max_string_bytes // 2 + 1)] * 2))
+    cases = {
+        "one tensor": (huge_genres, "input 'genres': 4194304 elements; at most 262144 are accepted"),
+        "the batch": (_ranking(examples, limits.max_batch + 1), "batch of 8193 examples; at most 8192 per request"),
+        "all tensors": (too_many_together, "the inputs hold 270342 elements together; at most 262144 are accepted"),
+        "after broadcasting": (broadcast, "the inputs hold 262192 elements over a batch of 8 (after broadcasting)"),
+        "string bytes": (long_strings, "bytes of strings together; at most 8388608 are accepted"),
+    }
+
+    for what, (request, message) in cases.items():
+        with pytest.raises(grpc.RpcError) as info:
+            stack.stub.Predict(request, timeout=TIMEOUT)
+        assert info.value.code() == CODE.INVALID_ARGUMENT, (what, info.value.details())
+        assert message in info.value.details(), what
+    assert_serves_correctly(stack, examples)
+
+
+def test_a_request_at_the_cost_bounds_is_served(stack: Stack, examples: Features) -> None:
+    limits = stack.model.limits
+    width = limits.max_elements // limits.max_batch - 6  # six single-valued features
+    genres = np.full((limits.max_batch, width), "", dtype=object)
+    genres[:, 0] = "Drama"
+    request = _ranking(examples, limits.max_batch, genres)
+
+    scores = scores_of(stack.stub, request)
+
+    assert scores.shape == (limits.max_batch,) and np.isfinite(scores).all()
+
+
+class _PassesAt:
+    """A deadline that passes at its n-th check, recording the stages it was asked about."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.stages: list[str] = []
+
+    def check(self, stage: str) -> None:
+        self.stages.append(stage)
+        if len(self.stages) >= self.n:
+            raise DeadlineExceeded(f"deadline passed {stage}")
+
+
+class _CountingSparse:
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.lookups = 0
+
+    def lookup(self, *args: Any, **kwargs: Any) -> Any:
+        self.lookups += 1
+        return self.inner.lookup(*args, **kwargs)
+
+
+@pytest.mark.parametrize(("passes_at", "stage", "lookups"), [
+    (1, "before parsing the features", 0),
+    (2, "before the embedding lookup", 0),
+    (3, "before the dense tower", 1),
+])  # fmt: skip
+def test_work_stops_between_stages_once_the_deadline_has_passed(
+    stack: Stack, examples: Features, passes_at: int, stage: str, lookups: int
+) -> None:
+    """Three oversized Predicts at once used to keep running long past their deadline."""
+    sparse = _CountingSparse(stack.model._sparse)
+    model = ServingModel(stack.config, sparse, DensePSClient(stack.dense_server.address, timeout=TIMEOUT))
+    assert model.refresh_dense()
+    deadline = _PassesAt(passes_at)
+
+    with pytest.raises(DeadlineExceeded, match=stage):
+        model.predict(examples, deadline)  # type: ignore[arg-type]
+
+    assert deadline.stages[-1] == stage and sparse.lookups == lookups
+    np.testing.assert_allclose(model.predict(examples, Deadline.after(TIMEOUT)), stack.model.predict(examples))
+
+
+def test_a_predict_whose_deadline_passes_while_decoding_is_deadline_exceeded(stack: Stack, examples: Features) -> None:
+    class Expired:
+        def time_remaining(self) -> float:
+            return 0.0
+
+    servicer = PredictionServicer(stack.model, SignatureConfig())
+
+    with pytest.raises(DeadlineExceeded, match="while decoding input"):
+        servicer.Predict(request_of(examples), Expired())  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- the python client

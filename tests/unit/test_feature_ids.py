@@ -62,3 +62,17 @@ def test_the_cache_gives_the_same_ids_as_feature_ids_and_stays_bounded() -> None
     ):
         np.testing.assert_array_equal(cache("f", values), feature_ids("f", values))
     assert cache._entries <= 4
+
+
+def test_the_cache_is_bounded_by_bytes_and_does_not_keep_long_values() -> None:
+    """Regression: capped by entries only, distinct 2 MiB values grew serving memory without bound."""
+    cache = FeatureIdCache(max_bytes=64 * 1024, max_value_bytes=1024)
+    long_values = np.array([f"{i}" + "z" * (2 << 20) for i in range(3)], dtype=object)
+    np.testing.assert_array_equal(cache("zip", np.repeat(long_values, 2)), feature_ids("zip", np.repeat(long_values, 2)))
+    assert cache.bytes == 0  # hashed, not remembered
+
+    for start in range(0, 5000, 500):
+        values = np.arange(start, start + 500)
+        np.testing.assert_array_equal(cache("movie_id", values), feature_ids("movie_id", values))
+        assert cache.bytes <= 64 * 1024
+    assert cache.bytes > 0

@@ -10,6 +10,8 @@ gets two different ids.
 from __future__ import annotations
 
 import hashlib
+import sys
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -67,13 +69,33 @@ class FeatureIdCache:
 
     Serving hashes the same few thousand users and items over and over; a dict lookup
     costs a tenth of a blake2b plus `np.unique` on a 100-value request. The memo is
-    bounded: past `max_entries` values it starts over.
+    bounded by entries and by bytes (each value's size plus a fixed per-entry overhead):
+    past either bound it starts over. Values larger than `max_value_bytes` are hashed
+    once per call but not remembered: a long value is unlikely to be hot, and distinct
+    ones would otherwise fill the memo with a few entries.
+
+    Args:
+        max_entries: values remembered, over all features.
+        max_bytes: estimated bytes of the remembered values and their entries.
+        max_value_bytes: the largest value (by `sys.getsizeof`) that is remembered.
     """
 
-    def __init__(self, max_entries: int = 1_000_000) -> None:
+    ENTRY_OVERHEAD = 100  # bytes per entry besides the value: its dict slot and the id
+
+    def __init__(self, max_entries: int = 1_000_000, max_bytes: int = 128 * 1024 * 1024,
+                 max_value_bytes: int = 1024) -> None:  # fmt: skip
         self._memo: dict[str, dict[object, int]] = {}
         self._entries = 0
+        self._bytes = 0
         self._max_entries = max_entries
+        self._max_bytes = max_bytes
+        self._max_value_bytes = max_value_bytes
+        self._lock = threading.Lock()  # serving threads share one cache; misses add under it
+
+    @property
+    def bytes(self) -> int:
+        """Estimated bytes held by the memo."""
+        return self._bytes
 
     def __call__(self, feature: str, values: np.ndarray | Sequence) -> np.ndarray:
         """Same result as `feature_ids(feature, values)`."""
@@ -81,14 +103,29 @@ class FeatureIdCache:
         flat = array.ravel().tolist()
         memo = self._memo.setdefault(feature, {})
         out = np.empty(len(flat), dtype=np.int64)
+        too_large: dict[object, int] = {}  # this call's values too large to remember, hashed once each
         for i, value in enumerate(flat):
             cached = memo.get(value)
             if cached is None:
-                if self._entries >= self._max_entries:
-                    self._memo.clear()
-                    self._entries = 0
-                    memo = self._memo.setdefault(feature, {})
-                cached = memo[value] = feature_id(feature, value)
-                self._entries += 1
+                cached = too_large.get(value)
+            if cached is None:
+                cached = feature_id(feature, value)
+                size = sys.getsizeof(value)
+                if size > self._max_value_bytes:
+                    too_large[value] = cached
+                else:
+                    memo = self._remember(feature, value, cached, size + self.ENTRY_OVERHEAD)
             out[i] = cached
         return out.reshape(array.shape)
+
+    def _remember(self, feature: str, value: object, id_: int, size: int) -> dict[object, int]:
+        """Adds one entry, starting over first if it would not fit; returns the feature's memo."""
+        with self._lock:
+            if self._entries >= self._max_entries or self._bytes + size > self._max_bytes:
+                self._memo = {}
+                self._entries = self._bytes = 0
+            memo = self._memo.setdefault(feature, {})
+            memo[value] = id_
+            self._entries += 1
+            self._bytes += size
+            return memo

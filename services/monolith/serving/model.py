@@ -26,11 +26,12 @@ from monolith.data.feature_ids import FeatureIdCache
 from monolith.model.config import ModelConfig
 from monolith.model.dense_model import DenseModel
 from monolith.model.inputs import lookup_features
-from monolith.trainer.backends import DenseBackend, SparseBackend
-from monolith.trainer.metrics import sigmoid
+from monolith.model.backends import DenseBackend, SparseBackend
+from monolith.model.scores import sigmoid
+from monolith.serving.limits import NO_DEADLINE, Deadline, RequestLimits
 
 _LOGGER = logging.getLogger("monolith.serving")
-MAX_BATCH = 65_536
+MAX_BATCH = RequestLimits().max_batch
 
 
 class ServingModel:
@@ -40,10 +41,14 @@ class ServingModel:
         config: the model config.
         sparse: the serving embedding-PS shards (or local tables), used read-only.
         dense: where to pull dense parameters from (the dense-PS).
+        limits: how much work one request may cause.
     """
 
-    def __init__(self, config: ModelConfig, sparse: SparseBackend, dense: DenseBackend) -> None:
+    def __init__(
+        self, config: ModelConfig, sparse: SparseBackend, dense: DenseBackend, limits: RequestLimits = RequestLimits()
+    ) -> None:
         self.config = config
+        self.limits = limits
         self.model = DenseModel(config)
         self._sparse = sparse
         self._dense = dense
@@ -73,17 +78,31 @@ class ServingModel:
             self._version, self._params = version, params
         return True
 
-    def predict(self, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
-        """Calibrated probabilities, float32 [batch], for one request's features."""
-        ids, row_splits, batch = self.parse(inputs)
-        return self.score(ids, row_splits, batch)
+    def predict(self, inputs: Mapping[str, np.ndarray], deadline: Deadline = NO_DEADLINE) -> np.ndarray:
+        """Calibrated probabilities, float32 [batch], for one request's features.
 
-    def score(self, ids: Mapping[str, np.ndarray], row_splits: Mapping[str, np.ndarray], batch: int) -> np.ndarray:
+        Raises:
+            InvalidArgument: see `parse`.
+            DeadlineExceeded: `deadline` passed between two stages (hashing, lookup, tower).
+        """
+        deadline.check("before parsing the features")
+        ids, row_splits, batch = self.parse(inputs)
+        return self.score(ids, row_splits, batch, deadline)
+
+    def score(
+        self,
+        ids: Mapping[str, np.ndarray],
+        row_splits: Mapping[str, np.ndarray],
+        batch: int,
+        deadline: Deadline = NO_DEADLINE,
+    ) -> np.ndarray:
         """Probabilities for parsed, ragged features (see `parse`)."""
         params = self._params
         if params is None:
             raise Unavailable("the model has no dense parameters yet (the dense-PS is not initialized)")
+        deadline.check("before the embedding lookup")
         embeddings, biases, segments = lookup_features(self.config, self._sparse, ids, row_splits, training=False)
+        deadline.check("before the dense tower")
         logits = self.model.logits(params, embeddings, biases, segments, batch)
         return sigmoid(logits + self._log_odds_shift)
 
@@ -94,7 +113,8 @@ class ServingModel:
             (flat int64 ids per feature, int64 row_splits per feature, batch size).
 
         Raises:
-            InvalidArgument: a feature is missing or unknown, or shapes do not line up.
+            InvalidArgument: a feature is missing or unknown, shapes do not line up, or the
+                batch or the elements after broadcasting exceed `limits`.
         """
         unknown = sorted(set(inputs) - set(self._features))
         if unknown:
@@ -114,8 +134,15 @@ class ServingModel:
             if array.shape[0] == 0:
                 raise InvalidArgument(f"input {name!r}: outer dimension is 0; send at least one example")
         batch = max(a.shape[0] for a in arrays.values())
-        if batch > MAX_BATCH:
-            raise InvalidArgument(f"batch of {batch} examples; at most {MAX_BATCH} per request")
+        if batch > self.limits.max_batch:
+            raise InvalidArgument(f"batch of {batch} examples; at most {self.limits.max_batch} per request")
+        # Broadcasting multiplies what was sent: a [1, k] tensor becomes [batch, k].
+        elements = sum(batch * (a.shape[1] if a.ndim == 2 else 1) for a in arrays.values())
+        if elements > self.limits.max_elements:
+            raise InvalidArgument(
+                f"the inputs hold {elements} elements over a batch of {batch} (after broadcasting); at most "
+                f"{self.limits.max_elements} are accepted per request"
+            )
         ids, row_splits = {}, {}
         for name, array in arrays.items():
             if array.shape[0] not in (1, batch):

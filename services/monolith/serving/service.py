@@ -8,6 +8,7 @@ import logging
 import tensorflow as tf
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
+from monolith.common.config import parse_config
 from monolith.common.server import (
     MonolithServer,
     ServerConfig,
@@ -19,6 +20,7 @@ from monolith.common.server import (
 from monolith.dense_ps.client import DensePSClient
 from monolith.embedding_ps.client import ShardedEmbeddingClient
 from monolith.model.config import default_config_path, load_model_config
+from monolith.serving.limits import RequestLimits
 from monolith.serving.model import ServingModel, dense_refresher
 from monolith.serving.servicer import SERVICE_NAME, PredictionServicer, SignatureConfig
 
@@ -45,6 +47,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ps-timeout", type=float, default=5.0, help="seconds per embedding-PS lookup")
     parser.add_argument("--max-inflight", type=int, default=64, help="calls in flight before RESOURCE_EXHAUSTED")
     parser.add_argument("--workers", type=int, default=16, help="threads serving calls")
+    defaults = RequestLimits()
+    parser.add_argument("--max-batch", type=int, default=defaults.max_batch,
+                        help=f"examples per Predict (default {defaults.max_batch})")  # fmt: skip
+    parser.add_argument("--max-elements", type=int, default=defaults.max_elements,
+                        help=f"values per Predict, summed over inputs after broadcasting (default {defaults.max_elements})")  # fmt: skip
+    parser.add_argument("--max-string-bytes", type=int, default=defaults.max_string_bytes,
+                        help=f"bytes of string values per Predict (default {defaults.max_string_bytes})")  # fmt: skip
     add_server_arguments(parser, port=8500, metrics_port=9100)  # 8500: TF Serving's gRPC port
 
 
@@ -60,7 +69,11 @@ def run(args: argparse.Namespace) -> int:
     addresses = [a.strip() for a in args.embedding_ps.split(",") if a.strip()]
     sparse = ShardedEmbeddingClient(addresses, config.table_dims(), timeout=args.ps_timeout)
     dense = DensePSClient(args.dense_ps)
-    model = ServingModel(config, sparse, dense)
+    limits = parse_config(
+        RequestLimits,
+        {"max_batch": args.max_batch, "max_elements": args.max_elements, "max_string_bytes": args.max_string_bytes},
+    )
+    model = ServingModel(config, sparse, dense, limits)
     server = build_serving(
         model,
         SignatureConfig(args.model_name, args.signature_name),

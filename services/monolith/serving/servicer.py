@@ -3,7 +3,8 @@
 Built on the official `tensorflow-serving-api` stubs, so any TF Serving client works
 unchanged. Errors follow TF Serving's codes: a bad request is INVALID_ARGUMENT, an
 unknown model or version NOT_FOUND, an unknown signature FAILED_PRECONDITION; overload
-(the server's cap on calls in flight) is RESOURCE_EXHAUSTED.
+(the server's cap on calls in flight) is RESOURCE_EXHAUSTED; a request whose deadline
+passes while it is worked on is abandoned between stages with DEADLINE_EXCEEDED.
 
 The model is trained continuously, so it has one servable version, 1, which always
 holds the latest parameters; a request pinned to another version is NOT_FOUND.
@@ -19,8 +20,9 @@ from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2, model_pb2, predict_pb2, prediction_service_pb2_grpc
 
 from monolith.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from monolith.serving.limits import Deadline
 from monolith.serving.model import ServingModel
-from monolith.serving.tensors import float_tensor, to_numpy
+from monolith.serving.tensors import decode_inputs, float_tensor
 
 SERVICE_NAME = "tensorflow.serving.PredictionService"
 SERVABLE_VERSION = 1
@@ -53,10 +55,10 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         unknown_outputs = sorted(set(request.output_filter) - {SCORES})
         if unknown_outputs:
             raise InvalidArgument(f"output tensor alias not found in signature: {', '.join(unknown_outputs)}")
-        inputs = {name: to_numpy(tensor, name) for name, tensor in request.inputs.items() if name != REQUEST_ID}
-        if REQUEST_ID in request.inputs:
-            to_numpy(request.inputs[REQUEST_ID], REQUEST_ID)  # validated; joined with actions downstream
-        scores = self._model.predict(inputs)
+        deadline = Deadline.after(context.time_remaining())
+        inputs = decode_inputs(request.inputs, self._model.limits, deadline)
+        inputs.pop(REQUEST_ID, None)  # validated; joined with actions downstream
+        scores = self._model.predict(inputs, deadline)
         response = predict_pb2.PredictResponse(model_spec=self._response_spec())
         response.outputs[SCORES].CopyFrom(float_tensor(scores))
         return response

@@ -4,21 +4,24 @@ Only what the API carries is supported: int64/int32 ids, string ids, float32 sco
 Int values may come as the typed repeated fields or as `tensor_content` bytes, as
 `tf.make_tensor_proto` produces either; strings come in `string_val`.
 
-Every tensor is checked before anything is allocated for it: its dtype, rank and shape.
+Every tensor is checked before anything is allocated for it: its dtype, rank and shape,
+and the request's element and string-byte budget (`RequestLimits`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 
 from monolith.common.errors import InvalidArgument, shorten
 from monolith.common.wire import MAX_RANK
+from monolith.serving.limits import NO_DEADLINE, Deadline, RequestLimits
 
 _INT_TYPES = {types_pb2.DT_INT64: ("<i8", "int64_val"), types_pb2.DT_INT32: ("<i4", "int_val")}
-MAX_ELEMENTS = 1 << 22
+MAX_ELEMENTS = RequestLimits().max_elements
 
 
 def dtype_name(dtype: int) -> str:
@@ -53,18 +56,22 @@ def shape_of(tensor: tensor_pb2.TensorProto, name: str, max_elements: int = MAX_
     return shape
 
 
-def to_numpy(tensor: tensor_pb2.TensorProto, name: str, max_elements: int = MAX_ELEMENTS) -> np.ndarray:
+def to_numpy(
+    tensor: tensor_pb2.TensorProto, name: str, max_elements: int = MAX_ELEMENTS,
+    max_string_bytes: int = RequestLimits().max_string_bytes,
+) -> np.ndarray:  # fmt: skip
     """Int tensors as int64 arrays, string tensors as object arrays of str.
 
     Args:
         tensor: one input tensor.
         name: its input name, for messages.
         max_elements: elements its shape may declare.
+        max_string_bytes: bytes its string values may hold.
 
     Raises:
-        InvalidArgument: an unsupported dtype, a bad shape, too many elements,
-            tensor_content of the wrong length or on a string tensor, or values that do
-            not fill the shape.
+        InvalidArgument: an unsupported dtype, a bad shape, too many elements or string
+            bytes, tensor_content of the wrong length or on a string tensor, or values
+            that do not fill the shape.
     """
     shape = shape_of(tensor, name, max_elements)
     size = math.prod(shape)
@@ -93,6 +100,9 @@ def to_numpy(tensor: tensor_pb2.TensorProto, name: str, max_elements: int = MAX_
         strings = tensor.string_val
         if len(strings) > max(size, 1):
             raise InvalidArgument(f"{what}: {len(strings)} values do not fill shape {list(shape)} ({size} elements)")
+        total = sum(len(v) for v in strings)
+        if total > max_string_bytes:
+            raise InvalidArgument(f"{what}: {total} bytes of strings; at most {max_string_bytes} are accepted")
         try:
             values = np.array([v.decode("utf-8") for v in strings], dtype=object)
         except UnicodeDecodeError:
@@ -104,6 +114,40 @@ def to_numpy(tensor: tensor_pb2.TensorProto, name: str, max_elements: int = MAX_
     if values.shape[0] != size:
         raise InvalidArgument(f"{what}: {values.shape[0]} values do not fill shape {list(shape)} ({size} elements)")
     return values.astype(np.int64).reshape(shape) if values.dtype != object else values.reshape(shape)
+
+
+def decode_inputs(
+    tensors: Mapping[str, tensor_pb2.TensorProto], limits: RequestLimits, deadline: Deadline = NO_DEADLINE
+) -> dict[str, np.ndarray]:
+    """Every input tensor as an array, within the request's budget of elements and string bytes.
+
+    The budget is checked over all tensors from their shapes and byte counts before any
+    is decoded, so an oversized request costs no decoding at all.
+
+    Raises:
+        InvalidArgument: a tensor `to_numpy` refuses, or the tensors together exceed the limits.
+        DeadlineExceeded: the deadline passed between two tensors.
+    """
+    elements = 0
+    string_bytes = 0
+    for name, tensor in tensors.items():
+        elements += math.prod(shape_of(tensor, name, limits.max_elements))
+        if tensor.dtype == types_pb2.DT_STRING and len(tensor.string_val) <= limits.max_elements:
+            string_bytes += sum(len(v) for v in tensor.string_val)
+    if elements > limits.max_elements:
+        raise InvalidArgument(
+            f"the inputs hold {elements} elements together; at most {limits.max_elements} are accepted per request"
+        )
+    if string_bytes > limits.max_string_bytes:
+        raise InvalidArgument(
+            f"the inputs hold {string_bytes} bytes of strings together; at most {limits.max_string_bytes} are "
+            "accepted per request"
+        )
+    out = {}
+    for name, tensor in tensors.items():
+        deadline.check(f"while decoding input {shorten(name)!r}")
+        out[name] = to_numpy(tensor, name, limits.max_elements, limits.max_string_bytes)
+    return out
 
 
 def float_tensor(values: np.ndarray) -> tensor_pb2.TensorProto:
