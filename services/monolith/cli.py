@@ -7,7 +7,8 @@ import logging
 import sys
 from typing import Callable
 
-from monolith.common.errors import ConfigError
+from monolith.common.errors import ConfigError, MonolithError
+from monolith.common.server import ServerStartError
 from monolith.common.tf_startup import quiet_tensorflow_startup
 
 # Subcommand name -> (module path, help). Modules expose add_arguments(parser) and
@@ -52,6 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"monolith {args.command}: {exc}", file=sys.stderr)
         return 2
+    except (ServerStartError, MonolithError) as exc:
+        # A busy port or an unreachable peer: the cause, not a traceback through gRPC.
+        print(f"monolith {args.command}: {_one_line(str(exc))}", file=sys.stderr)
+        return 1
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import dataclasses
 import gc
 import logging
 import signal
+import socket
 import threading
 from collections.abc import Callable, Sequence
 from concurrent import futures
@@ -46,6 +47,10 @@ _KEEPALIVE_OPTIONS = (
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.max_pings_without_data", 0),
 )
+
+
+class ServerStartError(RuntimeError):
+    """A port could not be bound (in use, or the address is not this host's); one line, for the CLI."""
 
 
 def tune_gc() -> None:
@@ -181,6 +186,26 @@ def _host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _check_can_listen(host: str, port: int, what: str) -> None:
+    """Binds and releases a port first, so a busy one fails with one clear line.
+
+    gRPC's own failure is an ERROR line from its C core plus "Failed to bind to address";
+    a /metrics clash would otherwise surface only after the role has logged that it serves.
+    (The port can still be taken in between: the real bind is checked as well.)
+
+    Raises:
+        ServerStartError: the port is in use or the host is not this machine's.
+    """
+    if port == 0:
+        return
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+            probe.bind((host, port))
+    except OSError as exc:
+        raise ServerStartError(f"cannot listen for {what} on {_host_port(host, port)}: {exc.strerror or exc}") from None
+
+
 class MonolithServer:
     """A built gRPC server plus its health status and /metrics endpoint.
 
@@ -221,6 +246,7 @@ class MonolithServer:
 
         Raises:
             RuntimeError: The server was stopped; gRPC servers cannot restart.
+            ServerStartError: The /metrics port could not be bound.
         """
         with self._lock:
             if self._stopped:
@@ -228,9 +254,13 @@ class MonolithServer:
             if self._started:
                 return
             if self._config.metrics_port is not None:
-                self._metrics_httpd, self.metrics_port = metrics.start_metrics_http(
-                    self._config.host, self._config.metrics_port
-                )
+                where = _host_port(self._config.host, self._config.metrics_port)
+                try:
+                    self._metrics_httpd, self.metrics_port = metrics.start_metrics_http(
+                        self._config.host, self._config.metrics_port
+                    )
+                except OSError as exc:
+                    raise ServerStartError(f"cannot serve /metrics on {where}: {exc.strerror or exc}") from None
             tune_gc()
             self._server.start()
             self._started = True
@@ -345,7 +375,7 @@ def build_server(config: ServerConfig, services: Sequence[Service]) -> MonolithS
 
     Raises:
         ValueError: Two services share a name.
-        RuntimeError: The port could not be bound.
+        ServerStartError: The port could not be bound.
     """
     names = [s.name for s in services]
     if len(set(names)) != len(names):
@@ -376,5 +406,14 @@ def build_server(config: ServerConfig, services: Sequence[Service]) -> MonolithS
     reflection.enable_server_reflection(
         (*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(_host_port(config.host, config.port))
+    _check_can_listen(config.host, config.port, "gRPC")
+    if config.metrics_port is not None:
+        _check_can_listen(config.host, config.metrics_port, "/metrics")
+    where = _host_port(config.host, config.port)
+    try:
+        port = server.add_insecure_port(where)
+    except RuntimeError:  # gRPC says only "Failed to bind to address"
+        raise ServerStartError(
+            f"cannot listen for gRPC on {where}: the port is in use or the address is not this host's"
+        ) from None
     return MonolithServer(server, config, port, names, health_servicer)

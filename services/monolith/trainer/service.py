@@ -16,12 +16,15 @@ import signal
 import sys
 import threading
 
+import grpc
+
+from monolith.common.errors import from_rpc_error
 from monolith.data.batch import Batch
 from monolith.data.movielens import load_movielens, split_by_time
 from monolith.dense_ps.client import DensePSClient
 from monolith.embedding_ps.client import ShardedEmbeddingClient
 from monolith.model.config import default_config_path, load_model_config
-from monolith.trainer.metrics import sigmoid
+from monolith.model.scores import sigmoid
 from monolith.trainer.progress import Progress
 from monolith.trainer.worker import TrainerWorker
 
@@ -64,12 +67,16 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with ShardedEmbeddingClient(addresses, config.table_dims()) as sparse, DensePSClient(args.dense_ps) as dense:
-        worker = TrainerWorker(config, sparse, dense)
-        for _ in range(args.epochs):
-            summary = train_pass(worker, data, args.worker_index, args.num_workers, stop)
-            if stop.is_set():
-                break
-        worker.close()
+        try:
+            worker = TrainerWorker(config, sparse, dense)
+            for _ in range(args.epochs):
+                summary = train_pass(worker, data, args.worker_index, args.num_workers, stop)
+                if stop.is_set():
+                    break
+            worker.close()
+        except grpc.RpcError as exc:
+            # The sharded client names its shard in its own errors; a raw gRPC error is the dense-PS's.
+            raise from_rpc_error(exc, f"dense-PS at {args.dense_ps}") from None
     print(json.dumps(summary, sort_keys=True))
     return 0
 
