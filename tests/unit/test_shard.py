@@ -19,13 +19,13 @@ from monolith.embedding.table import RowBatch
 from monolith.embedding_ps.shard import EmbeddingShard, ShardConfig
 
 SLOTS = (
-    SlotConfig(name="user", dim=4, optimizer=OptimizerConfig("adagrad"), expire_after=100),
+    SlotConfig(name="user", dim=4, optimizer=OptimizerConfig(kind="adagrad"), expire_after=100),
     SlotConfig(
         name="item",
         dim=2,
-        initializer=InitializerConfig("normal", 0.1),
-        optimizer=OptimizerConfig("ftrl"),
-        admission=AdmissionConfig("counting", 2),
+        initializer=InitializerConfig(kind="normal", scale=0.1),
+        optimizer=OptimizerConfig(kind="ftrl"),
+        admission=AdmissionConfig(filter="counting", threshold=2),
     ),
 )
 

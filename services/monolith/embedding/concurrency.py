@@ -34,6 +34,12 @@ class ReadWriteLock:
                 if self._readers == 0:
                     self._cond.notify_all()
 
+    @property
+    def waiting_writers(self) -> int:
+        """Writers waiting for the lock (for monitoring, and for tests that need a writer queued)."""
+        with self._cond:
+            return self._writers_waiting
+
     @contextlib.contextmanager
     def write(self) -> Iterator[None]:
         with self._cond:

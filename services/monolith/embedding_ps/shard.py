@@ -8,6 +8,7 @@ sync from the training shard).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 import uuid
@@ -17,12 +18,16 @@ import numpy as np
 
 from monolith.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from monolith.common.wire import require_finite
-from monolith.embedding.concurrency import VersionClock
+from monolith.embedding.concurrency import ReadWriteLock, VersionClock
 from monolith.embedding.config import SlotConfig
-from monolith.embedding.hashing import route_to_shards, stable_hash64
+from monolith.embedding.hashing import stable_hash64
+from monolith.embedding_ps.routing import route_to_shards
 from monolith.embedding.table import EmbeddingTable, RowBatch, TableStats
 
 ROLES = ("training", "serving")
+# An incremental export of at most this many export chunks' worth of rows and deletions
+# (summed over tables) is copied at one instant, so it holds each mutation whole.
+ATOMIC_EXPORT_CHUNKS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +101,15 @@ class EmbeddingShard:
         self.config = config
         self.incarnation = uuid.uuid4().hex
         self.clock = VersionClock()
-        self.tables = {s.name: EmbeddingTable(s, config.initial_capacity) for s in config.slots}
+        # Every mutation holds the gate shared from taking its version until it is applied
+        # to every table; an export holds it exclusively for an instant, so it sees each
+        # mutation entirely or not at all. On a serving shard lookups hold it shared and
+        # sync applies each incremental export under it exclusively, so readers never see
+        # half a training step.
+        self._gate = ReadWriteLock()
+        self.tables = {
+            s.name: EmbeddingTable(s, config.initial_capacity, ordered_versions=False) for s in config.slots
+        }
         self._salts = {s.name: stable_hash64(s.name) for s in config.slots}
 
     @property
@@ -140,9 +153,10 @@ class EmbeddingShard:
                 if counts.size and counts.min() < 1:
                     raise InvalidArgument(f"slot {slot!r}: occurrence counts must be >= 1, got {counts.min()}")
         if not training:
-            return [self.tables[slot].lookup(ids) for slot, ids, _ in requests]
+            with self._gate.read() if self.config.role == "serving" else contextlib.nullcontext():
+                return [self.tables[slot].lookup(ids) for slot, ids, _ in requests]
         now = _resolve_time(update_time)
-        with self.clock.mutation() as version:
+        with self._mutation() as version:
             return [self.tables[slot].lookup_train(ids, counts, now, version) for slot, ids, counts in requests]
 
     def apply_gradients(
@@ -165,7 +179,7 @@ class EmbeddingShard:
             require_finite(grads, f"slot {slot!r} gradients")
         now = _resolve_time(update_time)
         applied = filtered = 0
-        with self.clock.mutation() as version:
+        with self._mutation() as version:
             for slot, ids, grads in requests:
                 a, f = self.tables[slot].apply_gradients(ids, grads, now, version)
                 applied += a
@@ -173,17 +187,33 @@ class EmbeddingShard:
         return applied, filtered
 
     def expire(self, now: float | None = None) -> dict[str, int]:
-        """Runs every slot's expiry sweep; returns rows evicted per slot."""
-        with self.clock.mutation() as version:
-            return {name: table.expire(version, now) for name, table in self.tables.items()}
+        """Runs every table's expiry sweep; returns rows evicted per table.
+
+        Each table is swept in bounded windows, each a mutation of its own (a version, the
+        gate held shared, the table's write lock held briefly), so lookups and exports go
+        on during a sweep of a large table.
+        """
+        return {name: table.expire_in_windows(now, self._mutation) for name, table in self.tables.items()}
 
     def export(
         self, since: int, include_state: bool, max_rows: int = 0, slots: Sequence[str] = ()
     ) -> Iterator[ExportChunk]:
-        """Rows changed and ids deleted after version `since`, slot by slot.
+        """Rows changed and ids deleted after version `since`, table by table.
 
-        Every chunk carries the version the export is complete up to (taken before the
-        scan); a consumer passes it as its next `since`.
+        The export starts with a cut: for an instant no mutation is in flight, and every
+        chunk carries that instant's version, which the export is complete up to; a
+        consumer passes it as its next `since`. Per table, deletion chunks come before row
+        chunks, so applying the chunks in order (deletions first) gives the right rows.
+
+        Cost and atomicity: an incremental export (since > 0) reads only the changes
+        after `since`. When they fit in ATOMIC_EXPORT_CHUNKS chunks they are all copied at
+        the cut, so a mutation that touched several tables is in the export entirely or
+        not at all. A full export (since 0), or a larger incremental one, reads each chunk
+        when it is sent: it may also hold some changes made after the cut (never fewer
+        than those before it), and may hold part of such a change.
+
+        Raises:
+            FailedPrecondition: deletions after `since` were forgotten; export since 0.
         """
         if since < 0:
             raise InvalidArgument(f"since_version must be >= 0, got {since}")
@@ -191,19 +221,30 @@ class EmbeddingShard:
             raise InvalidArgument(f"max_rows_per_chunk must be >= 0, got {max_rows}")
         for slot in slots:
             self._table(slot)
-        version = self.clock.stable()
-        for name in slots or list(self.tables):
-            table = self.tables[name]
-            chunk_rows = self._chunk_rows(table, include_state, max_rows)
-            try:
-                deleted = table.deleted_since(since) if since > 0 else np.zeros(0, np.int64)
-            except LookupError as exc:
-                raise FailedPrecondition(str(exc)) from None
-            for start in range(0, deleted.shape[0], chunk_rows):
+        names = list(slots) or list(self.tables)
+        chunk_rows = {name: self._chunk_rows(self.tables[name], include_state, max_rows) for name in names}
+        copied: dict[str, tuple[RowBatch, np.ndarray]] = {}
+        with self._gate.write():
+            version = self.clock.current
+            for table in self.tables.values():
+                table.record_cut(version)
+            changes = sum(self.tables[name].change_count(since) for name in names) if since > 0 else -1
+            atomic = 0 <= changes <= ATOMIC_EXPORT_CHUNKS * max(chunk_rows.values())
+            if atomic:
+                copied = {name: _changes(self.tables[name], since, include_state) for name in names}
+        if not atomic:
+            # Every table's deletions before any chunk, so a too-old `since` fails first.
+            no_rows = {name: _empty_rows(self.tables[name], include_state) for name in names}
+            copied = {name: (no_rows[name], _deleted(self.tables[name], since)) for name in names}
+        for name in names:
+            table, step = self.tables[name], chunk_rows[name]
+            rows, deleted = copied[name]
+            for start in range(0, deleted.shape[0], step):
                 yield ExportChunk(name, _empty_rows(table, include_state), include_state,
-                                  deleted[start : start + chunk_rows], version)  # fmt: skip
-            for rows in table.export(since, include_state, chunk_rows):
-                yield ExportChunk(name, rows, include_state, np.zeros(0, np.int64), version)
+                                  deleted[start : start + step], version)  # fmt: skip
+            batches = _slices(rows, step) if atomic else table.export(since, include_state, step)
+            for batch in batches:
+                yield ExportChunk(name, batch, include_state, np.zeros(0, np.int64), version)
 
     def import_chunk(self, slot: str, rows: RowBatch, deleted_ids: np.ndarray, what: str = "") -> tuple[int, int]:
         """Applies one exported chunk a client sent (Import), all or nothing: deletions first, then upserts.
@@ -235,6 +276,32 @@ class EmbeddingShard:
         Returns:
             (rows upserted, rows deleted).
         """
+        table = self._checked_chunk(slot, rows, deleted_ids, what)
+        with self._mutation() as version:
+            return _apply_chunk(table, rows, deleted_ids, version)
+
+    def apply_synced_chunks(self, chunks: Sequence[tuple[str, RowBatch, np.ndarray, str]]) -> tuple[int, int]:
+        """Applies (slot, rows, deleted ids, what) chunks of one export as one unit.
+
+        All are checked first, then applied in order with one version while the gate is
+        held exclusively: lookups (which hold it shared on a serving shard) see all of
+        them or none, so a training step that touched several tables is never half
+        visible. Only this process's own sync calls it.
+
+        Returns:
+            (rows upserted, rows deleted), summed.
+        """
+        tables = [self._checked_chunk(slot, rows, deleted, what) for slot, rows, deleted, what in chunks]
+        upserted = deleted_count = 0
+        with self._gate.write(), self.clock.mutation() as version:
+            for table, (_, rows, deleted, _) in zip(tables, chunks):
+                u, d = _apply_chunk(table, rows, deleted, version)
+                upserted += u
+                deleted_count += d
+        return upserted, deleted_count
+
+    def _checked_chunk(self, slot: str, rows: RowBatch, deleted_ids: np.ndarray, what: str) -> EmbeddingTable:
+        """The table a chunk goes to, once the whole chunk is known to fit it."""
         table = self._table(slot)
         what = what or f"slot {slot!r}"
         n = rows.ids.shape[0]
@@ -250,15 +317,17 @@ class EmbeddingShard:
             )
         self._check_ids([(slot, np.concatenate([rows.ids, deleted_ids]), None)])
         require_finite(rows.values, f"{what} values")
-        with self.clock.mutation() as version:
-            deleted = table.delete(deleted_ids, version) if deleted_ids.shape[0] else 0
-            if rows.ids.shape[0]:
-                table.upsert(rows, version)
-        return int(rows.ids.shape[0]), deleted
+        return table
 
     def stats(self) -> dict[str, TableStats]:
         """Per-slot sizes and counters."""
         return {name: table.stats() for name, table in self.tables.items()}
+
+    @contextlib.contextmanager
+    def _mutation(self) -> Iterator[int]:
+        """One mutation: the gate held shared while it takes its version and is applied."""
+        with self._gate.read(), self.clock.mutation() as version:
+            yield version
 
     # ------------------------------------------------------------- validation
 
@@ -303,6 +372,36 @@ def _resolve_time(update_time: float) -> float:
     if not np.isfinite(update_time) or update_time < 0:
         raise InvalidArgument(f"update_time must be a finite number of seconds >= 0, got {update_time}")
     return update_time if update_time > 0 else time.time()
+
+
+def _apply_chunk(table: EmbeddingTable, rows: RowBatch, deleted_ids: np.ndarray, version: int) -> tuple[int, int]:
+    """Deletions first, then upserts: an id deleted and re-created after `since` ends up present."""
+    deleted = table.delete(deleted_ids, version) if deleted_ids.shape[0] else 0
+    if rows.ids.shape[0]:
+        table.upsert(rows, version)
+    return int(rows.ids.shape[0]), deleted
+
+
+def _changes(table: EmbeddingTable, since: int, include_state: bool) -> tuple[RowBatch, np.ndarray]:
+    try:
+        return table.changes_since(since, include_state)
+    except LookupError as exc:
+        raise FailedPrecondition(str(exc)) from None
+
+
+def _deleted(table: EmbeddingTable, since: int) -> np.ndarray:
+    if since <= 0:
+        return np.zeros(0, np.int64)
+    try:
+        return table.deleted_since(since)
+    except LookupError as exc:
+        raise FailedPrecondition(str(exc)) from None
+
+
+def _slices(rows: RowBatch, step: int) -> Iterator[RowBatch]:
+    for start in range(0, rows.ids.shape[0], step):
+        stop = start + step
+        yield RowBatch(rows.ids[start:stop], rows.values[start:stop], rows.update_times[start:stop])
 
 
 def _empty_rows(table: EmbeddingTable, include_state: bool) -> RowBatch:

@@ -20,7 +20,10 @@ then both restarts resume with no extra state:
 Only embeddings travel (no optimizer state), as in the paper's code: serving never
 applies gradients. Imports go through the serving shard's `apply_synced_chunk` (clients'
 Imports into a serving shard are refused), so each chunk applies all or nothing,
-deletions before upserts, and re-applying one after a failed attempt is harmless.
+deletions before upserts, and re-applying one after a failed attempt is harmless. The
+chunks of one incremental export are applied together as one unit
+(`apply_synced_chunks`), so serving lookups see a training step that touched several
+tables entirely or not at all; a full copy is applied chunk by chunk.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from monolith.api.embedding_ps.v1 import embedding_ps_pb2_grpc as pb_grpc
 from monolith.common.errors import MonolithError
 from monolith.common.wire import decode_array
 from monolith.embedding.table import RowBatch
-from monolith.embedding_ps.shard import EmbeddingShard
+from monolith.embedding_ps.shard import ATOMIC_EXPORT_CHUNKS, EmbeddingShard
 
 _LOGGER = logging.getLogger("monolith.embedding_ps.sync")
 
@@ -166,6 +169,7 @@ class ServingSync:
         self._timeout = timeout
         # Chunks must pass this shard's own per-request id limit when imported.
         self._chunk_rows = min(shard.config.export_chunk_rows, shard.config.max_ids_per_request)
+        self._unit_rows = ATOMIC_EXPORT_CHUNKS * self._chunk_rows
         self._channel = grpc.insecure_channel(training_address, options=list(_CHANNEL_OPTIONS))
         self._stub = pb_grpc.EmbeddingPSStub(self._channel)
         self._attempt_lock = threading.Lock()  # one attempt at a time: thread and callers
@@ -262,12 +266,25 @@ class ServingSync:
         incarnation, since = self.acknowledged
         if stats.version <= since:
             return  # nothing happened on the training shard since
+        # The chunks of one incremental export are applied as one unit, so serving lookups
+        # never see part of a training step; the training shard copied them at one instant
+        # when they fit in ATOMIC_EXPORT_CHUNKS chunks. A larger export (not atomic on the
+        # training side either) is applied a unit of that size at a time, bounding memory.
         try:
             version = since
+            unit: list[tuple[str, RowBatch, np.ndarray, str]] = []
+            unit_rows = 0
+            newest = self.newest_update_time
             for chunk in self._export(since, incarnation):
-                self._apply(chunk, progress)
+                unit.append(self._decode(chunk))
+                unit_rows += chunk.num_rows + chunk.num_deleted
                 version = chunk.version
-                self.newest_update_time = max(self.newest_update_time, chunk.newest_update_time)
+                newest = max(newest, chunk.newest_update_time)
+                if unit_rows > self._unit_rows:
+                    self._apply_unit(unit, progress)
+                    unit, unit_rows = [], 0
+            self._apply_unit(unit, progress)
+            self.newest_update_time = newest
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
                 raise
@@ -276,7 +293,7 @@ class ServingSync:
             self._full_copy(incarnation, progress)
             return
         # An export with no chunks carries no completeness version, so keep the old one:
-        # asking again since it is correct, just a wasted scan.
+        # asking again since it is correct, and costs only the (absent) changes.
         self._acknowledge(incarnation, version)
 
     def _full_copy(self, incarnation: str, progress: _Progress) -> None:
@@ -324,8 +341,8 @@ class ServingSync:
                 )
             yield chunk
 
-    def _apply(self, chunk: pb.RowChunk, progress: _Progress) -> np.ndarray:
-        """Imports one chunk into the local shard; returns the ids of its rows."""
+    def _decode(self, chunk: pb.RowChunk) -> tuple[str, RowBatch, np.ndarray, str]:
+        """(slot, rows, deleted ids, description) of one chunk, lengths checked."""
         what = f"chunk of slot {chunk.slot!r} from {self.training_address}"
         rows = RowBatch(
             ids=decode_array(chunk.ids, "<i8", (chunk.num_rows,), f"{what} ids"),
@@ -333,12 +350,25 @@ class ServingSync:
             update_times=decode_array(chunk.update_times, "<u4", (chunk.num_rows,), f"{what} update_times"),
         )
         deleted_ids = decode_array(chunk.deleted_ids, "<i8", (chunk.num_deleted,), f"{what} deleted_ids")
-        upserted, deleted = self._shard.apply_synced_chunk(chunk.slot, rows, deleted_ids, what)
+        return chunk.slot, rows, deleted_ids, what
+
+    def _apply(self, chunk: pb.RowChunk, progress: _Progress) -> np.ndarray:
+        """Imports one chunk into the local shard; returns the ids of its rows."""
+        slot, rows, deleted_ids, what = self._decode(chunk)
+        upserted, deleted = self._shard.apply_synced_chunk(slot, rows, deleted_ids, what)
+        self._count(progress, upserted, deleted)
+        return rows.ids
+
+    def _apply_unit(self, chunks: list[tuple[str, RowBatch, np.ndarray, str]], progress: _Progress) -> None:
+        """Imports chunks into the local shard as one unit (see `apply_synced_chunks`)."""
+        if chunks:
+            self._count(progress, *self._shard.apply_synced_chunks(chunks))
+
+    def _count(self, progress: _Progress, upserted: int, deleted: int) -> None:
         progress.rows += upserted
         progress.deletions += deleted
         self._rows_metric.inc(upserted)
         self._deletions_metric.inc(deleted)
-        return rows.ids
 
     def _local_ids_missing_from(self, slot: str, received: list[np.ndarray]) -> np.ndarray:
         local = [chunk.rows.ids for chunk in self._shard.export(0, False, self._chunk_rows, [slot])]
