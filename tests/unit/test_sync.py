@@ -174,6 +174,43 @@ def test_later_syncs_carry_only_the_changes(training: TrainingServers, follow: C
     assert idle.acknowledged == (training.shard.incarnation, training.shard.version)
 
 
+def test_an_incremental_sync_is_applied_as_one_unit(
+    training: TrainingServers, follow: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    train(training.shard, 1000.0)
+    serving, sync = follow(training.address)
+    sync.sync_once()
+    units: list[list[str]] = []
+    apply = serving.apply_synced_chunks
+
+    def recorded(chunks: list[Any]) -> tuple[int, int]:
+        units.append(sorted({slot for slot, *_ in chunks}))
+        return apply(chunks)
+
+    monkeypatch.setattr(serving, "apply_synced_chunks", recorded)
+    # One training step over two tables: several chunks of 7 rows, one unit on serving,
+    # so a serving lookup sees all of the step or none of it.
+    training.shard.apply_gradients(
+        [("user", USERS[5:15], np.ones((10, 4), np.float32)), ("item", ITEMS[:12], np.ones((12, 3), np.float32))],
+        1100.0,
+    )
+
+    result = sync.sync_once()
+
+    assert result.ok and not result.full_resync and result.rows == 10 + 12
+    assert units == [["item", "user"]]
+    assert_mirrors(serving, training.shard)
+
+    # An export too large to copy at one instant (over 16 chunks) comes in several units.
+    training.shard.lookup([("item", ids_for("item", 150, offset=20_000), None)], True, 1200.0)
+    units.clear()
+
+    result = sync.sync_once()
+
+    assert result.ok and result.rows == 150 and len(units) > 1
+    assert_mirrors(serving, training.shard)
+
+
 def test_expired_rows_disappear_from_serving(training: TrainingServers, follow: Callable[..., Any]) -> None:
     train(training.shard, 1000.0)
     fresh_tags = ids_for("tag", 3, offset=10_000)
