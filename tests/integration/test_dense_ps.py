@@ -367,10 +367,10 @@ def test_cli_serves_with_the_configured_optimizer_then_exits_0_on_sigterm(tmp_pa
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ("model: {optimizer: {kind: rmsprop}}\n", "model.optimizer.kind: must be one of sgd, adagrad, adam"),
-        ("model: {optimizer: {learning_rate: -1}}\n", "model.optimizer.learning_rate: must be a finite number > 0"),
-        ("model: {optimizer: {lr: 0.1}}\n", "model.optimizer: unknown field(s) lr"),
-        ("model: [1]\n", "model: must be a mapping, got list"),
+        ("model: {optimizer: {kind: rmsprop}}\n", "model.optimizer.kind: input should be 'sgd', 'adagrad' or 'adam'"),
+        ("model: {optimizer: {learning_rate: -1}}\n", "model.optimizer.learning_rate: input should be greater than 0"),
+        ("model: {optimizer: {lr: 0.1}}\n", "model.optimizer.lr: unknown field"),
+        ("model: [1]\n", "model: input should be a valid dictionary"),
         ("model: {\n", "not valid YAML"),
     ],
     ids=["unknown kind", "negative learning rate", "unknown key", "model not a mapping", "not yaml"],

@@ -129,7 +129,7 @@ def test_two_asynchronous_trainers_lower_the_held_out_loss(in_process: InProcess
     assert workers[0].dense_version == in_process.dense_store.version
     stats = cluster.client.stats()
     for feature in config.features:
-        names = (feature.table.name, feature.bias.name)  # type: ignore[union-attr]
+        names = (feature.table.name, feature.bias_table.name)  # type: ignore[union-attr]
         for name in names:
             rows = [next(s.rows for s in shard.slots if s.slot == name) for shard in stats]
             assert sum(rows) == len(np.unique(train.ids[feature.source])), name

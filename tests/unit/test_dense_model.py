@@ -29,7 +29,7 @@ def tiny_config(kind: str = "deepfm", activation: str = "tanh") -> ModelConfig:
     bias = {"optimizer": {"kind": "sgd", "learning_rate": 0.1}}
     return model_config_from_dict(
         {
-            "slots": [
+            "features": [
                 {"name": "user", "dim": 3, "bias": bias},
                 {"name": "item", "dim": 3},
                 {"name": "genres", "dim": 3, "multi_valued": True, "bias": bias},
@@ -199,7 +199,7 @@ def test_with_a_zero_tower_deepfm_adds_exactly_the_fm_term_to_mlp(models: dict[s
             for e, s in zip(embeddings, segments)
         ],
         axis=1,
-    )  # [batch, slots, dim]
+    )  # [batch, features, dim]
     mean_bias = sum(
         np.array([b[s == i].mean() if np.any(s == i) else 0.0 for i in range(4)])
         for b, s in zip(biases, [segments[0], segments[2]])

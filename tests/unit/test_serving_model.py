@@ -156,14 +156,14 @@ def test_scores_are_sigmoid_of_the_dense_towers_logits(
     batch = batch_of(examples)
     rows = trained.sparse.lookup(
         {**{f.table.name: batch.ids[f.source] for f in config.features},
-         **{f.bias.name: batch.ids[f.source] for f in config.features if f.bias}}  # fmt: skip
+         **{f.bias_table.name: batch.ids[f.source] for f in config.features if f.bias}}  # fmt: skip
     )
     _, params = trained.dense.pull()
     segments = [np.repeat(np.arange(len(batch)), np.diff(batch.row_splits[f.source])) for f in config.features]
     logits = model.model.logits(
         params,  # type: ignore[arg-type]
         [rows[f.table.name] for f in config.features],
-        [rows[f.bias.name] for f in config.features if f.bias],
+        [rows[f.bias_table.name] for f in config.features if f.bias],
         segments,
         len(batch),
     )

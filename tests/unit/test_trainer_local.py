@@ -134,7 +134,7 @@ def test_tables_gain_rows_only_for_training_lookups(config: ModelConfig, data: B
     for feature in config.features:
         expected = len(np.unique(first.ids[feature.source]))
         assert rows[feature.table.name] == expected, feature.name
-        assert rows[feature.bias.name] == expected, feature.bias.name  # type: ignore[union-attr]
+        assert rows[feature.bias_table.name] == expected, feature.bias_table.name  # type: ignore[union-attr]
         assert set(table_contents(local.sparse)[feature.table.name][1]) == set(first.ids[feature.source].tolist())
     assert {name: len(table) for name, table in local.sparse.tables.items()} == rows
 

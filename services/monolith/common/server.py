@@ -18,13 +18,15 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from types import FrameType, TracebackType
-from typing import Any
+from typing import Annotated, Any
 
 import grpc
+import pydantic
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from monolith.common import metrics
+from monolith.common.config import ConfigModel, parse_config
 from monolith.common.interceptor import ErrorAndMetricsInterceptor
 
 FULL_COLLECTION_EVERY = 1000  # middle-generation passes per full pass (CPython's default: 10)
@@ -68,20 +70,10 @@ def tune_gc() -> None:
     gc.set_threshold(young, middle, FULL_COLLECTION_EVERY)
 
 
-def _check_port(name: str, port: int) -> None:
-    if not 0 <= port <= 65535:
-        raise ValueError(f"{name} must be in 0..65535, got {port}")
+Port = Annotated[int, pydantic.Field(ge=0, le=65535)]
 
 
-def _check_positive(name: str, value: float, upper: int | None = None) -> None:
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
-    if upper is not None and value > upper:
-        raise ValueError(f"{name} must be at most {upper}, got {value}")
-
-
-@dataclasses.dataclass(frozen=True)
-class ServerConfig:
+class ServerConfig(ConfigModel):
     """How to serve; built once in `main` from flags or environment.
 
     Attributes:
@@ -89,34 +81,26 @@ class ServerConfig:
         port: gRPC port; 0 picks a free one.
         metrics_port: Prometheus /metrics HTTP port; 0 picks a free one, None disables.
         max_workers: Threads serving RPCs.
-        max_message_bytes: Max send and receive message size (gRPC's default is 4 MiB).
+        max_message_bytes: Max send and receive message size (gRPC's default is 4 MiB);
+            at most 2**31 - 1, since gRPC's channel arguments are C ints.
         max_concurrent_rpcs: Beyond this many RPCs in flight, new ones get
             RESOURCE_EXHAUSTED; None means no limit.
         grace_seconds: How long `stop` lets in-flight RPCs finish.
     """
 
-    host: str = "127.0.0.1"
-    port: int = 0
-    metrics_port: int | None = 0
-    max_workers: int = 16
-    max_message_bytes: int = 64 * 1024 * 1024
-    max_concurrent_rpcs: int | None = None
-    grace_seconds: float = 5.0
+    host: Annotated[str, pydantic.Field(min_length=1)] = "127.0.0.1"
+    port: Port = 0
+    metrics_port: Port | None = 0
+    max_workers: Annotated[int, pydantic.Field(ge=1)] = 16
+    max_message_bytes: Annotated[int, pydantic.Field(ge=1, le=_INT32_MAX)] = 64 * 1024 * 1024
+    max_concurrent_rpcs: Annotated[int, pydantic.Field(ge=1)] | None = None
+    grace_seconds: Annotated[float, pydantic.Field(ge=0, allow_inf_nan=False)] = 5.0
 
-    def __post_init__(self) -> None:
-        if not self.host:
-            raise ValueError("host must not be empty")
-        _check_port("port", self.port)
-        if self.metrics_port is not None:
-            _check_port("metrics_port", self.metrics_port)
-            if self.metrics_port == self.port != 0:
-                raise ValueError(f"metrics_port and port are both {self.port}")
-        _check_positive("max_workers", self.max_workers)
-        _check_positive("max_message_bytes", self.max_message_bytes, upper=_INT32_MAX)
-        if self.max_concurrent_rpcs is not None:
-            _check_positive("max_concurrent_rpcs", self.max_concurrent_rpcs)
-        if self.grace_seconds < 0:
-            raise ValueError(f"grace_seconds must be >= 0, got {self.grace_seconds}")
+    @pydantic.model_validator(mode="after")
+    def _ports_differ(self) -> ServerConfig:
+        if self.metrics_port is not None and self.metrics_port == self.port != 0:
+            raise ValueError(f"metrics_port: metrics_port and port are both {self.port}")
+        return self
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,14 +156,18 @@ def add_server_arguments(parser: argparse.ArgumentParser, port: int, metrics_por
 
 
 def server_config_from_args(args: argparse.Namespace, **fields: Any) -> ServerConfig:
-    """The ServerConfig of `add_server_arguments`' flags, plus role-specific fields."""
-    return ServerConfig(
-        host=args.host,
-        port=args.port,
-        metrics_port=args.metrics_port,
-        max_message_bytes=args.max_message_mb * 1024 * 1024,
-        **fields,
-    )
+    """The ServerConfig of `add_server_arguments`' flags, plus role-specific fields.
+
+    Raises:
+        ConfigError: a flag is out of range, named by its config field.
+    """
+    flags = {
+        "host": args.host,
+        "port": args.port,
+        "metrics_port": args.metrics_port,
+        "max_message_bytes": args.max_message_mb * 1024 * 1024,
+    }
+    return parse_config(ServerConfig, {**flags, **fields})
 
 
 def _host_port(host: str, port: int) -> str:

@@ -7,8 +7,8 @@ occurrence belongs to; the tower mean-pools them per example. The gradient it re
 embeddings is that of the *summed* loss (each example's full gradient reaches its ids, so
 sparse rows learn at per-example speed), while dense gradients are of the mean loss.
 
-DeepFM (Guo et al. 2017): logit = global bias + sum of per-slot bias terms
-  + FM second-order interactions of the slot embeddings + MLP(concatenated embeddings).
+DeepFM (Guo et al. 2017): logit = global bias + sum of per-feature bias terms
+  + FM second-order interactions of the feature embeddings + MLP(concatenated embeddings).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class StepResult:
 
 
 class DenseModel:
-    """DeepFM or MLP over the slots of a ModelConfig."""
+    """DeepFM or MLP over the features of a ModelConfig."""
 
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
@@ -175,7 +175,7 @@ class DenseModel:
         for b, i in zip(biases, self.bias_features):
             logit += tf.math.unsorted_segment_mean(b, segments[i], batch_size)[:, 0]
         if self._fm:
-            stacked = tf.stack(pooled, axis=1)  # [batch, slots, dim]
+            stacked = tf.stack(pooled, axis=1)  # [batch, features, dim]
             square_of_sum = tf.square(tf.reduce_sum(stacked, axis=1))
             sum_of_squares = tf.reduce_sum(tf.square(stacked), axis=1)
             logit += 0.5 * tf.reduce_sum(square_of_sum - sum_of_squares, axis=1)
