@@ -165,8 +165,7 @@ def test_incremental_export_brings_any_earlier_copy_up_to_date(
 def test_incremental_export_of_a_table_on_its_own(
     ops: list[tuple[Any, ...]], picks: list[int], max_rows: int, seed: int
 ) -> None:
-    """The same property for a table used on its own: one caller, versions in order, no
-    explicit cuts (the table records its own whenever the version advances)."""
+    """The same property for a table used on its own (one caller, versions in order)."""
     rng = np.random.default_rng(seed)
     with small_limits():
         table = EmbeddingTable(TABLES[0], initial_capacity=8)
@@ -239,13 +238,11 @@ def test_change_log_is_compacted_to_the_live_rows_and_exports_stay_exact() -> No
 
 def test_compaction_moves_cuts_with_the_entries_they_point_at() -> None:
     with mock.patch.object(table_module, "LOG_SLACK", 0):
-        table = EmbeddingTable(TABLES[0], initial_capacity=8, ordered_versions=False)
+        table = EmbeddingTable(TABLES[0], initial_capacity=8)
         ids = np.arange(10, dtype=np.int64)
         table.lookup_train(ids, None, 1000.0, 1)
-        table.record_cut(1)
         table.apply_gradients(ids, np.ones((10, 3), np.float32), 1001.0, 2)
-        table.record_cut(2)
-        table.apply_gradients(np.array([3]), np.ones((1, 3), np.float32), 1002.0, 3)
+        table.apply_gradients(np.array([3]), np.ones((1, 3), np.float32), 1002.0, 3)  # cut 2 before it
         # 21 entries for 10 live rows: the next mutation compacts to one entry per row,
         # id 3's (version 3) last, and moves cut 2 to just before it.
         table.apply_gradients(np.array([5]), np.ones((1, 3), np.float32), 1003.0, 4)
@@ -255,24 +252,30 @@ def test_compaction_moves_cuts_with_the_entries_they_point_at() -> None:
         assert table.change_count(2) == 2
 
 
-def test_a_shard_table_without_cuts_exports_everything_since_any_version() -> None:
-    table = EmbeddingTable(TABLES[0], initial_capacity=8, ordered_versions=False)
+def test_mutations_arriving_out_of_version_order_are_never_missed() -> None:
+    """Concurrent mutations may reach a table out of version order (5 before 4): a cut is
+    only ever placed at the newest version seen, so everything before it is older."""
+    table = EmbeddingTable(TABLES[0], initial_capacity=8)
     table.lookup_train(np.arange(20), None, 1000.0, 1)
+    table.apply_gradients(np.array([1]), np.ones((1, 3), np.float32), 1001.0, 5)
+    table.apply_gradients(np.array([2]), np.ones((1, 3), np.float32), 1001.0, 4)
+    table.apply_gradients(np.array([3]), np.ones((1, 3), np.float32), 1001.0, 6)
 
-    # No cut recorded: since 1 cannot be placed in the log, so every row is sent (safe).
-    assert np.concatenate([b.ids for b in table.export(1, False, 100)]).shape[0] == 20
-    table.record_cut(1)
-    table.apply_gradients(np.arange(3), np.ones((3, 3), np.float32), 1001.0, 2)
-    np.testing.assert_array_equal(np.sort(np.concatenate([b.ids for b in table.export(1, False, 100)])), [0, 1, 2])
+    def exported(since: int) -> list[int]:
+        return sorted(int(i) for b in table.export(since, False, 100) for i in b.ids)
+
+    assert exported(1) == [1, 2, 3]
+    assert exported(3) == [1, 2, 3]  # no cut between 1 and 5: version 4 and 5 are resent
+    assert exported(5) == [3]  # the cut at 5 was placed before version 6 arrived
+    assert exported(6) == []
 
 
 def test_cuts_stay_exact_when_old_deletions_are_forgotten() -> None:
     with mock.patch.object(table_module, "MAX_DELETION_LOG", 10):
-        table = EmbeddingTable(TABLES[0], initial_capacity=8, ordered_versions=False)
+        table = EmbeddingTable(TABLES[0], initial_capacity=8)
         table.lookup_train(np.arange(100), None, 1000.0, 1)
-        for version in range(2, 9):  # 7 deletions before the cut
+        for version in range(2, 9):  # 7 deletions before cut 8 (placed when version 9 arrives)
             table.delete(np.array([version]), version)
-        table.record_cut(8)
         for version in range(9, 14):  # 5 after it: the log overflows and forgets the oldest 3
             table.delete(np.array([version]), version)
 
@@ -284,16 +287,15 @@ def test_cuts_stay_exact_when_old_deletions_are_forgotten() -> None:
 
 def test_thinned_cuts_only_make_exports_resend_more() -> None:
     with mock.patch.object(table_module, "MAX_CUTS", 4):
-        table = EmbeddingTable(TABLES[0], initial_capacity=8, ordered_versions=False)
-        for version in range(1, 12):  # id v is created at version v; a cut after each
+        table = EmbeddingTable(TABLES[0], initial_capacity=8)
+        for version in range(1, 13):  # id v is created at version v, with a cut before it
             table.lookup_train(np.array([version]), None, 1000.0, version)
-            table.record_cut(version)
 
-        exported = {since: [int(i) for b in table.export(since, False, 100) for i in b.ids] for since in range(12)}
+        exported = {since: [int(i) for b in table.export(since, False, 100) for i in b.ids] for since in range(13)}
 
-        for since in range(12):
-            assert set(exported[since]) >= set(range(since + 1, 12)), since  # never misses a change
-        assert exported[11] == [] and exported[10] == [11]  # the newest cuts are kept exactly
+        for since in range(13):
+            assert set(exported[since]) >= set(range(since + 1, 13)), since  # never misses a change
+        assert exported[12] == [] and exported[11] == [12]  # the newest cuts are kept exactly
         assert len(exported[2]) > 9  # cut 2 was thinned out: since 2 starts at cut 1, resending id 2
 
 

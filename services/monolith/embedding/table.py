@@ -14,13 +14,16 @@ system would have, and a pause in training expires nothing.
 Changes since a version, in time proportional to the changes: rows carry no version.
 Instead the kernels append the row of every creation, update and import to a change log
 (compacted to the last entry of each live row when it grows past twice the live rows),
-and the table keeps *cuts*: (version, log position, deletion-log position) records made
-at instants when every mutation numbered up to that version had been applied. Changes
-after version S lie at or after the positions of the newest cut at or below S; such an
-export may repeat a few rows changed at or before S, never misses one. A table used on
-its own (mutations in version order) records a cut whenever the version advances; a
-shard, whose concurrent mutations may reach a table out of order, records them itself
-(`record_cut`) while no mutation is in flight.
+and the table keeps *cuts*: (version, log position, deletion-log position) records. When
+a mutation arrives with a version above every version the table has seen, it first
+records a cut at the newest version seen so far: every entry before the cut came from a
+mutation numbered at most that, whatever order concurrent mutations arrive in. So the
+changes after version S lie at or after the positions of the newest cut at or below S
+(or nowhere, if S is at least the newest version seen). Such an export may repeat a few
+rows changed at or before S (cuts are thinned as they age; mutations may arrive out of
+order), never misses one, provided every mutation numbered up to S had been applied
+when the consumer's copy was taken (a shard's export guarantees it for the version it
+reports).
 
 Thread safety: reads take a shared lock, mutations an exclusive one (see concurrency);
 the expiry sweep takes it one bounded window at a time.
@@ -85,14 +88,9 @@ class EmbeddingTable:
     Args:
         config: the table's configuration.
         initial_capacity: rows to allocate up front.
-        ordered_versions: mutations reach the table in version order (one caller at a
-            time), so it records its own cuts. A shard passes False and calls
-            `record_cut` itself. A version older than the newest seen makes an ordered
-            table stop recording cuts: later incremental exports then resend more rows
-            than needed, which is safe.
     """
 
-    def __init__(self, config: TableConfig, initial_capacity: int = 1024, *, ordered_versions: bool = True) -> None:
+    def __init__(self, config: TableConfig, initial_capacity: int = 1024) -> None:
         self.config = config
         self.dim = config.dim
         self.state_width = config.optimizer.state_width(config.dim)
@@ -146,8 +144,7 @@ class EmbeddingTable:
         self._cut_log = np.zeros(MAX_CUTS, dtype=np.int64)
         self._cut_deletions = np.zeros(MAX_CUTS, dtype=np.int64)
         self._num_cuts = 0
-        self._ordered = ordered_versions
-        self._newest_version = 0
+        self._newest_version = 0  # the highest version of a mutation seen
 
         self._max_update_time = 0
         self._admissions = 0
@@ -304,15 +301,6 @@ class EmbeddingTable:
 
     # ---------------------------------------------------------------- export
 
-    def record_cut(self, version: int) -> None:
-        """Records that every mutation numbered <= version has been applied, and no later one.
-
-        The caller guarantees it (a shard calls this while no mutation is in flight);
-        incremental exports since `version` or later then start from here.
-        """
-        with self._lock.write():
-            self._record_cut(version)
-
     def export(self, since: int, include_state: bool, max_rows: int) -> Iterator[RowBatch]:
         """Rows changed after version `since`, in batches of at most max_rows.
 
@@ -415,27 +403,16 @@ class EmbeddingTable:
             new_rows: rows it may create.
             log_entries: change-log entries it may append; default new_rows.
         """
-        if self._ordered:
-            if version > self._newest_version:
-                self._record_cut(self._newest_version)
-                self._newest_version = version
-            elif version < self._newest_version:
-                # The cuts so far stay true (everything logged before one arrived before it),
-                # but "since the newest version" no longer means "from the end of the log".
-                self._ordered = False
+        if version > self._newest_version:
+            self._record_cut(self._newest_version)
+            self._newest_version = version
         if new_rows:
             self._reserve(new_rows)
         self._reserve_log(new_rows if log_entries is None else log_entries)
 
     def _record_cut(self, version: int) -> None:
+        """Records the log positions now as a cut at `version` (caller holds the write lock)."""
         n = self._num_cuts
-        log_position = int(self._t.meta[table_kernels.META_LOG])
-        if n and version <= self._cut_versions[n - 1]:
-            if version == self._cut_versions[n - 1]:
-                # Still true at the later positions: nothing newer was applied in between.
-                self._cut_log[n - 1] = log_position
-                self._cut_deletions[n - 1] = self._num_deleted
-            return
         if n == MAX_CUTS:
             # Thin the older half; an export since a dropped cut starts from the cut
             # before it, which only resends more.
@@ -444,7 +421,7 @@ class EmbeddingTable:
                 array[: keep.shape[0]] = array[keep]
             n = keep.shape[0]
         self._cut_versions[n] = version
-        self._cut_log[n] = log_position
+        self._cut_log[n] = self._t.meta[table_kernels.META_LOG]
         self._cut_deletions[n] = self._num_deleted
         self._num_cuts = n + 1
 
@@ -452,7 +429,7 @@ class EmbeddingTable:
         """(change-log, deletion-log) positions from which every change after `since` lies."""
         if since <= 0:
             return 0, 0
-        if self._ordered and since >= self._newest_version:
+        if since >= self._newest_version:
             return int(self._t.meta[table_kernels.META_LOG]), self._num_deleted
         i = int(np.searchsorted(self._cut_versions[: self._num_cuts], since, side="right")) - 1
         if i < 0:

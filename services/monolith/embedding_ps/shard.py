@@ -107,9 +107,7 @@ class EmbeddingShard:
         # sync applies each incremental export under it exclusively, so readers never see
         # half a training step.
         self._gate = ReadWriteLock()
-        self.tables = {
-            s.name: EmbeddingTable(s, config.initial_capacity, ordered_versions=False) for s in config.slots
-        }
+        self.tables = {s.name: EmbeddingTable(s, config.initial_capacity) for s in config.slots}
         self._salts = {s.name: stable_hash64(s.name) for s in config.slots}
 
     @property
@@ -200,17 +198,18 @@ class EmbeddingShard:
     ) -> Iterator[ExportChunk]:
         """Rows changed and ids deleted after version `since`, table by table.
 
-        The export starts with a cut: for an instant no mutation is in flight, and every
-        chunk carries that instant's version, which the export is complete up to; a
-        consumer passes it as its next `since`. Per table, deletion chunks come before row
+        The export starts at an instant when no mutation is in flight; every chunk
+        carries that instant's version, which the export is complete up to, and a consumer
+        passes it as its next `since`. Per table, deletion chunks come before row
         chunks, so applying the chunks in order (deletions first) gives the right rows.
 
         Cost and atomicity: an incremental export (since > 0) reads only the changes
-        after `since`. When they fit in ATOMIC_EXPORT_CHUNKS chunks they are all copied at
-        the cut, so a mutation that touched several tables is in the export entirely or
-        not at all. A full export (since 0), or a larger incremental one, reads each chunk
-        when it is sent: it may also hold some changes made after the cut (never fewer
-        than those before it), and may hold part of such a change.
+        after `since` (see EmbeddingTable's change log). When they fit in
+        ATOMIC_EXPORT_CHUNKS chunks they are all copied at that instant, so a mutation that
+        touched several tables is in the export entirely or not at all. A full export
+        (since 0), or a larger incremental one, reads each chunk when it is sent: it may
+        also hold changes made after that instant (never fewer than those before it),
+        and may hold part of such a change; the next export completes it.
 
         Raises:
             FailedPrecondition: deletions after `since` were forgotten; export since 0.
@@ -225,9 +224,8 @@ class EmbeddingShard:
         chunk_rows = {name: self._chunk_rows(self.tables[name], include_state, max_rows) for name in names}
         copied: dict[str, tuple[RowBatch, np.ndarray]] = {}
         with self._gate.write():
+            # No mutation is in flight: every one numbered up to `version` is applied, no later one.
             version = self.clock.current
-            for table in self.tables.values():
-                table.record_cut(version)
             changes = sum(self.tables[name].change_count(since) for name in names) if since > 0 else -1
             atomic = 0 <= changes <= ATOMIC_EXPORT_CHUNKS * max(chunk_rows.values())
             if atomic:
