@@ -8,7 +8,12 @@ from typing import Iterator
 
 
 class ReadWriteLock:
-    """Many readers or one writer; a waiting writer blocks new readers so it cannot starve.
+    """Many readers or one writer, in alternating turns when both wait.
+
+    A waiting writer blocks readers that arrive after it, so it cannot starve. Readers
+    that were already waiting when a writer finishes go before the next writer, so a
+    writer that comes straight back (an expiry sweep, window after window) cannot starve
+    them either: a reader waits for at most the writer ahead of it.
 
     Readers run numba kernels that release the GIL, so lookups proceed in parallel while
     mutations (which may reallocate the arrays) run alone.
@@ -19,12 +24,21 @@ class ReadWriteLock:
         self._readers = 0
         self._writer = False
         self._writers_waiting = 0
+        self._readers_waiting = 0
+        self._writes_done = 0  # writer turns completed
+        self._readers_owed = 0  # readers waiting when the last writer finished, not yet in
 
     @contextlib.contextmanager
     def read(self) -> Iterator[None]:
         with self._cond:
-            while self._writer or self._writers_waiting:
-                self._cond.wait()
+            if self._writer or self._writers_waiting:
+                turn = self._writes_done
+                self._readers_waiting += 1
+                while self._writer or (self._writers_waiting and self._writes_done == turn):
+                    self._cond.wait()
+                self._readers_waiting -= 1
+                if self._writes_done != turn:
+                    self._readers_owed -= 1
             self._readers += 1
         try:
             yield
@@ -40,11 +54,17 @@ class ReadWriteLock:
         with self._cond:
             return self._writers_waiting
 
+    @property
+    def waiting_readers(self) -> int:
+        """Readers waiting for the lock (for monitoring, and for tests that need a reader queued)."""
+        with self._cond:
+            return self._readers_waiting
+
     @contextlib.contextmanager
     def write(self) -> Iterator[None]:
         with self._cond:
             self._writers_waiting += 1
-            while self._writer or self._readers:
+            while self._writer or self._readers or self._readers_owed:
                 self._cond.wait()
             self._writers_waiting -= 1
             self._writer = True
@@ -53,6 +73,8 @@ class ReadWriteLock:
         finally:
             with self._cond:
                 self._writer = False
+                self._writes_done += 1
+                self._readers_owed = self._readers_waiting
                 self._cond.notify_all()
 
 

@@ -138,6 +138,7 @@ class EmbeddingTable:
         self._deleted_versions = np.zeros(0, dtype=np.int64)
         self._num_deleted = 0
         self._deletions_floor = 0  # deletions at or below this version were forgotten
+        self._spare_deletions: tuple[np.ndarray, np.ndarray] | None = None  # see _prepare_deletion_room
 
         # Cut records, oldest first: versions ascending, positions non-decreasing.
         self._cut_versions = np.zeros(MAX_CUTS, dtype=np.int64)
@@ -263,6 +264,7 @@ class EmbeddingTable:
         total = 0
         position = self._next_expired(cutoff, 0)
         while position >= 0:
+            self._prepare_deletion_room(EXPIRY_WINDOW_EVICTIONS)
             with window() as version, self._lock.write():
                 self._begin_mutation(version, 0)
                 count, position = table_kernels.expire_window(
@@ -377,6 +379,7 @@ class EmbeddingTable:
                 *(a for a in self._t if isinstance(a, np.ndarray)),
                 *(a for a in self._pending if isinstance(a, np.ndarray)),
                 self._deleted_ids, self._deleted_versions, self._cut_versions, self._cut_log, self._cut_deletions,
+                *(self._spare_deletions or ()),
             )  # fmt: skip
             return TableStats(
                 rows=int(self._t.meta[id_map.META_LIVE]),
@@ -408,7 +411,11 @@ class EmbeddingTable:
             self._newest_version = version
         if new_rows:
             self._reserve(new_rows)
-        self._reserve_log(new_rows if log_entries is None else log_entries)
+        entries = new_rows if log_entries is None else log_entries
+        if entries:
+            # Only mutations that append compact the log: an expiry window or a deletion
+            # never pays for it, so a sweep's write-locked steps stay short.
+            self._reserve_log(entries)
 
     def _record_cut(self, version: int) -> None:
         """Records the log positions now as a cut at `version` (caller holds the write lock)."""
@@ -508,7 +515,7 @@ class EmbeddingTable:
         capacity = t.log.shape[0]
         if length + extra > capacity:
             capacity = max(length + extra, int(capacity * GROWTH), capacity + MIN_GROWTH_ROWS)
-            self._t = t._replace(log=_resized(t.log, capacity, length, 0))
+            self._t = t._replace(log=_resized(t.log, capacity, length))
 
     def _reserve_pending(self, extra: int) -> None:
         p = self._pending
@@ -528,6 +535,18 @@ class EmbeddingTable:
             id_map.rebuild_index(p, p.count[:high] > 0)
         self._pending = p
 
+    def _prepare_deletion_room(self, extra: int) -> None:
+        """Allocates a larger deletion log now, without the lock, if `extra` more deletions
+        would need one: faulting in megabytes of fresh pages takes tens of milliseconds,
+        which the write-locked step that uses it then does not spend."""
+        n, capacity = self._num_deleted, self._deleted_ids.shape[0]
+        if n + extra <= capacity or n + extra > MAX_DELETION_LOG or self._spare_deletions is not None:
+            return
+        size = max(n + extra, 2 * capacity, 1024)
+        self._spare_deletions = (np.zeros(size, np.int64), np.zeros(size, np.int64))
+        for array in self._spare_deletions:
+            array.fill(0)  # np.zeros maps pages lazily; touch them here
+
     def _log_deletions(self, ids: np.ndarray, version: int) -> None:
         n, k = self._num_deleted, ids.shape[0]
         if k == 0:
@@ -543,9 +562,13 @@ class EmbeddingTable:
             cuts = self._cut_deletions[: self._num_cuts]
             np.maximum(cuts - drop, 0, out=cuts)
         if n + k > self._deleted_ids.shape[0]:
-            capacity = max(n + k, 2 * self._deleted_ids.shape[0], 1024)
-            self._deleted_ids = _resized(self._deleted_ids, capacity, n, 0)
-            self._deleted_versions = _resized(self._deleted_versions, capacity, n, 0)
+            spare, self._spare_deletions = self._spare_deletions, None
+            if spare is None or spare[0].shape[0] < n + k:
+                capacity = max(n + k, 2 * self._deleted_ids.shape[0], 1024)
+                spare = (np.empty(capacity, np.int64), np.empty(capacity, np.int64))
+            spare[0][:n] = self._deleted_ids[:n]
+            spare[1][:n] = self._deleted_versions[:n]
+            self._deleted_ids, self._deleted_versions = spare
         self._deleted_ids[n : n + k] = ids
         self._deleted_versions[n : n + k] = version
         self._num_deleted = n + k
@@ -563,12 +586,18 @@ def _cache_aligned_zeros(shape: tuple[int, int]) -> np.ndarray:
     return buffer[offset : offset + count].reshape(shape)
 
 
-def _resized(array: np.ndarray, capacity: int, used: int, fill: float, cache_aligned: bool = False) -> np.ndarray:
-    """A copy of array with `capacity` rows: the first `used` kept, the rest set to fill."""
+def _resized(array: np.ndarray, capacity: int, used: int, fill: float | None = None,
+             cache_aligned: bool = False) -> np.ndarray:  # fmt: skip
+    """A copy of array with `capacity` rows: the first `used` kept, the rest set to fill.
+
+    With no fill the rest is left untouched, so its pages are only faulted in as entries
+    are appended, not all at once under the write lock (~30 ms for a 16 MB log).
+    """
     if cache_aligned:
         out = _cache_aligned_zeros((capacity, array.shape[1]))
     else:
         out = np.empty((capacity,) + array.shape[1:], dtype=array.dtype)
     out[:used] = array[:used]
-    out[used:] = fill
+    if fill is not None:
+        out[used:] = fill
     return out
