@@ -250,7 +250,7 @@ class EmbeddingTable:
         """`expire`, with each window run inside `window()`, stamped with the version it yields.
 
         A shard passes a context that holds its gate shared and takes a fresh version, so
-        an export can take a cut between any two windows. Stretches of the arena with
+        an export can come between any two windows. Stretches of the arena with
         nothing to evict are skipped under the read lock, taking no version.
 
         Returns:
@@ -310,8 +310,7 @@ class EmbeddingTable:
         export neither copies the table whole nor blocks writers for long. Since a later
         version, only the change log from the matching cut on is read: O(rows changed).
         Values are read batch by batch, so rows changed while the export runs may or may
-        not be included (and may be newer than `since`'s next cut); a later export since
-        that cut has them.
+        not be included; a later export since a version taken before this one has them.
         """
         width = self.width if include_state else self.dim
         if since <= 0:
