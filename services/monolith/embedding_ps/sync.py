@@ -304,7 +304,7 @@ class ServingSync:
         version = 0  # no chunks: the training shard is empty; "since 0" is always safe
         newest = 0.0
         for chunk in self._export(0, incarnation):
-            received[chunk.table].append(self._apply(chunk, progress))
+            received[chunk.slot].append(self._apply(chunk, progress))
             version = chunk.version
             newest = max(newest, chunk.newest_update_time)
         # Rows deleted on the training side while this shard was not following (or rows
@@ -343,14 +343,14 @@ class ServingSync:
 
     def _decode(self, chunk: pb.RowChunk) -> tuple[str, RowBatch, np.ndarray, str]:
         """(slot, rows, deleted ids, description) of one chunk, lengths checked."""
-        what = f"chunk of table {chunk.table!r} from {self.training_address}"
+        what = f"chunk of slot {chunk.slot!r} from {self.training_address}"
         rows = RowBatch(
             ids=decode_array(chunk.ids, "<i8", (chunk.num_rows,), f"{what} ids"),
             values=decode_array(chunk.values, "<f4", (chunk.num_rows, chunk.width), f"{what} values"),
             update_times=decode_array(chunk.update_times, "<u4", (chunk.num_rows,), f"{what} update_times"),
         )
         deleted_ids = decode_array(chunk.deleted_ids, "<i8", (chunk.num_deleted,), f"{what} deleted_ids")
-        return chunk.table, rows, deleted_ids, what
+        return chunk.slot, rows, deleted_ids, what
 
     def _apply(self, chunk: pb.RowChunk, progress: _Progress) -> np.ndarray:
         """Imports one chunk into the local shard; returns the ids of its rows."""
@@ -387,10 +387,10 @@ class ServingSync:
                 f"{self.training_address} is shard {stats.shard} of {stats.num_shards}; this serving shard is "
                 f"{mine.shard} of {mine.num_shards}"
             )
-        unknown = sorted({s.table for s in stats.tables} - set(self._shard.tables))
+        unknown = sorted({s.slot for s in stats.slots} - set(self._shard.tables))
         if unknown:
             raise SyncError(
-                f"{self.training_address} has table(s) {', '.join(unknown)} this serving shard does not; "
+                f"{self.training_address} has slot(s) {', '.join(unknown)} this serving shard does not; "
                 "start both from the same model config"
             )
         if not stats.incarnation:
