@@ -298,32 +298,32 @@ def _ids(values: list[int]) -> bytes:
 
 
 def embedding_seeds() -> dict[str, list[message.Message]]:
-    """Valid requests for the conftest slots (user, item: dim 8; tag: dim 4)."""
+    """Valid requests for the conftest tables (user, item: dim 8; tag: dim 4)."""
     ids = [1, 2, 3, 4]
     return {
         "Lookup": [
-            epb.LookupRequest(slots=[epb.SlotIds(slot="item", num_ids=4, ids=_ids(ids))], mode=epb.LOOKUP_MODE_SERVING),
+            epb.LookupRequest(tables=[epb.TableIds(table="item", num_ids=4, ids=_ids(ids))], mode=epb.LOOKUP_MODE_SERVING),
             epb.LookupRequest(
-                slots=[
-                    epb.SlotIds(slot="user", num_ids=2, ids=_ids(ids[:2]), counts=np.array([1, 2], "<i4").tobytes()),
-                    epb.SlotIds(slot="tag", num_ids=1, ids=_ids([9])),
+                tables=[
+                    epb.TableIds(table="user", num_ids=2, ids=_ids(ids[:2]), counts=np.array([1, 2], "<i4").tobytes()),
+                    epb.TableIds(table="tag", num_ids=1, ids=_ids([9])),
                 ],
                 mode=epb.LOOKUP_MODE_SERVING,
             ),
         ],
         "ApplyGradients": [
             epb.ApplyGradientsRequest(
-                slots=[epb.SlotGradients(slot="item", num_ids=2, ids=_ids(ids[:2]), dim=8,
+                tables=[epb.TableGradients(table="item", num_ids=2, ids=_ids(ids[:2]), dim=8,
                                          gradients=np.full((2, 8), 0.5, "<f4").tobytes())],
                 update_time=1_700_000_000,
             )  # fmt: skip
         ],
         "Export": [
             epb.ExportRequest(since_version=0, include_optimizer_state=True, max_rows_per_chunk=50),
-            epb.ExportRequest(since_version=1, max_rows_per_chunk=3, slots=["item", "tag"]),
+            epb.ExportRequest(since_version=1, max_rows_per_chunk=3, tables=["item", "tag"]),
         ],
         "Import": [
-            epb.RowChunk(slot="item", num_rows=2, width=8, ids=_ids(ids[:2]), values=np.ones((2, 8), "<f4").tobytes(),
+            epb.RowChunk(table="item", num_rows=2, width=8, ids=_ids(ids[:2]), values=np.ones((2, 8), "<f4").tobytes(),
                          update_times=np.full(2, 1_700_000_000, "<u4").tobytes(), num_deleted=1,
                          deleted_ids=_ids([3]))  # fmt: skip
         ],
@@ -395,9 +395,9 @@ def servers() -> Iterator[Servers]:
     source = start_cluster(num_shards=1)
     source.client.lookup({"item": np.arange(40), "tag": np.arange(40)}, training=True)
     for chunk in source.shards[0].export(0, include_state=False):
-        serving_shard.shards[0].apply_synced_chunk(chunk.slot, chunk.rows, chunk.deleted_ids)
+        serving_shard.shards[0].apply_synced_chunk(chunk.table, chunk.rows, chunk.deleted_ids)
     source.stop()
-    serving_tables = start_cluster(num_shards=1, role="serving", slots=config.tables())
+    serving_tables = start_cluster(num_shards=1, role="serving", tables=config.tables())
     store = DenseStore(config.model.optimizer)
     store.init(DenseModel(config).initial_parameters(seed=1))
     dense = build_dense_ps(store, ServerConfig(port=0, metrics_port=None))

@@ -23,17 +23,17 @@ SERVICE = "monolith.api.embedding_ps.v1.EmbeddingPS"
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
-def _rows_of(cluster: Cluster, slot: str) -> list[dict[int, tuple[tuple[float, ...], int]]]:
-    return [cluster.rows(i).get(slot, {}) for i in range(len(cluster.shards))]
+def _rows_of(cluster: Cluster, name: str) -> list[dict[int, tuple[tuple[float, ...], int]]]:
+    return [cluster.rows(i).get(name, {}) for i in range(len(cluster.shards))]
 
 
-def _slot(stats: pb.StatsResponse, slot: str) -> pb.SlotStats:
-    (found,) = [s for s in stats.slots if s.slot == slot]
+def _table_stats(stats: pb.StatsResponse, name: str) -> pb.TableStats:
+    (found,) = [s for s in stats.tables if s.table == name]
     return found
 
 
-def _stats(cluster: Cluster, shard: int, slot: str) -> pb.SlotStats:
-    return _slot(cluster.client.stats()[shard], slot)
+def _stats(cluster: Cluster, shard: int, name: str) -> pb.TableStats:
+    return _table_stats(cluster.client.stats()[shard], name)
 
 
 # ------------------------------------------------------------------------- lookups
@@ -115,17 +115,17 @@ def test_counting_filter_admits_at_the_threshold(ps_cluster: Cluster) -> None:
 
 def test_serving_lookups_of_unknown_ids_read_zeros_and_change_nothing(ps_cluster: Cluster) -> None:
     unknown = {
-        slot: np.concatenate([ps_cluster.ids_on(slot, s, 3, start=500_000) for s in (0, 1)])
-        for slot in ("user", "item", "tag")
+        name: np.concatenate([ps_cluster.ids_on(name, s, 3, start=500_000) for s in (0, 1)])
+        for name in ("user", "item", "tag")
     }
     before = ps_cluster.snapshot()
 
     served = ps_cluster.client.lookup(unknown, training=False)
     served_again = ps_cluster.client.lookup(unknown, training=False)
 
-    for slot, ids in unknown.items():
-        assert served[slot].shape == (ids.shape[0], ps_cluster.shards[0].tables[slot].dim)
-        assert not served[slot].any() and not served_again[slot].any()
+    for name, ids in unknown.items():
+        assert served[name].shape == (ids.shape[0], ps_cluster.shards[0].tables[name].dim)
+        assert not served[name].any() and not served_again[name].any()
     assert ps_cluster.snapshot() == before
 
 
@@ -154,17 +154,17 @@ def test_apply_gradients_changes_exactly_the_targeted_rows(ps_cluster: Cluster) 
     expected_tag_grad = {t0: tag_grads[0] + tag_grads[2], t3: tag_grads[1], t4: tag_grads[3]}
     expected_item_grad = dict(zip(item_ids.tolist(), item_grads))
     for shard in (0, 1):
-        for slot in ("user", "item", "tag"):
-            targeted = expected_tag_grad if slot == "tag" else expected_item_grad if slot == "item" else {}
-            before, after = rows_before[shard].get(slot, {}), rows_after[shard].get(slot, {})
+        for name in ("user", "item", "tag"):
+            targeted = expected_tag_grad if name == "tag" else expected_item_grad if name == "item" else {}
+            before, after = rows_before[shard].get(name, {}), rows_after[shard].get(name, {})
             assert before.keys() == after.keys()
             changed = {id_ for id_ in before if before[id_] != after[id_]}
-            assert changed == {id_ for id_ in targeted if id_ in before}, (shard, slot)
+            assert changed == {id_ for id_ in targeted if id_ in before}, (shard, name)
             for id_ in changed:
                 old, new = np.array(before[id_][0], np.float64), np.array(after[id_][0], np.float64)
                 g = np.asarray(targeted[id_], np.float64)
-                opt = ps_cluster.shards[shard].tables[slot].config.optimizer
-                if slot == "tag":  # sgd
+                opt = ps_cluster.shards[shard].tables[name].config.optimizer
+                if name == "tag":  # sgd
                     np.testing.assert_allclose(new, old - opt.learning_rate * g, rtol=1e-6, atol=1e-7)
                 else:  # adagrad: [w | accumulator]
                     acc = old[8:] + g * g
@@ -175,7 +175,7 @@ def test_apply_gradients_changes_exactly_the_targeted_rows(ps_cluster: Cluster) 
     for shard in (0, 1):
         assert stats_after[shard].version == stats_before[shard].version + 1
     filtered_delta = [
-        _slot(stats_after[s], "tag").filtered_gradients - _slot(stats_before[s], "tag").filtered_gradients
+        _table_stats(stats_after[s], "tag").filtered_gradients - _table_stats(stats_before[s], "tag").filtered_gradients
         for s in (0, 1)
     ]
     assert filtered_delta == [0, 1]
@@ -185,16 +185,16 @@ def test_apply_gradients_changes_exactly_the_targeted_rows(ps_cluster: Cluster) 
 
 
 def _populate(cluster: Cluster, start: int, update_time: float) -> dict[str, np.ndarray]:
-    """Creates rows in every slot on both shards and moves them off their initial values."""
-    ids = {slot: np.arange(start, start + 40, dtype=np.int64) for slot in ("user", "item", "tag")}
+    """Creates rows in every table on both shards and moves them off their initial values."""
+    ids = {name: np.arange(start, start + 40, dtype=np.int64) for name in ("user", "item", "tag")}
     cluster.client.lookup(
-        {slot: np.repeat(v, 2) if slot == "user" else v for slot, v in ids.items()},
+        {name: np.repeat(v, 2) if name == "user" else v for name, v in ids.items()},
         training=True,
         update_time=update_time,
     )
     rng = np.random.default_rng(start)
     cluster.client.apply_gradients(
-        {slot: (v[::2], rng.normal(size=(v[::2].shape[0], 4 if slot == "tag" else 8))) for slot, v in ids.items()},
+        {name: (v[::2], rng.normal(size=(v[::2].shape[0], 4 if name == "tag" else 8))) for name, v in ids.items()},
         update_time=update_time,
     )
     return ids
@@ -222,7 +222,7 @@ def test_export_import_round_trip_into_a_fresh_cluster(make_cluster: Callable[..
     source, replica = make_cluster(), make_cluster()
     t1 = 1_700_000_000
     ids = _populate(source, 0, update_time=t1)
-    all_ids = {slot: np.concatenate([v, v + 1000]) for slot, v in ids.items()}  # with unknown ids
+    all_ids = {name: np.concatenate([v, v + 1000]) for name, v in ids.items()}  # with unknown ids
 
     versions, upserted, deleted = _copy(source, replica, since=[0, 0])
 
@@ -249,15 +249,15 @@ def test_export_import_round_trip_into_a_fresh_cluster(make_cluster: Callable[..
 
 def _assert_same_lookups(a: Cluster, b: Cluster, ids: dict[str, np.ndarray]) -> None:
     got_a, got_b = a.client.lookup(ids), b.client.lookup(ids)
-    for slot in ids:
-        np.testing.assert_array_equal(got_a[slot], got_b[slot])
+    for name in ids:
+        np.testing.assert_array_equal(got_a[name], got_b[name])
 
 
 def test_import_with_optimizer_state_continues_training_identically(make_cluster: Callable[..., Cluster]) -> None:
     source, replica = make_cluster(), make_cluster()
     ids = _populate(source, 0, update_time=1_700_000_000)
     _copy(source, replica, since=[0, 0])
-    grads = {slot: (v, np.full((40, 4 if slot == "tag" else 8), 0.3, np.float32)) for slot, v in ids.items()}
+    grads = {name: (v, np.full((40, 4 if name == "tag" else 8), 0.3, np.float32)) for name, v in ids.items()}
 
     for cluster in (source, replica):
         assert cluster.client.apply_gradients(grads, update_time=1_700_000_500) == (3 * 40, 0)
@@ -276,7 +276,7 @@ def test_incremental_export_holds_only_changes_since_the_version(make_cluster: C
     chunks = list(cluster.client.export(0, since_version=version))
     nothing = list(cluster.client.export(0, since_version=cluster.shards[0].version))
 
-    exported = {c.slot: set(np.frombuffer(c.ids, "<i8").tolist()) for c in chunks}
+    exported = {c.table: set(np.frombuffer(c.ids, "<i8").tolist()) for c in chunks}
     assert exported == {"item": set(touched.tolist())}
     assert {c.version for c in chunks} == {version + 1}
     assert all(c.width == 8 and not c.includes_optimizer_state for c in chunks)
@@ -286,13 +286,13 @@ def test_incremental_export_holds_only_changes_since_the_version(make_cluster: C
 def test_export_splits_into_chunks_and_filters_slots(make_cluster: Callable[..., Cluster]) -> None:
     cluster = make_cluster()
     _populate(cluster, 0, update_time=1_700_000_000)
-    request = pb.ExportRequest(max_rows_per_chunk=3, slots=["tag", "item"], include_optimizer_state=True)
+    request = pb.ExportRequest(max_rows_per_chunk=3, tables=["tag", "item"], include_optimizer_state=True)
 
     chunks = list(cluster.stubs[1].Export(request, timeout=10))
 
-    assert [c.slot for c in chunks] == sorted((c.slot for c in chunks), key=["tag", "item"].index)
+    assert [c.table for c in chunks] == sorted((c.table for c in chunks), key=["tag", "item"].index)
     assert all(1 <= c.num_rows <= 3 for c in chunks)
-    assert {c.slot: c.width for c in chunks} == {"tag": 4, "item": 16}
+    assert {c.table: c.width for c in chunks} == {"tag": 4, "item": 16}
     full = cluster.rows(1)
     assert sum(c.num_rows for c in chunks) == len(full["tag"]) + len(full["item"])
 
@@ -307,22 +307,22 @@ def test_serving_shard_serves_what_the_training_shards_export(
     """
     source = make_cluster()
     ids = _populate(source, 0, update_time=1_700_000_000)
-    unknown = {slot: v + 5000 for slot, v in ids.items()}
+    unknown = {name: v + 5000 for name, v in ids.items()}
     version_before = serving_shard.client.stats()[0].version
     assert not any(serving_shard.client.lookup(ids)[s].any() for s in ids)
 
     upserted = 0
     for shard in (0, 1):
         chunks = list(source.client.export(shard, include_optimizer_state=False))
-        assert all(c.width == source.shards[0].tables[c.slot].dim for c in chunks)
+        assert all(c.width == source.shards[0].tables[c.table].dim for c in chunks)
         for c in source.shards[shard].export(0, include_state=False):
-            upserted += serving_shard.shards[0].apply_synced_chunk(c.slot, c.rows, c.deleted_ids)[0]
+            upserted += serving_shard.shards[0].apply_synced_chunk(c.table, c.rows, c.deleted_ids)[0]
 
     assert upserted == 3 * 40
     _assert_same_lookups(source, serving_shard, ids)
     stats = serving_shard.client.stats()[0]
     assert (stats.role, stats.num_shards) == ("serving", 1)
-    assert [s.rows for s in stats.slots] == [40, 40, 40]
+    assert [s.rows for s in stats.tables] == [40, 40, 40]
     assert stats.version > version_before
     after = serving_shard.snapshot()
     served = serving_shard.client.lookup(unknown)
@@ -348,13 +348,13 @@ def test_stats_report_each_shard_and_slot(make_cluster: Callable[..., Cluster]) 
 
     assert [(s.shard, s.num_shards, s.role) for s in stats] == [(0, 2, "training"), (1, 2, "training")]
     assert [s.version for s in stats] == [3, 2]  # lookup, gradients (+ the expiry sweep on shard 0)
-    columns = ("slot", "rows", "admissions", "pending_ids", "filtered_gradients", "evictions")
-    table = [[tuple(getattr(s, c) for c in columns) for s in shard.slots] for shard in stats]
+    columns = ("table", "rows", "admissions", "pending_ids", "filtered_gradients", "evictions")
+    table = [[tuple(getattr(s, c) for c in columns) for s in shard.tables] for shard in stats]
     assert table == [
         [("user", 1, 1, 0, 0, 0), ("item", 1, 1, 0, 0, 0), ("tag", 0, 1, 0, 0, 1)],
         [("user", 0, 0, 1, 0, 0), ("item", 1, 1, 0, 0, 0), ("tag", 0, 0, 0, 1, 0)],
     ]
-    assert all(s.bytes > 0 for shard in stats for s in shard.slots)
+    assert all(s.bytes > 0 for shard in stats for s in shard.tables)
 
 
 def _scrape(port: int) -> list[tuple[str, dict[str, str], float]]:
@@ -371,7 +371,7 @@ def _handled(samples: list[tuple[str, dict[str, str], float]], method: str) -> f
     return sum(_values(samples, "grpc_server_handling_seconds_count", grpc_service=SERVICE, grpc_method=method))
 
 
-def test_metrics_endpoint_shows_tables_and_rpc_latencies(ps_cluster: Cluster) -> None:
+def test_metrics_endpoint_shows_entriesand_rpc_latencies(ps_cluster: Cluster) -> None:
     port = ps_cluster.servers[0].metrics_port
     assert port
     before = _scrape(port)
@@ -384,12 +384,12 @@ def test_metrics_endpoint_shows_tables_and_rpc_latencies(ps_cluster: Cluster) ->
     after = _scrape(port)
 
     stats = ps_cluster.client.stats()[0]  # the Stats RPC after the scrape: its latency is not in `after`
-    for s in stats.slots:
-        labels = {"role": "training", "shard": "0", "slot": s.slot}
-        assert s.rows in _values(after, "monolith_embedding_rows", **labels), s.slot
-        assert s.bytes in _values(after, "monolith_embedding_table_bytes", **labels), s.slot
-        assert s.admissions in _values(after, "monolith_embedding_admissions_total", **labels), s.slot
-    assert _values(after, "monolith_embedding_rows", role="training", shard="1", slot="item")
+    for s in stats.tables:
+        labels = {"role": "training", "shard": "0", "table": s.table}
+        assert s.rows in _values(after, "monolith_embedding_rows", **labels), s.table
+        assert s.bytes in _values(after, "monolith_embedding_table_bytes", **labels), s.table
+        assert s.admissions in _values(after, "monolith_embedding_admissions_total", **labels), s.table
+    assert _values(after, "monolith_embedding_rows", role="training", shard="1", table="item")
     for method in ("Lookup", "ApplyGradients", "Export", "Import"):
         assert _handled(after, method) >= _handled(before, method) + 1, method
     assert _handled(_scrape(port), "Stats") >= 1
@@ -398,5 +398,5 @@ def test_metrics_endpoint_shows_tables_and_rpc_latencies(ps_cluster: Cluster) ->
 
 
 def test_client_rejects_a_slot_it_does_not_know_before_calling(ps_cluster: Cluster) -> None:
-    with pytest.raises(ValueError, match=r"unknown slot 'nope'"):
+    with pytest.raises(ValueError, match=r"unknown table 'nope'"):
         ps_cluster.client.lookup({"item": np.array([1]), "nope": np.array([1])})

@@ -36,10 +36,10 @@ def _id_bytes(ids: Sequence[int] | np.ndarray) -> bytes:
 
 
 def _ids(
-    slot: str, ids: Sequence[int] | np.ndarray, num_ids: int | None = None, counts: Sequence[int] | None = None
-) -> pb.SlotIds:
-    return pb.SlotIds(
-        slot=slot,
+    name: str, ids: Sequence[int] | np.ndarray, num_ids: int | None = None, counts: Sequence[int] | None = None
+) -> pb.TableIds:
+    return pb.TableIds(
+        table=name,
         num_ids=len(ids) if num_ids is None else num_ids,
         ids=_id_bytes(ids),
         counts=b"" if counts is None else np.asarray(counts, "<i4").tobytes(),
@@ -47,11 +47,11 @@ def _ids(
 
 
 def _grads(
-    slot: str, ids: Sequence[int] | np.ndarray, grads: np.ndarray, num_ids: int | None = None, dim: int | None = None
-) -> pb.SlotGradients:
+    name: str, ids: Sequence[int] | np.ndarray, grads: np.ndarray, num_ids: int | None = None, dim: int | None = None
+) -> pb.TableGradients:
     grads = np.asarray(grads, "<f4")
-    return pb.SlotGradients(
-        slot=slot,
+    return pb.TableGradients(
+        table=name,
         num_ids=len(ids) if num_ids is None else num_ids,
         ids=_id_bytes(ids),
         dim=grads.shape[-1] if dim is None else dim,
@@ -60,11 +60,11 @@ def _grads(
 
 
 def _chunk(
-    slot: str, ids: Sequence[int] | np.ndarray, values: np.ndarray, width: int | None = None, **fields: Any
+    name: str, ids: Sequence[int] | np.ndarray, values: np.ndarray, width: int | None = None, **fields: Any
 ) -> pb.RowChunk:
     values = np.asarray(values, "<f4")
     chunk = pb.RowChunk(
-        slot=slot,
+        table=name,
         num_rows=len(ids),
         width=values.shape[-1] if width is None else width,
         ids=_id_bytes(ids),
@@ -89,7 +89,7 @@ class Ids:
 @pytest.fixture(scope="module")
 def ids(ps_cluster: Cluster) -> Ids:
     """Seeds both shards with rows (trained a little) and pending ids, and picks ids."""
-    seeded = {slot: np.arange(1, 61, dtype=np.int64) for slot in ("user", "item", "tag")}
+    seeded = {name: np.arange(1, 61, dtype=np.int64) for name in ("user", "item", "tag")}
     client = ps_cluster.client
     client.lookup({"user": np.repeat(seeded["user"], 2), "item": seeded["item"], "tag": seeded["tag"]}, training=True)
     client.lookup({"user": np.arange(1000, 1010)}, training=True)  # pending, not admitted
@@ -119,44 +119,44 @@ def _assert_rejected(
     assert cluster.snapshot() == before
     if ids is not None:
         answers = cluster.client.lookup({s: np.arange(1, 61) for s in ids.answers})
-        for slot, expected in ids.answers.items():
-            np.testing.assert_array_equal(answers[slot], expected)
+        for name, expected in ids.answers.items():
+            np.testing.assert_array_equal(answers[name], expected)
 
 
 # --------------------------------------------------------------------------- Lookup
 
-# A bad slot entry: (name, builder from the ids, code, message fragments).
-BAD_SLOT_IDS: list[tuple[str, Callable[[Ids], pb.SlotIds], grpc.StatusCode, tuple[str, ...]]] = [
-    ("unknown slot", lambda i: _ids("nope", i.new["item"]), INVALID,
-     ("unknown slot 'nope'", "item, tag, user")),
+# A bad table entry: (name, builder from the ids, code, message fragments).
+BAD_SLOT_IDS: list[tuple[str, Callable[[Ids], pb.TableIds], grpc.StatusCode, tuple[str, ...]]] = [
+    ("unknown table", lambda i: _ids("nope", i.new["item"]), INVALID,
+     ("unknown table 'nope'", "item, tag, user")),
     ("id of another shard", lambda i: _ids("item", [*i.new["item"], i.foreign["item"][0]]), INVALID,
-     ("slot 'item'", "1 id(s) belong to other shards", "belongs to shard 1, not 0")),
+     ("table 'item'", "1 id(s) belong to other shards", "belongs to shard 1, not 0")),
     ("ids shorter than num_ids", lambda i: _ids("item", i.new["item"][:2], num_ids=3), INVALID,
-     ("slot 'item' ids", "expected 24 bytes", "got 16")),
+     ("table 'item' ids", "expected 24 bytes", "got 16")),
     ("ids longer than num_ids", lambda i: _ids("item", i.new["item"][:3], num_ids=2), INVALID,
-     ("slot 'item' ids", "expected 16 bytes", "got 24")),
+     ("table 'item' ids", "expected 16 bytes", "got 24")),
     ("negative num_ids", lambda i: _ids("item", [], num_ids=-1), INVALID,
-     ("slot 'item' ids", "negative size")),
+     ("table 'item' ids", "negative size")),
     ("absurd num_ids", lambda i: _ids("item", i.new["item"][:1], num_ids=2**40), EXHAUSTED,
-     ("slot 'item'", "1099511627776 ids", "max_ids_per_request=1000000")),
+     ("table 'item'", "1099511627776 ids", "max_ids_per_request=1000000")),
     ("zero count", lambda i: _ids("user", i.new["user"][:2], counts=[2, 0]), INVALID,
-     ("slot 'user'", "occurrence counts must be >= 1, got 0")),
+     ("table 'user'", "occurrence counts must be >= 1, got 0")),
     ("negative count", lambda i: _ids("user", i.new["user"][:2], counts=[-3, 5]), INVALID,
-     ("slot 'user'", "occurrence counts must be >= 1, got -3")),
+     ("table 'user'", "occurrence counts must be >= 1, got -3")),
     ("counts shorter than ids", lambda i: _ids("user", i.new["user"][:3], counts=[2, 2]), INVALID,
-     ("slot 'user' counts", "expected 12 bytes", "got 8")),
+     ("table 'user' counts", "expected 12 bytes", "got 8")),
 ]  # fmt: skip
 
 
-def _lookup(cluster: Cluster, slots: list[pb.SlotIds], mode: int = TRAINING, update_time: float = 0.0) -> Callable:
-    request = pb.LookupRequest(slots=slots, mode=mode, update_time=update_time)
+def _lookup(cluster: Cluster, entries: list[pb.TableIds], mode: int = TRAINING, update_time: float = 0.0) -> Callable:
+    request = pb.LookupRequest(tables=entries, mode=mode, update_time=update_time)
     return lambda: cluster.stubs[0].Lookup(request, timeout=10)
 
 
 @pytest.mark.parametrize("mode", [TRAINING, SERVING], ids=["training", "serving"])
 @pytest.mark.parametrize(("bad", "code", "fragments"), [c[1:] for c in BAD_SLOT_IDS], ids=[c[0] for c in BAD_SLOT_IDS])
 def test_lookup_rejects_bad_slot_ids(
-    ps_cluster: Cluster, ids: Ids, bad: Callable[[Ids], pb.SlotIds], code: grpc.StatusCode,
+    ps_cluster: Cluster, ids: Ids, bad: Callable[[Ids], pb.TableIds], code: grpc.StatusCode,
     fragments: tuple[str, ...], mode: int,
 ) -> None:  # fmt: skip
     _assert_rejected(ps_cluster, ids, _lookup(ps_cluster, [bad(ids)], mode), code, *fragments)
@@ -164,7 +164,7 @@ def test_lookup_rejects_bad_slot_ids(
 
 @pytest.mark.parametrize(("bad", "code", "fragments"), [c[1:] for c in BAD_SLOT_IDS], ids=[c[0] for c in BAD_SLOT_IDS])
 def test_lookup_with_only_the_second_slot_bad_changes_nothing(
-    ps_cluster: Cluster, ids: Ids, bad: Callable[[Ids], pb.SlotIds], code: grpc.StatusCode,
+    ps_cluster: Cluster, ids: Ids, bad: Callable[[Ids], pb.TableIds], code: grpc.StatusCode,
     fragments: tuple[str, ...],
 ) -> None:  # fmt: skip
     good = _ids("tag", ids.new["tag"])  # would create rows if applied
@@ -189,14 +189,14 @@ def test_a_slot_name_of_100k_characters_is_echoed_cut_and_keeps_its_status(ps_cl
             call()
         assert info.value.code() == INVALID, info.value.details()
         details = info.value.details()
-        assert len(details) <= 512 and "unknown slot 'sss" in details and "chars cut" in details
+        assert len(details) <= 512 and "unknown table 'sss" in details and "chars cut" in details
         assert details.endswith("this shard has: item, tag, user")
 
 
 def test_lookup_rejects_a_slot_given_twice(ps_cluster: Cluster, ids: Ids) -> None:
-    slots = [_ids("item", ids.new["item"][:2]), _ids("tag", ids.new["tag"]), _ids("item", ids.new["item"][2:])]
+    entries = [_ids("item", ids.new["item"][:2]), _ids("tag", ids.new["tag"]), _ids("item", ids.new["item"][2:])]
 
-    _assert_rejected(ps_cluster, ids, _lookup(ps_cluster, slots), INVALID, "slot 'item' appears more than once")
+    _assert_rejected(ps_cluster, ids, _lookup(ps_cluster, entries), INVALID, "table 'item' appears more than once")
 
 
 @pytest.mark.parametrize(("update_time", "shown"), [(float("nan"), "nan"), (float("inf"), "inf"), (-1.0, "-1.0")])
@@ -221,43 +221,43 @@ def test_lookup_with_an_unknown_mode_value_is_rejected(ps_cluster: Cluster, ids:
 
 
 def test_a_slot_given_twice_once_without_ids_is_rejected(ps_cluster: Cluster, ids: Ids) -> None:
-    """The proto says a slot may appear at most once, even when a repeat carries no ids.
+    """The proto says a table may appear at most once, even when a repeat carries no ids.
 
     Regression: the shard once counted only repeats that carried ids, so
     [item: 2 ids, item: 0 ids] was accepted and answered with two `item` entries.
     """
-    slots = [_ids("item", ids.known["item"][:2]), _ids("item", [])]
+    entries = [_ids("item", ids.known["item"][:2]), _ids("item", [])]
 
-    _assert_rejected(ps_cluster, ids, _lookup(ps_cluster, slots, mode=SERVING), INVALID, "more than once")
+    _assert_rejected(ps_cluster, ids, _lookup(ps_cluster, entries, mode=SERVING), INVALID, "more than once")
 
 
 # ------------------------------------------------------------------- ApplyGradients
 
-BAD_SLOT_GRADIENTS: list[tuple[str, Callable[[Ids], pb.SlotGradients], grpc.StatusCode, tuple[str, ...]]] = [
-    ("unknown slot", lambda i: _grads("nope", i.known["item"][:2], np.ones((2, 8))), INVALID,
-     ("unknown slot 'nope'",)),
+BAD_SLOT_GRADIENTS: list[tuple[str, Callable[[Ids], pb.TableGradients], grpc.StatusCode, tuple[str, ...]]] = [
+    ("unknown table", lambda i: _grads("nope", i.known["item"][:2], np.ones((2, 8))), INVALID,
+     ("unknown table 'nope'",)),
     ("id of another shard", lambda i: _grads("item", [i.known["item"][0], i.foreign["item"][0]], np.ones((2, 8))),
-     INVALID, ("slot 'item'", "1 id(s) belong to other shards", "belongs to shard 1, not 0")),
+     INVALID, ("table 'item'", "1 id(s) belong to other shards", "belongs to shard 1, not 0")),
     ("ids shorter than num_ids", lambda i: _grads("item", i.known["item"][:1], np.ones((2, 8)), num_ids=2), INVALID,
-     ("slot 'item' ids", "expected 16 bytes", "got 8")),
+     ("table 'item' ids", "expected 16 bytes", "got 8")),
     ("negative num_ids", lambda i: _grads("item", [], np.ones((0, 8)), num_ids=-2), INVALID,
-     ("slot 'item' ids", "negative size")),
+     ("table 'item' ids", "negative size")),
     ("absurd num_ids", lambda i: _grads("item", i.known["item"][:1], np.ones((1, 8)), num_ids=2**40), EXHAUSTED,
-     ("slot 'item'", "1099511627776 ids", "max_ids_per_request=1000000")),
+     ("table 'item'", "1099511627776 ids", "max_ids_per_request=1000000")),
     ("wrong dim", lambda i: _grads("item", i.known["item"][:2], np.ones((2, 5))), INVALID,
-     ("slot 'item'", "gradients of shape (2, 5)", "2 ids x dim 8")),
+     ("table 'item'", "gradients of shape (2, 5)", "2 ids x dim 8")),
     ("negative dim", lambda i: _grads("item", i.known["item"][:2], np.ones((0, 8)), dim=-8), INVALID,
-     ("slot 'item' gradients", "negative size")),
+     ("table 'item' gradients", "negative size")),
     ("gradients shorter than ids x dim", lambda i: _grads("item", i.known["item"][:2], np.ones((1, 8)), dim=8),
-     INVALID, ("slot 'item' gradients", "expected 64 bytes", "got 32")),
+     INVALID, ("table 'item' gradients", "expected 64 bytes", "got 32")),
     ("gradients longer than ids x dim", lambda i: _grads("item", i.known["item"][:2], np.ones((3, 8)), dim=8),
-     INVALID, ("slot 'item' gradients", "expected 64 bytes", "got 96")),
+     INVALID, ("table 'item' gradients", "expected 64 bytes", "got 96")),
     ("NaN gradient", lambda i: _grads("item", i.known["item"][:2], _with(np.ones((2, 8)), (1, 3), np.nan)), INVALID,
-     ("slot 'item' gradients", "1 non-finite value(s)", "first at index (1, 3)")),
+     ("table 'item' gradients", "1 non-finite value(s)", "first at index (1, 3)")),
     ("+Inf gradient", lambda i: _grads("tag", i.known["tag"][:2], _with(np.ones((2, 4)), (0, 2), np.inf)), INVALID,
-     ("slot 'tag' gradients", "1 non-finite value(s)", "first at index (0, 2)")),
+     ("table 'tag' gradients", "1 non-finite value(s)", "first at index (0, 2)")),
     ("-Inf gradient", lambda i: _grads("tag", i.known["tag"][:2], _with(np.ones((2, 4)), (1, 0), -np.inf)), INVALID,
-     ("slot 'tag' gradients", "1 non-finite value(s)", "first at index (1, 0)")),
+     ("table 'tag' gradients", "1 non-finite value(s)", "first at index (1, 0)")),
 ]  # fmt: skip
 
 
@@ -267,8 +267,8 @@ def _with(array: np.ndarray, index: tuple[int, int], value: float) -> np.ndarray
     return array
 
 
-def _apply(cluster: Cluster, slots: list[pb.SlotGradients], update_time: float = 0.0) -> Callable:
-    request = pb.ApplyGradientsRequest(slots=slots, update_time=update_time)
+def _apply(cluster: Cluster, entries: list[pb.TableGradients], update_time: float = 0.0) -> Callable:
+    request = pb.ApplyGradientsRequest(tables=entries, update_time=update_time)
     return lambda: cluster.stubs[0].ApplyGradients(request, timeout=10)
 
 
@@ -276,7 +276,7 @@ def _apply(cluster: Cluster, slots: list[pb.SlotGradients], update_time: float =
     ("bad", "code", "fragments"), [c[1:] for c in BAD_SLOT_GRADIENTS], ids=[c[0] for c in BAD_SLOT_GRADIENTS]
 )
 def test_apply_gradients_rejects_bad_slot_gradients(
-    ps_cluster: Cluster, ids: Ids, bad: Callable[[Ids], pb.SlotGradients], code: grpc.StatusCode,
+    ps_cluster: Cluster, ids: Ids, bad: Callable[[Ids], pb.TableGradients], code: grpc.StatusCode,
     fragments: tuple[str, ...],
 ) -> None:  # fmt: skip
     _assert_rejected(ps_cluster, ids, _apply(ps_cluster, [bad(ids)]), code, *fragments)
@@ -286,7 +286,7 @@ def test_apply_gradients_rejects_bad_slot_gradients(
     ("bad", "code", "fragments"), [c[1:] for c in BAD_SLOT_GRADIENTS], ids=[c[0] for c in BAD_SLOT_GRADIENTS]
 )
 def test_apply_gradients_with_only_the_second_slot_bad_changes_nothing(
-    ps_cluster: Cluster, ids: Ids, bad: Callable[[Ids], pb.SlotGradients], code: grpc.StatusCode,
+    ps_cluster: Cluster, ids: Ids, bad: Callable[[Ids], pb.TableGradients], code: grpc.StatusCode,
     fragments: tuple[str, ...],
 ) -> None:  # fmt: skip
     good = _grads("user", ids.known["user"], np.full((4, 8), 0.5))
@@ -295,9 +295,9 @@ def test_apply_gradients_with_only_the_second_slot_bad_changes_nothing(
 
 def test_apply_gradients_rejects_a_slot_given_twice(ps_cluster: Cluster, ids: Ids) -> None:
     known = ids.known["tag"]
-    slots = [_grads("tag", known[:2], np.ones((2, 4))), _grads("tag", known[2:], np.ones((2, 4)))]
+    entries = [_grads("tag", known[:2], np.ones((2, 4))), _grads("tag", known[2:], np.ones((2, 4)))]
 
-    _assert_rejected(ps_cluster, ids, _apply(ps_cluster, slots), INVALID, "slot 'tag' appears more than once")
+    _assert_rejected(ps_cluster, ids, _apply(ps_cluster, entries), INVALID, "table 'tag' appears more than once")
 
 
 def test_apply_gradients_rejects_a_nan_update_time(ps_cluster: Cluster, ids: Ids) -> None:
@@ -309,29 +309,29 @@ def test_apply_gradients_rejects_a_nan_update_time(ps_cluster: Cluster, ids: Ids
 # --------------------------------------------------------------------------- Import
 
 BAD_CHUNKS: list[tuple[str, Callable[[Ids], pb.RowChunk], tuple[str, ...]]] = [
-    ("unknown slot", lambda i: _chunk("nope", i.known["item"], np.ones((4, 8))), ("unknown slot 'nope'",)),
+    ("unknown table", lambda i: _chunk("nope", i.known["item"], np.ones((4, 8))), ("unknown table 'nope'",)),
     ("wrong width", lambda i: _chunk("item", i.known["item"], np.ones((4, 5))),
-     ("slot 'item'", "width 5", "embedding dim 8", "full row width 16")),
+     ("table 'item'", "width 5", "embedding dim 8", "full row width 16")),
     ("values shorter than rows x width", lambda i: _chunk("item", i.known["item"], np.ones((3, 8)), width=8),
-     ("slot 'item' values", "expected 128 bytes", "got 96")),
+     ("table 'item' values", "expected 128 bytes", "got 96")),
     ("NaN value", lambda i: _chunk("item", i.known["item"], _with(np.ones((4, 16)), (2, 11), np.nan)),
-     ("slot 'item' values", "1 non-finite value(s)", "first at index (2, 11)")),
+     ("table 'item' values", "1 non-finite value(s)", "first at index (2, 11)")),
     ("Inf value", lambda i: _chunk("tag", i.known["tag"], _with(np.ones((4, 4)), (0, 0), np.inf)),
-     ("slot 'tag' values", "1 non-finite value(s)")),
+     ("table 'tag' values", "1 non-finite value(s)")),
     ("update_times of wrong length",
      lambda i: _chunk("item", i.known["item"], np.ones((4, 8)), update_times=b"\0" * 12),
-     ("slot 'item' update_times", "expected 16 bytes", "got 12")),
+     ("table 'item' update_times", "expected 16 bytes", "got 12")),
     ("id of another shard", lambda i: _chunk("item", [*i.known["item"], i.foreign["item"][0]], np.ones((5, 8))),
-     ("slot 'item'", "belong to other shards")),
+     ("table 'item'", "belong to other shards")),
     ("deleted id of another shard",
      lambda i: _chunk("item", i.known["item"], np.ones((4, 8)), num_deleted=1,
                       deleted_ids=_id_bytes(i.foreign["item"][:1])),
-     ("slot 'item'", "belong to other shards")),
+     ("table 'item'", "belong to other shards")),
     ("deleted_ids of wrong length",
      lambda i: _chunk("item", [], np.ones((0, 8)), num_deleted=2, deleted_ids=_id_bytes(i.known["item"][:1])),
-     ("slot 'item' deleted_ids", "expected 16 bytes", "got 8")),
+     ("table 'item' deleted_ids", "expected 16 bytes", "got 8")),
     ("negative num_rows", lambda i: _chunk("item", [], np.ones((0, 8)), num_rows=-1),
-     ("slot 'item' ids", "negative size")),
+     ("table 'item' ids", "negative size")),
 ]  # fmt: skip
 
 
@@ -376,9 +376,9 @@ def test_import_stream_with_a_bad_later_chunk_names_it_and_what_was_applied(
     [
         (pb.ExportRequest(since_version=-1), ("since_version must be >= 0, got -1",)),
         (pb.ExportRequest(max_rows_per_chunk=-5), ("max_rows_per_chunk must be >= 0, got -5",)),
-        (pb.ExportRequest(slots=["item", "nope"]), ("unknown slot 'nope'",)),
+        (pb.ExportRequest(tables=["item", "nope"]), ("unknown table 'nope'",)),
     ],
-    ids=["negative since_version", "negative max_rows_per_chunk", "unknown slot"],
+    ids=["negative since_version", "negative max_rows_per_chunk", "unknown table"],
 )
 def test_export_rejects_bad_requests(
     ps_cluster: Cluster, ids: Ids, request_: pb.ExportRequest, fragments: tuple[str, ...]
@@ -411,18 +411,18 @@ def test_max_ids_per_request_is_enforced(make_cluster: Callable[..., Cluster]) -
     _assert_rejected(cluster, None, _lookup(cluster, split), EXHAUSTED, "120 ids", limit)
     _assert_rejected(cluster, None, _lookup(cluster, split, mode=SERVING), EXHAUSTED, "120 ids", limit)
 
-    cluster.stubs[0].Lookup(pb.LookupRequest(slots=[_ids("item", np.arange(100))], mode=TRAINING), timeout=10)
-    assert cluster.client.stats()[0].slots[1].rows == 100
+    cluster.stubs[0].Lookup(pb.LookupRequest(tables=[_ids("item", np.arange(100))], mode=TRAINING), timeout=10)
+    assert cluster.client.stats()[0].tables[1].rows == 100
     gradients = [_grads("item", np.arange(101), np.ones((101, 8)))]
     _assert_rejected(cluster, None, _apply(cluster, gradients), EXHAUSTED, "101 ids", limit)
     rows = [_chunk("item", np.arange(101), np.ones((101, 8)))]
     _assert_rejected(cluster, None, lambda: cluster.stubs[0].Import(iter(rows), timeout=10), EXHAUSTED, limit)
 
 
-def _synced(cluster: Cluster, slot: str, ids: np.ndarray, values: np.ndarray) -> None:
+def _synced(cluster: Cluster, name: str, ids: np.ndarray, values: np.ndarray) -> None:
     """Rows written into a serving shard the way its own sync writes them."""
     rows = RowBatch(np.asarray(ids, np.int64), np.asarray(values, np.float32), np.zeros(len(ids), np.uint32))
-    cluster.shards[0].apply_synced_chunk(slot, rows, np.zeros(0, np.int64))
+    cluster.shards[0].apply_synced_chunk(name, rows, np.zeros(0, np.int64))
 
 
 def test_serving_shard_refuses_training_lookups_and_gradients(serving_shard: Cluster) -> None:
@@ -474,8 +474,8 @@ def test_default_export_chunks_fit_the_message_limit(make_cluster: Callable[...,
     """Export's default chunk size respects max_message_bytes, not only export_chunk_rows.
 
     Regression: the default chunk (export_chunk_rows = 65,536 rows) once ignored the
-    message limit, so an Export with max_rows_per_chunk=0 of a large enough slot failed
-    with RESOURCE_EXHAUSTED "Sent message larger than max" (with the defaults, any slot
+    message limit, so an Export with max_rows_per_chunk=0 of a large enough table failed
+    with RESOURCE_EXHAUSTED "Sent message larger than max" (with the defaults, any table
     whose exported row is >= 256 floats, e.g. adagrad of dim 128 with optimizer state)."""
     cluster = make_cluster(num_shards=1, max_message_bytes=MIB)
     for start in (0, 10_000):

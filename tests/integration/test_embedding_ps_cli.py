@@ -75,7 +75,7 @@ def test_serves_a_lookup_then_exits_0_on_sigterm(tmp_path: Path) -> None:
     assert trained["user"][0].any() and not trained["user"][2].any()  # 2 sightings admit, 1 does not
     np.testing.assert_array_equal(served["user"], np.stack([trained["user"][2], trained["user"][0]]))
     np.testing.assert_array_equal(served["item"], trained["item"])
-    assert [(s.slot, s.rows, s.pending_ids) for s in stats.slots] == [("user", 1, 1), ("item", 1, 0)]
+    assert [(s.table, s.rows, s.pending_ids) for s in stats.tables] == [("user", 1, 1), ("item", 1, 0)]
     assert (stats.shard, stats.num_shards, stats.role) == (0, 1, "training")
     assert proc.returncode == 0, stderr
     assert "received SIGTERM" in stderr

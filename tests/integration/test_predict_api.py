@@ -97,7 +97,7 @@ def serve(model: ServingModel, max_concurrent_rpcs: int | None = 64) -> Monolith
 def stack() -> Iterator[Stack]:
     config = model_config()
     data = load_movielens(limit=600)
-    cluster = start_cluster(num_shards=2, slots=config.tables())
+    cluster = start_cluster(num_shards=2, tables=config.tables())
     dense_server = build_dense_ps(DenseStore(config.model.optimizer), ServerConfig(port=0, metrics_port=None))
     dense_server.start()
     sparse = ShardedEmbeddingClient(cluster.addresses, config.table_dims(), timeout=TIMEOUT)
@@ -697,7 +697,7 @@ class Outage:
 @pytest.fixture(scope="module")
 def outage(stack: Stack, examples: Features) -> Iterator[Outage]:
     """Serving over two shards of its own: stops shard 0, calls Predict, restarts it on the same port."""
-    cluster = start_cluster(num_shards=2, slots=stack.config.tables())
+    cluster = start_cluster(num_shards=2, tables=stack.config.tables())
     model = serving_model(stack.config, cluster.addresses, stack.dense_server.address)
     server = serve(model)
     channel = grpc.insecure_channel(server.address)

@@ -46,8 +46,8 @@ class Stack:
         raw["model"]["hidden_units"] = [16]
         self.config: ModelConfig = model_config_from_dict(raw)
         tables = self.config.tables()
-        self.training: Cluster = start_cluster(num_shards=2, slots=tables)
-        self.serving: Cluster = start_cluster(num_shards=2, role="serving", slots=tables)
+        self.training: Cluster = start_cluster(num_shards=2, tables=tables)
+        self.serving: Cluster = start_cluster(num_shards=2, role="serving", tables=tables)
         self.syncs = [
             ServingSync(shard, server.address, SYNC_INTERVAL)
             for shard, server in zip(self.serving.shards, self.training.servers)

@@ -141,8 +141,8 @@ def test_serving_follows_training_through_kills_of_either_side(nodes: Callable[.
     training.kill()
     wait_until(lambda: serving.metric("monolith_sync_failures_total") >= 3, "failed syncs counted")
     during = served(serving, first)
-    for slot in first:
-        np.testing.assert_array_equal(during[slot], before[slot])
+    for name in first:
+        np.testing.assert_array_equal(during[name], before[name])
 
     # A new, empty training process (new incarnation) trained on other ids: serving
     # converges to it, dropping the rows only the dead process had.

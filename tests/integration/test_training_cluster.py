@@ -83,7 +83,7 @@ def in_process() -> Iterator[InProcess]:
     # the held-out loss falls clearly whatever order the two trainers' steps interleave in.
     raw["training"]["batch_size"] = 64
     config = model_config_from_dict(raw)
-    cluster = start_cluster(num_shards=2, slots=config.tables())
+    cluster = start_cluster(num_shards=2, tables=config.tables())
     store = DenseStore(config.model.optimizer)
     server = build_dense_ps(store, ServerConfig(host="127.0.0.1", port=0, metrics_port=None))
     server.start()
@@ -131,11 +131,11 @@ def test_two_asynchronous_trainers_lower_the_held_out_loss(in_process: InProcess
     for feature in config.features:
         names = (feature.table.name, feature.bias_table.name)  # type: ignore[union-attr]
         for name in names:
-            rows = [next(s.rows for s in shard.slots if s.slot == name) for shard in stats]
+            rows = [next(s.rows for s in shard.tables if s.table == name) for shard in stats]
             assert sum(rows) == len(np.unique(train.ids[feature.source])), name
             if feature.name in ("user_id", "movie_id"):
                 assert all(r > 0 for r in rows), (name, rows)
-    assert all(sum(s.rows for s in shard.slots) > 0 for shard in stats)
+    assert all(sum(s.rows for s in shard.tables) > 0 for shard in stats)
 
 
 # --------------------------------------------------------------------------- role processes
@@ -212,8 +212,8 @@ def test_a_trainer_killed_mid_run_leaves_the_servers_consistent(processes: Proce
         stats = sparse.stats()
     assert [(s.shard, s.num_shards, s.role) for s in stats] == [(0, 2, "training"), (1, 2, "training")]
     for shard in stats:
-        assert [s.slot for s in shard.slots] == [t.name for t in config.tables()]
-        assert next(s.rows for s in shard.slots if s.slot == "user_id") > 0
+        assert [s.table for s in shard.tables] == [t.name for t in config.tables()]
+        assert next(s.rows for s in shard.tables if s.table == "user_id") > 0
 
     dims = {t.name: (t.dim, t.dim + t.optimizer.state_width(t.dim)) for t in config.tables()}
     for index, address in enumerate(processes.shards):
@@ -224,16 +224,16 @@ def test_a_trainer_killed_mid_run_leaves_the_servers_consistent(processes: Proce
         assert {c.width for c in chunks if c.num_rows} <= {w for _, w in dims.values()}
         for chunk in chunks:
             if chunk.num_rows:
-                assert chunk.width == dims[chunk.slot][1], chunk.slot
-        stat_rows = {s.slot: s.rows for s in stats[index].slots}
+                assert chunk.width == dims[chunk.table][1], chunk.table
+        stat_rows = {s.table: s.rows for s in stats[index].tables}
         assert set(exported) <= set(dims)
-        for slot, rows in exported.items():
+        for name, rows in exported.items():
             ids = np.array(list(rows), np.int64)
             values = np.array([v for v, _ in rows.values()], np.float64)
-            assert len(ids) == stat_rows[slot], slot
-            assert np.all(np.isfinite(values)), slot
-            owners = route_to_shards(ids, stable_hash64(slot), 2)
-            assert np.all(owners == index), f"shard {index} holds {slot} ids of shard(s) {set(owners.tolist())}"
+            assert len(ids) == stat_rows[name], name
+            assert np.all(np.isfinite(values)), name
+            owners = route_to_shards(ids, stable_hash64(name), 2)
+            assert np.all(owners == index), f"shard {index} holds {name} ids of shard(s) {set(owners.tolist())}"
 
     with DensePSClient(processes.dense, timeout=10) as dense:
         version, tensors = dense.pull()

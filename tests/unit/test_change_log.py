@@ -64,12 +64,12 @@ def shard_state(shard: EmbeddingShard) -> State:
     return {name: table_rows(table) for name, table in shard.tables.items()}
 
 
-def apply_changes(state: State, slot: str, rows: RowBatch, deleted: np.ndarray) -> None:
+def apply_changes(state: State, name: str, rows: RowBatch, deleted: np.ndarray) -> None:
     """What a consumer does with one chunk: deletions first, then upserts."""
     for key in deleted.tolist():
-        state[slot].pop(key, None)
+        state[name].pop(key, None)
     for i, key in enumerate(rows.ids.tolist()):
-        state[slot][key] = (rows.values[i].tobytes(), int(rows.update_times[i]))
+        state[name][key] = (rows.values[i].tobytes(), int(rows.update_times[i]))
 
 
 # ----------------------------------------------------------------- operations
@@ -90,25 +90,25 @@ def run(shard: EmbeddingShard, op: tuple[Any, ...], rng: np.random.Generator) ->
     """Applies one random mutation (or an export, which records a cut) to a training shard."""
     kind = op[0]
     if kind == "train":
-        _, slot, ids, now = op
-        shard.lookup([(slot, np.array(ids, np.int64), None)], True, float(now))
+        _, name, ids, now = op
+        shard.lookup([(name, np.array(ids, np.int64), None)], True, float(now))
     elif kind == "push":
         _, users, items, now = op
         requests = []
-        for slot, ids in (("user", users), ("item", items)):
+        for name, ids in (("user", users), ("item", items)):
             unique = np.unique(np.array(ids, np.int64))
-            grads = rng.normal(0, 1, (unique.shape[0], shard.tables[slot].dim)).astype(np.float32)
-            requests.append((slot, unique, grads))
+            grads = rng.normal(0, 1, (unique.shape[0], shard.tables[name].dim)).astype(np.float32)
+            requests.append((name, unique, grads))
         shard.apply_gradients(requests, float(now))
     elif kind == "import":
-        _, slot, ids, now = op
+        _, name, ids, now = op
         unique = np.unique(np.array(ids, np.int64))
-        width = shard.tables[slot].width if rng.random() < 0.5 else shard.tables[slot].dim
+        width = shard.tables[name].width if rng.random() < 0.5 else shard.tables[name].dim
         values = rng.normal(0, 1, (unique.shape[0], width)).astype(np.float32)
-        shard.import_chunk(slot, RowBatch(unique, values, np.full(unique.shape[0], now, np.uint32)), np.zeros(0, np.int64))
+        shard.import_chunk(name, RowBatch(unique, values, np.full(unique.shape[0], now, np.uint32)), np.zeros(0, np.int64))
     elif kind == "delete":
-        _, slot, ids = op
-        shard.import_chunk(slot, RowBatch(np.zeros(0, np.int64), np.zeros((0, shard.tables[slot].dim), np.float32),
+        _, name, ids = op
+        shard.import_chunk(name, RowBatch(np.zeros(0, np.int64), np.zeros((0, shard.tables[name].dim), np.float32),
                                           np.zeros(0, np.uint32)), np.array(ids, np.int64))  # fmt: skip
     elif kind == "expire":
         shard.expire(None if op[1] is None else float(op[1]))
@@ -131,7 +131,7 @@ def test_incremental_export_brings_any_earlier_copy_up_to_date(
     mutation), applying the export since S gives exactly the shard's rows now."""
     rng = np.random.default_rng(seed)
     with small_limits():
-        shard = EmbeddingShard(ShardConfig(shard=0, num_shards=1, role="training", slots=TABLES,
+        shard = EmbeddingShard(ShardConfig(shard=0, num_shards=1, role="training", tables=TABLES,
                                            export_chunk_rows=chunk_rows, initial_capacity=8))  # fmt: skip
         copies: dict[int, State] = {0: shard_state(shard)}
         for op in ops:
@@ -141,7 +141,7 @@ def test_incremental_export_brings_any_earlier_copy_up_to_date(
         versions = sorted(copies)
         for pick in picks:
             since = versions[pick % len(versions)]
-            copy = {slot: dict(rows) for slot, rows in copies[since].items()}
+            copy = {name: dict(rows) for name, rows in copies[since].items()}
             try:
                 chunks = list(shard.export(since, True, chunk_rows))
             except FailedPrecondition:
@@ -151,7 +151,7 @@ def test_incremental_export_brings_any_earlier_copy_up_to_date(
             for chunk in chunks:
                 assert chunk.version == shard.version
                 assert chunk.rows.ids.shape[0] + chunk.deleted_ids.shape[0] <= chunk_rows
-                apply_changes(copy, chunk.slot, chunk.rows, chunk.deleted_ids)
+                apply_changes(copy, chunk.table, chunk.rows, chunk.deleted_ids)
             assert copy == now, f"since {since}"
 
 
@@ -378,7 +378,7 @@ def test_lookups_run_between_expiry_windows() -> None:
 
 
 def test_shard_expiry_takes_a_version_per_window() -> None:
-    shard = EmbeddingShard(ShardConfig(shard=0, num_shards=1, role="training", slots=TABLES))
+    shard = EmbeddingShard(ShardConfig(shard=0, num_shards=1, role="training", tables=TABLES))
     shard.lookup([("user", np.arange(40, dtype=np.int64), None)], True, 1000.0)
     shard.lookup([("user", np.array([10**9]), None)], True, 2000.0)
     version = shard.version
@@ -405,8 +405,8 @@ def wait_for(condition: Callable[[], bool], what: str) -> None:
         time.sleep(0.001)
 
 
-def test_an_export_holds_a_push_to_several_tables_entirely_or_not_at_all() -> None:
-    shard = EmbeddingShard(ShardConfig(shard=0, num_shards=1, role="training", slots=sgd_tables()))
+def test_an_export_holds_a_push_to_several_entriesentirely_or_not_at_all() -> None:
+    shard = EmbeddingShard(ShardConfig(shard=0, num_shards=1, role="training", tables=sgd_tables()))
     ids = np.arange(5, dtype=np.int64)
     shard.lookup([(name, ids, None) for name in ("a", "b", "c")], True, 1000.0)
     since = shard.version
@@ -433,7 +433,7 @@ def test_an_export_holds_a_push_to_several_tables_entirely_or_not_at_all() -> No
         exporter.join(DEADLINE)
 
     assert not pusher.is_alive() and not exporter.is_alive()
-    rows = {c.slot: c.rows for c in chunks if c.rows.ids.shape[0]}
+    rows = {c.table: c.rows for c in chunks if c.rows.ids.shape[0]}
     assert sorted(rows) == ["a", "b", "c"], "the export saw part of the push"
     for batch in rows.values():
         np.testing.assert_array_equal(batch.values, np.ones((5, 2), np.float32))
@@ -441,13 +441,13 @@ def test_an_export_holds_a_push_to_several_tables_entirely_or_not_at_all() -> No
 
 
 def test_serving_lookups_never_see_half_of_a_synced_push() -> None:
-    training = EmbeddingShard(ShardConfig(shard=0, num_shards=1, role="training", slots=sgd_tables()))
-    serving = EmbeddingShard(ShardConfig(shard=0, num_shards=1, role="serving", slots=sgd_tables()))
+    training = EmbeddingShard(ShardConfig(shard=0, num_shards=1, role="training", tables=sgd_tables()))
+    serving = EmbeddingShard(ShardConfig(shard=0, num_shards=1, role="serving", tables=sgd_tables()))
     ids = np.arange(64, dtype=np.int64)
     names = ("a", "b", "c")
     training.lookup([(name, ids, None) for name in names], True, 1000.0)
     for chunk in training.export(0, False):
-        serving.apply_synced_chunk(chunk.slot, chunk.rows, chunk.deleted_ids)
+        serving.apply_synced_chunk(chunk.table, chunk.rows, chunk.deleted_ids)
     version = training.version
     stop = threading.Event()
     errors: list[BaseException] = []
@@ -460,7 +460,7 @@ def test_serving_lookups_never_see_half_of_a_synced_push() -> None:
             for _ in range(200):
                 training.apply_gradients([(name, ids, -np.ones((64, 2), np.float32)) for name in names], 1001.0)
                 chunks = list(training.export(version, False, 16))
-                serving.apply_synced_chunks([(c.slot, c.rows, c.deleted_ids, "") for c in chunks])
+                serving.apply_synced_chunks([(c.table, c.rows, c.deleted_ids, "") for c in chunks])
                 version = chunks[0].version
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             errors.append(exc)
@@ -483,7 +483,7 @@ def test_serving_lookups_never_see_half_of_a_synced_push() -> None:
 
 
 def test_a_large_incremental_export_streams_and_stays_exact() -> None:
-    shard = EmbeddingShard(ShardConfig(shard=0, num_shards=1, role="training", slots=TABLES, export_chunk_rows=4))
+    shard = EmbeddingShard(ShardConfig(shard=0, num_shards=1, role="training", tables=TABLES, export_chunk_rows=4))
     shard.lookup([("user", np.arange(300, dtype=np.int64), None)], True, 1000.0)
     since = shard.version
     copy = shard_state(shard)
@@ -494,13 +494,13 @@ def test_a_large_incremental_export_streams_and_stays_exact() -> None:
 
     assert shard.tables["user"].change_count(since) > 16 * 4  # more than one atomic export holds
     for chunk in shard.export(since, True, 4):
-        apply_changes(copy, chunk.slot, chunk.rows, chunk.deleted_ids)
+        apply_changes(copy, chunk.table, chunk.rows, chunk.deleted_ids)
 
     assert copy == shard_state(shard)
 
 
 @pytest.mark.parametrize("since", [0, 1])
 def test_export_of_an_empty_shard_has_no_chunks(since: int) -> None:
-    shard = EmbeddingShard(ShardConfig(shard=0, num_shards=1, role="training", slots=TABLES))
+    shard = EmbeddingShard(ShardConfig(shard=0, num_shards=1, role="training", tables=TABLES))
 
     assert list(shard.export(since, False)) == []

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from monolith.embedding import id_map
-from monolith.embedding.config import AdmissionConfig, InitializerConfig, OptimizerConfig, SlotConfig
+from monolith.embedding.config import AdmissionConfig, InitializerConfig, OptimizerConfig, TableConfig
 from monolith.embedding.hashing import hash_id
 from monolith.embedding.table import EmbeddingTable
 
@@ -30,7 +30,7 @@ def hashes(ids: np.ndarray, seed: np.uint64) -> np.ndarray:
 def sgd_table(initial_capacity: int = 1024, name: str = "ids") -> EmbeddingTable:
     # SGD with lr 1 makes a row's value after a gradient g exactly `initial - g`.
     return EmbeddingTable(
-        SlotConfig(
+        TableConfig(
             name=name,
             dim=DIM,
             initializer=InitializerConfig(kind="uniform", scale=0.5),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import time
 from typing import Any, Iterator
@@ -12,15 +11,17 @@ import numpy as np
 import pytest
 
 from monolith.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from monolith.embedding.config import AdmissionConfig, InitializerConfig, OptimizerConfig, SlotConfig
+from monolith.embedding.config import AdmissionConfig, InitializerConfig, OptimizerConfig, TableConfig
 from monolith.embedding.hashing import stable_hash64
 from monolith.embedding_ps.routing import route_to_shards
 from monolith.embedding.table import RowBatch
+from monolith.common.config import parse_config
+from monolith.common.errors import ConfigError
 from monolith.embedding_ps.shard import EmbeddingShard, ShardConfig
 
-SLOTS = (
-    SlotConfig(name="user", dim=4, optimizer=OptimizerConfig(kind="adagrad"), expire_after=100),
-    SlotConfig(
+TABLES = (
+    TableConfig(name="user", dim=4, optimizer=OptimizerConfig(kind="adagrad"), expire_after=100),
+    TableConfig(
         name="item",
         dim=2,
         initializer=InitializerConfig(kind="normal", scale=0.1),
@@ -31,13 +32,13 @@ SLOTS = (
 
 
 def make_shard(role: str = "training", shard: int = 0, num_shards: int = 2, **kwargs: Any) -> EmbeddingShard:
-    return EmbeddingShard(ShardConfig(shard=shard, num_shards=num_shards, role=role, slots=SLOTS, **kwargs))
+    return EmbeddingShard(ShardConfig(shard=shard, num_shards=num_shards, role=role, tables=TABLES, **kwargs))
 
 
-def ids_for(slot: str, shard: int, n: int, num_shards: int = 2, offset: int = 0) -> np.ndarray:
-    """n distinct ids of `slot` that route to `shard`."""
+def ids_for(name: str, shard: int, n: int, num_shards: int = 2, offset: int = 0) -> np.ndarray:
+    """n distinct ids of `name` that route to `shard`."""
     candidates = np.arange(offset, offset + 50 * n + 100, dtype=np.int64) * 7_777_777_777 - 3
-    owners = route_to_shards(candidates, stable_hash64(slot), num_shards)
+    owners = route_to_shards(candidates, stable_hash64(name), num_shards)
     chosen = candidates[owners == shard][:n]
     assert chosen.shape[0] == n
     return chosen
@@ -61,9 +62,9 @@ def trained_shard(**kwargs: Any) -> EmbeddingShard:
     return shard
 
 
-def rows_of(shard: EmbeddingShard, slot: str, include_state: bool) -> tuple[list[int], bytes, list[int]]:
-    """Every row of one slot, sorted by id: (ids, value bytes, update times)."""
-    table = shard.tables[slot]
+def rows_of(shard: EmbeddingShard, name: str, include_state: bool) -> tuple[list[int], bytes, list[int]]:
+    """Every row of one table, sorted by id: (ids, value bytes, update times)."""
+    table = shard.tables[name]
     batches = list(table.export(0, include_state, 10_000))
     if not batches:
         return [], b"", []
@@ -102,16 +103,16 @@ def rejected(shard: EmbeddingShard, error: type[Exception], match: str) -> Itera
         ({"shard": 2}, "shard"),
         ({"shard": -1}, "shard"),
         ({"role": "primary"}, "role"),
-        ({"slots": ()}, "slots"),
+        ({"tables": ()}, "tables"),
         ({"max_ids_per_request": 0}, "max_ids_per_request"),
         ({"export_chunk_rows": 0}, "export_chunk_rows"),
         ({"initial_capacity": 0}, "initial_capacity"),
     ],
 )
 def test_shard_config_rejects(kwargs: dict[str, Any], field: str) -> None:
-    base: dict[str, Any] = {"shard": 0, "num_shards": 2, "role": "training", "slots": SLOTS}
-    with pytest.raises(ValueError, match=f"^{field}: "):
-        ShardConfig(**{**base, **kwargs})
+    base: dict[str, Any] = {"shard": 0, "num_shards": 2, "role": "training", "tables": TABLES}
+    with pytest.raises(ConfigError, match=f"^{field}: "):
+        parse_config(ShardConfig, {**base, **kwargs})
 
 
 # -------------------------------------------------------------- happy path
@@ -171,14 +172,14 @@ def test_unknown_slot_is_rejected_everywhere() -> None:
     rows = RowBatch(USER[:1], np.zeros((1, 4), np.float32), np.zeros(1, np.uint32))
 
     for training in (True, False):
-        with rejected(shard, InvalidArgument, "unknown slot 'genre'; this shard has: item, user"):
+        with rejected(shard, InvalidArgument, "unknown table 'genre'; this shard has: item, user"):
             shard.lookup([("genre", USER, None)], training, 1000.0)
-    with rejected(shard, InvalidArgument, "unknown slot 'genre'"):
+    with rejected(shard, InvalidArgument, "unknown table 'genre'"):
         shard.apply_gradients([("genre", USER[:1], np.zeros((1, 4), np.float32))], 1000.0)
-    with rejected(shard, InvalidArgument, "unknown slot 'genre'"):
+    with rejected(shard, InvalidArgument, "unknown table 'genre'"):
         shard.import_chunk("genre", rows, np.zeros(0, np.int64))
-    with rejected(shard, InvalidArgument, "unknown slot 'genre'"):
-        list(shard.export(0, True, slots=["genre"]))
+    with rejected(shard, InvalidArgument, "unknown table 'genre'"):
+        list(shard.export(0, True, tables=["genre"]))
 
 
 def test_ids_of_another_shard_are_rejected() -> None:
@@ -188,7 +189,7 @@ def test_ids_of_another_shard_are_rejected() -> None:
     no_rows = RowBatch(USER[:0], np.zeros((0, 4), np.float32), np.zeros(0, np.uint32))
 
     for training in (True, False):
-        message = rf"slot 'user': 1 id\(s\) belong to other shards, e.g. id {FOREIGN_USER[0]} belongs to shard 1"
+        message = rf"table 'user': 1 id\(s\) belong to other shards, e.g. id {FOREIGN_USER[0]} belongs to shard 1"
         with rejected(shard, InvalidArgument, message):
             shard.lookup([("user", mixed, None)], training, 1000.0)
     with rejected(shard, InvalidArgument, "belongs to shard 1, not 0"):
@@ -200,7 +201,7 @@ def test_ids_of_another_shard_are_rejected() -> None:
 
 
 def test_routing_is_per_slot() -> None:
-    # An id can belong to shard 0 in one slot and to shard 1 in another.
+    # An id can belong to shard 0 in one table and to shard 1 in another.
     candidates = ids_for("user", 0, 200)
     item_owner = route_to_shards(candidates, stable_hash64("item"), 2)
     assert (item_owner == 1).any() and (item_owner == 0).any()
@@ -292,7 +293,7 @@ def test_bad_update_time_is_rejected(update_time: float) -> None:
 def test_a_slot_repeated_in_one_request_is_rejected() -> None:
     shard = trained_shard()
 
-    with rejected(shard, InvalidArgument, "slot 'user' appears more than once"):
+    with rejected(shard, InvalidArgument, "table 'user' appears more than once"):
         shard.lookup([("user", USER[:2], None), ("user", USER[2:4], None)], True, 1.0)
 
 
@@ -301,7 +302,7 @@ def test_a_slot_repeated_in_one_request_is_rejected() -> None:
     [
         (("item", FOREIGN_ITEM, None), "belong to other shards"),
         (("item", ITEM[:2], np.array([1, 0], np.int32)), "counts must be >= 1"),
-        (("genre", ITEM[:2], None), "unknown slot"),
+        (("genre", ITEM[:2], None), "unknown table"),
     ],
 )
 def test_one_bad_slot_fails_the_whole_lookup(bad_slot: tuple[str, np.ndarray, Any], match: str) -> None:
@@ -360,7 +361,7 @@ def sync(source: EmbeddingShard, target: EmbeddingShard, since: int, include_sta
     for chunk in source.export(since, include_state, max_rows):
         assert chunk.includes_optimizer_state == include_state
         assert chunk.rows.ids.shape[0] <= max_rows and chunk.deleted_ids.shape[0] <= max_rows
-        target.apply_synced_chunk(chunk.slot, chunk.rows, chunk.deleted_ids)
+        target.apply_synced_chunk(chunk.table, chunk.rows, chunk.deleted_ids)
         version = chunk.version
     return version
 
@@ -373,9 +374,9 @@ def test_serving_shard_follows_the_training_shard() -> None:
     version = sync(training, serving, 0, include_state=False, max_rows=7)
 
     assert version == training.version
-    for (slot, _, _), a, b in zip(probe, training.lookup(probe, False), serving.lookup(probe, False)):
-        np.testing.assert_array_equal(a, b, err_msg=slot)
-        assert rows_of(training, slot, False) == rows_of(serving, slot, False)
+    for (name, _, _), a, b in zip(probe, training.lookup(probe, False), serving.lookup(probe, False)):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+        assert rows_of(training, name, False) == rows_of(serving, name, False)
 
     # More training, an expiry and a new id; the next sync carries only those changes.
     more_users = ids_for("user", 0, 4, offset=10**6)
@@ -384,7 +385,7 @@ def test_serving_shard_follows_the_training_shard() -> None:
     evicted = training.expire()
     assert evicted["user"] == 20
     changes = list(training.export(version, False, 1000))
-    assert {c.slot for c in changes} == {"user"}
+    assert {c.table for c in changes} == {"user"}
     assert sorted(np.concatenate([c.rows.ids for c in changes]).tolist()) == sorted([*USER[:3], *more_users])
     assert sorted(np.concatenate([c.deleted_ids for c in changes]).tolist()) == sorted(USER[10:])
 
@@ -405,8 +406,8 @@ def test_full_state_sync_between_training_shards() -> None:
 
     sync(source, standby, 0, include_state=True, max_rows=1000)
 
-    for slot in ("user", "item"):
-        assert rows_of(source, slot, True) == rows_of(standby, slot, True)
+    for name in ("user", "item"):
+        assert rows_of(source, name, True) == rows_of(standby, name, True)
     grads = [("user", USER[:6], np.full((6, 4), 0.25, np.float32))]
     source.apply_gradients(grads, 2000.0)
     standby.apply_gradients(grads, 2000.0)
@@ -425,23 +426,23 @@ def test_lookup_whose_answer_is_too_large_is_rejected() -> None:
 def test_export_chunks_fit_the_request_limit_of_a_shard_configured_alike() -> None:
     source = trained_shard()
     serving = make_shard(role="serving", max_ids_per_request=7)
-    limited = EmbeddingShard(dataclasses.replace(source.config, max_ids_per_request=7))
+    limited = EmbeddingShard(source.config.model_copy(update={"max_ids_per_request": 7}))
     sync(source, limited, 0, include_state=True, max_rows=7)
 
     for chunk in limited.export(0, False):
         assert chunk.rows.ids.shape[0] + chunk.deleted_ids.shape[0] <= 7
-        serving.apply_synced_chunk(chunk.slot, chunk.rows, chunk.deleted_ids)
+        serving.apply_synced_chunk(chunk.table, chunk.rows, chunk.deleted_ids)
 
-    for slot in ("user", "item"):
-        assert rows_of(serving, slot, False) == rows_of(source, slot, False)
+    for name in ("user", "item"):
+        assert rows_of(serving, name, False) == rows_of(source, name, False)
 
 
 def test_export_of_selected_slots() -> None:
     shard = trained_shard()
 
-    chunks = list(shard.export(0, False, 0, slots=["item"]))
+    chunks = list(shard.export(0, False, 0, tables=["item"]))
 
-    assert {c.slot for c in chunks} == {"item"}
+    assert {c.table for c in chunks} == {"item"}
     assert sum(c.rows.ids.shape[0] for c in chunks) == shard.stats()["item"].rows
     assert all(c.version == shard.version for c in chunks)
 

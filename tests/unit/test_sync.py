@@ -16,25 +16,25 @@ import pytest
 from monolith.api.embedding_ps.v1 import embedding_ps_pb2 as pb
 from monolith.common.server import MonolithServer, ServerConfig
 from monolith.embedding import table as table_module
-from monolith.embedding.config import AdmissionConfig, OptimizerConfig, SlotConfig
+from monolith.embedding.config import AdmissionConfig, OptimizerConfig, TableConfig
 from monolith.embedding.hashing import stable_hash64
 from monolith.embedding_ps.routing import route_to_shards
 from monolith.embedding_ps.service import build_embedding_ps
 from monolith.embedding_ps.shard import EmbeddingShard, ShardConfig
 from monolith.embedding_ps.sync import ServingSync, SyncResult
 
-SLOTS = (
-    SlotConfig(name="user", dim=4, optimizer=OptimizerConfig(kind="adagrad"), admission=AdmissionConfig(filter="counting", threshold=2)),
-    SlotConfig(name="item", dim=3, optimizer=OptimizerConfig(kind="sgd", learning_rate=0.5)),
-    SlotConfig(name="tag", dim=2, expire_after=100.0),
+TABLES = (
+    TableConfig(name="user", dim=4, optimizer=OptimizerConfig(kind="adagrad"), admission=AdmissionConfig(filter="counting", threshold=2)),
+    TableConfig(name="item", dim=3, optimizer=OptimizerConfig(kind="sgd", learning_rate=0.5)),
+    TableConfig(name="tag", dim=2, expire_after=100.0),
 )
 NUM_SHARDS = 2
 
 
-def ids_for(slot: str, n: int, offset: int = 0, shard: int = 0) -> np.ndarray:
-    """n distinct ids of `slot` >= offset that route to `shard`."""
+def ids_for(name: str, n: int, offset: int = 0, shard: int = 0) -> np.ndarray:
+    """n distinct ids of `name` >= offset that route to `shard`."""
     candidates = np.arange(offset, offset + 8 * n + 64, dtype=np.int64)
-    chosen = candidates[route_to_shards(candidates, stable_hash64(slot), NUM_SHARDS) == shard][:n]
+    chosen = candidates[route_to_shards(candidates, stable_hash64(name), NUM_SHARDS) == shard][:n]
     assert chosen.shape[0] == n
     return chosen
 
@@ -43,12 +43,12 @@ USERS, ITEMS, TAGS = ids_for("user", 20), ids_for("item", 30), ids_for("tag", 10
 
 
 def make_shard(role: str, shard: int = 0) -> EmbeddingShard:
-    return EmbeddingShard(ShardConfig(shard, NUM_SHARDS, role, SLOTS, export_chunk_rows=7))
+    return EmbeddingShard(ShardConfig(shard=shard, num_shards=NUM_SHARDS, role=role, tables=TABLES, export_chunk_rows=7))
 
 
-def rows_of(shard: EmbeddingShard, slot: str) -> tuple[list[int], bytes, list[int]]:
-    """Every row of a slot sorted by id: (ids, embedding bytes, update times)."""
-    batches = list(shard.tables[slot].export(0, False, 1 << 20))
+def rows_of(shard: EmbeddingShard, name: str) -> tuple[list[int], bytes, list[int]]:
+    """Every row of a table sorted by id: (ids, embedding bytes, update times)."""
+    batches = list(shard.tables[name].export(0, False, 1 << 20))
     if not batches:
         return [], b"", []
     ids = np.concatenate([b.ids for b in batches])
@@ -60,11 +60,11 @@ def rows_of(shard: EmbeddingShard, slot: str) -> tuple[list[int], bytes, list[in
 
 def assert_mirrors(serving: EmbeddingShard, training: EmbeddingShard) -> None:
     """Row for row the same embeddings and update times, and the same serving lookups."""
-    for slot in training.tables:
-        assert rows_of(serving, slot) == rows_of(training, slot), slot
+    for name in training.tables:
+        assert rows_of(serving, name) == rows_of(training, name), name
     probe = [("user", USERS, None), ("item", ITEMS, None), ("tag", TAGS, None)]
-    for (slot, _, _), a, b in zip(probe, training.lookup(probe, False), serving.lookup(probe, False)):
-        np.testing.assert_array_equal(b, a, err_msg=slot)
+    for (name, _, _), a, b in zip(probe, training.lookup(probe, False), serving.lookup(probe, False)):
+        np.testing.assert_array_equal(b, a, err_msg=name)
 
 
 def train(shard: EmbeddingShard, when: float, users: np.ndarray = USERS, items: np.ndarray = ITEMS,
@@ -184,7 +184,7 @@ def test_an_incremental_sync_is_applied_as_one_unit(
     apply = serving.apply_synced_chunks
 
     def recorded(chunks: list[Any]) -> tuple[int, int]:
-        units.append(sorted({slot for slot, *_ in chunks}))
+        units.append(sorted({name for name, *_ in chunks}))
         return apply(chunks)
 
     monkeypatch.setattr(serving, "apply_synced_chunks", recorded)

@@ -1,4 +1,4 @@
-"""One slot's table: admission, initializers, optimizers, expiry, export/import, threads."""
+"""One table: admission, initializers, optimizers, expiry, export/import, threads."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from monolith.embedding.config import AdmissionConfig, InitializerConfig, OptimizerConfig, SlotConfig
+from monolith.embedding.config import AdmissionConfig, InitializerConfig, OptimizerConfig, TableConfig
 from monolith.embedding.table import EmbeddingTable, RowBatch
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def make_table(
-    name: str = "slot",
+    name: str = "t",
     dim: int = 4,
     init: tuple[str, float] = ("uniform", 0.05),
     optimizer: OptimizerConfig | None = None,
@@ -27,7 +27,7 @@ def make_table(
     seed: int = 0,
     initial_capacity: int = 1024,
 ) -> EmbeddingTable:
-    config = SlotConfig(
+    config = TableConfig(
         name=name,
         dim=dim,
         initializer=InitializerConfig(kind=init[0], scale=init[1]),
@@ -598,7 +598,7 @@ def test_upsert_rejects_rows_of_the_wrong_width() -> None:
     table = make_table(dim=3, optimizer=OPTIMIZERS["adagrad"])
     bad = RowBatch(ids_of(1), np.zeros((1, 4), np.float32), np.zeros(1, np.uint32))
 
-    with pytest.raises(ValueError, match="do not fit table 'slot'"):
+    with pytest.raises(ValueError, match="do not fit table 't'"):
         table.upsert(bad, 1)
     with pytest.raises(ValueError):
         table.upsert(RowBatch(ids_of(1, 2), np.zeros((1, 3), np.float32), np.zeros(2, np.uint32)), 1)

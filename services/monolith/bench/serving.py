@@ -97,7 +97,7 @@ def _load_local_copy(config, ps: list[str], dense_address: str) -> ServingModel:
                 ids = np.frombuffer(chunk.ids, "<i8")
                 values = np.frombuffer(chunk.values, "<f4").reshape(chunk.num_rows, chunk.width)
                 times = np.frombuffer(chunk.update_times, "<u4")
-                local.tables[chunk.slot].upsert(RowBatch(ids, values, times), version=1)
+                local.tables[chunk.table].upsert(RowBatch(ids, values, times), version=1)
     with DensePSClient(dense_address) as dense:
         _, params = dense.pull()
     store = LocalDense(config.model.optimizer)
@@ -246,7 +246,7 @@ def _freshness(config_path: str, workdir: str, probes: int) -> dict[str, float]:
             os.path.join(workdir, "trainer.log"),
         )  # fmt: skip
         procs.append(trainer)
-        slot = config.features[0].table.name
+        name = config.features[0].table.name
         rng = np.random.default_rng(1)
         lags = []
         with ShardedEmbeddingClient(training, config.table_dims()) as train_client, \
@@ -254,15 +254,15 @@ def _freshness(config_path: str, workdir: str, probes: int) -> dict[str, float]:
             _progress(f"freshness: {probes} probes while a trainer trains")
             for k in range(probes):
                 probe_id = np.array([10**12 + k], dtype=np.int64)  # an id only the probe touches
-                train_client.lookup({slot: probe_id}, training=True)
-                before = serve_client.lookup({slot: probe_id})[slot]
-                gradient = np.full((1, config.table_dims()[slot]), 1.0, np.float32)
+                train_client.lookup({name: probe_id}, training=True)
+                before = serve_client.lookup({name: probe_id})[name]
+                gradient = np.full((1, config.table_dims()[name]), 1.0, np.float32)
                 start = time.perf_counter()
-                train_client.apply_gradients({slot: (probe_id, gradient)}, update_time=time.time())
+                train_client.apply_gradients({name: (probe_id, gradient)}, update_time=time.time())
                 while True:
-                    now = serve_client.lookup({slot: probe_id})[slot]
+                    now = serve_client.lookup({name: probe_id})[name]
                     if not np.array_equal(now, before) and np.any(now != 0):
-                        after_grad = train_client.lookup({slot: probe_id})[slot]
+                        after_grad = train_client.lookup({name: probe_id})[name]
                         if np.allclose(now, after_grad):
                             break
                     if time.perf_counter() - start > 30:

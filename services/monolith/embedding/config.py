@@ -1,7 +1,7 @@
 """Typed, validated configuration of one embedding table (what an embedding-PS shard holds).
 
 Each table has its own dimension, initializer, optimizer, admission filter and expiry, as
-in the paper's per-slot configs. The model config (`monolith.model.config`) declares
+in the paper's per-table configs. The model config (`monolith.model.config`) declares
 *features*; each feature owns a table (and optionally a dim-1 bias table) built from these.
 Bad values raise `ConfigError` naming the field path (see `monolith.common.config`).
 """
@@ -103,6 +103,3 @@ class TableConfig(ConfigModel):
     expire_after: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
     seed: int = 0
 
-
-# The old name, kept only until every caller says "table"; removed in the same change.
-SlotConfig = TableConfig

@@ -1,1 +1,1 @@
-"""The embedding parameter server: one shard of every slot's table, served over gRPC."""
+"""The embedding parameter server: one shard of every embedding table, served over gRPC."""

@@ -1,6 +1,6 @@
 """A sharded client of the embedding-PS, for trainers and model-serving.
 
-Routes each id to its shard by a stable hash of (slot, id), dedupes ids within a call
+Routes each id to its shard by a stable hash of (table, id), dedupes ids within a call
 (sending each id once, with its occurrence count, so admission still sees every
 occurrence), fans out to the shards concurrently, and returns results in input order.
 """
@@ -25,7 +25,7 @@ from monolith.embedding.table_kernels import gather, sum_duplicates
 
 @dataclasses.dataclass(frozen=True)
 class _Routed:
-    """One slot's ids of one call, deduped and grouped by shard."""
+    """One table's ids of one call, deduped and grouped by shard."""
 
     unique: np.ndarray  # distinct ids, shard by shard
     inverse: np.ndarray  # position of each input id in `unique`
@@ -41,7 +41,7 @@ class ShardedEmbeddingClient:
 
     Args:
         addresses: "host:port" of each shard, in shard order.
-        slot_dims: embedding dimension of each slot.
+        table_dims: embedding dimension of each table.
         timeout: seconds per RPC.
         max_message_bytes: max gRPC message size on the channels.
     """
@@ -49,7 +49,7 @@ class ShardedEmbeddingClient:
     def __init__(
         self,
         addresses: Sequence[str],
-        slot_dims: Mapping[str, int],
+        table_dims: Mapping[str, int],
         timeout: float = 30.0,
         max_message_bytes: int = 64 * 1024 * 1024,
     ) -> None:
@@ -66,8 +66,8 @@ class ShardedEmbeddingClient:
         # which cost more than the RPC itself on loopback. Sized for several callers at once
         # (serving threads), so one caller's shard call never queues behind another's.
         self._pool = futures.ThreadPoolExecutor(max_workers=8 * len(addresses), thread_name_prefix="ps-client")
-        self._dims = dict(slot_dims)
-        self._salts = {slot: stable_hash64(slot) for slot in self._dims}
+        self._dims = dict(table_dims)
+        self._salts = {name: stable_hash64(name) for name in self._dims}
         self._timeout = timeout
 
     @property
@@ -77,38 +77,38 @@ class ShardedEmbeddingClient:
     def lookup(
         self, features: Mapping[str, np.ndarray], training: bool = False, update_time: float = 0.0
     ) -> dict[str, np.ndarray]:
-        """Embeddings of ids per slot, float32 [n, dim] each, in input order.
+        """Embeddings of ids per table, float32 [n, dim] each, in input order.
 
         Args:
-            features: int64 ids per slot (any 1-D shape; duplicates allowed).
+            features: int64 ids per table (any 1-D shape; duplicates allowed).
             training: training lookup (counts occurrences, creates admitted rows).
             update_time: data time in seconds for rows created; 0 means the shard's clock.
         """
-        routed = {slot: self._route(slot, ids) for slot, ids in features.items()}
+        routed = {name: self._route(name, ids) for name, ids in features.items()}
         mode = pb.LOOKUP_MODE_TRAINING if training else pb.LOOKUP_MODE_SERVING
         requests = {}
         for shard in range(self.num_shards):
-            slots = [
-                pb.SlotIds(
-                    slot=slot,
+            entries = [
+                pb.TableIds(
+                    table=name,
                     num_ids=int(r.bounds[shard + 1] - r.bounds[shard]),
                     ids=encode_array(r.unique[r.part(shard)], "<i8"),
                     counts=encode_array(r.counts[r.part(shard)], "<i4") if training else b"",
                 )
-                for slot, r in routed.items()
+                for name, r in routed.items()
                 if r.bounds[shard + 1] > r.bounds[shard]
             ]
-            if slots:
-                requests[shard] = pb.LookupRequest(slots=slots, mode=mode, update_time=update_time)
-        unique_rows = {slot: np.empty((len(r.unique), self._dims[slot]), np.float32) for slot, r in routed.items()}
+            if entries:
+                requests[shard] = pb.LookupRequest(tables=entries, mode=mode, update_time=update_time)
+        unique_rows = {name: np.empty((len(r.unique), self._dims[name]), np.float32) for name, r in routed.items()}
         for shard, response in self._fan_out("Lookup", requests):
-            for e in response.slots:
-                rows = decode_array(e.values, "<f4", (e.num_ids, e.dim), f"shard {shard} slot {e.slot!r}")
-                unique_rows[e.slot][routed[e.slot].part(shard)] = rows
+            for e in response.tables:
+                rows = decode_array(e.values, "<f4", (e.num_ids, e.dim), f"shard {shard} table {e.table!r}")
+                unique_rows[e.table][routed[e.table].part(shard)] = rows
         out = {}
-        for slot, r in routed.items():
-            out[slot] = np.empty((len(r.inverse), self._dims[slot]), np.float32)
-            gather(unique_rows[slot], r.inverse, out[slot])  # numpy's fancy indexing is ~5x slower
+        for name, r in routed.items():
+            out[name] = np.empty((len(r.inverse), self._dims[name]), np.float32)
+            gather(unique_rows[name], r.inverse, out[name])  # numpy's fancy indexing is ~5x slower
         return out
 
     def apply_gradients(
@@ -117,32 +117,32 @@ class ShardedEmbeddingClient:
         """Pushes per-id gradients; duplicates of an id are summed before sending.
 
         Args:
-            gradients: per slot, (int64 ids [n], float32 gradients [n, dim]).
+            gradients: per table, (int64 ids [n], float32 gradients [n, dim]).
             update_time: data time in seconds stamped on updated rows; 0 means now.
 
         Returns:
             (rows updated, gradients dropped because their id had no row), over all shards.
         """
         summed: dict[str, tuple[_Routed, np.ndarray]] = {}
-        for slot, (ids, grads) in gradients.items():
-            r = self._route(slot, ids)
+        for name, (ids, grads) in gradients.items():
+            r = self._route(name, ids)
             g = np.ascontiguousarray(grads, dtype=np.float32).reshape(len(r.inverse), -1)
-            summed[slot] = (r, sum_duplicates(r.inverse, g, len(r.unique)))
+            summed[name] = (r, sum_duplicates(r.inverse, g, len(r.unique)))
         requests = {}
         for shard in range(self.num_shards):
-            slots = [
-                pb.SlotGradients(
-                    slot=slot,
+            entries = [
+                pb.TableGradients(
+                    table=name,
                     num_ids=int(r.bounds[shard + 1] - r.bounds[shard]),
                     ids=encode_array(r.unique[r.part(shard)], "<i8"),
                     dim=g.shape[1],
                     gradients=encode_array(g[r.part(shard)], "<f4"),
                 )
-                for slot, (r, g) in summed.items()
+                for name, (r, g) in summed.items()
                 if r.bounds[shard + 1] > r.bounds[shard]
             ]
-            if slots:
-                requests[shard] = pb.ApplyGradientsRequest(slots=slots, update_time=update_time)
+            if entries:
+                requests[shard] = pb.ApplyGradientsRequest(tables=entries, update_time=update_time)
         applied = filtered = 0
         for _, response in self._fan_out("ApplyGradients", requests):
             applied += response.applied
@@ -200,8 +200,8 @@ class ShardedEmbeddingClient:
                 raise from_rpc_error(exc, f"embedding-PS shard {shard} ({self._addresses[shard]}) {method}") from None
         return answers
 
-    def _route(self, slot: str, ids: np.ndarray) -> _Routed:
-        if slot not in self._dims:
-            raise ValueError(f"unknown slot {slot!r}; known: {', '.join(sorted(self._dims))}")
+    def _route(self, name: str, ids: np.ndarray) -> _Routed:
+        if name not in self._dims:
+            raise ValueError(f"unknown table {name!r}; known: {', '.join(sorted(self._dims))}")
         flat = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
-        return _Routed(*dedupe_and_route(flat, np.uint64(self._salts[slot]), np.uint64(self.num_shards)))
+        return _Routed(*dedupe_and_route(flat, np.uint64(self._salts[name]), np.uint64(self.num_shards)))

@@ -1,7 +1,7 @@
 """Prometheus view of the embedding-PS tables, read from the shards at scrape time.
 
 One collector serves every shard in the process (tests and benchmarks run several), so
-the metric names are registered once; each series carries the shard and slot.
+the metric names are registered once; each series carries the role, the shard and the table.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from prometheus_client.registry import Collector
 
 from monolith.embedding_ps.shard import EmbeddingShard
 
-_LABELS = ("role", "shard", "slot")
+_LABELS = ("role", "shard", "table")
 
 
 class _ShardCollector(Collector):
@@ -33,8 +33,8 @@ class _ShardCollector(Collector):
             self._shards.discard(shard)
 
     def collect(self) -> Iterator[prometheus_client.Metric]:
-        rows = GaugeMetricFamily("monolith_embedding_rows", "Live rows per slot.", labels=_LABELS)
-        size = GaugeMetricFamily("monolith_embedding_table_bytes", "Bytes held per slot's table.", labels=_LABELS)
+        rows = GaugeMetricFamily("monolith_embedding_rows", "Live rows per table.", labels=_LABELS)
+        size = GaugeMetricFamily("monolith_embedding_table_bytes", "Bytes held per table.", labels=_LABELS)
         pending = GaugeMetricFamily(
             "monolith_embedding_pending_ids", "Ids counted but not yet admitted.", labels=_LABELS
         )
@@ -53,8 +53,8 @@ class _ShardCollector(Collector):
         for shard in shards:
             role, index = shard.config.role, str(shard.config.shard)
             version.add_metric([role, index], shard.version)
-            for slot, s in shard.stats().items():
-                labels = [role, index, slot]
+            for name, s in shard.stats().items():
+                labels = [role, index, name]
                 rows.add_metric(labels, s.rows)
                 size.add_metric(labels, s.bytes)
                 pending.add_metric(labels, s.pending_ids)

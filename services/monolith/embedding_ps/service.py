@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from monolith.common.config import parse_config
 from monolith.common.periodic import PeriodicTask
 from monolith.common.server import (
     MonolithServer,
@@ -57,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `monolith embedding-ps`."""
     parser.add_argument("--shard", type=int, required=True, help="this shard's index, 0..num-shards-1")
     parser.add_argument("--num-shards", type=int, required=True, help="number of shards")
-    parser.add_argument("--config", required=True, help="model config YAML (this shard holds every slot's table and bias table)")
+    parser.add_argument("--config", required=True, help="model config YAML (this shard holds every feature's table and bias table)")
     parser.add_argument("--role", choices=ROLES, default="training", help="training or serving (read-only)")
     add_server_arguments(parser, port=50051, metrics_port=9090)
     parser.add_argument(
@@ -80,13 +81,16 @@ def run(args: argparse.Namespace) -> int:
     if args.sync_from and args.role != "serving":
         raise ValueError(f"--sync-from needs --role serving (a {args.role} shard takes no imports from another)")
     shard = EmbeddingShard(
-        ShardConfig(
-            shard=args.shard,
-            num_shards=args.num_shards,
-            role=args.role,
-            slots=load_model_config(args.config).tables(),
-            max_ids_per_request=args.max_ids_per_request,
-            max_message_bytes=args.max_message_mb * 1024 * 1024,
+        parse_config(
+            ShardConfig,
+            {
+                "shard": args.shard,
+                "num_shards": args.num_shards,
+                "role": args.role,
+                "tables": load_model_config(args.config).tables(),
+                "max_ids_per_request": args.max_ids_per_request,
+                "max_message_bytes": args.max_message_mb * 1024 * 1024,
+            },
         )
     )
     # A synced serving shard mirrors its training shard, expirations included; sweeping
@@ -97,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     if sweeper:
         sweeper.start()
     _LOGGER.info(
-        "embedding-ps shard %d/%d (%s) with slots %s on port %d%s",
+        "embedding-ps shard %d/%d (%s) with tables %s on port %d%s",
         args.shard, args.num_shards, args.role, ", ".join(shard.tables), server.port,
         f", following {args.sync_from} every {args.sync_interval:g} s" if follower else "",
     )  # fmt: skip

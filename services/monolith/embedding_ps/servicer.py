@@ -31,12 +31,12 @@ class EmbeddingPSServicer(pb_grpc.EmbeddingPSServicer):
         if request.mode not in (pb.LOOKUP_MODE_TRAINING, pb.LOOKUP_MODE_SERVING):
             raise InvalidArgument(f"mode must be LOOKUP_MODE_TRAINING or LOOKUP_MODE_SERVING, got {request.mode}")
         training = request.mode == pb.LOOKUP_MODE_TRAINING
-        requests = [(s.slot, self._ids(s.slot, s.num_ids, s.ids), self._counts(s)) for s in request.slots]
+        requests = [(s.table, self._ids(s.table, s.num_ids, s.ids), self._counts(s)) for s in request.tables]
         embeddings = self._shard.lookup(requests, training, request.update_time)
         return pb.LookupResponse(
-            slots=[
-                pb.SlotEmbeddings(slot=slot, num_ids=e.shape[0], dim=e.shape[1], values=encode_array(e, "<f4"))
-                for (slot, _, _), e in zip(requests, embeddings)
+            tables=[
+                pb.TableEmbeddings(table=name, num_ids=e.shape[0], dim=e.shape[1], values=encode_array(e, "<f4"))
+                for (name, _, _), e in zip(requests, embeddings)
             ],
             version=self._shard.version,
         )
@@ -45,20 +45,20 @@ class EmbeddingPSServicer(pb_grpc.EmbeddingPSServicer):
         self, request: pb.ApplyGradientsRequest, context: grpc.ServicerContext
     ) -> pb.ApplyGradientsResponse:
         requests = []
-        for s in request.slots:
-            ids = self._ids(s.slot, s.num_ids, s.ids)
-            grads = decode_array(s.gradients, "<f4", (s.num_ids, s.dim), f"slot {s.slot!r} gradients")
-            requests.append((s.slot, ids, grads))
+        for s in request.tables:
+            ids = self._ids(s.table, s.num_ids, s.ids)
+            grads = decode_array(s.gradients, "<f4", (s.num_ids, s.dim), f"table {s.table!r} gradients")
+            requests.append((s.table, ids, grads))
         applied, filtered = self._shard.apply_gradients(requests, request.update_time)
         return pb.ApplyGradientsResponse(applied=applied, filtered=filtered, version=self._shard.version)
 
     def Export(self, request: pb.ExportRequest, context: grpc.ServicerContext) -> Iterator[pb.RowChunk]:
         chunks = self._shard.export(
-            request.since_version, request.include_optimizer_state, request.max_rows_per_chunk, list(request.slots)
+            request.since_version, request.include_optimizer_state, request.max_rows_per_chunk, list(request.tables)
         )
         for c in chunks:
             yield pb.RowChunk(
-                slot=c.slot,
+                table=c.table,
                 num_rows=c.rows.ids.shape[0],
                 width=c.rows.values.shape[1],
                 includes_optimizer_state=c.includes_optimizer_state,
@@ -75,14 +75,14 @@ class EmbeddingPSServicer(pb_grpc.EmbeddingPSServicer):
     def Import(self, request_iterator: Iterable[pb.RowChunk], context: grpc.ServicerContext) -> pb.ImportResponse:
         upserted = deleted = 0
         for index, c in enumerate(request_iterator):
-            what = f"import chunk {index} ({upserted} rows, {deleted} deletions applied before it): slot {c.slot!r}"
+            what = f"import chunk {index} ({upserted} rows, {deleted} deletions applied before it): table {c.table!r}"
             rows = RowBatch(
-                ids=self._ids(c.slot, c.num_rows, c.ids, what),
+                ids=self._ids(c.table, c.num_rows, c.ids, what),
                 values=decode_array(c.values, "<f4", (c.num_rows, c.width), f"{what} values"),
                 update_times=decode_array(c.update_times, "<u4", (c.num_rows,), f"{what} update_times"),
             )
             deleted_ids = decode_array(c.deleted_ids, "<i8", (c.num_deleted,), f"{what} deleted_ids")
-            u, d = self._shard.import_chunk(c.slot, rows, deleted_ids, what)
+            u, d = self._shard.import_chunk(c.table, rows, deleted_ids, what)
             upserted += u
             deleted += d
         return pb.ImportResponse(upserted=upserted, deleted=deleted, version=self._shard.version)
@@ -95,9 +95,9 @@ class EmbeddingPSServicer(pb_grpc.EmbeddingPSServicer):
             role=cfg.role,
             version=self._shard.version,
             incarnation=self._shard.incarnation,
-            slots=[
-                pb.SlotStats(
-                    slot=name,
+            tables=[
+                pb.TableStats(
+                    table=name,
                     rows=s.rows,
                     bytes=s.bytes,
                     admissions=s.admissions,
@@ -109,15 +109,15 @@ class EmbeddingPSServicer(pb_grpc.EmbeddingPSServicer):
             ],
         )
 
-    def _ids(self, slot: str, num_ids: int, data: bytes, what: str = "") -> np.ndarray:
-        what = what or f"slot {slot!r}"
+    def _ids(self, name: str, num_ids: int, data: bytes, what: str = "") -> np.ndarray:
+        what = what or f"table {name!r}"
         limit = self._shard.config.max_ids_per_request
         if num_ids > limit:
             raise ResourceExhausted(f"{what}: {num_ids} ids; the limit is max_ids_per_request={limit}")
         return decode_array(data, "<i8", (num_ids,), f"{what} ids")
 
     @staticmethod
-    def _counts(s: pb.SlotIds) -> np.ndarray | None:
+    def _counts(s: pb.TableIds) -> np.ndarray | None:
         if not s.counts:
             return None
-        return decode_array(s.counts, "<i4", (s.num_ids,), f"slot {s.slot!r} counts")
+        return decode_array(s.counts, "<i4", (s.num_ids,), f"table {s.table!r} counts")

@@ -1,4 +1,4 @@
-"""One embedding-PS shard: every slot's table for the ids routed here. No gRPC in here.
+"""One embedding-PS shard: every table's rows for the ids routed here. No gRPC in here.
 
 The shard validates whole requests before touching any table, so a bad request changes
 nothing; it owns the shard's version clock, checks that ids belong to this shard, and
@@ -12,14 +12,16 @@ import contextlib
 import dataclasses
 import time
 import uuid
-from typing import Iterator, Sequence
+from typing import Annotated, Iterator, Literal, Sequence
 
 import numpy as np
+from pydantic import Field, model_validator
 
+from monolith.common.config import LIST_AS_TUPLE, ConfigModel
 from monolith.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from monolith.common.wire import require_finite
 from monolith.embedding.concurrency import ReadWriteLock, VersionClock
-from monolith.embedding.config import SlotConfig
+from monolith.embedding.config import TableConfig
 from monolith.embedding.hashing import stable_hash64
 from monolith.embedding_ps.routing import route_to_shards
 from monolith.embedding.table import EmbeddingTable, RowBatch, TableStats
@@ -30,17 +32,16 @@ ROLES = ("training", "serving")
 ATOMIC_EXPORT_CHUNKS = 16
 
 
-@dataclasses.dataclass(frozen=True)
-class ShardConfig:
+class ShardConfig(ConfigModel):
     """What one embedding-PS process holds and how it behaves.
 
     Attributes:
         shard: this shard's index, in 0..num_shards-1.
-        num_shards: number of shards every slot is split over.
+        num_shards: number of shards every table is split over.
         role: "training" (trainers look up, create and update rows) or "serving"
-            (read-only to clients; changes arrive by import from the training shard).
-        slots: the feature slots.
-        max_ids_per_request: ids (summed over slots) one request may carry.
+            (read-only to clients; changes arrive by its own sync from the training shard).
+        tables: the tables (each feature's, and its bias table).
+        max_ids_per_request: ids (summed over tables) one request may carry.
         max_message_bytes: the largest message the server may send; lookups whose answer
             would be larger are refused before they change anything, and export chunks
             are cut to fit.
@@ -49,34 +50,27 @@ class ShardConfig:
         initial_capacity: rows each table starts with.
     """
 
-    shard: int
-    num_shards: int
-    role: str
-    slots: tuple[SlotConfig, ...]
-    max_ids_per_request: int = 1_000_000
-    max_message_bytes: int = 64 * 1024 * 1024
-    export_chunk_rows: int = 65_536
-    initial_capacity: int = 1024
+    shard: Annotated[int, Field(ge=0)]
+    num_shards: Annotated[int, Field(ge=1)]
+    role: Literal["training", "serving"]
+    tables: Annotated[tuple[TableConfig, ...], LIST_AS_TUPLE, Field(min_length=1)]
+    max_ids_per_request: Annotated[int, Field(ge=1)] = 1_000_000
+    max_message_bytes: Annotated[int, Field(ge=1)] = 64 * 1024 * 1024
+    export_chunk_rows: Annotated[int, Field(ge=1)] = 65_536
+    initial_capacity: Annotated[int, Field(ge=1)] = 1024
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.num_shards, int) or self.num_shards < 1:
-            raise ValueError(f"num_shards: must be an integer >= 1, got {self.num_shards!r}")
-        if not isinstance(self.shard, int) or not 0 <= self.shard < self.num_shards:
-            raise ValueError(f"shard: must be in 0..{self.num_shards - 1}, got {self.shard!r}")
-        if self.role not in ROLES:
-            raise ValueError(f"role: must be one of {', '.join(ROLES)}, got {self.role!r}")
-        if not self.slots:
-            raise ValueError("slots: at least one slot is required")
-        for name in ("max_ids_per_request", "max_message_bytes", "export_chunk_rows", "initial_capacity"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)!r}")
+    @model_validator(mode="after")
+    def _shard_in_range(self) -> ShardConfig:
+        if self.shard >= self.num_shards:
+            raise ValueError(f"shard: must be in 0..{self.num_shards - 1}, got {self.shard}")
+        return self
 
 
 @dataclasses.dataclass(frozen=True)
 class ExportChunk:
-    """A piece of one slot's export: changed rows and/or deleted ids."""
+    """A piece of one table's export: changed rows and/or deleted ids."""
 
-    slot: str
+    table: str
     rows: RowBatch
     includes_optimizer_state: bool
     deleted_ids: np.ndarray
@@ -107,8 +101,8 @@ class EmbeddingShard:
         # sync applies each incremental export under it exclusively, so readers never see
         # half a training step.
         self._gate = ReadWriteLock()
-        self.tables = {s.name: EmbeddingTable(s, config.initial_capacity) for s in config.slots}
-        self._salts = {s.name: stable_hash64(s.name) for s in config.slots}
+        self.tables = {s.name: EmbeddingTable(s, config.initial_capacity) for s in config.tables}
+        self._salts = {s.name: stable_hash64(s.name) for s in config.tables}
 
     @property
     def version(self) -> int:
@@ -123,10 +117,10 @@ class EmbeddingShard:
         training: bool,
         update_time: float = 0.0,
     ) -> list[np.ndarray]:
-        """Embeddings for (slot, ids, counts) requests, in order.
+        """Embeddings for (name, ids, counts) requests, in order.
 
         Args:
-            requests: per slot, int64 ids and optional int32 occurrence counts.
+            requests: per name, int64 ids and optional int32 occurrence counts.
             training: count occurrences and create admitted rows (training role only).
             update_time: data time stamped on created rows; 0 means now.
 
@@ -138,48 +132,48 @@ class EmbeddingShard:
                 f"shard {self.config.shard} has role {self.config.role!r}: training lookups need a training shard"
             )
         self._check_ids(requests)
-        answer_bytes = sum(ids.shape[0] * (4 * self.tables[slot].dim + 16) for slot, ids, _ in requests)
+        answer_bytes = sum(ids.shape[0] * (4 * self.tables[name].dim + 16) for name, ids, _ in requests)
         if answer_bytes > self.config.max_message_bytes:
             raise ResourceExhausted(
                 f"the answer would be about {answer_bytes} bytes, over the max message size "
                 f"{self.config.max_message_bytes}; split the request"
             )
-        for slot, ids, counts in requests:
+        for name, ids, counts in requests:
             if counts is not None:
                 if counts.shape != ids.shape:
-                    raise InvalidArgument(f"slot {slot!r}: {counts.shape[0]} counts for {ids.shape[0]} ids")
+                    raise InvalidArgument(f"table {name!r}: {counts.shape[0]} counts for {ids.shape[0]} ids")
                 if counts.size and counts.min() < 1:
-                    raise InvalidArgument(f"slot {slot!r}: occurrence counts must be >= 1, got {counts.min()}")
+                    raise InvalidArgument(f"table {name!r}: occurrence counts must be >= 1, got {counts.min()}")
         if not training:
             with self._gate.read() if self.config.role == "serving" else contextlib.nullcontext():
-                return [self.tables[slot].lookup(ids) for slot, ids, _ in requests]
+                return [self.tables[name].lookup(ids) for name, ids, _ in requests]
         now = _resolve_time(update_time)
         with self._mutation() as version:
-            return [self.tables[slot].lookup_train(ids, counts, now, version) for slot, ids, counts in requests]
+            return [self.tables[name].lookup_train(ids, counts, now, version) for name, ids, counts in requests]
 
     def apply_gradients(
         self, requests: Sequence[tuple[str, np.ndarray, np.ndarray]], update_time: float = 0.0
     ) -> tuple[int, int]:
-        """Applies (slot, ids, gradients) requests; returns (rows updated, gradients dropped)."""
+        """Applies (name, ids, gradients) requests; returns (rows updated, gradients dropped)."""
         if self.config.role != "training":
             raise FailedPrecondition(
                 f"shard {self.config.shard} has role {self.config.role!r}: it is read-only, gradients go to "
                 "the training shard"
             )
-        self._check_ids([(slot, ids, None) for slot, ids, _ in requests])
-        for slot, ids, grads in requests:
-            dim = self.tables[slot].dim
+        self._check_ids([(name, ids, None) for name, ids, _ in requests])
+        for name, ids, grads in requests:
+            dim = self.tables[name].dim
             if grads.ndim != 2 or grads.shape != (ids.shape[0], dim):
                 raise InvalidArgument(
-                    f"slot {slot!r}: gradients of shape {tuple(grads.shape)} do not match "
+                    f"table {name!r}: gradients of shape {tuple(grads.shape)} do not match "
                     f"{ids.shape[0]} ids x dim {dim}"
                 )
-            require_finite(grads, f"slot {slot!r} gradients")
+            require_finite(grads, f"table {name!r} gradients")
         now = _resolve_time(update_time)
         applied = filtered = 0
         with self._mutation() as version:
-            for slot, ids, grads in requests:
-                a, f = self.tables[slot].apply_gradients(ids, grads, now, version)
+            for name, ids, grads in requests:
+                a, f = self.tables[name].apply_gradients(ids, grads, now, version)
                 applied += a
                 filtered += f
         return applied, filtered
@@ -194,7 +188,7 @@ class EmbeddingShard:
         return {name: table.expire_in_windows(now, self._mutation) for name, table in self.tables.items()}
 
     def export(
-        self, since: int, include_state: bool, max_rows: int = 0, slots: Sequence[str] = ()
+        self, since: int, include_state: bool, max_rows: int = 0, tables: Sequence[str] = ()
     ) -> Iterator[ExportChunk]:
         """Rows changed and ids deleted after version `since`, table by table.
 
@@ -218,9 +212,9 @@ class EmbeddingShard:
             raise InvalidArgument(f"since_version must be >= 0, got {since}")
         if max_rows < 0:
             raise InvalidArgument(f"max_rows_per_chunk must be >= 0, got {max_rows}")
-        for slot in slots:
-            self._table(slot)
-        names = list(slots) or list(self.tables)
+        for name in tables:
+            self._table(name)
+        names = list(tables) or list(self.tables)
         chunk_rows = {name: self._chunk_rows(self.tables[name], include_state, max_rows) for name in names}
         copied: dict[str, tuple[RowBatch, np.ndarray]] = {}
         with self._gate.write():
@@ -244,7 +238,7 @@ class EmbeddingShard:
             for batch in batches:
                 yield ExportChunk(name, batch, include_state, np.zeros(0, np.int64), version)
 
-    def import_chunk(self, slot: str, rows: RowBatch, deleted_ids: np.ndarray, what: str = "") -> tuple[int, int]:
+    def import_chunk(self, name: str, rows: RowBatch, deleted_ids: np.ndarray, what: str = "") -> tuple[int, int]:
         """Applies one exported chunk a client sent (Import), all or nothing: deletions first, then upserts.
 
         A stream of chunks is applied chunk by chunk; applying a chunk again is harmless
@@ -262,10 +256,10 @@ class EmbeddingShard:
                 f"shard {self.config.shard} has role {self.config.role!r}: it changes only by sync from its training "
                 "shard; import into the training shard"
             )
-        return self.apply_synced_chunk(slot, rows, deleted_ids, what)
+        return self.apply_synced_chunk(name, rows, deleted_ids, what)
 
     def apply_synced_chunk(
-        self, slot: str, rows: RowBatch, deleted_ids: np.ndarray, what: str = ""
+        self, name: str, rows: RowBatch, deleted_ids: np.ndarray, what: str = ""
     ) -> tuple[int, int]:
         """Applies one chunk of the training shard's export, in any role, like `import_chunk`.
 
@@ -274,12 +268,12 @@ class EmbeddingShard:
         Returns:
             (rows upserted, rows deleted).
         """
-        table = self._checked_chunk(slot, rows, deleted_ids, what)
+        table = self._checked_chunk(name, rows, deleted_ids, what)
         with self._mutation() as version:
             return _apply_chunk(table, rows, deleted_ids, version)
 
     def apply_synced_chunks(self, chunks: Sequence[tuple[str, RowBatch, np.ndarray, str]]) -> tuple[int, int]:
-        """Applies (slot, rows, deleted ids, what) chunks of one export as one unit.
+        """Applies (name, rows, deleted ids, what) chunks of one export as one unit.
 
         All are checked first, then applied in order with one version while the gate is
         held exclusively: lookups (which hold it shared on a serving shard) see all of
@@ -289,7 +283,7 @@ class EmbeddingShard:
         Returns:
             (rows upserted, rows deleted), summed.
         """
-        tables = [self._checked_chunk(slot, rows, deleted, what) for slot, rows, deleted, what in chunks]
+        tables = [self._checked_chunk(name, rows, deleted, what) for name, rows, deleted, what in chunks]
         upserted = deleted_count = 0
         with self._gate.write(), self.clock.mutation() as version:
             for table, (_, rows, deleted, _) in zip(tables, chunks):
@@ -298,10 +292,10 @@ class EmbeddingShard:
                 deleted_count += d
         return upserted, deleted_count
 
-    def _checked_chunk(self, slot: str, rows: RowBatch, deleted_ids: np.ndarray, what: str) -> EmbeddingTable:
+    def _checked_chunk(self, name: str, rows: RowBatch, deleted_ids: np.ndarray, what: str) -> EmbeddingTable:
         """The table a chunk goes to, once the whole chunk is known to fit it."""
-        table = self._table(slot)
-        what = what or f"slot {slot!r}"
+        table = self._table(name)
+        what = what or f"table {name!r}"
         n = rows.ids.shape[0]
         if rows.values.shape[:1] != (n,) or rows.update_times.shape != (n,):
             raise InvalidArgument(
@@ -313,12 +307,12 @@ class EmbeddingShard:
                 f"{what}: rows of width {rows.values.shape[-1]} fit neither the embedding dim {table.dim} "
                 f"nor the full row width {table.width} (embedding + {table.config.optimizer.kind} state)"
             )
-        self._check_ids([(slot, np.concatenate([rows.ids, deleted_ids]), None)])
+        self._check_ids([(name, np.concatenate([rows.ids, deleted_ids]), None)])
         require_finite(rows.values, f"{what} values")
         return table
 
     def stats(self) -> dict[str, TableStats]:
-        """Per-slot sizes and counters."""
+        """Per-table sizes and counters."""
         return {name: table.stats() for name, table in self.tables.items()}
 
     @contextlib.contextmanager
@@ -329,32 +323,32 @@ class EmbeddingShard:
 
     # ------------------------------------------------------------- validation
 
-    def _table(self, slot: str) -> EmbeddingTable:
-        table = self.tables.get(slot)
+    def _table(self, name: str) -> EmbeddingTable:
+        table = self.tables.get(name)
         if table is None:
-            raise InvalidArgument(f"unknown slot {slot!r}; this shard has: {', '.join(sorted(self.tables))}")
+            raise InvalidArgument(f"unknown table {name!r}; this shard has: {', '.join(sorted(self.tables))}")
         return table
 
     def _check_ids(self, requests: Sequence[tuple[str, np.ndarray, np.ndarray | None]]) -> None:
-        """Rejects unknown or repeated slots, oversized requests and ids of other shards."""
+        """Rejects unknown or repeated tables, oversized requests and ids of other shards."""
         total = sum(ids.shape[0] for _, ids, _ in requests)
         if total > self.config.max_ids_per_request:
             raise ResourceExhausted(
                 f"request carries {total} ids; the limit is max_ids_per_request={self.config.max_ids_per_request}"
             )
         seen: set[str] = set()
-        for slot, ids, _ in requests:
-            self._table(slot)
-            if slot in seen:
-                raise InvalidArgument(f"slot {slot!r} appears more than once in the request")
-            seen.add(slot)
+        for name, ids, _ in requests:
+            self._table(name)
+            if name in seen:
+                raise InvalidArgument(f"table {name!r} appears more than once in the request")
+            seen.add(name)
             if self.config.num_shards > 1 and ids.shape[0]:
-                owners = route_to_shards(ids, self._salts[slot], self.config.num_shards)
+                owners = route_to_shards(ids, self._salts[name], self.config.num_shards)
                 wrong = np.flatnonzero(owners != self.config.shard)
                 if wrong.size:
                     i = int(wrong[0])
                     raise InvalidArgument(
-                        f"slot {slot!r}: {wrong.size} id(s) belong to other shards, e.g. id {int(ids[i])} belongs "
+                        f"table {name!r}: {wrong.size} id(s) belong to other shards, e.g. id {int(ids[i])} belongs "
                         f"to shard {int(owners[i])}, not {self.config.shard} (of {self.config.num_shards})"
                     )
 

@@ -304,16 +304,16 @@ class ServingSync:
         version = 0  # no chunks: the training shard is empty; "since 0" is always safe
         newest = 0.0
         for chunk in self._export(0, incarnation):
-            received[chunk.slot].append(self._apply(chunk, progress))
+            received[chunk.table].append(self._apply(chunk, progress))
             version = chunk.version
             newest = max(newest, chunk.newest_update_time)
         # Rows deleted on the training side while this shard was not following (or rows
         # of a previous training incarnation) were never sent as deletions: only the
         # complete copy tells which local rows are stale.
-        for slot, parts in received.items():
-            stale = self._local_ids_missing_from(slot, parts)
+        for name, parts in received.items():
+            stale = self._local_ids_missing_from(name, parts)
             for start in range(0, stale.shape[0], self._chunk_rows):
-                _, deleted = self._shard.apply_synced_chunk(slot, _no_rows(self._shard, slot),
+                _, deleted = self._shard.apply_synced_chunk(name, _no_rows(self._shard, name),
                                                             stale[start : start + self._chunk_rows])  # fmt: skip
                 progress.deletions += deleted
                 self._deletions_metric.inc(deleted)
@@ -342,20 +342,20 @@ class ServingSync:
             yield chunk
 
     def _decode(self, chunk: pb.RowChunk) -> tuple[str, RowBatch, np.ndarray, str]:
-        """(slot, rows, deleted ids, description) of one chunk, lengths checked."""
-        what = f"chunk of slot {chunk.slot!r} from {self.training_address}"
+        """(table, rows, deleted ids, description) of one chunk, lengths checked."""
+        what = f"chunk of table {chunk.table!r} from {self.training_address}"
         rows = RowBatch(
             ids=decode_array(chunk.ids, "<i8", (chunk.num_rows,), f"{what} ids"),
             values=decode_array(chunk.values, "<f4", (chunk.num_rows, chunk.width), f"{what} values"),
             update_times=decode_array(chunk.update_times, "<u4", (chunk.num_rows,), f"{what} update_times"),
         )
         deleted_ids = decode_array(chunk.deleted_ids, "<i8", (chunk.num_deleted,), f"{what} deleted_ids")
-        return chunk.slot, rows, deleted_ids, what
+        return chunk.table, rows, deleted_ids, what
 
     def _apply(self, chunk: pb.RowChunk, progress: _Progress) -> np.ndarray:
         """Imports one chunk into the local shard; returns the ids of its rows."""
-        slot, rows, deleted_ids, what = self._decode(chunk)
-        upserted, deleted = self._shard.apply_synced_chunk(slot, rows, deleted_ids, what)
+        name, rows, deleted_ids, what = self._decode(chunk)
+        upserted, deleted = self._shard.apply_synced_chunk(name, rows, deleted_ids, what)
         self._count(progress, upserted, deleted)
         return rows.ids
 
@@ -370,8 +370,8 @@ class ServingSync:
         self._rows_metric.inc(upserted)
         self._deletions_metric.inc(deleted)
 
-    def _local_ids_missing_from(self, slot: str, received: list[np.ndarray]) -> np.ndarray:
-        local = [chunk.rows.ids for chunk in self._shard.export(0, False, self._chunk_rows, [slot])]
+    def _local_ids_missing_from(self, name: str, received: list[np.ndarray]) -> np.ndarray:
+        local = [chunk.rows.ids for chunk in self._shard.export(0, False, self._chunk_rows, [name])]
         if not local:
             return np.zeros(0, np.int64)
         local_ids = np.concatenate(local)
@@ -387,10 +387,10 @@ class ServingSync:
                 f"{self.training_address} is shard {stats.shard} of {stats.num_shards}; this serving shard is "
                 f"{mine.shard} of {mine.num_shards}"
             )
-        unknown = sorted({s.slot for s in stats.slots} - set(self._shard.tables))
+        unknown = sorted({s.table for s in stats.tables} - set(self._shard.tables))
         if unknown:
             raise SyncError(
-                f"{self.training_address} has slot(s) {', '.join(unknown)} this serving shard does not; "
+                f"{self.training_address} has table(s) {', '.join(unknown)} this serving shard does not; "
                 "start both from the same model config"
             )
         if not stats.incarnation:
@@ -438,6 +438,6 @@ def _describe(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _no_rows(shard: EmbeddingShard, slot: str) -> RowBatch:
-    dim = shard.tables[slot].dim
+def _no_rows(shard: EmbeddingShard, name: str) -> RowBatch:
+    dim = shard.tables[name].dim
     return RowBatch(np.zeros(0, np.int64), np.zeros((0, dim), np.float32), np.zeros(0, np.uint32))

@@ -13,7 +13,7 @@ import numpy as np
 
 from monolith.dense_ps.store import DenseStore
 from monolith.embedding.concurrency import VersionClock
-from monolith.embedding.config import SlotConfig
+from monolith.embedding.config import TableConfig
 from monolith.embedding.hashing import stable_hash64
 from monolith.embedding.table import EmbeddingTable
 from monolith.embedding.table_kernels import gather, sum_duplicates
@@ -28,7 +28,7 @@ class LocalEmbeddings:
     runs (one shard), so a comparison of the two measures the network, not two dedupes.
     """
 
-    def __init__(self, tables: tuple[SlotConfig, ...]) -> None:
+    def __init__(self, tables: tuple[TableConfig, ...]) -> None:
         self.tables = {t.name: EmbeddingTable(t) for t in tables}
         self._salts = {t.name: np.uint64(stable_hash64(t.name)) for t in tables}
         self._clock = VersionClock()
