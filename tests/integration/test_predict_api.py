@@ -715,7 +715,7 @@ def outage(stack: Stack, examples: Features) -> Iterator[Outage]:
             code, details = exc.code(), exc.details()
         seconds = time.monotonic() - started
 
-        shard = EmbeddingShard(ShardConfig(0, 2, "training", stack.config.tables()))
+        shard = EmbeddingShard(ShardConfig(shard=0, num_shards=2, role="training", tables=stack.config.tables()))
         cluster.servers[0] = build_embedding_ps(shard, ServerConfig(host="127.0.0.1", port=port, metrics_port=None))
         cluster.servers[0].start()
         restarted = time.monotonic()
