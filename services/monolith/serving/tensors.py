@@ -37,18 +37,20 @@ def shape_of(tensor: tensor_pb2.TensorProto, name: str, max_elements: int = MAX_
 
     A zero dimension does not excuse the others: numpy cannot hold [0, 2**62] either.
     """
-    if tensor.tensor_shape.unknown_rank:
+    proto_shape = tensor.tensor_shape
+    if proto_shape.unknown_rank:
         raise InvalidArgument(f"input {shorten(name)!r}: shape must be known")
-    rank = len(tensor.tensor_shape.dim)
-    if rank > MAX_RANK:
-        raise InvalidArgument(f"input {shorten(name)!r}: rank {rank} exceeds {MAX_RANK}")
-    shape = tuple(int(d.size) for d in tensor.tensor_shape.dim)
-    if any(d < 0 for d in shape):
+    dims = proto_shape.dim
+    if len(dims) > MAX_RANK:
+        raise InvalidArgument(f"input {shorten(name)!r}: rank {len(dims)} exceeds {MAX_RANK}")
+    shape = tuple([d.size for d in dims])
+    if shape and min(shape) < 0:
         raise InvalidArgument(f"input {shorten(name)!r}: negative dimension in shape {list(shape)}")
     size = math.prod(shape)
     if size > max_elements:
         raise InvalidArgument(f"input {shorten(name)!r}: {size} elements; at most {max_elements} are accepted")
-    if math.prod(max(d, 1) for d in shape) > max_elements:
+    # Only an empty shape can hide huge dimensions: otherwise the product is `size`.
+    if size == 0 and math.prod(max(d, 1) for d in shape) > max_elements:
         raise InvalidArgument(
             f"input {shorten(name)!r}: shape {list(shape)} is too large; its dimensions may multiply to at "
             f"most {max_elements}"
@@ -73,7 +75,19 @@ def to_numpy(
             bytes, tensor_content of the wrong length or on a string tensor, or values
             that do not fill the shape.
     """
-    shape = shape_of(tensor, name, max_elements)
+    return _decode(tensor, name, shape_of(tensor, name, max_elements), max_string_bytes)
+
+
+def _decode(
+    tensor: tensor_pb2.TensorProto, name: str, shape: tuple[int, ...], max_string_bytes: int,
+    strings: list[bytes] | None = None,
+) -> np.ndarray:  # fmt: skip
+    """`to_numpy` for a tensor whose shape is already checked.
+
+    Args:
+        strings: the string values if the caller has them already: each access to
+            `string_val` builds new bytes objects, so they are read out once.
+    """
     size = math.prod(shape)
     what = f"input {shorten(name)!r}"
     if tensor.dtype in _INT_TYPES:
@@ -97,14 +111,16 @@ def to_numpy(
                 f"{what}: a DT_STRING tensor carries its values in string_val; tensor_content is not read for "
                 "strings, so it must be empty"
             )
-        strings = tensor.string_val
-        if len(strings) > max(size, 1):
-            raise InvalidArgument(f"{what}: {len(strings)} values do not fill shape {list(shape)} ({size} elements)")
-        total = sum(len(v) for v in strings)
+        count = len(tensor.string_val)
+        if count > max(size, 1):
+            raise InvalidArgument(f"{what}: {count} values do not fill shape {list(shape)} ({size} elements)")
+        if strings is None:
+            strings = list(tensor.string_val)
+        total = sum(map(len, strings))
         if total > max_string_bytes:
             raise InvalidArgument(f"{what}: {total} bytes of strings; at most {max_string_bytes} are accepted")
         try:
-            values = np.array([v.decode("utf-8") for v in strings], dtype=object)
+            values = np.fromiter(map(bytes.decode, strings), dtype=object, count=count)
         except UnicodeDecodeError:
             raise InvalidArgument(f"{what}: string values must be UTF-8") from None
     else:
@@ -130,10 +146,15 @@ def decode_inputs(
     """
     elements = 0
     string_bytes = 0
+    checked = []
     for name, tensor in tensors.items():
-        elements += math.prod(shape_of(tensor, name, limits.max_elements))
+        shape = shape_of(tensor, name, limits.max_elements)
+        elements += math.prod(shape)
+        strings = None
         if tensor.dtype == types_pb2.DT_STRING and len(tensor.string_val) <= limits.max_elements:
-            string_bytes += sum(len(v) for v in tensor.string_val)
+            strings = list(tensor.string_val)
+            string_bytes += sum(map(len, strings))
+        checked.append((name, tensor, shape, strings))
     if elements > limits.max_elements:
         raise InvalidArgument(
             f"the inputs hold {elements} elements together; at most {limits.max_elements} are accepted per request"
@@ -144,9 +165,10 @@ def decode_inputs(
             "accepted per request"
         )
     out = {}
-    for name, tensor in tensors.items():
-        deadline.check(f"while decoding input {shorten(name)!r}")
-        out[name] = to_numpy(tensor, name, limits.max_elements, limits.max_string_bytes)
+    for name, tensor, shape, strings in checked:
+        if deadline.at is not None:
+            deadline.check(f"while decoding input {shorten(name)!r}")
+        out[name] = _decode(tensor, name, shape, limits.max_string_bytes, strings)
     return out
 
 
