@@ -42,7 +42,7 @@ from pydantic import Field
 
 from monolith.common.config import LIST_AS_TUPLE, ConfigModel, IntTuple, parse_config
 from monolith.common.errors import ConfigError
-from monolith.embedding.config import AdmissionConfig, InitializerConfig, OptimizerConfig, TableConfig
+from monolith.embedding.config import InitializerConfig, OptimizerConfig, TableConfig
 
 BIAS_SUFFIX = "/bias"
 PositiveInt = Annotated[int, Field(ge=1)]
@@ -60,33 +60,20 @@ class BiasConfig(ConfigModel):
     optimizer: OptimizerConfig = OptimizerConfig(kind="ftrl", learning_rate=0.05)
 
 
-class FeatureConfig(ConfigModel):
-    """A feature as the model sees it: its data source, its table, its optional bias table.
+class FeatureConfig(TableConfig):
+    """A feature as the model sees it: its table's config, plus where its ids come from.
 
-    Attributes:
-        name: unique feature name; also the name of its table.
+    Attributes (besides the table's: name, dim, initializer, optimizer, admission,
+    expire_after, seed; the feature's name is its table's name):
         source: the example column (and Predict input) the ids come from; default the name.
         multi_valued: whether an example may hold several ids (mean-pooled).
-        dim: embedding dimension (1..4096).
-        initializer: how new rows start.
-        optimizer: the table's sparse optimizer.
-        admission: the admission filter.
-        expire_after: seconds of data time without an update before a row is evicted.
-        seed: initializer seed.
         bias: the per-id bias term, or None for none.
     """
 
     model_config = pydantic.ConfigDict(ignored_types=(functools.cached_property,))
 
-    name: Annotated[str, Field(min_length=1, max_length=256)]
     source: Annotated[str, Field(min_length=1, max_length=256)]
     multi_valued: bool = False
-    dim: Annotated[int, Field(ge=1, le=4096)] = 16
-    initializer: InitializerConfig = InitializerConfig()
-    optimizer: OptimizerConfig = OptimizerConfig()
-    admission: AdmissionConfig = AdmissionConfig()
-    expire_after: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
-    seed: int = 0
     bias: BiasConfig | None = None
 
     @pydantic.model_validator(mode="before")
@@ -99,19 +86,16 @@ class FeatureConfig(ConfigModel):
     @functools.cached_property
     def table(self) -> TableConfig:
         """The feature's embedding table."""
-        return TableConfig(
-            name=self.name, dim=self.dim, initializer=self.initializer, optimizer=self.optimizer,
-            admission=self.admission, expire_after=self.expire_after, seed=self.seed,
-        )  # fmt: skip
+        return TableConfig(**{field: getattr(self, field) for field in TableConfig.model_fields})
 
     @functools.cached_property
     def bias_table(self) -> TableConfig | None:
         """The feature's dim-1 bias table, or None."""
         if self.bias is None:
             return None
-        return TableConfig(
-            name=self.name + BIAS_SUFFIX, dim=1, initializer=self.bias.initializer, optimizer=self.bias.optimizer,
-            admission=self.admission, expire_after=self.expire_after, seed=self.seed,
+        return self.table.model_copy(
+            update={"name": self.name + BIAS_SUFFIX, "dim": 1, "initializer": self.bias.initializer,
+                    "optimizer": self.bias.optimizer}
         )  # fmt: skip
 
 
