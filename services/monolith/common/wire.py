@@ -19,6 +19,7 @@ MAX_RANK = 32
 # its limits, e.g. (0, 2**62); such a shape is refused here first. 2**40 elements is still
 # far beyond any message. (A non-empty shape that large fails the length check instead.)
 MAX_SPAN = 1 << 40
+_DTYPES = {name: np.dtype(name) for name in ("<i8", "<i4", "<u4", "<f4")}
 
 
 def check_shape(shape: tuple[int, ...] | list[int], what: str) -> tuple[int, ...]:
@@ -62,8 +63,13 @@ def decode_array(data: bytes, dtype: str, shape: tuple[int, ...], what: str) -> 
         InvalidArgument: The shape fails `check_shape`, or `len(data)` is not
             `prod(shape) * itemsize`.
     """
+    kind = _DTYPES.get(dtype) or np.dtype(dtype)
+    # Most arrays are 1-D (ids, counts): a length that matches needs none of check_shape's
+    # work, and any other 1-D case is refused below exactly as before. (int(): a numpy
+    # size could wrap around when multiplied.)
+    if len(shape) == 1 and 0 <= int(shape[0]) and len(data) == int(shape[0]) * kind.itemsize:
+        return np.frombuffer(data, dtype=kind)
     shape = check_shape(shape, what)
-    kind = np.dtype(dtype)
     expected = math.prod(shape) * kind.itemsize
     if len(data) != expected:
         raise InvalidArgument(

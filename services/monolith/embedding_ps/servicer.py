@@ -31,15 +31,16 @@ class EmbeddingPSServicer(pb_grpc.EmbeddingPSServicer):
         if request.mode not in (pb.LOOKUP_MODE_TRAINING, pb.LOOKUP_MODE_SERVING):
             raise InvalidArgument(f"mode must be LOOKUP_MODE_TRAINING or LOOKUP_MODE_SERVING, got {request.mode}")
         training = request.mode == pb.LOOKUP_MODE_TRAINING
-        requests = [(s.table, self._ids(s.table, s.num_ids, s.ids), self._counts(s)) for s in request.tables]
+        requests = []
+        for s in request.tables:  # each field read builds a new object: read each once
+            name, num_ids = s.table, s.num_ids
+            requests.append((name, self._ids(name, num_ids, s.ids), self._counts(name, num_ids, s.counts)))
         embeddings = self._shard.lookup(requests, training, request.update_time)
-        return pb.LookupResponse(
-            tables=[
-                pb.TableEmbeddings(table=name, num_ids=e.shape[0], dim=e.shape[1], values=encode_array(e, "<f4"))
-                for (name, _, _), e in zip(requests, embeddings)
-            ],
-            version=self._shard.version,
-        )
+        response = pb.LookupResponse(version=self._shard.version)
+        add = response.tables.add
+        for (name, _, _), e in zip(requests, embeddings):
+            add(table=name, num_ids=e.shape[0], dim=e.shape[1], values=encode_array(e, "<f4"))
+        return response
 
     def ApplyGradients(
         self, request: pb.ApplyGradientsRequest, context: grpc.ServicerContext
@@ -117,7 +118,7 @@ class EmbeddingPSServicer(pb_grpc.EmbeddingPSServicer):
         return decode_array(data, "<i8", (num_ids,), f"{what} ids")
 
     @staticmethod
-    def _counts(s: pb.TableIds) -> np.ndarray | None:
-        if not s.counts:
+    def _counts(name: str, num_ids: int, data: bytes) -> np.ndarray | None:
+        if not data:
             return None
-        return decode_array(s.counts, "<i4", (s.num_ids,), f"table {s.table!r} counts")
+        return decode_array(data, "<i4", (num_ids,), f"table {name!r} counts")
