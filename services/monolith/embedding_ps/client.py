@@ -123,16 +123,21 @@ class ShardedEmbeddingClient:
         requests: dict[int, pb.LookupRequest] = {}
         asked: dict[int, list[tuple[str, int, int]]] = {}
         for shard in range(self.num_shards):
-            entries, blocks = [], []
+            request = pb.LookupRequest(mode=mode, update_time=update_time)
+            add = request.tables.add  # built in place: a list passed to the constructor is copied
+            blocks = []
+            first = shard * len(tables.names)
             for t, (name, dim) in enumerate(zip(tables.names, tables.dim_list)):
-                lo, hi = edges[shard * len(tables.names) + t], edges[shard * len(tables.names) + t + 1]
+                lo, hi = edges[first + t], edges[first + t + 1]
                 if hi > lo:
-                    counts_part = counts_bytes[4 * lo : 4 * hi]
-                    entries.append(pb.TableIds(table=name, num_ids=hi - lo, ids=unique_bytes[8 * lo : 8 * hi],
-                                               counts=counts_part))  # fmt: skip
+                    if training:
+                        add(table=name, num_ids=hi - lo, ids=unique_bytes[8 * lo : 8 * hi],
+                            counts=counts_bytes[4 * lo : 4 * hi])  # fmt: skip
+                    else:
+                        add(table=name, num_ids=hi - lo, ids=unique_bytes[8 * lo : 8 * hi])
                     blocks.append((name, hi - lo, dim))
-            if entries:
-                requests[shard] = pb.LookupRequest(tables=entries, mode=mode, update_time=update_time)
+            if blocks:
+                requests[shard] = request
                 asked[shard] = blocks
         parts: list[bytes] = []
         for shard, response in self._fan_out("Lookup", requests):
