@@ -476,3 +476,38 @@ def test_import_chunk_with_too_few_update_times_is_rejected() -> None:
 
     with rejected(shard, InvalidArgument, "update_times"):
         shard.apply_synced_chunk("user", rows, np.zeros(0, np.int64))
+
+
+# ------------------------------------------------------------------ data time bounds
+
+
+def test_an_update_time_far_ahead_of_the_clock_is_refused_and_changes_nothing() -> None:
+    # One such time would move the tables' data clock, and the next sweep would evict every row.
+    shard = make_shard()
+    shard.lookup([("user", USER, None)], True, 1000.0)
+    ahead = time.time() + 2 * 86_400
+
+    with rejected(shard, InvalidArgument, "max_time_ahead"):
+        shard.lookup([("user", USER[:1], None)], True, ahead)
+    with rejected(shard, InvalidArgument, "max_time_ahead"):
+        shard.apply_gradients([("user", USER[:1], np.zeros((1, 4), np.float32))], ahead)
+    rows = RowBatch(USER[:1], np.ones((1, 4), np.float32), np.array([ahead], np.uint32))
+    with rejected(shard, InvalidArgument, "max_time_ahead"):
+        shard.import_chunk("user", rows, np.zeros(0, np.int64))
+
+    assert shard.expire() == {"user": 0, "item": 0}
+    assert shard.tables["user"].contains(USER).all()
+
+
+def test_an_export_of_the_same_table_twice_is_refused() -> None:
+    shard = make_shard()
+
+    with pytest.raises(InvalidArgument, match="tables to export must be distinct"):
+        list(shard.export(0, False, 0, ["user", "user"]))
+
+
+def test_a_shard_config_with_two_tables_of_one_name_is_refused() -> None:
+    base = {"shard": 0, "num_shards": 1, "role": "training", "tables": (TABLES[0], TABLES[0])}
+
+    with pytest.raises(ConfigError, match="tables: names must be distinct"):
+        parse_config(ShardConfig, base)

@@ -18,6 +18,7 @@ from monolith.common.server import MonolithServer, ServerConfig
 from monolith.embedding import table as table_module
 from monolith.embedding.config import AdmissionConfig, OptimizerConfig, TableConfig
 from monolith.embedding.hashing import stable_hash64
+from monolith.embedding_ps import shard as shard_module
 from monolith.embedding_ps.routing import route_to_shards
 from monolith.embedding_ps.service import build_embedding_ps
 from monolith.embedding_ps.shard import EmbeddingShard, ShardConfig
@@ -177,8 +178,11 @@ def test_later_syncs_carry_only_the_changes(training: TrainingServers, follow: C
 def test_an_incremental_sync_is_applied_as_one_unit(
     training: TrainingServers, follow: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Small bounds, so the test can also build an export too large to copy at one instant.
+    monkeypatch.setattr(shard_module, "ATOMIC_EXPORT_ENTRIES", 100)
     train(training.shard, 1000.0)
     serving, sync = follow(training.address)
+    monkeypatch.setattr(sync, "_unit_rows", 100)
     sync.sync_once()
     units: list[list[str]] = []
     apply = serving.apply_synced_chunks
@@ -201,7 +205,7 @@ def test_an_incremental_sync_is_applied_as_one_unit(
     assert units == [["item", "user"]]
     assert_mirrors(serving, training.shard)
 
-    # An export too large to copy at one instant (over 16 chunks) comes in several units.
+    # An export too large to copy at one instant (over 100 entries) comes in several units.
     training.shard.lookup([("item", ids_for("item", 150, offset=20_000), None)], True, 1200.0)
     units.clear()
 

@@ -542,9 +542,14 @@ class EmbeddingTable:
         if n + extra <= capacity or n + extra > MAX_DELETION_LOG or self._spare_deletions is not None:
             return
         size = max(n + extra, 2 * capacity, 1024)
-        self._spare_deletions = (np.zeros(size, np.int64), np.zeros(size, np.int64))
-        for array in self._spare_deletions:
+        spare = (np.zeros(size, np.int64), np.zeros(size, np.int64))
+        for array in spare:
             array.fill(0)  # np.zeros maps pages lazily; touch them here
+        # Published only once filled, and under the lock `_log_deletions` runs under, so a
+        # mutation never takes (and fills) a spare this sweep is still writing.
+        with self._lock.write():
+            if self._spare_deletions is None:
+                self._spare_deletions = spare
 
     def _log_deletions(self, ids: np.ndarray, version: int) -> None:
         n, k = self._num_deleted, ids.shape[0]

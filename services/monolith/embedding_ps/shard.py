@@ -18,7 +18,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from monolith.common.config import LIST_AS_TUPLE, ConfigModel
-from monolith.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from monolith.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, shorten
 from monolith.common.wire import require_finite
 from monolith.embedding.concurrency import ReadWriteLock, VersionClock
 from monolith.embedding.config import TableConfig
@@ -26,10 +26,13 @@ from monolith.embedding.hashing import stable_hash64
 from monolith.embedding_ps.routing import route_to_shards
 from monolith.embedding.table import EmbeddingTable, RowBatch, TableStats
 
-ROLES = ("training", "serving")
-# An incremental export of at most this many export chunks' worth of rows and deletions
-# (summed over tables) is copied at one instant, so it holds each mutation whole.
-ATOMIC_EXPORT_CHUNKS = 16
+Role = Literal["training", "serving"]
+ROLES: tuple[str, ...] = Role.__args__  # type: ignore[attr-defined]
+# An incremental export whose change-log and deletion-log entries (summed over tables; an
+# upper bound on its rows and deletions) are at most this many is copied at one instant, so
+# it holds each mutation whole. The bound also caps how long the copy holds the gate, and
+# how long a serving shard holds its own gate applying one such export as a unit.
+ATOMIC_EXPORT_ENTRIES = 262_144
 
 
 class ShardConfig(ConfigModel):
@@ -48,21 +51,28 @@ class ShardConfig(ConfigModel):
         export_chunk_rows: default rows per exported chunk (also capped by the two limits
             above, so an export always imports into a shard configured alike).
         initial_capacity: rows each table starts with.
+        max_time_ahead: seconds an update time (a mutation's data time, an imported row's
+            update time) may be ahead of this server's clock; later ones are refused, since
+            one far-future time would move the tables' data clock and expire every row.
     """
 
     shard: Annotated[int, Field(ge=0)]
     num_shards: Annotated[int, Field(ge=1)]
-    role: Literal["training", "serving"]
+    role: Role
     tables: Annotated[tuple[TableConfig, ...], LIST_AS_TUPLE, Field(min_length=1)]
     max_ids_per_request: Annotated[int, Field(ge=1)] = 1_000_000
-    max_message_bytes: Annotated[int, Field(ge=1)] = 64 * 1024 * 1024
+    max_message_bytes: Annotated[int, Field(ge=1, le=2**31 - 1)] = 64 * 1024 * 1024
     export_chunk_rows: Annotated[int, Field(ge=1)] = 65_536
     initial_capacity: Annotated[int, Field(ge=1)] = 1024
+    max_time_ahead: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 86_400.0
 
     @model_validator(mode="after")
     def _shard_in_range(self) -> ShardConfig:
         if self.shard >= self.num_shards:
             raise ValueError(f"shard: must be in 0..{self.num_shards - 1}, got {self.shard}")
+        names = [t.name for t in self.tables]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tables: names must be distinct, got {sorted(names)}")
         return self
 
 
@@ -147,7 +157,7 @@ class EmbeddingShard:
         if not training:
             with self._gate.read() if self.config.role == "serving" else contextlib.nullcontext():
                 return [self.tables[name].lookup(ids) for name, ids, _ in requests]
-        now = _resolve_time(update_time)
+        now = self._resolve_time(update_time)
         with self._mutation() as version:
             return [self.tables[name].lookup_train(ids, counts, now, version) for name, ids, counts in requests]
 
@@ -169,7 +179,7 @@ class EmbeddingShard:
                     f"{ids.shape[0]} ids x dim {dim}"
                 )
             require_finite(grads, f"table {name!r} gradients")
-        now = _resolve_time(update_time)
+        now = self._resolve_time(update_time)
         applied = filtered = 0
         with self._mutation() as version:
             for name, ids, grads in requests:
@@ -198,8 +208,8 @@ class EmbeddingShard:
         chunks, so applying the chunks in order (deletions first) gives the right rows.
 
         Cost and atomicity: an incremental export (since > 0) reads only the changes
-        after `since` (see EmbeddingTable's change log). When they fit in
-        ATOMIC_EXPORT_CHUNKS chunks they are all copied at that instant, so a mutation that
+        after `since` (see EmbeddingTable's change log). When they are at most
+        ATOMIC_EXPORT_ENTRIES they are all copied at that instant, so a mutation that
         touched several tables is in the export entirely or not at all. A full export
         (since 0), or a larger incremental one, reads each chunk when it is sent: it may
         also hold changes made after that instant (never fewer than those before it),
@@ -214,6 +224,8 @@ class EmbeddingShard:
             raise InvalidArgument(f"max_rows_per_chunk must be >= 0, got {max_rows}")
         for name in tables:
             self._table(name)
+        if len(set(tables)) != len(tables):
+            raise InvalidArgument(f"tables to export must be distinct, got {shorten(repr(list(tables)))}")
         names = list(tables) or list(self.tables)
         chunk_rows = {name: self._chunk_rows(self.tables[name], include_state, max_rows) for name in names}
         copied: dict[str, tuple[RowBatch, np.ndarray]] = {}
@@ -221,7 +233,7 @@ class EmbeddingShard:
             # No mutation is in flight: every one numbered up to `version` is applied, no later one.
             version = self.clock.current
             changes = sum(self.tables[name].change_count(since) for name in names) if since > 0 else -1
-            atomic = 0 <= changes <= ATOMIC_EXPORT_CHUNKS * max(chunk_rows.values())
+            atomic = 0 <= changes <= ATOMIC_EXPORT_ENTRIES
             if atomic:
                 copied = {name: _changes(self.tables[name], since, include_state) for name in names}
         if not atomic:
@@ -299,8 +311,8 @@ class EmbeddingShard:
         n = rows.ids.shape[0]
         if rows.values.shape[:1] != (n,) or rows.update_times.shape != (n,):
             raise InvalidArgument(
-                f"{what}: {n} ids, {rows.values.shape[0]} value rows and {rows.update_times.shape[0]} update_times "
-                "times; they must match"
+                f"{what}: {n} ids, {rows.values.shape[0]} value rows and {rows.update_times.shape[0]} update_times; "
+                "they must match"
             )
         if rows.values.ndim != 2 or rows.values.shape[1] not in (table.dim, table.width):
             raise InvalidArgument(
@@ -309,6 +321,8 @@ class EmbeddingShard:
             )
         self._check_ids([(name, np.concatenate([rows.ids, deleted_ids]), None)])
         require_finite(rows.values, f"{what} values")
+        if n:
+            self._resolve_time(float(rows.update_times.max()))
         return table
 
     def stats(self) -> dict[str, TableStats]:
@@ -326,8 +340,24 @@ class EmbeddingShard:
     def _table(self, name: str) -> EmbeddingTable:
         table = self.tables.get(name)
         if table is None:
-            raise InvalidArgument(f"unknown table {name!r}; this shard has: {', '.join(sorted(self.tables))}")
+            raise InvalidArgument(f"unknown table {shorten(repr(name))}; this shard has: {', '.join(sorted(self.tables))}")
         return table
+
+    def _resolve_time(self, update_time: float) -> float:
+        """The data time a mutation stamps: as given, or now for 0.
+
+        A time far ahead of this server's clock is refused: it would move every table's data
+        clock forward, and the next expiry sweep would evict every row.
+        """
+        now = time.time()
+        if not np.isfinite(update_time) or update_time < 0:
+            raise InvalidArgument(f"update_time must be a finite number of seconds >= 0, got {update_time}")
+        if update_time > now + self.config.max_time_ahead:
+            raise InvalidArgument(
+                f"update_time {update_time:.0f} is more than max_time_ahead={self.config.max_time_ahead:g} s "
+                f"ahead of this server's clock ({now:.0f})"
+            )
+        return update_time if update_time > 0 else now
 
     def _check_ids(self, requests: Sequence[tuple[str, np.ndarray, np.ndarray | None]]) -> None:
         """Rejects unknown or repeated tables, oversized requests and ids of other shards."""
@@ -358,12 +388,6 @@ class EmbeddingShard:
         row_bytes = 8 + 4 + 4 * (table.width if include_state else table.dim)
         fitting = max(1, (self.config.max_message_bytes - 4096) // row_bytes)
         return max(1, min(requested or self.config.export_chunk_rows, self.config.max_ids_per_request, fitting))
-
-
-def _resolve_time(update_time: float) -> float:
-    if not np.isfinite(update_time) or update_time < 0:
-        raise InvalidArgument(f"update_time must be a finite number of seconds >= 0, got {update_time}")
-    return update_time if update_time > 0 else time.time()
 
 
 def _apply_chunk(table: EmbeddingTable, rows: RowBatch, deleted_ids: np.ndarray, version: int) -> tuple[int, int]:

@@ -45,7 +45,7 @@ from monolith.api.embedding_ps.v1 import embedding_ps_pb2_grpc as pb_grpc
 from monolith.common.errors import MonolithError
 from monolith.common.wire import decode_array
 from monolith.embedding.table import RowBatch
-from monolith.embedding_ps.shard import ATOMIC_EXPORT_CHUNKS, EmbeddingShard
+from monolith.embedding_ps.shard import ATOMIC_EXPORT_ENTRIES, EmbeddingShard
 
 _LOGGER = logging.getLogger("monolith.embedding_ps.sync")
 
@@ -169,7 +169,7 @@ class ServingSync:
         self._timeout = timeout
         # Chunks must pass this shard's own per-request id limit when imported.
         self._chunk_rows = min(shard.config.export_chunk_rows, shard.config.max_ids_per_request)
-        self._unit_rows = ATOMIC_EXPORT_CHUNKS * self._chunk_rows
+        self._unit_rows = ATOMIC_EXPORT_ENTRIES
         self._channel = grpc.insecure_channel(training_address, options=list(_CHANNEL_OPTIONS))
         self._stub = pb_grpc.EmbeddingPSStub(self._channel)
         self._attempt_lock = threading.Lock()  # one attempt at a time: thread and callers
@@ -268,8 +268,9 @@ class ServingSync:
             return  # nothing happened on the training shard since
         # The chunks of one incremental export are applied as one unit, so serving lookups
         # never see part of a training step; the training shard copied them at one instant
-        # when they fit in ATOMIC_EXPORT_CHUNKS chunks. A larger export (not atomic on the
-        # training side either) is applied a unit of that size at a time, bounding memory.
+        # when they were at most ATOMIC_EXPORT_ENTRIES. A larger export (not atomic on the
+        # training side either) is applied a unit of that size at a time, bounding memory
+        # and how long serving lookups wait for a unit.
         try:
             version = since
             unit: list[tuple[str, RowBatch, np.ndarray, str]] = []
