@@ -81,37 +81,26 @@ class ReadWriteLock:
 class VersionClock:
     """A shard's version: every mutation takes the next number.
 
-    `stable()` is the highest version below which every mutation has finished, so an
-    export that reports it as complete never skips a change still being written.
+    An export fixes its version while the shard's gate keeps every mutation out (see
+    `EmbeddingShard.export`), so the clock keeps no record of mutations in flight.
     """
 
     def __init__(self, start: int = 0) -> None:
         self._lock = threading.Lock()
         self._current = start
-        self._in_flight: set[int] = set()
 
     @contextlib.contextmanager
     def mutation(self) -> Iterator[int]:
-        """Reserves the next version for the duration of one mutation."""
+        """The next version, for the duration of one mutation."""
         with self._lock:
             self._current += 1
             version = self._current
-            self._in_flight.add(version)
-        try:
-            yield version
-        finally:
-            with self._lock:
-                self._in_flight.discard(version)
+        yield version
 
     @property
     def current(self) -> int:
         """The newest version handed out."""
         return self._current
-
-    def stable(self) -> int:
-        """The newest version v such that every mutation numbered <= v has finished."""
-        with self._lock:
-            return min(self._in_flight) - 1 if self._in_flight else self._current
 
     def advance_to(self, version: int) -> None:
         """Moves the clock forward (after restoring a checkpoint); never backwards."""

@@ -72,6 +72,8 @@ class FeatureConfig(TableConfig):
 
     model_config = pydantic.ConfigDict(ignored_types=(functools.cached_property,))
 
+    # A table name is at most 256 characters; the bias table's adds "/bias".
+    name: Annotated[str, Field(min_length=1, max_length=256 - len(BIAS_SUFFIX))]
     source: Annotated[str, Field(min_length=1, max_length=256)]
     multi_valued: bool = False
     bias: BiasConfig | None = None
@@ -180,6 +182,14 @@ class ModelConfig(ConfigModel):
             if feature.name in names:
                 raise ValueError(f"features[{i}].name: duplicate feature name {feature.name!r}")
             names[feature.name] = i
+        sources: dict[str, int] = {}
+        for i, feature in enumerate(self.features):
+            if feature.source in sources:
+                raise ValueError(
+                    f"features[{i}].source: {feature.source!r} is already the source of features[{sources[feature.source]}]; "
+                    "each Predict input and example column feeds one feature"
+                )
+            sources[feature.source] = i
         for i, feature in enumerate(self.features):
             if feature.bias is not None and feature.bias_table.name in names:  # type: ignore[union-attr]
                 j = names[feature.bias_table.name]  # type: ignore[union-attr]
