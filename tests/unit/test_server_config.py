@@ -7,6 +7,7 @@ import argparse
 import pydantic
 import pytest
 
+from monolith.common.config import positive_seconds, seconds
 from monolith.common.errors import ConfigError
 from monolith.common.server import ServerConfig, add_server_arguments, server_config_from_args
 
@@ -68,3 +69,27 @@ def test_flags_out_of_range_are_a_config_error_naming_the_field() -> None:
 
     assert "port: input should be less than or equal to 65535, got 70000" in str(info.value)
     assert "max_message_bytes: input should be less than or equal to 2147483647" in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-1", "soon"])
+def test_interval_flags_refuse_what_would_break_a_periodic_task(text: str) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--every", type=positive_seconds)
+    parser.add_argument("--sweep", type=seconds)
+
+    for flag in ("--every", "--sweep"):
+        with pytest.raises(SystemExit) as info:
+            parser.parse_args([flag, text])
+        assert info.value.code == 2
+
+
+def test_interval_flags_take_finite_seconds() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--every", type=positive_seconds)
+    parser.add_argument("--sweep", type=seconds)
+
+    args = parser.parse_args(["--every", "0.5", "--sweep", "0"])
+
+    assert (args.every, args.sweep) == (0.5, 0.0)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--every", "0"])

@@ -9,6 +9,8 @@ message names each bad field by its path in the file, e.g.
 
 from __future__ import annotations
 
+import argparse
+import math
 from typing import Any, Annotated, TypeVar
 
 import pydantic
@@ -38,6 +40,29 @@ LIST_AS_TUPLE = BeforeValidator(_as_tuple)
 
 IntTuple = Annotated[tuple[Annotated[int, pydantic.Field(ge=1)], ...], LIST_AS_TUPLE]
 """A tuple of positive integers that YAML may write as a list."""
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds >= 0 (0 may mean "off" where a flag says so).
+
+    argparse's float accepts "nan" and "inf", which then pass every `<= 0` check and turn
+    a periodic task into a busy loop or kill its thread.
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text!r}")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds > 0."""
+    value = seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
+    return value
 
 
 def parse_config(cls: type[M], raw: Any, path: str = "") -> M:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from monolith.common.config import parse_config
+from monolith.common.config import parse_config, positive_seconds, seconds
 from monolith.common.periodic import PeriodicTask
 from monolith.common.server import (
     MonolithServer,
@@ -62,8 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--role", choices=ROLES, default="training", help="training or serving (read-only)")
     add_server_arguments(parser, port=50051, metrics_port=9090)
     parser.add_argument(
-        "--expire-interval", type=float, default=60.0,
-        help="seconds between expiry sweeps (none with --sync-from: expirations arrive from the training shard)",
+        "--expire-interval", type=seconds, default=60.0,
+        help="seconds between expiry sweeps; 0 turns them off (none with --sync-from: expirations arrive from the training shard)",
     )  # fmt: skip
     parser.add_argument("--max-ids-per-request", type=int, default=1_000_000, help="ids one request may carry")
     parser.add_argument(
@@ -72,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="training shard (same index) this serving shard follows: pulls its changes every --sync-interval",
     )
     parser.add_argument(
-        "--sync-interval", type=float, default=1.0, help="seconds between syncs from --sync-from (default 1)"
+        "--sync-interval", type=positive_seconds, default=1.0, help="seconds between syncs from --sync-from (default 1)"
     )
 
 

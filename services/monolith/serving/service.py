@@ -8,7 +8,7 @@ import logging
 import tensorflow as tf
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-from monolith.common.config import parse_config
+from monolith.common.config import parse_config, positive_seconds
 from monolith.common.server import (
     MonolithServer,
     ServerConfig,
@@ -43,8 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dense-ps", required=True, help="host:port of the dense-PS")
     parser.add_argument("--model-name", default="monolith", help="model_spec.name clients use")
     parser.add_argument("--signature-name", default="serving_default", help="model_spec.signature_name")
-    parser.add_argument("--dense-sync-interval", type=float, default=10.0, help="seconds between dense pulls")
-    parser.add_argument("--ps-timeout", type=float, default=5.0, help="seconds per embedding-PS lookup")
+    parser.add_argument("--dense-sync-interval", type=positive_seconds, default=10.0, help="seconds between dense pulls")
+    parser.add_argument("--ps-timeout", type=positive_seconds, default=5.0, help="seconds per embedding-PS lookup")
     parser.add_argument("--max-inflight", type=int, default=64, help="calls in flight before RESOURCE_EXHAUSTED")
     parser.add_argument("--workers", type=int, default=16, help="threads serving calls")
     defaults = RequestLimits()
