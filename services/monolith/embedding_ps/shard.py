@@ -268,18 +268,21 @@ class EmbeddingShard:
                 f"shard {self.config.shard} has role {self.config.role!r}: it changes only by sync from its training "
                 "shard; import into the training shard"
             )
-        return self.apply_synced_chunk(name, rows, deleted_ids, what)
+        return self._apply_one_chunk(name, rows, deleted_ids, what)
 
     def apply_synced_chunk(
         self, name: str, rows: RowBatch, deleted_ids: np.ndarray, what: str = ""
     ) -> tuple[int, int]:
         """Applies one chunk of the training shard's export, in any role, like `import_chunk`.
 
-        Only this process's own sync calls it; it is not reachable over gRPC.
+        Only this process's own sync calls it; no RPC reaches it.
 
         Returns:
             (rows upserted, rows deleted).
         """
+        return self._apply_one_chunk(name, rows, deleted_ids, what)
+
+    def _apply_one_chunk(self, name: str, rows: RowBatch, deleted_ids: np.ndarray, what: str) -> tuple[int, int]:
         table = self._checked_chunk(name, rows, deleted_ids, what)
         with self._mutation() as version:
             return _apply_chunk(table, rows, deleted_ids, version)
