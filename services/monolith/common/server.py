@@ -152,7 +152,18 @@ def add_server_arguments(parser: argparse.ArgumentParser, port: int, metrics_por
     parser.add_argument("--port", type=int, default=port, help=f"gRPC port (default {port}; 0 picks a free one)")
     parser.add_argument("--metrics-port", type=int, default=metrics_port,
                         help=f"Prometheus /metrics port (default {metrics_port}; 0 picks a free one)")  # fmt: skip
-    parser.add_argument("--max-message-mb", type=int, default=64, help="max gRPC message size in MiB")
+    parser.add_argument("--max-message-mb", type=_message_mb, default=64, help="max gRPC message size in MiB (1..2047)")
+
+
+def _message_mb(text: str) -> int:
+    """An argparse type: MiB that fit gRPC's message limit (a C int of bytes)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of MiB: {text!r}") from None
+    if not 1 <= value <= _INT32_MAX // (1024 * 1024):
+        raise argparse.ArgumentTypeError(f"must be in 1..{_INT32_MAX // (1024 * 1024)} MiB, got {value}")
+    return value
 
 
 def server_config_from_args(args: argparse.Namespace, **fields: Any) -> ServerConfig:
