@@ -62,7 +62,7 @@ def test_lookup_answers_in_input_order_across_shards_with_duplicates(ps_cluster:
     np.testing.assert_array_equal(same_answer, ids[:, None] == ids[None, :])
 
 
-def test_lookup_of_several_slots_in_one_call(ps_cluster: Cluster) -> None:
+def test_lookup_of_several_tables_in_one_call(ps_cluster: Cluster) -> None:
     items = np.concatenate([ps_cluster.ids_on("item", s, 2, start=200_000) for s in (0, 1)])
     tags = np.concatenate([ps_cluster.ids_on("tag", s, 2, start=200_000) for s in (0, 1)])
 
@@ -283,7 +283,7 @@ def test_incremental_export_holds_only_changes_since_the_version(make_cluster: C
     assert nothing == []
 
 
-def test_export_splits_into_chunks_and_filters_slots(make_cluster: Callable[..., Cluster]) -> None:
+def test_export_splits_into_chunks_and_filters_tables(make_cluster: Callable[..., Cluster]) -> None:
     cluster = make_cluster()
     _populate(cluster, 0, update_time=1_700_000_000)
     request = pb.ExportRequest(max_rows_per_chunk=3, tables=["tag", "item"], include_optimizer_state=True)
@@ -333,7 +333,7 @@ def test_serving_shard_serves_what_the_training_shards_export(
 # ---------------------------------------------------------------------- stats, metrics
 
 
-def test_stats_report_each_shard_and_slot(make_cluster: Callable[..., Cluster]) -> None:
+def test_stats_report_each_shard_and_table(make_cluster: Callable[..., Cluster]) -> None:
     cluster = make_cluster()
     u0, u1 = (cluster.ids_on("user", s, 1, start=0)[0] for s in (0, 1))
     i0, i1 = (cluster.ids_on("item", s, 1, start=0)[0] for s in (0, 1))
@@ -397,6 +397,6 @@ def test_metrics_endpoint_shows_entriesand_rpc_latencies(ps_cluster: Cluster) ->
     assert bucket, "sub-millisecond latency bucket missing"
 
 
-def test_client_rejects_a_slot_it_does_not_know_before_calling(ps_cluster: Cluster) -> None:
+def test_client_rejects_a_table_it_does_not_know_before_calling(ps_cluster: Cluster) -> None:
     with pytest.raises(ValueError, match=r"unknown table 'nope'"):
         ps_cluster.client.lookup({"item": np.array([1]), "nope": np.array([1])})

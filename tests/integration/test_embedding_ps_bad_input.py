@@ -155,7 +155,7 @@ def _lookup(cluster: Cluster, entries: list[pb.TableIds], mode: int = TRAINING, 
 
 @pytest.mark.parametrize("mode", [TRAINING, SERVING], ids=["training", "serving"])
 @pytest.mark.parametrize(("bad", "code", "fragments"), [c[1:] for c in BAD_SLOT_IDS], ids=[c[0] for c in BAD_SLOT_IDS])
-def test_lookup_rejects_bad_slot_ids(
+def test_lookup_rejects_bad_table_ids(
     ps_cluster: Cluster, ids: Ids, bad: Callable[[Ids], pb.TableIds], code: grpc.StatusCode,
     fragments: tuple[str, ...], mode: int,
 ) -> None:  # fmt: skip
@@ -163,7 +163,7 @@ def test_lookup_rejects_bad_slot_ids(
 
 
 @pytest.mark.parametrize(("bad", "code", "fragments"), [c[1:] for c in BAD_SLOT_IDS], ids=[c[0] for c in BAD_SLOT_IDS])
-def test_lookup_with_only_the_second_slot_bad_changes_nothing(
+def test_lookup_with_only_the_second_table_bad_changes_nothing(
     ps_cluster: Cluster, ids: Ids, bad: Callable[[Ids], pb.TableIds], code: grpc.StatusCode,
     fragments: tuple[str, ...],
 ) -> None:  # fmt: skip
@@ -177,7 +177,7 @@ def test_lookup_rejects_an_unspecified_mode(ps_cluster: Cluster, ids: Ids) -> No
     _assert_rejected(ps_cluster, ids, call, INVALID, "mode must be LOOKUP_MODE_TRAINING or LOOKUP_MODE_SERVING")
 
 
-def test_a_slot_name_of_100k_characters_is_echoed_cut_and_keeps_its_status(ps_cluster: Cluster, ids: Ids) -> None:
+def test_a_table_name_of_100k_characters_is_echoed_cut_and_keeps_its_status(ps_cluster: Cluster, ids: Ids) -> None:
     """Regression: the whole name went into the status message, past gRPC's metadata limit,
     and the client saw RESOURCE_EXHAUSTED "Stream removed" instead of INVALID_ARGUMENT."""
     name = "s" * 100_000
@@ -189,11 +189,12 @@ def test_a_slot_name_of_100k_characters_is_echoed_cut_and_keeps_its_status(ps_cl
             call()
         assert info.value.code() == INVALID, info.value.details()
         details = info.value.details()
-        assert len(details) <= 512 and "unknown table 'sss" in details and "chars cut" in details
+        assert len(details) <= 512 and "unknown table 'sss" in details
+        assert "(100002 characters)" in details or "chars cut" in details  # cut where echoed, or as a whole
         assert details.endswith("this shard has: item, tag, user")
 
 
-def test_lookup_rejects_a_slot_given_twice(ps_cluster: Cluster, ids: Ids) -> None:
+def test_lookup_rejects_a_table_given_twice(ps_cluster: Cluster, ids: Ids) -> None:
     entries = [_ids("item", ids.new["item"][:2]), _ids("tag", ids.new["tag"]), _ids("item", ids.new["item"][2:])]
 
     _assert_rejected(ps_cluster, ids, _lookup(ps_cluster, entries), INVALID, "table 'item' appears more than once")
@@ -220,7 +221,7 @@ def test_lookup_with_an_unknown_mode_value_is_rejected(ps_cluster: Cluster, ids:
     _assert_rejected(ps_cluster, ids, call, INVALID, "mode")
 
 
-def test_a_slot_given_twice_once_without_ids_is_rejected(ps_cluster: Cluster, ids: Ids) -> None:
+def test_a_table_given_twice_once_without_ids_is_rejected(ps_cluster: Cluster, ids: Ids) -> None:
     """The proto says a table may appear at most once, even when a repeat carries no ids.
 
     Regression: the shard once counted only repeats that carried ids, so
@@ -275,7 +276,7 @@ def _apply(cluster: Cluster, entries: list[pb.TableGradients], update_time: floa
 @pytest.mark.parametrize(
     ("bad", "code", "fragments"), [c[1:] for c in BAD_SLOT_GRADIENTS], ids=[c[0] for c in BAD_SLOT_GRADIENTS]
 )
-def test_apply_gradients_rejects_bad_slot_gradients(
+def test_apply_gradients_rejects_bad_table_gradients(
     ps_cluster: Cluster, ids: Ids, bad: Callable[[Ids], pb.TableGradients], code: grpc.StatusCode,
     fragments: tuple[str, ...],
 ) -> None:  # fmt: skip
@@ -285,7 +286,7 @@ def test_apply_gradients_rejects_bad_slot_gradients(
 @pytest.mark.parametrize(
     ("bad", "code", "fragments"), [c[1:] for c in BAD_SLOT_GRADIENTS], ids=[c[0] for c in BAD_SLOT_GRADIENTS]
 )
-def test_apply_gradients_with_only_the_second_slot_bad_changes_nothing(
+def test_apply_gradients_with_only_the_second_table_bad_changes_nothing(
     ps_cluster: Cluster, ids: Ids, bad: Callable[[Ids], pb.TableGradients], code: grpc.StatusCode,
     fragments: tuple[str, ...],
 ) -> None:  # fmt: skip
@@ -293,7 +294,7 @@ def test_apply_gradients_with_only_the_second_slot_bad_changes_nothing(
     _assert_rejected(ps_cluster, ids, _apply(ps_cluster, [good, bad(ids)]), code, *fragments)
 
 
-def test_apply_gradients_rejects_a_slot_given_twice(ps_cluster: Cluster, ids: Ids) -> None:
+def test_apply_gradients_rejects_a_table_given_twice(ps_cluster: Cluster, ids: Ids) -> None:
     known = ids.known["tag"]
     entries = [_grads("tag", known[:2], np.ones((2, 4))), _grads("tag", known[2:], np.ones((2, 4)))]
 

@@ -155,7 +155,7 @@ def test_apply_gradients_reports_updated_and_dropped() -> None:
     assert shard.stats()["user"].filtered_gradients == 3
 
 
-def test_expire_runs_every_slot() -> None:
+def test_expire_runs_every_table() -> None:
     shard = trained_shard()
 
     evicted = shard.expire(now=1105.0)
@@ -167,7 +167,7 @@ def test_expire_runs_every_slot() -> None:
 # -------------------------------------------------------------- rejections
 
 
-def test_unknown_slot_is_rejected_everywhere() -> None:
+def test_unknown_table_is_rejected_everywhere() -> None:
     shard = trained_shard()
     rows = RowBatch(USER[:1], np.zeros((1, 4), np.float32), np.zeros(1, np.uint32))
 
@@ -200,7 +200,7 @@ def test_ids_of_another_shard_are_rejected() -> None:
         shard.import_chunk("user", no_rows, FOREIGN_USER)
 
 
-def test_routing_is_per_slot() -> None:
+def test_routing_is_per_table() -> None:
     # An id can belong to shard 0 in one table and to shard 1 in another.
     candidates = ids_for("user", 0, 200)
     item_owner = route_to_shards(candidates, stable_hash64("item"), 2)
@@ -290,7 +290,7 @@ def test_bad_update_time_is_rejected(update_time: float) -> None:
         shard.apply_gradients([("user", USER[:1], np.ones((1, 4), np.float32))], update_time)
 
 
-def test_a_slot_repeated_in_one_request_is_rejected() -> None:
+def test_a_table_repeated_in_one_request_is_rejected() -> None:
     shard = trained_shard()
 
     with rejected(shard, InvalidArgument, "table 'user' appears more than once"):
@@ -298,38 +298,38 @@ def test_a_slot_repeated_in_one_request_is_rejected() -> None:
 
 
 @pytest.mark.parametrize(
-    ("bad_slot", "match"),
+    ("bad_table", "match"),
     [
         (("item", FOREIGN_ITEM, None), "belong to other shards"),
         (("item", ITEM[:2], np.array([1, 0], np.int32)), "counts must be >= 1"),
         (("genre", ITEM[:2], None), "unknown table"),
     ],
 )
-def test_one_bad_slot_fails_the_whole_lookup(bad_slot: tuple[str, np.ndarray, Any], match: str) -> None:
+def test_one_bad_table_fails_the_whole_lookup(bad_table: tuple[str, np.ndarray, Any], match: str) -> None:
     shard = trained_shard()
     new_users = ids_for("user", 0, 5, offset=10**6)
 
     with rejected(shard, InvalidArgument, match):
-        shard.lookup([("user", new_users, None), bad_slot], True, 1000.0)
+        shard.lookup([("user", new_users, None), bad_table], True, 1000.0)
     assert not shard.tables["user"].contains(new_users).any()
 
 
 @pytest.mark.parametrize(
-    ("bad_slot", "match"),
+    ("bad_table", "match"),
     [
         (("item", ITEM[:2], np.full((2, 2), np.nan, np.float32)), "non-finite"),
         (("item", ITEM[:2], np.ones((2, 3), np.float32)), "do not match"),
         (("item", FOREIGN_ITEM[:2], np.ones((2, 2), np.float32)), "belong to other shards"),
     ],
 )
-def test_one_bad_slot_fails_the_whole_gradient_request(
-    bad_slot: tuple[str, np.ndarray, np.ndarray], match: str
+def test_one_bad_table_fails_the_whole_gradient_request(
+    bad_table: tuple[str, np.ndarray, np.ndarray], match: str
 ) -> None:
     shard = trained_shard()
-    good_slot = ("user", USER[:5], np.ones((5, 4), np.float32))
+    good_table = ("user", USER[:5], np.ones((5, 4), np.float32))
 
     with rejected(shard, InvalidArgument, match):
-        shard.apply_gradients([good_slot, bad_slot], 2000.0)
+        shard.apply_gradients([good_table, bad_table], 2000.0)
 
 
 def test_bad_import_chunks_are_rejected() -> None:
@@ -437,7 +437,7 @@ def test_export_chunks_fit_the_request_limit_of_a_shard_configured_alike() -> No
         assert rows_of(serving, name, False) == rows_of(source, name, False)
 
 
-def test_export_of_selected_slots() -> None:
+def test_export_of_selected_tables() -> None:
     shard = trained_shard()
 
     chunks = list(shard.export(0, False, 0, tables=["item"]))

@@ -252,7 +252,7 @@ def test_a_recreated_row_starts_identical() -> None:
     np.testing.assert_array_equal(state_of(table, 5)[4:], np.full(4, 0.1, np.float32))
 
 
-def test_initial_vectors_depend_on_slot_name_and_seed_only() -> None:
+def test_initial_vectors_depend_on_table_name_and_seed_only() -> None:
     ids = np.arange(-500, 500, dtype=np.int64) * 31337
     base = make_table(name="user", seed=3).lookup_train(ids, None, 1.0, 1)
 

@@ -1,13 +1,10 @@
-"""Exceptions that know their gRPC status code.
+"""Exceptions that know their gRPC status code, by name: this module imports no gRPC.
 
-Cores raise these; `ErrorAndMetricsInterceptor` turns them into `context.abort(code,
+Cores (the table engine, the model, configs) raise these without depending on gRPC; `ErrorAndMetricsInterceptor` turns them into `context.abort(code,
 str(exc))` in one place, so servicers never catch exceptions themselves.
 """
 
 from __future__ import annotations
-
-import grpc
-
 
 MAX_ECHO_CHARS = 200  # a client's value echoed in a message is cut to this length
 
@@ -29,58 +26,59 @@ class MonolithError(Exception):
     """Base of all errors with a gRPC status; the message is `str(exc)`.
 
     Attributes:
-        code: The status the client sees. INTERNAL unless a subclass says otherwise.
+        code: The name of the gRPC status the client sees (a `grpc.StatusCode` member's
+            name, so that cores need not import gRPC). INTERNAL unless a subclass says otherwise.
     """
 
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    code: str = "INTERNAL"
 
 
 class InvalidArgument(MonolithError):
     """The request is malformed, whatever the server's state."""
 
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    code = "INVALID_ARGUMENT"
 
 
 class NotFound(MonolithError):
     """A named entity (table, row, checkpoint) does not exist."""
 
-    code = grpc.StatusCode.NOT_FOUND
+    code = "NOT_FOUND"
 
 
 class FailedPrecondition(MonolithError):
     """The server is not in a state to do this (e.g. no shard id assigned yet)."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    code = "FAILED_PRECONDITION"
 
 
 class ResourceExhausted(MonolithError):
     """A capacity limit was hit (table full, too many rows in one request)."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = "RESOURCE_EXHAUSTED"
 
 
 class Unavailable(MonolithError):
     """A transient failure; the client may retry."""
 
-    code = grpc.StatusCode.UNAVAILABLE
+    code = "UNAVAILABLE"
 
 
 class AlreadyExists(MonolithError):
     """The entity the client tried to create is already there."""
 
-    code = grpc.StatusCode.ALREADY_EXISTS
+    code = "ALREADY_EXISTS"
 
 
 class OutOfRange(MonolithError):
     """A valid kind of value outside the range the server accepts (e.g. a shard index)."""
 
-    code = grpc.StatusCode.OUT_OF_RANGE
+    code = "OUT_OF_RANGE"
 
 
 class DeadlineExceeded(MonolithError):
     """The client's deadline passed before the work was done; the rest was abandoned."""
 
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    code = "DEADLINE_EXCEEDED"
 
 
 _BY_CODE = {
@@ -89,20 +87,17 @@ _BY_CODE = {
 }
 
 
-def from_rpc_error(exc: grpc.RpcError, what: str) -> MonolithError:
-    """An error of ours for a failed call to another service, keeping its status.
+def from_rpc_error(exc: Exception, what: str) -> MonolithError:
+    """An error of ours for a failed call to another service (a grpc.RpcError), keeping its status.
 
     A deadline or a lost connection becomes UNAVAILABLE (the caller may retry); other
     codes keep their class; the message names the peer (`what`) and its details.
     """
-    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-    details = exc.details() if hasattr(exc, "details") else str(exc)
-    if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
-        code = grpc.StatusCode.UNAVAILABLE
-    error = _BY_CODE.get(code, MonolithError)(f"{what}: {code.name}: {details}")
-    if type(error) is MonolithError:
-        error.code = grpc.StatusCode.INTERNAL
-    return error
+    code = exc.code().name if hasattr(exc, "code") else "UNKNOWN"  # type: ignore[attr-defined]
+    details = exc.details() if hasattr(exc, "details") else str(exc)  # type: ignore[attr-defined]
+    if code in ("DEADLINE_EXCEEDED", "CANCELLED"):
+        code = "UNAVAILABLE"
+    return _BY_CODE.get(code, MonolithError)(f"{what}: {code}: {details}")
 
 
 # Status details travel in a trailer, percent-encoded (up to 12 bytes per character);

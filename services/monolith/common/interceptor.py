@@ -70,7 +70,7 @@ def _status_of(
     if not context.is_active():
         return grpc.StatusCode.CANCELLED, None
     if isinstance(exc, MonolithError):
-        return exc.code, bounded_details(str(exc))
+        return grpc.StatusCode[exc.code], bounded_details(str(exc))
     _LOGGER.error("unexpected error in %s", method, exc_info=exc)
     return grpc.StatusCode.INTERNAL, bounded_details(f"internal error: {type(exc).__name__}: {exc}")
 

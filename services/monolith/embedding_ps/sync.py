@@ -435,7 +435,7 @@ def _describe(exc: Exception) -> str:
     if isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call):
         return f"{exc.code().name}: {exc.details()}"
     if isinstance(exc, MonolithError):
-        return f"{exc.code.name}: {exc}"
+        return f"{exc.code}: {exc}"
     return f"{type(exc).__name__}: {exc}"
 
 
