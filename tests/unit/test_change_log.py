@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from monolith.common.errors import FailedPrecondition
+from monolith.embedding import change_log as change_log_module
 from monolith.embedding import table as table_module
 from monolith.embedding.config import AdmissionConfig, InitializerConfig, OptimizerConfig, TableConfig
 from monolith.embedding.table import EmbeddingTable, RowBatch
@@ -39,14 +40,9 @@ DEADLINE = 30.0  # seconds a test waits for a condition before failing
 def small_limits() -> Iterator[None]:
     """Limits small enough that a short sequence compacts the change log, thins cut
     records, forgets deletions and sweeps in several windows."""
-    with mock.patch.multiple(
-        table_module,
-        LOG_SLACK=4,
-        MAX_CUTS=4,
-        MAX_DELETION_LOG=10,
-        EXPIRY_WINDOW_ROWS=5,
-        EXPIRY_WINDOW_EVICTIONS=3,
-        EXPIRY_SCAN_ROWS=7,
+    with (
+        mock.patch.multiple(change_log_module, LOG_SLACK=4, MAX_CUTS=4, MAX_DELETION_LOG=10),
+        mock.patch.multiple(table_module, EXPIRY_WINDOW_ROWS=5, EXPIRY_WINDOW_EVICTIONS=3, EXPIRY_SCAN_ROWS=7),
     ):
         yield
 
@@ -146,7 +142,7 @@ def test_incremental_export_brings_any_earlier_copy_up_to_date(
                 chunks = list(shard.export(since, True, chunk_rows))
             except FailedPrecondition:
                 # Only when deletions after `since` were forgotten; the consumer copies in full.
-                assert any(since < t._deletions_floor for t in shard.tables.values())
+                assert any(since < t._change_log.deletions_floor for t in shard.tables.values())
                 continue
             for chunk in chunks:
                 assert chunk.version == shard.version
@@ -193,7 +189,7 @@ def test_incremental_export_of_a_table_on_its_own(
             try:
                 deleted = table.deleted_since(since)
             except LookupError:
-                assert since < table._deletions_floor
+                assert since < table._change_log.deletions_floor
                 continue
             apply_changes({"t": copy}, "t", RowBatch(np.zeros(0, np.int64), np.zeros((0, 6), np.float32),
                                                      np.zeros(0, np.uint32)), deleted)  # fmt: skip
@@ -221,7 +217,7 @@ def test_incremental_export_reads_only_the_changes() -> None:
 
 
 def test_change_log_is_compacted_to_the_live_rows_and_exports_stay_exact() -> None:
-    with mock.patch.object(table_module, "LOG_SLACK", 16):
+    with mock.patch.object(change_log_module, "LOG_SLACK", 16):
         table = EmbeddingTable(TABLES[0], initial_capacity=8)
         table.lookup_train(np.arange(100), None, 1000.0, 1)
         for version in range(2, 40):
@@ -237,7 +233,7 @@ def test_change_log_is_compacted_to_the_live_rows_and_exports_stay_exact() -> No
 
 
 def test_compaction_moves_cuts_with_the_entries_they_point_at() -> None:
-    with mock.patch.object(table_module, "LOG_SLACK", 0):
+    with mock.patch.object(change_log_module, "LOG_SLACK", 0):
         table = EmbeddingTable(TABLES[0], initial_capacity=8)
         ids = np.arange(10, dtype=np.int64)
         table.lookup_train(ids, None, 1000.0, 1)
@@ -271,7 +267,7 @@ def test_mutations_arriving_out_of_version_order_are_never_missed() -> None:
 
 
 def test_cuts_stay_exact_when_old_deletions_are_forgotten() -> None:
-    with mock.patch.object(table_module, "MAX_DELETION_LOG", 10):
+    with mock.patch.object(change_log_module, "MAX_DELETION_LOG", 10):
         table = EmbeddingTable(TABLES[0], initial_capacity=8)
         table.lookup_train(np.arange(100), None, 1000.0, 1)
         for version in range(2, 9):  # 7 deletions before cut 8 (placed when version 9 arrives)
@@ -286,7 +282,7 @@ def test_cuts_stay_exact_when_old_deletions_are_forgotten() -> None:
 
 
 def test_thinned_cuts_only_make_exports_resend_more() -> None:
-    with mock.patch.object(table_module, "MAX_CUTS", 4):
+    with mock.patch.object(change_log_module, "MAX_CUTS", 4):
         table = EmbeddingTable(TABLES[0], initial_capacity=8)
         for version in range(1, 13):  # id v is created at version v, with a cut before it
             table.lookup_train(np.array([version]), None, 1000.0, version)

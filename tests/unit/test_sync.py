@@ -15,7 +15,7 @@ import pytest
 
 from monolith.api.embedding_ps.v1 import embedding_ps_pb2 as pb
 from monolith.common.server import MonolithServer, ServerConfig
-from monolith.embedding import table as table_module
+from monolith.embedding import change_log
 from monolith.embedding.config import AdmissionConfig, OptimizerConfig, TableConfig
 from monolith.embedding.hashing import stable_hash64
 from monolith.embedding_ps import shard as shard_module
@@ -236,7 +236,7 @@ def test_expired_rows_disappear_from_serving(training: TrainingServers, follow: 
 def test_forgotten_deletions_fall_back_to_a_full_copy(
     training: TrainingServers, follow: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(table_module, "MAX_DELETION_LOG", 4)
+    monkeypatch.setattr(change_log, "MAX_DELETION_LOG", 4)
     train(training.shard, 1000.0)
     serving, sync = follow(training.address)
     sync.sync_once()

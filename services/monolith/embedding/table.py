@@ -11,22 +11,14 @@ passes (the batch's example time, or the wall clock), and expiry compares rows w
 newest update time the table has seen, so a replay of old data expires rows as the live
 system would have, and a pause in training expires nothing.
 
-Changes since a version, in time proportional to the changes: rows carry no version.
-Instead the kernels append the row of every creation, update and import to a change log
-(compacted to the last entry of each live row when it grows past twice the live rows),
-and the table keeps *cuts*: (version, log position, deletion-log position) records. When
-a mutation arrives with a version above every version the table has seen, it first
-records a cut at the newest version seen so far: every entry before the cut came from a
-mutation numbered at most that, whatever order concurrent mutations arrive in. So the
-changes after version S lie at or after the positions of the newest cut at or below S
-(or nowhere, if S is at least the newest version seen). Such an export may repeat a few
-rows changed at or before S (cuts are thinned as they age; mutations may arrive out of
-order), never misses one, provided every mutation numbered up to S had been applied
-when the consumer's copy was taken (a shard's export guarantees it for the version it
-reports).
+Changes since a version, in time proportional to the changes: the kernels append the
+row of every creation, update and import to a change log, and the table's `ChangeLog`
+(see change_log) keeps the cuts that map versions to log positions, compacts the log,
+and remembers deleted ids.
 
 Thread safety: reads take a shared lock, mutations an exclusive one (see concurrency);
-the expiry sweep takes it one bounded window at a time.
+the expiry sweep takes it one bounded window at a time. The same lock protects the
+change log's bookkeeping.
 """
 
 from __future__ import annotations
@@ -39,15 +31,13 @@ from typing import Callable, ContextManager, Iterator
 import numpy as np
 
 from monolith.embedding import id_map, table_kernels
+from monolith.embedding.change_log import ChangeLog
 from monolith.embedding.concurrency import ReadWriteLock
 from monolith.embedding.config import TableConfig
 from monolith.embedding.hashing import stable_hash64
 from monolith.embedding.row_math import OPTIMIZER_CODES, hyper_parameters, initializer_params
 from monolith.embedding.table_kernels import FREE, NEWEST_TIME, PendingArrays, TableArrays, TableParams
 
-MAX_DELETION_LOG = 1 << 20  # deletions remembered per table; older ones need a full export
-MAX_CUTS = 1024  # cut records kept per table; older ones are thinned (exports then resend more)
-LOG_SLACK = 65_536  # the change log is compacted when longer than 2 x live rows + this
 GROWTH = 1.125  # arena growth factor: small, so spare rows cost little memory (copies are cheap)
 MIN_GROWTH_ROWS = 1024
 EXPIRY_WINDOW_ROWS = 65_536  # rows one write-locked expiry step scans at most
@@ -134,18 +124,7 @@ class EmbeddingTable:
             seed=np.uint64(rng.integers(0, 2**63)),
         )
 
-        self._deleted_ids = np.zeros(0, dtype=np.int64)
-        self._deleted_versions = np.zeros(0, dtype=np.int64)
-        self._num_deleted = 0
-        self._deletions_floor = 0  # deletions at or below this version were forgotten
-        self._spare_deletions: tuple[np.ndarray, np.ndarray] | None = None  # see _prepare_deletion_room
-
-        # Cut records, oldest first: versions ascending, positions non-decreasing.
-        self._cut_versions = np.zeros(MAX_CUTS, dtype=np.int64)
-        self._cut_log = np.zeros(MAX_CUTS, dtype=np.int64)
-        self._cut_deletions = np.zeros(MAX_CUTS, dtype=np.int64)
-        self._num_cuts = 0
-        self._newest_version = 0  # the highest version of a mutation seen
+        self._change_log = ChangeLog(config.name)  # cuts and deletions; guarded by self._lock
 
         self._max_update_time = 0
         self._admissions = 0
@@ -270,7 +249,7 @@ class EmbeddingTable:
                 count, position = table_kernels.expire_window(
                     self._t, self._pending, cutoff, position, EXPIRY_WINDOW_ROWS, evicted
                 )
-                self._log_deletions(evicted[:count], version)
+                self._change_log.log_deletions(evicted[:count], version)
                 self._evictions += count
             total += count
             if position >= 0:
@@ -298,7 +277,7 @@ class EmbeddingTable:
         with self._lock.write():
             self._begin_mutation(version, 0)
             count = table_kernels.delete_ids(self._t, ids)
-            self._log_deletions(ids, version)
+            self._change_log.log_deletions(ids, version)
         return count
 
     # ---------------------------------------------------------------- export
@@ -327,7 +306,7 @@ class EmbeddingTable:
                 if rows.shape[0]:
                     yield batch
         with self._lock.read():
-            rows = self._changed_rows(since)
+            rows = self._change_log.changed_rows(self._t, since)
         for start in range(0, rows.shape[0], max_rows):
             with self._lock.read():
                 # A row freed since the log was read is no change to send (its deletion is).
@@ -345,14 +324,13 @@ class EmbeddingTable:
                 consumer needs a full export instead.
         """
         with self._lock.read():
-            return self._deleted_since(since)
+            return self._change_log.deleted_since(self._t, since)
 
     def change_count(self, since: int) -> int:
         """An upper bound on the rows and deletions an export since `since` would list:
         the change-log and deletion-log entries after its cut. O(1)."""
         with self._lock.read():
-            log_start, deletions_start = self._cut_for(since)
-            return int(self._t.meta[table_kernels.META_LOG]) - log_start + self._num_deleted - deletions_start
+            return self._change_log.change_count(self._t, since)
 
     def changes_since(self, since: int, include_state: bool) -> tuple[RowBatch, np.ndarray]:
         """Every row changed and id deleted after version `since` (> 0), copied now, at once.
@@ -368,8 +346,8 @@ class EmbeddingTable:
         """
         width = self.width if include_state else self.dim
         with self._lock.read():
-            deleted = self._deleted_since(since)
-            return self._rows_batch(self._changed_rows(since), width), deleted
+            deleted = self._change_log.deleted_since(self._t, since)
+            return self._rows_batch(self._change_log.changed_rows(self._t, since), width), deleted
 
     def stats(self) -> TableStats:
         """Live rows, bytes held, and the admission/filter/eviction counters."""
@@ -377,12 +355,10 @@ class EmbeddingTable:
             arrays = (
                 *(a for a in self._t if isinstance(a, np.ndarray)),
                 *(a for a in self._pending if isinstance(a, np.ndarray)),
-                self._deleted_ids, self._deleted_versions, self._cut_versions, self._cut_log, self._cut_deletions,
-                *(self._spare_deletions or ()),
-            )  # fmt: skip
+            )
             return TableStats(
                 rows=int(self._t.meta[id_map.META_LIVE]),
-                bytes=sum(a.nbytes for a in arrays),
+                bytes=sum(a.nbytes for a in arrays) + self._change_log.nbytes,
                 admissions=self._admissions,
                 filtered_gradients=self._filtered,
                 evictions=self._evictions,
@@ -405,9 +381,7 @@ class EmbeddingTable:
             new_rows: rows it may create.
             log_entries: change-log entries it may append; default new_rows.
         """
-        if version > self._newest_version:
-            self._record_cut(self._newest_version)
-            self._newest_version = version
+        self._change_log.begin_mutation(self._t, version)
         if new_rows:
             self._reserve(new_rows)
         entries = new_rows if log_entries is None else log_entries
@@ -415,47 +389,6 @@ class EmbeddingTable:
             # Only mutations that append compact the log: an expiry window or a deletion
             # never pays for it, so a sweep's write-locked steps stay short.
             self._reserve_log(entries)
-
-    def _record_cut(self, version: int) -> None:
-        """Records the log positions now as a cut at `version` (caller holds the write lock)."""
-        n = self._num_cuts
-        if n == MAX_CUTS:
-            # Thin the older half; an export since a dropped cut starts from the cut
-            # before it, which only resends more.
-            keep = np.concatenate([np.arange(0, n // 2, 2), np.arange(n // 2, n)])
-            for array in (self._cut_versions, self._cut_log, self._cut_deletions):
-                array[: keep.shape[0]] = array[keep]
-            n = keep.shape[0]
-        self._cut_versions[n] = version
-        self._cut_log[n] = self._t.meta[table_kernels.META_LOG]
-        self._cut_deletions[n] = self._num_deleted
-        self._num_cuts = n + 1
-
-    def _cut_for(self, since: int) -> tuple[int, int]:
-        """(change-log, deletion-log) positions from which every change after `since` lies."""
-        if since <= 0:
-            return 0, 0
-        if since >= self._newest_version:
-            return int(self._t.meta[table_kernels.META_LOG]), self._num_deleted
-        i = int(np.searchsorted(self._cut_versions[: self._num_cuts], since, side="right")) - 1
-        if i < 0:
-            return 0, 0
-        return int(self._cut_log[i]), int(self._cut_deletions[i])
-
-    def _changed_rows(self, since: int) -> np.ndarray:
-        """Distinct live rows changed after `since` (caller holds a lock)."""
-        start, _ = self._cut_for(since)
-        return table_kernels.changed_rows(self._t, start, int(self._t.meta[table_kernels.META_LOG]))
-
-    def _deleted_since(self, since: int) -> np.ndarray:
-        if since < self._deletions_floor:
-            raise LookupError(
-                f"table {self.config.name!r} remembers deletions only after version {self._deletions_floor}, "
-                f"not since {since}: a full export is needed"
-            )
-        _, start = self._cut_for(since)
-        versions = self._deleted_versions[start : self._num_deleted]
-        return self._deleted_ids[start : self._num_deleted][versions > since]
 
     def _rows_batch(self, rows: np.ndarray, width: int) -> RowBatch:
         return RowBatch(
@@ -503,14 +436,8 @@ class EmbeddingTable:
     def _reserve_log(self, extra: int) -> None:
         """Makes room for `extra` change-log entries, compacting the log when it is long."""
         t = self._t
+        self._change_log.compact_if_long(t)
         length = int(t.meta[table_kernels.META_LOG])
-        if length > 2 * int(t.meta[id_map.META_LIVE]) + LOG_SLACK:
-            # Each live row keeps its last entry; cut positions follow. Amortized O(1) per
-            # entry: at least live + LOG_SLACK entries were appended since the last time.
-            positions = self._cut_log[: self._num_cuts].copy()
-            table_kernels.compact_log(t, positions)
-            self._cut_log[: self._num_cuts] = positions
-            length = int(t.meta[table_kernels.META_LOG])
         capacity = t.log.shape[0]
         if length + extra > capacity:
             capacity = max(length + extra, int(capacity * GROWTH), capacity + MIN_GROWTH_ROWS)
@@ -538,44 +465,12 @@ class EmbeddingTable:
         """Allocates a larger deletion log now, without the lock, if `extra` more deletions
         would need one: faulting in megabytes of fresh pages takes tens of milliseconds,
         which the write-locked step that uses it then does not spend."""
-        n, capacity = self._num_deleted, self._deleted_ids.shape[0]
-        if n + extra <= capacity or n + extra > MAX_DELETION_LOG or self._spare_deletions is not None:
-            return
-        size = max(n + extra, 2 * capacity, 1024)
-        spare = (np.zeros(size, np.int64), np.zeros(size, np.int64))
-        for array in spare:
-            array.fill(0)  # np.zeros maps pages lazily; touch them here
-        # Published only once filled, and under the lock `_log_deletions` runs under, so a
-        # mutation never takes (and fills) a spare this sweep is still writing.
-        with self._lock.write():
-            if self._spare_deletions is None:
-                self._spare_deletions = spare
-
-    def _log_deletions(self, ids: np.ndarray, version: int) -> None:
-        n, k = self._num_deleted, ids.shape[0]
-        if k == 0:
-            return
-        if n + k > MAX_DELETION_LOG and n >= 2:
-            # Forget the older half so the log stays bounded; consumers that are further
-            # behind than that get a full export instead.
-            drop = n // 2
-            self._deletions_floor = max(self._deletions_floor, int(self._deleted_versions[:drop].max()))
-            n -= drop
-            self._deleted_ids[:n] = self._deleted_ids[drop : drop + n]
-            self._deleted_versions[:n] = self._deleted_versions[drop : drop + n]
-            cuts = self._cut_deletions[: self._num_cuts]
-            np.maximum(cuts - drop, 0, out=cuts)
-        if n + k > self._deleted_ids.shape[0]:
-            spare, self._spare_deletions = self._spare_deletions, None
-            if spare is None or spare[0].shape[0] < n + k:
-                capacity = max(n + k, 2 * self._deleted_ids.shape[0], 1024)
-                spare = (np.empty(capacity, np.int64), np.empty(capacity, np.int64))
-            spare[0][:n] = self._deleted_ids[:n]
-            spare[1][:n] = self._deleted_versions[:n]
-            self._deleted_ids, self._deleted_versions = spare
-        self._deleted_ids[n : n + k] = ids
-        self._deleted_versions[n : n + k] = version
-        self._num_deleted = n + k
+        spare = self._change_log.deletion_spare(extra)
+        if spare is not None:
+            # Published only once filled, and under the lock `log_deletions` runs under, so
+            # a mutation never takes (and fills) a spare this sweep is still writing.
+            with self._lock.write():
+                self._change_log.publish_spare(spare)
 
 
 def _cache_aligned_zeros(shape: tuple[int, int]) -> np.ndarray:
