@@ -7,3 +7,15 @@ import os
 # TensorFlow is first imported, hence here. The lines TensorFlow prints before its logging
 # reads it are filtered by `monolith.common.tf_startup`, at the same level.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# gRPC's EventEngine (on for Python since grpcio 1.80) moves every call's socket work to
+# its own threads, so each unary call of our synchronous servers and clients crosses
+# threads a few more times. With the calling thread polling instead (these experiments
+# off), a loopback call costs ~30% less CPU on the client and ~25% less on the server
+# (measured with grpcio 1.85.1), and a Predict over 2 embedding-PS shards ~8% less in
+# total. gRPC reads the variable once, when it is first imported, hence here; setting
+# GRPC_EXPERIMENTS yourself overrides it. (These experiments are due to be removed in a
+# later grpcio; the variable is then ignored and gRPC simply uses its EventEngine.)
+os.environ.setdefault(
+    "GRPC_EXPERIMENTS", "-event_engine_client,-event_engine_listener,-event_engine_for_all_other_endpoints"
+)
