@@ -16,16 +16,16 @@ from monolith.embedding.concurrency import VersionClock
 from monolith.embedding.config import TableConfig
 from monolith.embedding.hashing import stable_hash64
 from monolith.embedding.table import EmbeddingTable
-from monolith.embedding.table_kernels import gather, sum_duplicates
-from monolith.embedding_ps.routing import dedupe_and_route
+from monolith.embedding.table_kernels import sum_duplicates
+from monolith.embedding_ps.routing import dedupe_and_route, dedupe_and_route_tables, unpack_rows
 from monolith.model.config import DenseOptimizerConfig
 
 
 class LocalEmbeddings:
     """In-memory tables with the sharded client's semantics (dedupe, occurrence counts).
 
-    Ids are deduped, counted and gathered back by the same kernels the sharded client
-    runs (one shard), so a comparison of the two measures the network, not two dedupes.
+    Ids are deduped, counted and put back in order by the same kernels the sharded client
+    runs (with one shard), so a comparison of the two measures the network, not two dedupes.
     """
 
     def __init__(self, tables: tuple[TableConfig, ...]) -> None:
@@ -42,18 +42,32 @@ class LocalEmbeddings:
     def lookup(
         self, features: Mapping[str, np.ndarray], training: bool = False, update_time: float = 0.0
     ) -> dict[str, np.ndarray]:
-        out = {}
+        # As the sharded client does it: every table routed (to one shard) in one kernel
+        # call, the rows put back in input order by another.
+        names = tuple(features)
+        arrays = [np.ascontiguousarray(ids, dtype=np.int64).reshape(-1) for ids in features.values()]
+        offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+        np.cumsum([a.shape[0] for a in arrays], out=offsets[1:])
+        dims = np.array([self.tables[n].dim for n in names], dtype=np.int64)
+        salts = np.array([self._salts[n] for n in names], dtype=np.uint64)
+        flat = np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
+        unique, counts, bounds, source = dedupe_and_route_tables(flat, offsets, salts, dims, np.uint64(1))
+        blocks = []
         with self._clock.mutation() as version:
-            for name, ids in features.items():
-                table = self.tables[name]
-                unique, inverse, counts = self._dedupe(name, ids)
+            for t, name in enumerate(names):
+                ids, table = unique[bounds[t] : bounds[t + 1]], self.tables[name]
                 if training:
-                    rows = table.lookup_train(unique, counts, update_time, version)
+                    blocks.append(table.lookup_train(ids, counts[bounds[t] : bounds[t + 1]], update_time, version))
                 else:
-                    rows = table.lookup(unique)
-                out[name] = np.empty((inverse.shape[0], table.dim), np.float32)
-                gather(rows, inverse, out[name])
-        return out
+                    blocks.append(table.lookup(ids))
+        values = np.concatenate([b.reshape(-1) for b in blocks]) if blocks else np.zeros(0, np.float32)
+        out = np.empty(int(np.dot(np.diff(offsets), dims)), dtype=np.float32)
+        unpack_rows(values, source, offsets, dims, out)
+        result, start = {}, 0
+        for name, n, dim in zip(names, np.diff(offsets).tolist(), dims.tolist()):
+            result[name] = out[start : start + n * dim].reshape(n, dim)
+            start += n * dim
+        return result
 
     def apply_gradients(
         self, gradients: Mapping[str, tuple[np.ndarray, np.ndarray]], update_time: float = 0.0
