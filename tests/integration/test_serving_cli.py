@@ -176,7 +176,7 @@ def test_a_sync_interval_of_0_is_refused_with_exit_2(processes: Processes) -> No
 
     assert code == 2, stderr[-3000:]
     assert stdout == ""
-    assert "monolith serving: --dense-sync-interval must be > 0, got 0.0" in stderr
+    assert "monolith serving: error: argument --dense-sync-interval: must be a number of seconds > 0, got '0'" in stderr
 
 
 def test_sigterm_stops_serving_with_exit_0(processes: Processes) -> None:

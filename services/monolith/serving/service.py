@@ -59,8 +59,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Serves Predict until SIGTERM."""
-    if args.dense_sync_interval <= 0:
-        raise ValueError(f"--dense-sync-interval must be > 0, got {args.dense_sync_interval}")
     # The tower is small (a few thousand multiply-adds per candidate): spreading one call
     # over TensorFlow's thread pools only makes concurrent calls contend for the cores.
     tf.config.threading.set_intra_op_parallelism_threads(1)
