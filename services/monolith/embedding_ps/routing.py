@@ -35,12 +35,11 @@ def _route(ids: np.ndarray, salt: np.uint64, num_shards: np.uint64) -> np.ndarra
     return out
 
 
-@numba.njit(nogil=True, cache=True)
 def dedupe_and_route(ids: np.ndarray, salt: np.uint64, num_shards: np.uint64):  # type: ignore[no-untyped-def]
-    """Unique ids of a batch, grouped by owning shard, in linear time.
+    """Unique ids of one table's batch, grouped by owning shard, in linear time.
 
-    Dedupes with a small open-addressing table (numba's sort-based np.unique is ~20x
-    slower at batch sizes of a few thousand), then groups by shard with a counting sort.
+    `dedupe_and_route_tables` for a single table: with a dim of 1, where each id's row
+    starts in the answers is its position among the unique ids.
 
     Returns:
         unique: int64 [u] distinct ids, grouped by shard (first-seen order within a shard);
@@ -48,54 +47,14 @@ def dedupe_and_route(ids: np.ndarray, salt: np.uint64, num_shards: np.uint64):  
         counts: int32 [u], occurrences of each unique id;
         bounds: int64 [num_shards + 1], shard s owns unique[bounds[s]:bounds[s + 1]].
     """
-    n = ids.shape[0]
-    capacity = 16
-    while capacity < 2 * n:
-        capacity *= 2
-    mask = np.uint64(capacity - 1)
-    slots = np.full(capacity, -1, dtype=np.int64)  # index into first_seen, or -1
-    first_seen = np.empty(n, dtype=np.int64)
-    seen_counts = np.zeros(n, dtype=np.int32)
-    order = np.empty(n, dtype=np.int64)  # unique number (first-seen order) of each input
-    u = 0
-    for i in range(n):
-        key = ids[i]
-        slot = hash_id(key, salt) & mask
-        while True:
-            k = slots[slot]
-            if k < 0:
-                slots[slot] = u
-                first_seen[u] = key
-                k = u
-                u += 1
-                break
-            if first_seen[k] == key:
-                break
-            slot = (slot + np.uint64(1)) & mask
-        seen_counts[k] += 1
-        order[i] = k
-    shards = np.int64(num_shards)
-    owners = np.empty(u, dtype=np.int64)
-    bounds = np.zeros(shards + 1, dtype=np.int64)
-    for k in range(u):
-        owners[k] = np.int64(hash_id(first_seen[k], salt) % num_shards)
-        bounds[owners[k] + 1] += 1
-    for s in range(shards):
-        bounds[s + 1] += bounds[s]
-    fill = bounds[:-1].copy()
-    position = np.empty(u, dtype=np.int64)
-    unique = np.empty(u, dtype=np.int64)
-    counts = np.empty(u, dtype=np.int32)
-    for k in range(u):
-        p = fill[owners[k]]
-        fill[owners[k]] += 1
-        position[k] = p
-        unique[p] = first_seen[k]
-        counts[p] = seen_counts[k]
-    inverse = np.empty(n, dtype=np.int64)
-    for i in range(n):
-        inverse[i] = position[order[i]]
+    flat = np.ascontiguousarray(ids, dtype=np.int64)
+    offsets = np.array([0, flat.shape[0]], dtype=np.int64)
+    salts = np.array([salt], dtype=np.uint64)
+    unique, counts, bounds, inverse = dedupe_and_route_tables(flat, offsets, salts, _ONE_DIM, np.uint64(num_shards))
     return unique, inverse, counts, bounds
+
+
+_ONE_DIM = np.ones(1, dtype=np.int64)
 
 
 @numba.njit(nogil=True, cache=True)
