@@ -562,14 +562,19 @@ class _PassesAt:
         if len(self.stages) >= self.n:
             raise DeadlineExceeded(f"deadline passed {stage}")
 
+    def remaining(self) -> float | None:
+        return None
+
 
 class _CountingSparse:
     def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.lookups = 0
+        self.timeouts: list[float | None] = []
 
     def lookup(self, *args: Any, **kwargs: Any) -> Any:
         self.lookups += 1
+        self.timeouts.append(kwargs.get("timeout"))
         return self.inner.lookup(*args, **kwargs)
 
 
@@ -592,6 +597,19 @@ def test_work_stops_between_stages_once_the_deadline_has_passed(
 
     assert deadline.stages[-1] == stage and sparse.lookups == lookups
     np.testing.assert_allclose(model.predict(examples, Deadline.after(TIMEOUT)), stack.model.predict(examples))
+
+
+def test_the_shard_lookup_gives_up_when_the_client_does(stack: Stack, examples: Features) -> None:
+    """The shards' calls were bounded only by --ps-timeout, however short the client's deadline."""
+    sparse = _CountingSparse(stack.model._sparse)
+    model = ServingModel(stack.config, sparse, DensePSClient(stack.dense_server.address, timeout=TIMEOUT))
+    assert model.refresh_dense()
+
+    model.predict(examples, Deadline.after(0.5))
+    model.predict(examples)
+
+    assert sparse.timeouts[0] is not None and 0 < sparse.timeouts[0] <= 0.5
+    assert sparse.timeouts[1] is None  # no deadline: the client's own timeout applies
 
 
 def test_a_predict_whose_deadline_passes_while_decoding_is_deadline_exceeded(stack: Stack, examples: Features) -> None:

@@ -89,7 +89,11 @@ class ShardedEmbeddingClient:
         return len(self._stubs)
 
     def lookup(
-        self, features: Mapping[str, np.ndarray], training: bool = False, update_time: float = 0.0
+        self,
+        features: Mapping[str, np.ndarray],
+        training: bool = False,
+        update_time: float = 0.0,
+        timeout: float | None = None,
     ) -> dict[str, np.ndarray]:
         """Embeddings of ids per table, float32 [n, dim] each, in input order.
 
@@ -101,6 +105,8 @@ class ShardedEmbeddingClient:
             features: int64 ids per table (any 1-D shape; duplicates allowed).
             training: training lookup (counts occurrences, creates admitted rows).
             update_time: data time in seconds for rows created; 0 means the shard's clock.
+            timeout: seconds for this lookup's calls, at most the client's timeout; None
+                means the client's timeout.
 
         Raises:
             MonolithError: a shard failed (its status, naming it) or answered rows that do
@@ -140,7 +146,8 @@ class ShardedEmbeddingClient:
                 requests[shard] = request
                 asked[shard] = blocks
         parts: list[bytes] = []
-        for shard, response in self._fan_out("Lookup", requests):
+        limit = self._timeout if timeout is None else min(timeout, self._timeout)
+        for shard, response in self._fan_out("Lookup", requests, limit):
             parts.extend(self._answered_rows(shard, response, asked[shard]))
         values = np.frombuffer(b"".join(parts), dtype="<f4")
         out = np.empty(sum(n * d for n, d in zip(lengths, tables.dim_list)), dtype=np.float32)
@@ -219,7 +226,7 @@ class ShardedEmbeddingClient:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _fan_out(self, method: str, requests: dict[int, object]) -> list[tuple[int, object]]:
+    def _fan_out(self, method: str, requests: dict[int, object], timeout: float | None = None) -> list[tuple[int, object]]:
         """Calls `method` on each shard with a request, concurrently; answers in shard order.
 
         The last shard's call runs on the calling thread, the others on the pool: handing a
@@ -230,16 +237,17 @@ class ShardedEmbeddingClient:
             MonolithError: the first failed call's status (UNAVAILABLE for a shard that is
                 down or too slow), naming the shard.
         """
+        timeout = self._timeout if timeout is None else timeout
         order = sorted(requests)
         calls = {
-            shard: self._pool.submit(getattr(self._stubs[shard], method), requests[shard], timeout=self._timeout)
+            shard: self._pool.submit(getattr(self._stubs[shard], method), requests[shard], timeout=timeout)
             for shard in order[:-1]
         }
         answers = []
         try:
             own = None
             if order:
-                own = self._call(order[-1], method, requests[order[-1]])
+                own = self._call(order[-1], method, requests[order[-1]], timeout)
             for shard in order[:-1]:
                 answers.append((shard, self._result(shard, method, calls[shard])))
             if order:
@@ -250,9 +258,9 @@ class ShardedEmbeddingClient:
             raise
         return answers
 
-    def _call(self, shard: int, method: str, request: object) -> object:
+    def _call(self, shard: int, method: str, request: object, timeout: float) -> object:
         try:
-            return getattr(self._stubs[shard], method)(request, timeout=self._timeout)
+            return getattr(self._stubs[shard], method)(request, timeout=timeout)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc, f"embedding-PS shard {shard} ({self._addresses[shard]}) {method}") from None
 

@@ -16,8 +16,13 @@ class SparseBackend(Protocol):
     """Embedding lookups and sparse gradient pushes, by table name."""
 
     def lookup(
-        self, features: Mapping[str, np.ndarray], training: bool = False, update_time: float = 0.0
-    ) -> dict[str, np.ndarray]: ...
+        self,
+        features: Mapping[str, np.ndarray],
+        training: bool = False,
+        update_time: float = 0.0,
+        timeout: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Rows of ids per table; `timeout` (seconds) bounds a remote lookup, None the default."""
 
     def apply_gradients(
         self, gradients: Mapping[str, tuple[np.ndarray, np.ndarray]], update_time: float = 0.0

@@ -17,6 +17,7 @@ def lookup_features(
     row_splits: Mapping[str, np.ndarray],
     training: bool,
     update_time: float = 0.0,
+    timeout: float | None = None,
 ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
     """Looks up every feature's embeddings (and bias terms) for a ragged batch.
 
@@ -27,6 +28,7 @@ def lookup_features(
         row_splits: int64 [batch + 1] per feature source.
         training: a training lookup (counts occurrences, creates rows) or a read-only one.
         update_time: data time stamped on rows a training lookup creates.
+        timeout: seconds the lookup may take (a remote backend's calls), None the default.
 
     Returns:
         (embeddings per feature [n_ids, dim], bias terms per feature that has a bias
@@ -35,7 +37,7 @@ def lookup_features(
     features = config.features
     request = {f.table.name: ids[f.source] for f in features}
     request.update({f.bias_table.name: ids[f.source] for f in features if f.bias_table is not None})
-    rows = sparse.lookup(request, training=training, update_time=update_time)
+    rows = sparse.lookup(request, training=training, update_time=update_time, timeout=timeout)
     embeddings = [rows[f.table.name] for f in features]
     biases = [rows[f.bias_table.name] for f in features if f.bias_table is not None]
     segments = [_segments(row_splits[f.source]) for f in features]

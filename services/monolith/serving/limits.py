@@ -52,6 +52,10 @@ class Deadline:
         """A deadline `seconds` from now; None (no client deadline) never passes."""
         return cls(None if seconds is None else time.monotonic() + seconds)
 
+    def remaining(self) -> float | None:
+        """Seconds left (never below 0), or None without a deadline."""
+        return None if self.at is None else max(0.0, self.at - time.monotonic())
+
     def check(self, stage: str) -> None:
         """Stops the request if the deadline has passed.
 

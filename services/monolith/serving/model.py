@@ -101,7 +101,10 @@ class ServingModel:
         if params is None:
             raise Unavailable("the model has no dense parameters yet (the dense-PS is not initialized)")
         deadline.check("before the embedding lookup")
-        embeddings, biases, segments = lookup_features(self.config, self._sparse, ids, row_splits, training=False)
+        # The shards' calls give up when the client does, not only after the PS timeout.
+        embeddings, biases, segments = lookup_features(
+            self.config, self._sparse, ids, row_splits, training=False, timeout=deadline.remaining()
+        )
         deadline.check("before the dense tower")
         logits = self.model.logits(params, embeddings, biases, segments, batch)
         return sigmoid(logits + self._log_odds_shift)

@@ -40,9 +40,13 @@ class LocalEmbeddings:
         return unique, inverse, counts
 
     def lookup(
-        self, features: Mapping[str, np.ndarray], training: bool = False, update_time: float = 0.0
+        self,
+        features: Mapping[str, np.ndarray],
+        training: bool = False,
+        update_time: float = 0.0,
+        timeout: float | None = None,
     ) -> dict[str, np.ndarray]:
-        # As the sharded client does it: every table routed (to one shard) in one kernel
+        # In memory, `timeout` bounds nothing. As the sharded client does it: every table routed (to one shard) in one kernel
         # call, the rows put back in input order by another.
         names = tuple(features)
         arrays = [np.ascontiguousarray(ids, dtype=np.int64).reshape(-1) for ids in features.values()]
