@@ -27,6 +27,8 @@ import time
 from types import FrameType
 from typing import Callable
 
+from monolith.common.periodic import PeriodicTask
+
 # (file name, function) of frames where a thread waits rather than works.
 _IDLE = {
     ("threading.py", "wait"),
@@ -72,11 +74,9 @@ class Sampler:
     """
 
     def __init__(self, interval: float = 0.005, threads: set[int] | None = None, include_idle: bool = False) -> None:
-        self._interval = interval
         self._threads = threads
         self._include_idle = include_idle
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="bench-sampler", daemon=True)
+        self._task = PeriodicTask("bench-sampler", interval, self._locked_tick, run_first=False)
         self._cumulative: collections.Counter[tuple[str, str]] = collections.Counter()
         self._self: collections.Counter[tuple[str, str]] = collections.Counter()
         self._lock = threading.Lock()  # a reset must not interleave with a tick
@@ -91,12 +91,10 @@ class Sampler:
         self.stop()
 
     def start(self) -> None:
-        self._thread.start()
+        self._task.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
+        self._task.stop()
 
     def reset(self) -> None:
         """Forgets the samples so far (e.g. a process's start-up), keeps sampling."""
@@ -105,10 +103,9 @@ class Sampler:
             self._self.clear()
             self.busy_samples = self.ticks = 0
 
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            with self._lock:
-                self._tick()
+    def _locked_tick(self) -> None:
+        with self._lock:
+            self._tick()
 
     def _tick(self) -> None:
         me = threading.get_ident()
