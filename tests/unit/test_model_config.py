@@ -282,3 +282,17 @@ def test_a_bad_field_in_a_file_names_the_path_then_the_field(tmp_path: Path) -> 
         load_model_config(str(path))
 
     assert str(info.value).startswith(f"{path}: model.hidden_units[1]: input should be greater than or equal to 1")
+
+
+def test_the_shipped_config_joins_on_movie_id(shipped: ModelConfig) -> None:
+    assert shipped.item_feature == "movie_id"
+
+
+@pytest.mark.parametrize(
+    ("item_feature", "message"),
+    [("nope", "item_feature: 'nope' is not the source of any feature"), ("genres", "is multi-valued")],
+)
+def test_item_feature_must_name_a_single_valued_source(item_feature: str, message: str) -> None:
+    raw = {"features": [{"name": "movie_id", "dim": 4}, {"name": "genres", "dim": 4, "multi_valued": True}]}
+    with pytest.raises(ConfigError, match=message):
+        model_config_from_dict({**raw, "item_feature": item_feature})

@@ -22,6 +22,7 @@ training:
   online_batch_size: 16     # examples per step when streaming (online mode): smaller = fresher
   dense_refresh_steps: 1    # trainers pull dense parameters every k steps
   negative_sample_rate: 1.0 # fraction of negatives kept in training data (serving corrects)
+item_feature: movie_id      # the input naming the candidate: impressions and actions join on it
 ```
 
 Words: a *feature* is what this file declares and a request carries; a *table* is what an
@@ -174,6 +175,10 @@ class ModelConfig(ConfigModel):
     features: Annotated[tuple[FeatureConfig, ...], LIST_AS_TUPLE, Field(min_length=1)]
     model: DenseModelConfig = DenseModelConfig()
     training: TrainingConfig = TrainingConfig()
+    # The Predict input (a feature source) whose value names the candidate: model-serving
+    # logs one impression per candidate keyed by (request_id, this value), and actions
+    # name the item they were taken on by the same value. None: impressions are not logged.
+    item_feature: str | None = None
 
     @pydantic.model_validator(mode="after")
     def _check_across_features(self) -> ModelConfig:
@@ -194,6 +199,15 @@ class ModelConfig(ConfigModel):
             if feature.bias is not None and feature.bias_table.name in names:  # type: ignore[union-attr]
                 j = names[feature.bias_table.name]  # type: ignore[union-attr]
                 raise ValueError(f"features[{j}].name: {self.features[j].name!r} is the name of features[{i}]'s bias table")
+        if self.item_feature is not None:
+            feature = next((f for f in self.features if f.source == self.item_feature), None)
+            if feature is None:
+                raise ValueError(
+                    f"item_feature: {self.item_feature!r} is not the source of any feature; "
+                    f"sources are {', '.join(sorted(sources))}"
+                )
+            if feature.multi_valued:
+                raise ValueError(f"item_feature: {self.item_feature!r} is multi-valued; an item has one id")
         if self.model.kind == "deepfm" and len({f.dim for f in self.features}) > 1:
             dims = sorted({f.dim for f in self.features})
             raise ValueError(f"features: deepfm's FM term needs one embedding dim for every feature, got {dims}")

@@ -1,0 +1,76 @@
+"""Where the streams live and their limits; subjects and partitions."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+from typing import Annotated
+
+from pydantic import Field
+
+from monolith.common.config import ConfigModel, parse_config
+
+EVENTS_STREAM = "EVENTS"
+SAMPLES_STREAM = "SAMPLES"
+DAY = 86_400.0
+
+
+class StreamsConfig(ConfigModel):
+    """The NATS server and the JetStream streams' limits.
+
+    Attributes:
+        url: NATS server URL(s), comma-separated.
+        partitions: P, the number of partitions of both streams. Fixed for a stream's life:
+            it decides which partition a request_id falls in.
+        replicas: copies of each stream (3 in a NATS cluster, 1 on one server).
+        events_max_age: seconds EVENTS keeps a message; at least the join window plus the
+            longest joiner restart.
+        events_max_bytes: bytes EVENTS keeps (oldest dropped first).
+        samples_max_age: seconds SAMPLES keeps a message; at least the longest trainer
+            outage plus the checkpoint interval.
+        samples_max_bytes: bytes SAMPLES keeps.
+        duplicate_window: seconds JetStream remembers message ids to drop a re-publish.
+        timeout: seconds one publish or stream request may take.
+    """
+
+    url: str = "nats://127.0.0.1:4222"
+    partitions: Annotated[int, Field(ge=1, le=1024)] = 8
+    replicas: Annotated[int, Field(ge=1, le=5)] = 1
+    events_max_age: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 7 * DAY
+    events_max_bytes: Annotated[int, Field(ge=1 << 20)] = 4 << 30
+    samples_max_age: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 7 * DAY
+    samples_max_bytes: Annotated[int, Field(ge=1 << 20)] = 4 << 30
+    duplicate_window: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 120.0
+    timeout: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 5.0
+
+    @property
+    def servers(self) -> list[str]:
+        return [u.strip() for u in self.url.split(",") if u.strip()]
+
+
+def partition_of(request_id: str, partitions: int) -> int:
+    """The partition of a request_id: a stable hash (the same in every process and release)."""
+    digest = hashlib.blake2b(request_id.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % partitions
+
+
+def events_subject(partition: int) -> str:
+    return f"events.{partition}"
+
+
+def samples_subject(partition: int) -> str:
+    return f"samples.{partition}"
+
+
+def add_streams_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """The flags every role that touches the streams shares."""
+    defaults = StreamsConfig()
+    parser.add_argument("--nats", required=required, default=None if required else "",
+                        help="NATS server URL(s), comma-separated, e.g. nats://127.0.0.1:4222"
+                        + ("" if required else " (empty: off)"))  # fmt: skip
+    parser.add_argument("--partitions", type=int, default=defaults.partitions,
+                        help=f"partitions of the EVENTS and SAMPLES streams (default {defaults.partitions})")  # fmt: skip
+
+
+def streams_config_from_args(args: argparse.Namespace) -> StreamsConfig:
+    return parse_config(StreamsConfig, {"url": args.nats, "partitions": args.partitions})

@@ -1,0 +1,197 @@
+"""Connecting to NATS, setting up the streams, and running the asyncio client from threads.
+
+nats-py is asyncio; the gRPC servicers are threads. `BackgroundLoop` runs one event loop
+on a daemon thread and lets synchronous code run coroutines on it (`run`) or hand them
+off (`submit`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from typing import Any, Awaitable, Coroutine, TypeVar
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+
+from monolith.common.errors import Unavailable
+from monolith.streams.config import EVENTS_STREAM, SAMPLES_STREAM, StreamsConfig
+
+_LOGGER = logging.getLogger("monolith.streams")
+T = TypeVar("T")
+
+# What a lost connection, a server restart or a slow stream raise: retry later.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    nats.errors.Error,
+    nats.js.errors.Error,
+    asyncio.TimeoutError,
+    ConnectionError,
+    OSError,
+)
+
+
+async def connect(config: StreamsConfig, name: str, attempts: int = 1) -> Client:
+    """A NATS connection that reconnects forever once made.
+
+    Args:
+        config: where the server is.
+        name: the client name the server shows (the role).
+        attempts: initial connection attempts, 0.5 s apart (0: forever).
+
+    Raises:
+        Unavailable: no server answered within `attempts`.
+    """
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return await nats.connect(
+                servers=config.servers,
+                name=name,
+                connect_timeout=2,
+                reconnect_time_wait=0.5,
+                max_reconnect_attempts=-1,
+                allow_reconnect=True,
+                error_cb=_log_error,
+                disconnected_cb=_log_disconnected(name),
+                reconnected_cb=_log_reconnected(name),
+            )
+        except TRANSIENT_ERRORS as exc:
+            if attempts and attempt >= attempts:
+                raise Unavailable(f"NATS at {config.url} unreachable: {exc or type(exc).__name__}") from None
+            await asyncio.sleep(0.5)
+
+
+async def _log_error(exc: Exception) -> None:
+    _LOGGER.debug("nats: %s", exc)
+
+
+def _log_disconnected(name: str):  # type: ignore[no-untyped-def]
+    async def callback() -> None:
+        _LOGGER.warning("%s: disconnected from NATS; reconnecting", name)
+
+    return callback
+
+
+def _log_reconnected(name: str):  # type: ignore[no-untyped-def]
+    async def callback() -> None:
+        _LOGGER.info("%s: reconnected to NATS", name)
+
+    return callback
+
+
+def stream_configs(config: StreamsConfig) -> list[StreamConfig]:
+    """EVENTS and SAMPLES: file storage, limits retention (readers keep their own places)."""
+    common = {
+        "retention": RetentionPolicy.LIMITS,
+        "storage": StorageType.FILE,
+        "discard": DiscardPolicy.OLD,
+        "num_replicas": config.replicas,
+        "duplicate_window": config.duplicate_window,
+        "allow_direct": True,
+    }
+    return [
+        StreamConfig(
+            name=EVENTS_STREAM,
+            description="impressions (model-serving) and actions (ReportActions), by request_id partition",
+            subjects=["events.*"],
+            max_age=config.events_max_age,
+            max_bytes=config.events_max_bytes,
+            **common,
+        ),
+        StreamConfig(
+            name=SAMPLES_STREAM,
+            description="training samples joined by the sample-joiner, by request_id partition",
+            subjects=["samples.*"],
+            max_age=config.samples_max_age,
+            max_bytes=config.samples_max_bytes,
+            **common,
+        ),
+    ]
+
+
+async def ensure_streams(js: JetStreamContext, config: StreamsConfig) -> None:
+    """Creates both streams, or updates their limits to the config's; safe to repeat."""
+    for wanted in stream_configs(config):
+        try:
+            await js.stream_info(wanted.name)  # type: ignore[arg-type]
+        except nats.js.errors.NotFoundError:
+            try:
+                await js.add_stream(wanted)
+                _LOGGER.info("created stream %s", wanted.name)
+                continue
+            except nats.js.errors.BadRequestError:
+                pass  # another process created it first: update below
+        await js.update_stream(wanted)
+
+
+async def last_sequence(js: JetStreamContext, stream: str, subject: str) -> int:
+    """The stream sequence of the last message on `subject` (0: none)."""
+    info = await js.stream_info(stream, subjects_filter=subject)
+    if not info.state.subjects or subject not in info.state.subjects:
+        return 0
+    message = await js.get_last_msg(stream, subject)
+    return int(message.seq or 0)
+
+
+class BackgroundLoop:
+    """An asyncio event loop on a daemon thread, for synchronous callers.
+
+    Args:
+        name: the thread's name.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Schedules `coro` on the loop; returns a future for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Runs `coro` on the loop and waits for its result (`timeout` seconds at most).
+
+        Raises:
+            TimeoutError: it took longer (the coroutine is cancelled).
+        """
+        future = self.submit(coro)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"no answer within {timeout} s") from None
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Cancels what still runs, stops the loop and joins its thread."""
+        if not self.loop.is_running():
+            return
+
+        async def cancel_all() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        try:
+            self.submit(cancel_all()).result(timeout)
+        except (concurrent.futures.TimeoutError, RuntimeError):
+            pass
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout)
+
+
+async def wait_for(awaitable: Awaitable[T], timeout: float) -> T:
+    """`asyncio.wait_for`, named for readers of the call sites."""
+    return await asyncio.wait_for(awaitable, timeout)
