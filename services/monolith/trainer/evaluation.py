@@ -88,6 +88,16 @@ def evaluate(worker: TrainerWorker, data: Batch) -> dict[str, float]:
 def running_mean_baseline(data: Batch, fraction: float = 0.8, prior_weight: float = 2.0) -> float:
     """AUC over the last part of online running means of user and item positive rates.
 
+    See `running_mean_scores`; the means run over all of `data`, the AUC is over the part
+    after `fraction`.
+    """
+    cut = round(len(data) * fraction)
+    return auc(data.labels[cut:], running_mean_scores(data, prior_weight)[cut:])
+
+
+def running_mean_scores(data: Batch, prior_weight: float = 2.0) -> np.ndarray:
+    """Progressive scores of the running-mean baseline, one per event of `data` (in order).
+
     Each event is scored before it updates the means: the score is the sum of the logits
     of the user's and the item's smoothed positive rates, each (positives + w * p) /
     (events + w) with p the running global rate, so unseen users and items start at p.
@@ -111,5 +121,4 @@ def running_mean_baseline(data: Batch, fraction: float = 0.8, prior_weight: floa
         item_pos[m] += y
         item_n[m] += 1
         positives += y
-    cut = round(len(labels) * fraction)
-    return auc(labels[cut:], scores[cut:])
+    return scores
