@@ -1,0 +1,10 @@
+"""The sample-joiner: joins impressions with actions into training samples, exactly once.
+
+- `config`: the join's settings (window, lateness, negative sampling, action kinds, limits).
+- `window`: the join itself for one partition, a deterministic function of the events
+  read in stream order (no clock, no I/O).
+- `partition`: reads one partition of EVENTS, publishes its samples to SAMPLES, and
+  restarts from the last sample it published.
+- `actions`: checks reported actions and stores them on EVENTS.
+- `servicer`, `service`: the `ReportActions` gRPC API and the `monolith joiner` process.
+"""

@@ -1,0 +1,235 @@
+"""The join for one partition: events in stream order in, samples out, nothing else.
+
+Everything `PartitionJoin` decides depends only on the events it was given, in order: no
+clock, no randomness, no I/O. That is what makes the joiner exactly once across crashes
+(see partition): a restarted joiner re-reads the events from a known point, rebuilds the
+same state, decides the same samples, and publishes only those after the last one it had
+published.
+
+Semantics, per (request_id, item_id) key:
+- A positive action (label >= 0.5) joined to its impression emits a positive sample at
+  once. Only the first counts; later ones are duplicates.
+- An impression's window closes when the watermark (the newest event time seen in the
+  partition minus `lateness`) passes `impression time + window`. If no positive joined it,
+  it becomes a negative, kept when `keeps_negative` says so (the rate goes on the sample).
+- An action before its impression waits for it until the watermark passes
+  `action time + window`; then it is an orphan.
+- After closing, a key is remembered for one more window, so a late action or a repeated
+  impression is recognized and dropped; then it is forgotten.
+
+Restart point: every sample carries `from_seq`, the first sequence of the oldest key in
+memory when the event that emitted it was read, and `from_time`, the newest event time
+seen before that sequence. Re-reading from `from_seq` with the newest time set to
+`from_time` rebuilds every key that can still emit, with the same watermark at every
+event, so the same samples come out at the same events. Samples of one event are emitted
+in `win_seq` order (the first sequence of their key), so (src_seq, win_seq) increases
+strictly along the output and says where to resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import math
+from collections import Counter
+
+from monolith.api.joiner.v1 import joiner_pb2 as pb
+from monolith.joiner.config import JoinerConfig, keeps_negative
+
+POSITIVE_LABEL = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class Emitted:
+    """One sample decided, with where it comes from in the partition's event order."""
+
+    sample: pb.Sample
+    src_seq: int  # the event that decided it
+    win_seq: int  # the first event of its key
+    from_seq: int  # restart point: re-read from here ...
+    from_time: float  # ... with this newest event time
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return (self.src_seq, self.win_seq)
+
+
+@dataclasses.dataclass
+class _Key:
+    """What is known about one (request_id, item_id)."""
+
+    first_seq: int
+    time_before: float  # newest event time seen before first_seq
+    impression: pb.Impression | None = None
+    positive: bool = False  # a positive action arrived
+    emitted: bool = False  # its sample went out
+    closed: bool = False
+    close_time: float = math.inf  # event time after which the window closes
+    forget_time: float = math.inf
+
+
+class PartitionJoin:
+    """Open windows of one partition, fed events in stream-sequence order.
+
+    Args:
+        config: window, lateness, negative sampling.
+        newest_time: the newest event time already seen (a restart's `from_time`).
+    """
+
+    def __init__(self, config: JoinerConfig, newest_time: float = -math.inf) -> None:
+        self.config = config
+        self.newest_time = newest_time
+        self.counts: Counter[str] = Counter()
+        self._keys: dict[tuple[str, str], _Key] = {}
+        self._closing: list[tuple[float, int, tuple[str, str]]] = []  # (close_time, first_seq, key)
+        self._forgetting: list[tuple[float, int, tuple[str, str]]] = []
+        self._oldest: list[tuple[int, tuple[str, str]]] = []  # (first_seq, key), lazily cleaned
+        self.last_seq = 0
+
+    @property
+    def watermark(self) -> float:
+        return self.newest_time - self.config.lateness
+
+    @property
+    def open_windows(self) -> int:
+        """Keys still waiting: impressions for an action or actions for an impression."""
+        return sum(1 for k in self._keys.values() if not k.closed)
+
+    @property
+    def remembered(self) -> int:
+        """Keys in memory, open or closed."""
+        return len(self._keys)
+
+    def add(self, seq: int, event: pb.Event) -> list[Emitted]:
+        """Feeds the event at stream sequence `seq`; returns the samples it decides.
+
+        Raises:
+            ValueError: `seq` is not after the previous event's, or the event is empty or
+                has a time that is not finite (nothing changes).
+        """
+        if seq <= self.last_seq:
+            raise ValueError(f"event sequence {seq} is not after {self.last_seq}")
+        self.last_seq = seq
+        from_seq, from_time = self._restart_point(seq)
+        decided: list[tuple[int, pb.Sample]] = []
+        kind = event.WhichOneof("event")
+        if kind is None:
+            raise ValueError(f"event {seq} holds neither an impression nor an action")
+        event_time = getattr(event, kind).event_time
+        if not math.isfinite(event_time):
+            raise ValueError(f"event {seq}: event_time {event_time} is not finite")
+        if kind == "impression":
+            self._impression(seq, event.impression, decided)
+        else:
+            self._action(seq, event.action, decided)
+        if event_time > self.newest_time:
+            self.newest_time = event_time
+        self._close_due(decided)
+        self._forget_due()
+        decided.sort(key=lambda d: d[0])
+        return [Emitted(sample, seq, win_seq, from_seq, from_time) for win_seq, sample in decided]
+
+    # ------------------------------------------------------------------ events
+
+    def _impression(self, seq: int, impression: pb.Impression, decided: list[tuple[int, pb.Sample]]) -> None:
+        self.counts["impressions"] += 1
+        key = (impression.request_id, impression.item_id)
+        state = self._keys.get(key)
+        if state is not None and (state.impression is not None or state.closed):
+            self.counts["duplicate_impressions"] += 1
+            return
+        if state is None:
+            state = self._remember(key, seq)
+        # An action that came first stops waiting: the impression's own window starts (the
+        # heap entry of the wait goes stale: its close time no longer matches).
+        state.impression = impression
+        state.close_time = impression.event_time + self.config.window
+        heapq.heappush(self._closing, (state.close_time, state.first_seq, key))
+        if state.positive:
+            self._emit(key, state, 1.0, 1.0, decided)
+
+    def _action(self, seq: int, action: pb.Action, decided: list[tuple[int, pb.Sample]]) -> None:
+        self.counts["actions"] += 1
+        key = (action.request_id, action.item_id)
+        state = self._keys.get(key)
+        if state is not None and state.closed:
+            self.counts["late_actions"] += 1
+            return
+        positive = action.label >= POSITIVE_LABEL
+        if state is None:
+            state = self._remember(key, seq)
+            state.close_time = action.event_time + self.config.window
+            heapq.heappush(self._closing, (state.close_time, state.first_seq, key))
+            self.counts["early_actions"] += 1
+        if not positive:
+            return
+        if state.positive:
+            self.counts["duplicate_actions"] += 1
+            return
+        state.positive = True
+        if state.impression is not None:
+            self._emit(key, state, 1.0, 1.0, decided)
+
+    # ---------------------------------------------------------------- windows
+
+    def _remember(self, key: tuple[str, str], seq: int) -> _Key:
+        state = _Key(first_seq=seq, time_before=self.newest_time)
+        self._keys[key] = state
+        heapq.heappush(self._oldest, (seq, key))
+        return state
+
+    def _close_due(self, decided: list[tuple[int, pb.Sample]]) -> None:
+        watermark = self.watermark
+        while self._closing and self._closing[0][0] < watermark:
+            close_time, first_seq, key = heapq.heappop(self._closing)
+            state = self._keys.get(key)
+            # Stale heap entries: the key was forgotten, or its close time moved.
+            if state is None or state.closed or state.first_seq != first_seq or state.close_time != close_time:
+                continue
+            state.closed = True
+            if state.impression is None:
+                self.counts["orphan_actions"] += 1
+            elif not state.emitted:
+                if keeps_negative(key[0], key[1], self.config.negative_sample_rate):
+                    self._emit(key, state, 0.0, self.config.negative_sample_rate, decided)
+                else:
+                    self.counts["negatives_sampled_out"] += 1
+            state.forget_time = close_time + self.config.window
+            heapq.heappush(self._forgetting, (state.forget_time, first_seq, key))
+
+    def _forget_due(self) -> None:
+        watermark = self.watermark
+        while self._forgetting and self._forgetting[0][0] < watermark:
+            _, first_seq, key = heapq.heappop(self._forgetting)
+            state = self._keys.get(key)
+            if state is not None and state.first_seq == first_seq:
+                del self._keys[key]
+
+    def _restart_point(self, seq: int) -> tuple[int, float]:
+        """(first sequence of the oldest key in memory, or `seq`; newest time before it)."""
+        while self._oldest:
+            first_seq, key = self._oldest[0]
+            state = self._keys.get(key)
+            if state is not None and state.first_seq == first_seq:
+                return first_seq, state.time_before
+            heapq.heappop(self._oldest)
+        return seq, self.newest_time
+
+    def _emit(
+        self, key: tuple[str, str], state: _Key, label: float, rate: float, decided: list[tuple[int, pb.Sample]]
+    ) -> None:
+        impression = state.impression
+        assert impression is not None
+        state.emitted = True
+        self.counts["positives" if label else "negatives"] += 1
+        sample = pb.Sample(
+            request_id=key[0],
+            item_id=key[1],
+            label=label,
+            event_time=impression.event_time,
+            sample_rate=rate,
+            model_version=impression.model_version,
+        )
+        for name, values in impression.features.items():
+            sample.features[name].CopyFrom(values)
+        decided.append((state.first_seq, sample))
