@@ -132,14 +132,30 @@ def test_training_lookup_creates_rows_and_bumps_the_version() -> None:
     assert shard.version == 1  # serving reads are not mutations
 
 
-def test_update_time_zero_means_now() -> None:
+def test_update_time_zero_stamps_the_table_clock_and_never_moves_it() -> None:
+    # Trained on 1997 data; an untimed update (0) must not move the clock to today, or the
+    # next sweep would evict every row trained on that data.
     shard = make_shard()
-    before = time.time()
+    day_1997 = 852_076_800.0
+    shard.lookup([("user", USER[:20], None)], True, day_1997)
+    shard.apply_gradients([("user", USER[:5], np.ones((5, 4), np.float32))], day_1997 + 50)
 
-    shard.lookup([("user", USER[:3], None)], True, 0.0)
+    shard.lookup([("user", USER[20:23], None)], True, 0.0)
+    shard.apply_gradients([("user", USER[5:8], np.ones((3, 4), np.float32))], 0.0)
 
-    times = next(shard.tables["user"].export(0, False, 10)).update_times
-    assert (times >= math.floor(before)).all() and (times <= time.time() + 1).all()
+    table = shard.tables["user"]
+    assert table.newest_update_time == day_1997 + 50 == shard.stats()["user"].newest_update_time
+    times = {int(i): int(t) for b in table.export(0, False, 100) for i, t in zip(b.ids, b.update_times)}
+    assert all(times[int(i)] == day_1997 + 50 for i in USER[20:23])  # created untimed: the clock
+    assert all(times[int(i)] == day_1997 + 50 for i in USER[5:8])  # updated untimed: the clock
+    assert all(times[int(i)] == day_1997 for i in USER[8:20])  # untouched
+    assert shard.expire() == {"user": 0, "item": 0}  # expire_after 100 s of data time
+    assert table.contains(USER[:23]).all()
+
+    # Data time moving on does expire what it passed by.
+    shard.apply_gradients([("user", USER[:1], np.ones((1, 4), np.float32))], day_1997 + 120)
+    assert shard.expire()["user"] == 12  # USER[8:20], last updated at day_1997
+    assert table.contains(USER[:8]).all() and table.contains(USER[20:23]).all()
 
 
 def test_apply_gradients_reports_updated_and_dropped() -> None:

@@ -22,7 +22,7 @@ from monolith.embedding_ps import shard as shard_module
 from monolith.embedding_ps.routing import route_to_shards
 from monolith.embedding_ps.service import build_embedding_ps
 from monolith.embedding_ps.shard import EmbeddingShard, ShardConfig
-from monolith.embedding_ps.sync import ServingSync, SyncResult
+from monolith.embedding_ps.sync import ServingSync, SyncError, SyncResult
 
 TABLES = (
     TableConfig(name="user", dim=4, optimizer=OptimizerConfig(kind="adagrad"), admission=AdmissionConfig(filter="counting", threshold=2)),
@@ -316,27 +316,40 @@ def test_training_shard_down_keeps_serving_and_resumes_incrementally(
     assert_mirrors(serving, training.shard)
 
 
-def test_newest_update_time_follows_the_training_data_time(
-    training: TrainingServers, follow: Callable[..., Any]
+def test_sync_lag_is_measured_in_event_time(
+    training: TrainingServers, follow: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     serving, sync = follow(training.address)
+    assert np.isnan(sync.lag_seconds())  # nothing known before a sync
     sync.sync_once()
-    assert sync.newest_update_time == 0 and np.isnan(sync.lag_seconds())
+    assert sync.newest_update_time == 0 and sync.lag_seconds() == 0  # in step with an empty shard
 
-    now = float(int(time.time()))
-    train(training.shard, now - 30)
+    # Data from 1997: in step means no lag, however old the data is.
+    start = 852_076_800.0
+    train(training.shard, start)
     sync.sync_once()
-    assert sync.newest_update_time == now - 30
-    training.shard.apply_gradients([("item", ITEMS[:1], np.ones((1, 3), np.float32))], now - 10)
-    sync.sync_once()
-    assert sync.newest_update_time == now - 10
-    assert 10 <= metric("monolith_sync_lag_seconds") < 20
+    assert sync.newest_update_time == start and sync.synced_clock == start
+    assert sync.lag_seconds() == 0 and metric("monolith_sync_lag_seconds") == 0
 
-    # A training shard restarted on older data: serving now holds older data, and says so.
-    train(training.restart(), now - 50)
+    # Training moves 30 s of data time ahead; the serving side sees it (Stats) but cannot copy it.
+    training.shard.apply_gradients([("item", ITEMS[:1], np.ones((1, 3), np.float32))], start + 30)
+    with monkeypatch.context() as patch:
+        patch.setattr(sync._stub, "Export", _export_cut_off)
+        assert not sync.sync_once().ok
+    assert sync.source_clock == start + 30 and sync.lag_seconds() == 30
+    assert metric("monolith_sync_lag_seconds") == 30
+
+    assert sync.sync_once().ok
+    assert sync.newest_update_time == start + 30 and sync.lag_seconds() == 0
+
+    # A training shard restarted on older data: copied in full, so in step again.
+    train(training.restart(), start - 50)
     sync_until_ok(sync)
-    assert sync.newest_update_time == now - 50
-    assert 50 <= sync.lag_seconds() < 60
+    assert sync.newest_update_time == start - 50 and sync.lag_seconds() == 0
+
+
+def _export_cut_off(*args: object, **kwargs: object) -> Iterator[pb.RowChunk]:
+    raise SyncError("the export stream was cut off")
 
 
 def test_a_shard_of_another_index_is_refused(training: TrainingServers, follow: Callable[..., Any]) -> None:

@@ -258,7 +258,9 @@ def _freshness(config_path: str, workdir: str, probes: int) -> dict[str, float]:
                 before = serve_client.lookup({name: probe_id})[name]
                 gradient = np.full((1, config.table_dims()[name]), 1.0, np.float32)
                 start = time.perf_counter()
-                train_client.apply_gradients({name: (probe_id, gradient)}, update_time=time.time())
+                # No update time: the probe's row gets the table's data clock (the trainer's
+                # MovieLens time); a wall-clock stamp would move the table's clock to today.
+                train_client.apply_gradients({name: (probe_id, gradient)})
                 while True:
                     now = serve_client.lookup({name: probe_id})[name]
                     if not np.array_equal(now, before) and np.any(now != 0):

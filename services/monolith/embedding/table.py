@@ -7,9 +7,12 @@ table's optimizer, evicted when not updated for `expire_after`, and exported/imp
 changes since a version.
 
 Time is data time, as in the paper: rows are stamped with the update time the caller
-passes (the batch's example time, or the wall clock), and expiry compares rows with the
-newest update time the table has seen, so a replay of old data expires rows as the live
-system would have, and a pause in training expires nothing.
+passes (the event time of the batch's examples), and expiry compares rows with the newest
+update time the table has seen (its clock), so a replay of old data expires rows as the
+live system would have, and a pause in training expires nothing. The wall clock never
+enters: a mutation without a time (0) stamps the table's clock as it is and does not move
+it, so an untimed update after training on 1997 data cannot make the next sweep evict
+every row.
 
 Changes since a version, in time proportional to the changes: the kernels append the
 row of every creation, update and import to a change log, and the table's `ChangeLog`
@@ -62,7 +65,7 @@ class RowBatch:
 
 @dataclasses.dataclass(frozen=True)
 class TableStats:
-    """Sizes and counters of one table."""
+    """Sizes and counters of one table, and its data clock (`newest_update_time`)."""
 
     rows: int
     bytes: int
@@ -70,6 +73,7 @@ class TableStats:
     filtered_gradients: int
     evictions: int
     pending_ids: int
+    newest_update_time: int = 0
 
 
 class EmbeddingTable:
@@ -165,7 +169,8 @@ class EmbeddingTable:
         Args:
             ids: int64 [n].
             counts: int32 [n] occurrences of each id in the batch, or None for one each.
-            now: update time stamped on created rows (seconds since the epoch).
+            now: data time stamped on created rows (seconds since the epoch); 0 (no time
+                given) stamps the table's clock without moving it.
             version: the shard version of this mutation.
 
         Returns:
@@ -193,6 +198,9 @@ class EmbeddingTable:
 
     def apply_gradients(self, ids: np.ndarray, grads: np.ndarray, now: float, version: int) -> tuple[int, int]:
         """Applies gradients with the table's optimizer; duplicate ids have theirs summed.
+
+        Updated rows are stamped with `now` (data time; 0 stamps the table's clock, as in
+        `lookup_train`).
 
         Returns:
             (rows updated, gradients dropped because their id has no row).
@@ -363,13 +371,25 @@ class EmbeddingTable:
                 filtered_gradients=self._filtered,
                 evictions=self._evictions,
                 pending_ids=int(self._pending.meta[id_map.META_LIVE]),
+                newest_update_time=self._max_update_time,
             )
 
     # -------------------------------------------------------------- internal
 
+    @property
+    def newest_update_time(self) -> int:
+        """The table's data clock: the newest update time it has seen (0 before any)."""
+        return self._max_update_time
+
     def _stamp(self, now: float) -> np.uint32:
-        """Seconds as stored per row; also advances the table's data clock."""
-        stamp = int(min(max(now, 0), NEWEST_TIME))
+        """Seconds as stored per row; a time advances the table's data clock.
+
+        No time (`now` <= 0) stamps the clock as it is: the rows count as updated at the
+        newest time the table knows, and the clock does not move.
+        """
+        if now <= 0:
+            return np.uint32(self._max_update_time)
+        stamp = int(min(now, NEWEST_TIME))
         self._max_update_time = max(self._max_update_time, stamp)
         return np.uint32(stamp)
 

@@ -104,7 +104,8 @@ class ShardedEmbeddingClient:
         Args:
             features: int64 ids per table (any 1-D shape; duplicates allowed).
             training: training lookup (counts occurrences, creates admitted rows).
-            update_time: data time in seconds for rows created; 0 means the shard's clock.
+            update_time: data (event) time in seconds for rows created; 0 means none given
+                (rows get their table's newest update time; no table's clock moves).
             timeout: seconds for this lookup's calls, at most the client's timeout; None
                 means the client's timeout.
 
@@ -165,7 +166,7 @@ class ShardedEmbeddingClient:
 
         Args:
             gradients: per table, (int64 ids [n], float32 gradients [n, dim]).
-            update_time: data time in seconds stamped on updated rows; 0 means now.
+            update_time: data (event) time in seconds stamped on updated rows; 0 as in `lookup`.
 
         Returns:
             (rows updated, gradients dropped because their id had no row), over all shards.

@@ -105,6 +105,7 @@ class EmbeddingPSServicer(pb_grpc.EmbeddingPSServicer):
                     filtered_gradients=s.filtered_gradients,
                     evictions=s.evictions,
                     pending_ids=s.pending_ids,
+                    newest_update_time=s.newest_update_time,
                 )
                 for name, s in self._shard.stats().items()
             ],

@@ -132,7 +132,8 @@ class EmbeddingShard:
         Args:
             requests: per name, int64 ids and optional int32 occurrence counts.
             training: count occurrences and create admitted rows (training role only).
-            update_time: data time stamped on created rows; 0 means now.
+            update_time: data (event) time stamped on created rows; 0 means none given:
+                rows get their table's newest update time, and no table's clock moves.
 
         Returns:
             float32 [n, dim] per request.
@@ -164,7 +165,10 @@ class EmbeddingShard:
     def apply_gradients(
         self, requests: Sequence[tuple[str, np.ndarray, np.ndarray]], update_time: float = 0.0
     ) -> tuple[int, int]:
-        """Applies (name, ids, gradients) requests; returns (rows updated, gradients dropped)."""
+        """Applies (name, ids, gradients) requests; returns (rows updated, gradients dropped).
+
+        `update_time` is stamped on updated rows, as in `lookup` (0: none given).
+        """
         if self.config.role != "training":
             raise FailedPrecondition(
                 f"shard {self.config.shard} has role {self.config.role!r}: it is read-only, gradients go to "
@@ -347,20 +351,22 @@ class EmbeddingShard:
         return table
 
     def _resolve_time(self, update_time: float) -> float:
-        """The data time a mutation stamps: as given, or now for 0.
+        """The data time a mutation stamps, checked; 0 (none given) stays 0.
 
-        A time far ahead of this server's clock is refused: it would move every table's data
-        clock forward, and the next expiry sweep would evict every row.
+        Tables keep their own data clocks (see EmbeddingTable): 0 stamps a table's clock
+        and never moves it. The wall clock is only a sanity bound here, never a stamp: a
+        time far ahead of it is refused, since it would move every table's data clock
+        forward and the next expiry sweep would evict every row.
         """
-        now = time.time()
         if not np.isfinite(update_time) or update_time < 0:
             raise InvalidArgument(f"update_time must be a finite number of seconds >= 0, got {update_time}")
+        now = time.time()
         if update_time > now + self.config.max_time_ahead:
             raise InvalidArgument(
                 f"update_time {update_time:.0f} is more than max_time_ahead={self.config.max_time_ahead:g} s "
                 f"ahead of this server's clock ({now:.0f})"
             )
-        return update_time if update_time > 0 else now
+        return update_time
 
     def _check_ids(self, requests: Sequence[tuple[str, np.ndarray, np.ndarray | None]]) -> None:
         """Rejects unknown or repeated tables, oversized requests and ids of other shards."""

@@ -17,6 +17,11 @@ then both restarts resume with no extra state:
 - While the training shard is unreachable the serving shard keeps answering with the
   rows it has (stale) and the sync retries every interval.
 
+The sync lag is measured in data (event) time, never against the wall clock: the training
+shard's data clock (the newest update time its tables have seen, from Stats) now, minus
+its data clock as of the state this serving shard is complete up to. A replay of 1997
+data in sync shows a lag of 0, not 28 years.
+
 Only embeddings travel (no optimizer state), as in the paper's code: serving never
 applies gradients. Imports go through the serving shard's `apply_synced_chunk` (clients'
 Imports into a serving shard are refused), so each chunk applies all or nothing,
@@ -63,8 +68,9 @@ _CHANNEL_OPTIONS = (
 _LABELS = ("shard",)
 SYNC_LAG = prometheus_client.Gauge(
     "monolith_sync_lag_seconds",
-    "Wall-clock now minus the newest row update time the serving shard holds from its training shard "
-    "(whole seconds; a freshness lag when trainers stamp rows with wall-clock times). NaN before any row.",
+    "Event-time lag of the serving shard: the training shard's data clock (newest update time, at its latest "
+    "Stats) minus its data clock as of the state the serving shard is complete up to (whole seconds of data "
+    "time, not wall-clock time). NaN before the first complete sync.",
     _LABELS,
 )
 SYNC_ROWS = prometheus_client.Counter(
@@ -127,6 +133,7 @@ class _Progress:
     full_resync: bool = False
     rows: int = 0
     deletions: int = 0
+    source_clock: int = 0
 
 
 class ServingSync:
@@ -147,6 +154,11 @@ class ServingSync:
             up to; None until the first successful sync.
         newest_update_time: newest row update time (seconds since the epoch) applied
             from the current training incarnation; 0 before any row.
+        source_clock: the training shard's data clock (newest update time over its
+            tables) at its latest Stats answer; 0 before any.
+        synced_clock: the training shard's data clock as of the state this shard is
+            complete up to (taken from the Stats that began the last successful attempt);
+            None before the first successful sync.
         last_result: what the latest finished attempt did; None before the first.
 
     Raises:
@@ -164,6 +176,8 @@ class ServingSync:
         self.training_address = training_address
         self.acknowledged: tuple[str, int] | None = None
         self.newest_update_time = 0.0
+        self.source_clock = 0
+        self.synced_clock: int | None = None
         self._shard = shard
         self._interval = interval
         self._timeout = timeout
@@ -217,8 +231,14 @@ class ServingSync:
         return self._last_result
 
     def lag_seconds(self) -> float:
-        """Wall-clock now minus `newest_update_time`; NaN before any row arrived."""
-        return time.time() - self.newest_update_time if self.newest_update_time > 0 else math.nan
+        """Event-time lag: `source_clock - synced_clock` (>= 0); NaN before the first successful sync.
+
+        Data time, not the wall clock: it grows only as training advances through the data
+        (as far as the latest Stats answer shows), whatever the data's dates.
+        """
+        if self.synced_clock is None:
+            return math.nan
+        return float(max(0, self.source_clock - self.synced_clock))
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -248,7 +268,7 @@ class ServingSync:
             started = time.monotonic()
             progress = _Progress()
             try:
-                self._sync(progress)
+                progress.source_clock = self._sync(progress)
             except (grpc.RpcError, MonolithError, SyncError) as exc:
                 result = self._failed(exc, progress)
             else:
@@ -257,15 +277,22 @@ class ServingSync:
             self._last_result = result
             return result
 
-    def _sync(self, progress: _Progress) -> None:
+    def _sync(self, progress: _Progress) -> int:
+        """One attempt's work; returns the training shard's data clock when it began.
+
+        The export that follows Stats is complete up to a version at least Stats', so
+        when it is applied this shard holds every change up to that clock.
+        """
         stats = self._stub.Stats(pb.StatsRequest(), timeout=STATS_TIMEOUT)
         self._check_source(stats)
+        clock = max((t.newest_update_time for t in stats.tables), default=0)
+        self.source_clock = clock
         if self.acknowledged is None or self.acknowledged[0] != stats.incarnation:
             self._full_copy(stats.incarnation, progress)
-            return
+            return clock
         incarnation, since = self.acknowledged
         if stats.version <= since:
-            return  # nothing happened on the training shard since
+            return clock  # nothing happened on the training shard since
         # The chunks of one incremental export are applied as one unit, so serving lookups
         # never see part of a training step; the training shard copied them at one instant
         # when they were at most ATOMIC_EXPORT_ENTRIES. A larger export (not atomic on the
@@ -292,10 +319,11 @@ class ServingSync:
             # The training shard's bounded deletion log no longer reaches back to `since`.
             _LOGGER.info("sync from %s: %s; copying in full", self.training_address, exc.details())
             self._full_copy(incarnation, progress)
-            return
+            return clock
         # An export with no chunks carries no completeness version, so keep the old one:
         # asking again since it is correct, and costs only the (absent) changes.
         self._acknowledge(incarnation, version)
+        return clock
 
     def _full_copy(self, incarnation: str, progress: _Progress) -> None:
         """Imports every row of the training shard, then deletes the rows it lacks."""
@@ -404,6 +432,7 @@ class ServingSync:
     # --------------------------------------------------------------- outcomes
 
     def _succeeded(self, progress: _Progress) -> SyncResult:
+        self.synced_clock = progress.source_clock
         if self._outage is not None:
             _LOGGER.info(
                 "sync from %s recovered after %d failed attempt(s) over %.1f s",
