@@ -18,6 +18,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "dense-ps": ("monolith.dense_ps.service", "serve the dense model's parameters"),
     "trainer": ("monolith.trainer.service", "train against the embedding-PS and dense-PS"),
     "serving": ("monolith.serving.service", "serve the Predict API (TF Serving's PredictionService)"),
+    "up": ("monolith.stack.service", "run the whole stack on this machine until Ctrl-C"),
     "joiner": ("monolith.joiner.service", "join impressions and actions into training samples (ReportActions API)"),
     "bench": ("monolith.bench.cli", "run a benchmark and print one JSON line"),
 }
