@@ -232,7 +232,8 @@ def test_model_metadata_lists_every_input_and_the_scores_output(stack: Stack) ->
     assert list(signatures.signature_def) == ["serving_default"]
     signature = signatures.signature_def["serving_default"]
     assert signature.method_name == "tensorflow/serving/predict"
-    assert set(signature.inputs) == {f.source for f in stack.config.features} | {"request_id"}
+    assert set(signature.inputs) == {f.source for f in stack.config.features} | {"request_id", "event_time"}
+    assert signature.inputs["event_time"].dtype == types_pb2.DT_DOUBLE
     for feature in stack.config.features:
         shape = [d.size for d in signature.inputs[feature.source].tensor_shape.dim]
         assert shape == ([-1, -1] if feature.multi_valued else [-1]), feature.source
@@ -642,7 +643,7 @@ def test_the_python_client_scores_like_a_plain_tf_serving_client(stack: Stack, e
 
     assert scores.dtype == np.float32 and scores.shape == (5,)
     np.testing.assert_allclose(scores, plain, rtol=0, atol=1e-6)
-    assert names == sorted({f.source for f in stack.config.features} | {"request_id"})
+    assert names == sorted({f.source for f in stack.config.features} | {"request_id", "event_time"})
 
 
 def test_the_python_client_raises_predict_error_with_the_status(stack: Stack, examples: Features) -> None:

@@ -53,8 +53,8 @@ class ServingModel:
         self._sparse = sparse
         self._dense = dense
         self._lock = threading.Lock()
-        self._params: dict[str, np.ndarray] | None = None
-        self._version = 0
+        # (version, parameters), replaced as one so a request sees the version that scored it.
+        self._dense_state: tuple[int, dict[str, np.ndarray]] | None = None
         self._log_odds_shift = math.log(config.training.negative_sample_rate)
         self.input_names = tuple(f.source for f in config.features)
         self._features = {f.source: f for f in config.features}
@@ -63,19 +63,20 @@ class ServingModel:
     @property
     def ready(self) -> bool:
         """Whether dense parameters have been loaded."""
-        return self._params is not None
+        return self._dense_state is not None
 
     @property
     def dense_version(self) -> int:
-        return self._version
+        state = self._dense_state
+        return 0 if state is None else state[0]
 
     def refresh_dense(self) -> bool:
         """Pulls dense parameters if the dense-PS has newer ones; returns whether it did."""
-        version, params = self._dense.pull(self._version)
+        version, params = self._dense.pull(self.dense_version)
         if params is None:
             return False
         with self._lock:
-            self._version, self._params = version, params
+            self._dense_state = (version, params)
         return True
 
     def predict(self, inputs: Mapping[str, np.ndarray], deadline: Deadline = NO_DEADLINE) -> np.ndarray:
@@ -97,9 +98,20 @@ class ServingModel:
         deadline: Deadline = NO_DEADLINE,
     ) -> np.ndarray:
         """Probabilities for parsed, ragged features (see `parse`)."""
-        params = self._params
-        if params is None:
+        return self.score_versioned(ids, row_splits, batch, deadline)[0]
+
+    def score_versioned(
+        self,
+        ids: Mapping[str, np.ndarray],
+        row_splits: Mapping[str, np.ndarray],
+        batch: int,
+        deadline: Deadline = NO_DEADLINE,
+    ) -> tuple[np.ndarray, int]:
+        """`score`, and the dense parameter version that scored."""
+        state = self._dense_state
+        if state is None:
             raise Unavailable("the model has no dense parameters yet (the dense-PS is not initialized)")
+        version, params = state
         deadline.check("before the embedding lookup")
         # The shards' calls give up when the client does, not only after the PS timeout.
         embeddings, biases, segments = lookup_features(
@@ -107,7 +119,7 @@ class ServingModel:
         )
         deadline.check("before the dense tower")
         logits = self.model.logits(params, embeddings, biases, segments, batch)
-        return sigmoid(logits + self._log_odds_shift)
+        return sigmoid(logits + self._log_odds_shift), version
 
     def parse(self, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
         """Checks the request's features and turns them into ragged ids.
@@ -123,7 +135,7 @@ class ServingModel:
         if unknown:
             raise InvalidArgument(
                 f"unknown input(s) {', '.join(unknown)}; the signature's inputs are "
-                f"{', '.join(self.input_names)} and request_id"
+                f"{', '.join(self.input_names)}, request_id and event_time"
             )
         missing = [name for name in self.input_names if name not in inputs]
         if missing:

@@ -20,16 +20,23 @@ from monolith.common.server import (
 from monolith.dense_ps.client import DensePSClient
 from monolith.embedding_ps.client import ShardedEmbeddingClient
 from monolith.model.config import default_config_path, load_model_config
+from monolith.serving.impressions import DEFAULT_QUEUE, ImpressionLog
 from monolith.serving.limits import RequestLimits
 from monolith.serving.model import ServingModel, dense_refresher
 from monolith.serving.servicer import SERVICE_NAME, PredictionServicer, SignatureConfig
+from monolith.streams.config import add_streams_arguments, streams_config_from_args
 
 _LOGGER = logging.getLogger("monolith.serving")
 
 
-def build_serving(model: ServingModel, signature: SignatureConfig, server_config: ServerConfig) -> MonolithServer:
-    """An unstarted Predict server over `model`."""
-    servicer = PredictionServicer(model, signature)
+def build_serving(
+    model: ServingModel,
+    signature: SignatureConfig,
+    server_config: ServerConfig,
+    impressions: ImpressionLog | None = None,
+) -> MonolithServer:
+    """An unstarted Predict server over `model`, logging impressions to `impressions` if given."""
+    servicer = PredictionServicer(model, signature, impressions)
     return build_server(
         server_config,
         [Service(SERVICE_NAME, lambda s: prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(servicer, s))],
@@ -54,6 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"values per Predict, summed over inputs after broadcasting (default {defaults.max_elements})")  # fmt: skip
     parser.add_argument("--max-string-bytes", type=int, default=defaults.max_string_bytes,
                         help=f"bytes of string values per Predict (default {defaults.max_string_bytes})")  # fmt: skip
+    add_streams_arguments(parser, required=False)  # --nats set: Predict calls with a request_id log impressions
+    parser.add_argument("--impression-queue", type=int, default=DEFAULT_QUEUE,
+                        help="impressions queued for NATS at most; past it they are dropped and counted "
+                        f"(default {DEFAULT_QUEUE})")  # fmt: skip
     add_server_arguments(parser, port=8500, metrics_port=9100)  # 8500: TF Serving's gRPC port
 
 
@@ -72,17 +83,31 @@ def run(args: argparse.Namespace) -> int:
         {"max_batch": args.max_batch, "max_elements": args.max_elements, "max_string_bytes": args.max_string_bytes},
     )
     model = ServingModel(config, sparse, dense, limits)
+    impressions = None
+    if args.nats:
+        if config.item_feature is None:
+            raise ValueError("--nats logs impressions, which need item_feature in the model config")
+        if args.impression_queue < 1:
+            raise ValueError(f"--impression-queue must be >= 1, got {args.impression_queue}")
+        streams = streams_config_from_args(args)
+        impressions = ImpressionLog(streams, config.item_feature, args.impression_queue)
     server = build_serving(
         model,
         SignatureConfig(args.model_name, args.signature_name),
         server_config_from_args(args, max_workers=args.workers, max_concurrent_rpcs=args.max_inflight),
+        impressions,
     )
     refresher = dense_refresher(model, args.dense_sync_interval, on_ready=lambda: server.set_serving(True))
+    if impressions is not None:
+        impressions.start()  # connects in the background: NATS need not be up yet
+        _LOGGER.info("logging impressions to %s (%d partitions)", args.nats, args.partitions)
     server.start(serving=False)  # SERVING once the first dense parameters arrive
     refresher.start()
     _LOGGER.info("serving model %r on port %d", args.model_name, server.port)
 
     def shutdown() -> None:
+        if impressions is not None:
+            impressions.close()  # the server has stopped: flush what its last calls logged
         refresher.stop()
         sparse.close()
         dense.close()

@@ -8,11 +8,17 @@ passes while it is worked on is abandoned between stages with DEADLINE_EXCEEDED.
 
 The model is trained continuously, so it has one servable version, 1, which always
 holds the latest parameters; a request pinned to another version is NOT_FOUND.
+
+Besides the features, a call may send `request_id` (string) and `event_time` (seconds
+since the epoch: double, float or int64), each of shape [], [1] or [batch]. A call with a
+request_id is logged as impressions (one per candidate) when the server has an
+`ImpressionLog`; `event_time` stamps them (else the server's clock does).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import grpc
 from tensorflow.core.framework import tensor_shape_pb2, types_pb2
@@ -20,13 +26,13 @@ from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2, model_pb2, predict_pb2, prediction_service_pb2_grpc
 
 from monolith.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from monolith.serving.impressions import EVENT_TIME, REQUEST_ID, ImpressionLog, ScoredRequest, request_keys
 from monolith.serving.limits import Deadline
 from monolith.serving.model import ServingModel
 from monolith.serving.tensors import decode_inputs, float_tensor
 
 SERVICE_NAME = "tensorflow.serving.PredictionService"
 SERVABLE_VERSION = 1
-REQUEST_ID = "request_id"
 SCORES = "scores"
 
 
@@ -44,21 +50,36 @@ class SignatureConfig:
 
 
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
-    """Predict and GetModelMetadata; Classify, Regress and MultiInference are UNIMPLEMENTED."""
+    """Predict and GetModelMetadata; Classify, Regress and MultiInference are UNIMPLEMENTED.
 
-    def __init__(self, model: ServingModel, signature: SignatureConfig) -> None:
+    Args:
+        model: the served model.
+        signature: the names the API answers to.
+        impressions: where calls with a request_id are logged (None: not logged).
+    """
+
+    def __init__(
+        self, model: ServingModel, signature: SignatureConfig, impressions: ImpressionLog | None = None
+    ) -> None:
         self._model = model
         self._signature = signature
+        self._impressions = impressions
 
     def Predict(self, request: predict_pb2.PredictRequest, context: grpc.ServicerContext) -> predict_pb2.PredictResponse:
         self._check_model_spec(request.model_spec, signature_matters=True)
         unknown_outputs = sorted(set(request.output_filter) - {SCORES})
         if unknown_outputs:
             raise InvalidArgument(f"output tensor alias not found in signature: {', '.join(unknown_outputs)}")
+        received_at = time.time()
         deadline = Deadline.after(context.time_remaining())
-        inputs = decode_inputs(request.inputs, self._model.limits, deadline)
-        inputs.pop(REQUEST_ID, None)  # validated; joined with actions downstream
-        scores = self._model.predict(inputs, deadline)
+        inputs = decode_inputs(request.inputs, self._model.limits, deadline, numeric=(EVENT_TIME,))
+        request_id, event_time = inputs.pop(REQUEST_ID, None), inputs.pop(EVENT_TIME, None)
+        deadline.check("before parsing the features")
+        ids, row_splits, batch = self._model.parse(inputs)
+        keys = request_keys(request_id, event_time, batch)
+        scores, version = self._model.score_versioned(ids, row_splits, batch, deadline)
+        if keys is not None and self._impressions is not None:
+            self._impressions.log(ScoredRequest(keys, inputs, scores, version, received_at))
         response = predict_pb2.PredictResponse(model_spec=self._response_spec())
         response.outputs[SCORES].CopyFrom(float_tensor(scores))
         return response
@@ -103,6 +124,9 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         request_id = signature.inputs[REQUEST_ID]
         request_id.name, request_id.dtype = f"{REQUEST_ID}:0", types_pb2.DT_STRING
         request_id.tensor_shape.CopyFrom(_shape([-1]))
+        event_time = signature.inputs[EVENT_TIME]  # seconds since the epoch; double, float or int64
+        event_time.name, event_time.dtype = f"{EVENT_TIME}:0", types_pb2.DT_DOUBLE
+        event_time.tensor_shape.CopyFrom(_shape([-1]))
         scores = signature.outputs[SCORES]
         scores.name, scores.dtype = f"{SCORES}:0", types_pb2.DT_FLOAT
         scores.tensor_shape.CopyFrom(_shape([-1]))

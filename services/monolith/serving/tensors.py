@@ -1,8 +1,9 @@
 """TensorProto <-> numpy for the Predict API, with TF Serving's validation messages.
 
-Only what the API carries is supported: int64/int32 ids, string ids, float32 scores.
-Int values may come as the typed repeated fields or as `tensor_content` bytes, as
-`tf.make_tensor_proto` produces either; strings come in `string_val`.
+Only what the API carries is supported: int64/int32 ids, string ids, float32 scores, and
+double/float/int times for the inputs that are times (`event_time`). Numbers may come as
+the typed repeated fields or as `tensor_content` bytes, as `tf.make_tensor_proto`
+produces either; strings come in `string_val`.
 
 Every tensor is checked before anything is allocated for it: its dtype, rank and shape,
 and the request's element and string-byte budget (`RequestLimits`).
@@ -11,7 +12,7 @@ and the request's element and string-byte budget (`RequestLimits`).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import numpy as np
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
@@ -21,6 +22,7 @@ from monolith.common.wire import MAX_RANK
 from monolith.serving.limits import NO_DEADLINE, Deadline, RequestLimits
 
 _INT_TYPES = {types_pb2.DT_INT64: ("<i8", "int64_val"), types_pb2.DT_INT32: ("<i4", "int_val")}
+_FLOAT_TYPES = {types_pb2.DT_DOUBLE: ("<f8", "double_val"), types_pb2.DT_FLOAT: ("<f4", "float_val")}
 MAX_ELEMENTS = RequestLimits().max_elements
 
 
@@ -80,18 +82,24 @@ def to_numpy(
 
 def _decode(
     tensor: tensor_pb2.TensorProto, name: str, shape: tuple[int, ...], max_string_bytes: int,
-    strings: list[bytes] | None = None,
+    strings: list[bytes] | None = None, numeric: bool = False,
 ) -> np.ndarray:  # fmt: skip
     """`to_numpy` for a tensor whose shape is already checked.
 
     Args:
         strings: the string values if the caller has them already: each access to
             `string_val` builds new bytes objects, so they are read out once.
+        numeric: the input is a number (a time), not an id: double, float and int tensors
+            are accepted and returned as float64; strings are refused.
     """
     size = math.prod(shape)
     what = f"input {shorten(name)!r}"
-    if tensor.dtype in _INT_TYPES:
-        dtype, field = _INT_TYPES[tensor.dtype]
+    if numeric and tensor.dtype not in _INT_TYPES and tensor.dtype not in _FLOAT_TYPES:
+        raise InvalidArgument(f"{what}: expects a double, float or int64 tensor, got {dtype_name(tensor.dtype)}")
+    if not numeric and tensor.dtype in _FLOAT_TYPES:
+        raise InvalidArgument(f"{what}: expects an int64, int32 or string tensor, got {dtype_name(tensor.dtype)}")
+    if tensor.dtype in _INT_TYPES or tensor.dtype in _FLOAT_TYPES:
+        dtype, field = _INT_TYPES.get(tensor.dtype) or _FLOAT_TYPES[tensor.dtype]
         if tensor.tensor_content:
             expected = size * np.dtype(dtype).itemsize
             if len(tensor.tensor_content) != expected:
@@ -104,7 +112,7 @@ def _decode(
             typed = getattr(tensor, field)
             if len(typed) > max(size, 1):
                 raise InvalidArgument(f"{what}: {len(typed)} values do not fill shape {list(shape)} ({size} elements)")
-            values = np.asarray(typed, dtype=np.int64)
+            values = np.asarray(typed, dtype=np.dtype(dtype).newbyteorder("="))
     elif tensor.dtype == types_pb2.DT_STRING:
         if tensor.tensor_content:
             raise InvalidArgument(
@@ -129,16 +137,26 @@ def _decode(
         values = np.repeat(values, size)  # TF's convention: one value fills the tensor
     if values.shape[0] != size:
         raise InvalidArgument(f"{what}: {values.shape[0]} values do not fill shape {list(shape)} ({size} elements)")
+    if numeric:
+        return values.astype(np.float64).reshape(shape)
     return values.astype(np.int64).reshape(shape) if values.dtype != object else values.reshape(shape)
 
 
 def decode_inputs(
-    tensors: Mapping[str, tensor_pb2.TensorProto], limits: RequestLimits, deadline: Deadline = NO_DEADLINE
-) -> dict[str, np.ndarray]:
+    tensors: Mapping[str, tensor_pb2.TensorProto], limits: RequestLimits, deadline: Deadline = NO_DEADLINE,
+    numeric: Collection[str] = (),
+) -> dict[str, np.ndarray]:  # fmt: skip
     """Every input tensor as an array, within the request's budget of elements and string bytes.
 
     The budget is checked over all tensors from their shapes and byte counts before any
     is decoded, so an oversized request costs no decoding at all.
+
+    Args:
+        tensors: the request's inputs by name.
+        limits: the request's budget.
+        deadline: checked between tensors.
+        numeric: names of inputs that are numbers (times), decoded as float64 from a
+            double, float or int tensor; every other input is an id (int or string).
 
     Raises:
         InvalidArgument: a tensor `to_numpy` refuses, or the tensors together exceed the limits.
@@ -168,7 +186,7 @@ def decode_inputs(
     for name, tensor, shape, strings in checked:
         if deadline.at is not None:
             deadline.check(f"while decoding input {shorten(name)!r}")
-        out[name] = _decode(tensor, name, shape, limits.max_string_bytes, strings)
+        out[name] = _decode(tensor, name, shape, limits.max_string_bytes, strings, numeric=name in numeric)
     return out
 
 

@@ -1,0 +1,419 @@
+"""Impressions: what model-serving showed, published to JetStream for the sample-joiner.
+
+A Predict call that carries a `request_id` logs one impression per candidate: the
+request_id, the candidate's item id (the value of the model's item feature), the raw
+feature values the model scored (as the text `monolith.data.feature_ids` hashes, so ids
+computed from a training sample equal the ids serving computed), the event time, the
+dense version and the served probability.
+
+Logging never slows or fails Predict. The call hands its scored request to a bounded
+queue without blocking (`ImpressionLog.log`); a background asyncio loop builds the
+`Event` messages and publishes them to `events.<partition of the request_id>` with the
+message id `imp/<request_id>/<item_id>`, so a re-publish after a lost acknowledgement is
+de-duplicated by the stream. While NATS is down the publisher retries and the queue fills;
+past its capacity impressions are dropped and counted, never waited for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import hashlib
+import logging
+import threading
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING
+
+import numpy as np
+import prometheus_client
+
+from monolith.api.joiner.v1 import joiner_pb2
+from monolith.common.errors import InvalidArgument
+from monolith.streams.config import EVENTS_STREAM, StreamsConfig, events_subject, partition_of
+from monolith.streams.jetstream import TRANSIENT_ERRORS, BackgroundLoop, connect, ensure_streams
+from monolith.streams.publish import Message, publish_round
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client
+    from nats.js import JetStreamContext
+
+_LOGGER = logging.getLogger("monolith.serving.impressions")
+
+REQUEST_ID = "request_id"
+EVENT_TIME = "event_time"
+DEFAULT_QUEUE = 10_000
+MAX_MSG_ID_CHARS = 512  # longer ids (or ids a header cannot carry) are replaced by their hash
+_PUBLISH_CHUNK = 1024  # impressions taken off the queue and published (pipelined) together
+_MAX_BACKOFF = 1.0  # seconds between retries while NATS is down: recover quickly once it is back
+
+IMPRESSIONS_PUBLISHED = prometheus_client.Counter(
+    "monolith_serving_impressions_published_total",
+    "Impressions stored on the EVENTS stream (acknowledged by JetStream).",
+)
+IMPRESSIONS_DROPPED = prometheus_client.Counter(
+    "monolith_serving_impressions_dropped_total",
+    "Impressions not published: queue_full (NATS slow or down), shutdown (still queued when the flush "
+    "time ran out), too_large (over NATS's max payload), no_item (an empty item id).",
+    ("reason",),
+)
+IMPRESSIONS_QUEUED = prometheus_client.Gauge(
+    "monolith_serving_impressions_queued",
+    "Impressions waiting to be published or in flight (bounded by --impression-queue).",
+)
+IMPRESSION_PUBLISH_FAILURES = prometheus_client.Counter(
+    "monolith_serving_impression_publish_failures_total",
+    "Impression publishes that failed and were retried (NATS down, slow, or the stream missing).",
+)
+for _reason in ("queue_full", "shutdown", "too_large", "no_item"):
+    IMPRESSIONS_DROPPED.labels(_reason)  # exported at 0 before the first drop
+
+
+# --------------------------------------------------------------------------- request keys
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestKeys:
+    """What a Predict call says about itself, one entry per example.
+
+    Attributes:
+        request_ids: object [batch] of str; "" means the example has no request_id (no
+            impression is logged for it).
+        event_times: float64 [batch] seconds since the epoch, or None: the call sent no
+            `event_time`, so impressions carry the serving clock at the call.
+    """
+
+    request_ids: np.ndarray
+    event_times: np.ndarray | None
+
+
+def request_keys(request_id: np.ndarray | None, event_time: np.ndarray | None, batch: int) -> RequestKeys | None:
+    """Checks the optional `request_id` and `event_time` inputs against the batch.
+
+    Each may have shape [] or [1] (one value for every example) or [batch].
+
+    Args:
+        request_id: the decoded `request_id` input (strings, or ints taken as their text).
+        event_time: the decoded `event_time` input (float64 seconds since the epoch).
+        batch: the examples in the request.
+
+    Returns:
+        The keys broadcast to the batch; None if the call sent no request_id (nothing to log).
+
+    Raises:
+        InvalidArgument: a shape other than those, or an event_time that is not finite or
+            is negative.
+    """
+    times = None
+    if event_time is not None:
+        times = _broadcast(event_time, EVENT_TIME, batch)
+        bad = ~np.isfinite(times) | (times < 0)
+        if bad.any():
+            at = int(np.argmax(bad))
+            raise InvalidArgument(
+                f"input {EVENT_TIME!r}: seconds since the epoch must be finite and >= 0; example {at} has "
+                f"{float(times[at])!r}"
+            )
+    if request_id is None:
+        return None
+    ids = _broadcast(request_id, REQUEST_ID, batch)
+    if ids.dtype != object:
+        ids = np.array([str(v) for v in ids.tolist()], dtype=object)  # int ids are their decimal text
+    return RequestKeys(ids, times)
+
+
+def _broadcast(array: np.ndarray, name: str, batch: int) -> np.ndarray:
+    if array.ndim > 1 or (array.ndim == 1 and array.shape[0] not in (1, batch)):
+        raise InvalidArgument(
+            f"input {name!r}: expects shape [] or [1] (one value for the call) or [{batch}] (one per example), "
+            f"got {list(array.shape)}"
+        )
+    flat = array.reshape(-1)
+    return np.repeat(flat, batch) if flat.shape[0] == 1 and batch != 1 else flat
+
+
+# --------------------------------------------------------------------------- impressions
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoredRequest:
+    """One scored Predict call, as handed to the impression log (built into impressions later).
+
+    Attributes:
+        keys: the call's request ids and event times.
+        inputs: the feature inputs as decoded (outer size 1, broadcast, or batch).
+        scores: float32 [batch] probabilities served.
+        model_version: the dense parameter version that scored them.
+        received_at: the serving clock at the call (the event time when the call sent none).
+    """
+
+    keys: RequestKeys
+    inputs: Mapping[str, np.ndarray]
+    scores: np.ndarray
+    model_version: int
+    received_at: float
+
+    @property
+    def batch(self) -> int:
+        return int(self.scores.shape[0])
+
+
+def feature_texts(array: np.ndarray) -> list[list[str]]:
+    """Each row's values as the text `feature_ids` hashes (see `_flatten` in serving/model.py).
+
+    Ints by their decimal digits, strings as is, bytes decoded as UTF-8; in a [rows, k]
+    string tensor "" pads a row and is not a value.
+
+    Returns:
+        One list of texts per row (the outer dimension).
+    """
+    if array.dtype.kind == "S":
+        array = np.vectorize(lambda b: b.decode("utf-8"), otypes=[object])(array)
+    rows = array.tolist()
+    if array.ndim == 1:
+        return [[str(v)] for v in rows]
+    if array.dtype.kind in "OU":
+        return [[str(v) for v in row if v != ""] for row in rows]
+    return [[str(v) for v in row] for row in rows]
+
+
+def impressions_of(scored: ScoredRequest, item_feature: str) -> list[joiner_pb2.Impression]:
+    """One impression per example that has a request_id and an item id.
+
+    Args:
+        scored: the scored call.
+        item_feature: the input naming the candidate (`ModelConfig.item_feature`).
+
+    Returns:
+        The impressions, in example order; examples with an empty request_id or item id
+        are left out (see `ImpressionLog` for the counting).
+    """
+    texts = {name: feature_texts(array) for name, array in scored.inputs.items()}
+    items = texts[item_feature]
+    times = scored.keys.event_times
+    scores = scored.scores.tolist()
+    out = []
+    for i, request_id in enumerate(scored.keys.request_ids.tolist()):
+        item = items[i if len(items) > 1 else 0]
+        item_id = item[0] if item else ""
+        if not request_id or not item_id:
+            continue
+        impression = joiner_pb2.Impression(
+            request_id=request_id,
+            item_id=item_id,
+            event_time=scored.received_at if times is None else float(times[i]),
+            model_version=scored.model_version,
+            score=scores[i],
+        )
+        features = impression.features
+        for name, rows in texts.items():
+            features[name].values.extend(rows[i if len(rows) > 1 else 0])
+        out.append(impression)
+    return out
+
+
+def impression_message(impression: joiner_pb2.Impression, partitions: int) -> Message:
+    """The EVENTS message of an impression (subject by the request_id's partition)."""
+    payload = joiner_pb2.Event(impression=impression).SerializeToString()
+    subject = events_subject(partition_of(impression.request_id, partitions))
+    return Message(subject, payload, impression_msg_id(impression.request_id, impression.item_id))
+
+
+def impression_msg_id(request_id: str, item_id: str) -> str:
+    """`imp/<request_id>/<item_id>`; its hash instead if a header line cannot carry it.
+
+    A header value must not hold CR or LF (it would end the header early), and a long one
+    only costs bytes: such ids get `imp#<blake2b hex>`, still one id per (request, item).
+    """
+    msg_id = f"imp/{request_id}/{item_id}"
+    if len(msg_id) <= MAX_MSG_ID_CHARS and msg_id.isprintable():
+        return msg_id
+    digest = hashlib.blake2b(f"{request_id}\x1f{item_id}".encode(), digest_size=16).hexdigest()
+    return f"imp#{digest}"
+
+
+# --------------------------------------------------------------------------- the log
+
+
+class ImpressionLog:
+    """Publishes impressions of scored calls to JetStream in the background, bounded.
+
+    `log` never blocks on NATS: it appends to a queue of at most `capacity` impressions
+    (counting those in flight), or drops the call's impressions when that is full. A
+    background loop connects (retrying forever), sets up the streams, and publishes what
+    is queued, many messages in flight at once, retrying failed ones until they are stored.
+
+    Args:
+        streams: where NATS is and the number of partitions.
+        item_feature: the input naming the candidate.
+        capacity: impressions queued or in flight at most.
+    """
+
+    def __init__(self, streams: StreamsConfig, item_feature: str, capacity: int = DEFAULT_QUEUE) -> None:
+        if capacity < 1:
+            raise ValueError(f"impression queue capacity must be >= 1, got {capacity}")
+        self._streams = streams
+        self._item_feature = item_feature
+        self._capacity = capacity
+        self._lock = threading.Lock()
+        self._queue: collections.deque[ScoredRequest] = collections.deque()
+        self._queued = 0  # impressions in _queue plus those taken and not yet published
+        self._closing = False
+        self._idle = threading.Condition(self._lock)  # notified when _queued drops to 0
+        self._publisher_waiting = False
+        self._loop: BackgroundLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Future[None] | None = None
+        self._nc: Client | None = None
+
+    def start(self) -> ImpressionLog:
+        """Starts the background loop and the publisher (which connects on its own)."""
+        self._loop = BackgroundLoop("impressions")
+        self._wake = self._loop.run(self._make_event(), timeout=5.0)
+        self._task = self._loop.submit(self._publish_forever())
+        return self
+
+    @staticmethod
+    async def _make_event() -> asyncio.Event:
+        return asyncio.Event()  # created on the loop it is awaited on
+
+    def log(self, scored: ScoredRequest) -> None:
+        """Queues a scored call's impressions; drops them (counted) if the queue is full. Never blocks."""
+        count = scored.batch
+        with self._lock:
+            if self._closing:
+                reason = "shutdown"
+            elif self._queued + count > self._capacity:
+                reason = "queue_full"
+            else:
+                reason = ""
+                self._queue.append(scored)
+                self._queued += count
+                IMPRESSIONS_QUEUED.set(self._queued)
+                wake, self._publisher_waiting = self._publisher_waiting, False
+        if reason:
+            IMPRESSIONS_DROPPED.labels(reason).inc(count)
+            return
+        if wake and self._loop is not None and self._wake is not None:
+            self._loop.loop.call_soon_threadsafe(self._wake.set)
+
+    @property
+    def queued(self) -> int:
+        """Impressions waiting or in flight."""
+        return self._queued
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stops taking impressions, publishes what is queued for up to `timeout` s, then stops.
+
+        What is still queued when the time runs out is dropped (counted as "shutdown").
+        """
+        with self._lock:
+            self._closing = True
+            if self._loop is not None:
+                self._idle.wait_for(lambda: self._queued == 0, timeout)
+        if self._loop is not None:
+            if self._task is not None:
+                self._task.cancel()
+            if self._nc is not None:
+                try:
+                    self._loop.run(self._nc.close(), timeout=2.0)
+                except (TimeoutError, *TRANSIENT_ERRORS):
+                    pass
+            self._loop.close()
+        with self._lock:
+            if self._queued:
+                IMPRESSIONS_DROPPED.labels("shutdown").inc(self._queued)
+            self._queue.clear()
+            self._queued = 0
+            IMPRESSIONS_QUEUED.set(0)
+
+    # ----------------------------------------------------------- on the background loop
+
+    async def _publish_forever(self) -> None:
+        try:
+            await self._connect_and_publish()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Not a NATS failure (those are retried): a bug. Say so loudly; Predict goes on,
+            # and the queue fills and drops (counted).
+            _LOGGER.exception("the impression publisher stopped")
+            raise
+
+    async def _connect_and_publish(self) -> None:
+        self._nc = nc = await connect(self._streams, "serving", attempts=0)
+        js = nc.jetstream(timeout=self._streams.timeout)
+        await self._retry_forever(lambda: ensure_streams(js, self._streams), "setting up the streams")
+        while True:
+            taken = await self._take()
+            messages, skipped = self._messages(taken, nc.max_payload)
+            await self._publish(js, messages)
+            IMPRESSIONS_PUBLISHED.inc(len(messages))
+            for reason, count in skipped.items():
+                IMPRESSIONS_DROPPED.labels(reason).inc(count)
+            self._done(sum(s.batch for s in taken))
+
+    async def _take(self) -> list[ScoredRequest]:
+        """The next calls to publish (up to about `_PUBLISH_CHUNK` impressions); waits for one."""
+        assert self._wake is not None
+        while True:
+            with self._lock:
+                taken: list[ScoredRequest] = []
+                count = 0
+                while self._queue and count < _PUBLISH_CHUNK:
+                    taken.append(self._queue.popleft())
+                    count += taken[-1].batch
+                if taken:
+                    return taken
+                self._publisher_waiting = True
+                self._wake.clear()
+            await self._wake.wait()
+
+    def _done(self, count: int) -> None:
+        with self._lock:
+            self._queued -= count
+            IMPRESSIONS_QUEUED.set(self._queued)
+            if self._queued == 0:
+                self._idle.notify_all()
+
+    def _messages(self, taken: list[ScoredRequest], max_payload: int) -> tuple[list[Message], dict[str, int]]:
+        messages = []
+        skipped = {"no_item": 0, "too_large": 0}
+        for scored in taken:
+            impressions = impressions_of(scored, self._item_feature)
+            with_request_id = int(np.count_nonzero(scored.keys.request_ids != ""))
+            skipped["no_item"] += with_request_id - len(impressions)
+            for impression in impressions:
+                message = impression_message(impression, self._streams.partitions)
+                if len(message.payload) + len(message.msg_id) + 64 > max_payload:
+                    skipped["too_large"] += 1
+                else:
+                    messages.append(message)
+        return messages, {reason: count for reason, count in skipped.items() if count}
+
+    async def _publish(self, js: JetStreamContext, messages: list[Message]) -> None:
+        """Publishes every message, pipelined, retrying the failed ones until none fail."""
+        backoff = 0.05
+        pending = messages
+        while pending:
+            failed, stream_missing = await publish_round(js, pending, EVENTS_STREAM, self._streams.timeout)
+            if not failed:
+                return
+            IMPRESSION_PUBLISH_FAILURES.inc(len(failed))
+            if stream_missing:  # deleted under us: set it up again before the retry
+                await self._retry_forever(lambda: ensure_streams(js, self._streams), "setting up the streams")
+            pending = failed
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, _MAX_BACKOFF)
+
+    @staticmethod
+    async def _retry_forever(attempt: Callable[[], Awaitable[None]], what: str) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                await attempt()
+                return
+            except TRANSIENT_ERRORS as exc:
+                _LOGGER.warning("%s failed (retrying): %s", what, exc or type(exc).__name__)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _MAX_BACKOFF)

@@ -1,0 +1,281 @@
+"""Impressions built from a Predict call, checked without NATS.
+
+Requests go through the same steps as in the servicer (TensorProtos decoded, the
+request_id and event_time inputs taken out, the features parsed), so the text values an
+impression carries can be compared with the ids serving computed from the same call.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import yaml
+
+from monolith.api.joiner.v1 import joiner_pb2
+from monolith.common.errors import InvalidArgument
+from monolith.data.feature_ids import feature_ids
+from monolith.model.config import ModelConfig, default_config_path, model_config_from_dict
+from monolith.serving.impressions import (
+    EVENT_TIME,
+    IMPRESSIONS_DROPPED,
+    REQUEST_ID,
+    ImpressionLog,
+    RequestKeys,
+    ScoredRequest,
+    feature_texts,
+    impression_message,
+    impression_msg_id,
+    impressions_of,
+    request_keys,
+)
+from monolith.serving.limits import RequestLimits
+from monolith.serving.model import ServingModel
+from monolith.serving.tensors import decode_inputs
+from monolith.streams.config import StreamsConfig, events_subject, partition_of
+from monolith.trainer.backends import LocalDense, LocalEmbeddings
+
+USER = {"user_id": [196], "age": [49], "gender": ["M"], "occupation": ["writer"], "zip": ["55105"]}
+CANDIDATES = {
+    "movie_id": [242, 302, 377],
+    "genres": [["Comedy", "", ""], ["Crime", "Film-Noir", "Thriller"], ["Children's", "Comedy", ""]],
+}
+
+
+@pytest.fixture(scope="module")
+def config() -> ModelConfig:
+    with open(default_config_path(), encoding="utf-8") as f:
+        raw = yaml.safe_load(f)
+    raw["model"]["hidden_units"] = [16]
+    return model_config_from_dict(raw)
+
+
+@pytest.fixture(scope="module")
+def model(config: ModelConfig) -> ServingModel:
+    """Only `parse` is used: hashing needs no trained tables."""
+    return ServingModel(config, LocalEmbeddings(config.tables()), LocalDense(config.model.optimizer))
+
+
+class Parsed:
+    """A call taken apart the way the servicer does it."""
+
+    def __init__(self, model: ServingModel, tensors: dict[str, Any]) -> None:
+        protos = {name: tf.make_tensor_proto(value) for name, value in tensors.items()}
+        self.inputs = decode_inputs(protos, RequestLimits(), numeric=(EVENT_TIME,))
+        request_id, event_time = self.inputs.pop(REQUEST_ID, None), self.inputs.pop(EVENT_TIME, None)
+        self.ids, self.row_splits, self.batch = model.parse(self.inputs)
+        self.keys = request_keys(request_id, event_time, self.batch)
+
+    def scored(self, version: int = 7, received_at: float = 1_000.0) -> ScoredRequest:
+        assert self.keys is not None
+        scores = np.linspace(0.1, 0.9, self.batch).astype(np.float32)
+        return ScoredRequest(self.keys, self.inputs, scores, version, received_at)
+
+    def example_ids(self, name: str, i: int) -> np.ndarray:
+        return self.ids[name][self.row_splits[name][i] : self.row_splits[name][i + 1]]
+
+
+def ranking_call(**extra: Any) -> dict[str, Any]:
+    return {**USER, **CANDIDATES, **extra}
+
+
+# --------------------------------------------------------------------------- building
+
+
+def test_one_impression_per_candidate_with_the_request_id_broadcast(model: ServingModel) -> None:
+    call = Parsed(model, ranking_call(request_id=["r-1"], event_time=np.array([1_700_000_000.5])))
+
+    impressions = impressions_of(call.scored(version=7), "movie_id")
+
+    assert [i.request_id for i in impressions] == ["r-1"] * 3
+    assert [i.item_id for i in impressions] == ["242", "302", "377"]
+    assert [i.event_time for i in impressions] == [1_700_000_000.5] * 3
+    assert [i.model_version for i in impressions] == [7] * 3
+    np.testing.assert_allclose([i.score for i in impressions], np.linspace(0.1, 0.9, 3), rtol=1e-6)
+    assert list(impressions[1].features["genres"].values) == ["Crime", "Film-Noir", "Thriller"]
+    assert list(impressions[0].features["genres"].values) == ["Comedy"]  # "" pads, it is no value
+    assert list(impressions[2].features["user_id"].values) == ["196"]
+
+
+def test_the_text_values_hash_to_the_ids_serving_computed(model: ServingModel) -> None:
+    call = Parsed(model, ranking_call(request_id=["r-1"]))
+
+    impressions = impressions_of(call.scored(), "movie_id")
+
+    for i, impression in enumerate(impressions):
+        assert set(impression.features) == set(model.input_names)
+        for name, values in impression.features.items():
+            np.testing.assert_array_equal(feature_ids(name, list(values.values)), call.example_ids(name, i), name)
+
+
+def test_strings_sent_for_int_features_give_the_same_text(model: ServingModel) -> None:
+    as_ints = Parsed(model, ranking_call(request_id=["r"]))
+    as_strings = Parsed(model, ranking_call(request_id=["r"], user_id=["196"], movie_id=["242", "302", "377"]))
+
+    assert impressions_of(as_ints.scored(), "movie_id") == impressions_of(as_strings.scored(), "movie_id")
+
+
+def test_one_request_id_per_example_and_one_event_time_per_example(model: ServingModel) -> None:
+    call = Parsed(model, ranking_call(request_id=["a", "b", "c"], event_time=np.array([10, 20, 30], np.int64)))
+
+    impressions = impressions_of(call.scored(), "movie_id")
+
+    assert [(i.request_id, i.event_time) for i in impressions] == [("a", 10.0), ("b", 20.0), ("c", 30.0)]
+
+
+def test_a_scalar_request_id_and_event_time_cover_the_call(model: ServingModel) -> None:
+    call = Parsed(model, ranking_call(request_id="r-9", event_time=np.float32(1024.0)))
+
+    impressions = impressions_of(call.scored(), "movie_id")
+
+    assert [(i.request_id, i.event_time) for i in impressions] == [("r-9", 1024.0)] * 3
+
+
+def test_without_event_time_the_serving_clock_stamps_the_impressions(model: ServingModel) -> None:
+    call = Parsed(model, ranking_call(request_id=["r"]))
+
+    impressions = impressions_of(call.scored(received_at=1234.5), "movie_id")
+
+    assert {i.event_time for i in impressions} == {1234.5}
+
+
+def test_an_int_request_id_is_its_decimal_text(model: ServingModel) -> None:
+    call = Parsed(model, ranking_call(request_id=np.array([77], np.int64)))
+
+    assert {i.request_id for i in impressions_of(call.scored(), "movie_id")} == {"77"}
+
+
+def test_examples_without_a_request_id_or_item_are_left_out(model: ServingModel) -> None:
+    call = Parsed(model, ranking_call(request_id=["a", "", "c"], movie_id=["242", "302", ""]))
+
+    impressions = impressions_of(call.scored(), "movie_id")
+
+    assert [(i.request_id, i.item_id) for i in impressions] == [("a", "242")]
+
+
+def test_a_call_without_request_id_has_no_keys(model: ServingModel) -> None:
+    assert Parsed(model, ranking_call(event_time=[5.0])).keys is None
+
+
+def test_feature_texts_follow_the_hashing_rules() -> None:
+    assert feature_texts(np.array([7, -8], np.int64)) == [["7"], ["-8"]]
+    assert feature_texts(np.array([b"Z\xc3\xbcrich", b"x"])) == [["Zürich"], ["x"]]
+    assert feature_texts(np.array([["a", ""], ["", ""]], dtype=object)) == [["a"], []]
+    assert feature_texts(np.array([["a", ""]])) == [["a"]]  # numpy unicode pads like object arrays
+    assert feature_texts(np.array([""], dtype=object)) == [[""]]  # one value, not padding
+    assert feature_texts(np.array([[1, 2]], np.int64)) == [["1", "2"]]
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize(
+    ("event_time", "expected"),
+    [
+        ([float("nan")], "example 0 has nan"),
+        ([1.0, float("inf"), 2.0], "example 1 has inf"),
+        ([-1.0], "example 0 has -1.0"),
+        (np.array([3, -5, 4], np.int64), "example 1 has -5.0"),
+    ],
+    ids=["nan", "inf", "negative", "negative-int"],
+)
+def test_an_event_time_that_is_no_time_is_refused(model: ServingModel, event_time: Any, expected: str) -> None:
+    with pytest.raises(InvalidArgument) as raised:
+        Parsed(model, ranking_call(request_id=["r"], event_time=event_time))
+
+    assert "input 'event_time'" in str(raised.value) and "finite and >= 0" in str(raised.value)
+    assert expected in str(raised.value)
+
+
+def test_a_bad_event_time_is_refused_without_a_request_id_too(model: ServingModel) -> None:
+    with pytest.raises(InvalidArgument, match="input 'event_time'"):
+        Parsed(model, ranking_call(event_time=[float("nan")]))
+
+
+def test_an_event_time_given_as_text_is_refused(model: ServingModel) -> None:
+    with pytest.raises(InvalidArgument, match=r"input 'event_time': expects a double, float or int64 tensor"):
+        Parsed(model, ranking_call(event_time=["yesterday"]))
+
+
+@pytest.mark.parametrize("name", [REQUEST_ID, EVENT_TIME])
+@pytest.mark.parametrize("shape", [(2,), (3, 1), (1, 1)])
+def test_shapes_other_than_scalar_one_or_batch_are_refused(
+    model: ServingModel, name: str, shape: tuple[int, ...]
+) -> None:
+    value = np.full(shape, "r", dtype=object) if name == REQUEST_ID else np.full(shape, 5.0)
+
+    with pytest.raises(InvalidArgument) as raised:
+        Parsed(model, ranking_call(**{name: value}))
+
+    assert f"input {name!r}: expects shape [] or [1]" in str(raised.value) and "[3]" in str(raised.value)
+
+
+def test_request_keys_broadcast_to_the_batch() -> None:
+    keys = request_keys(np.array("r", dtype=object), np.array([2.5]), 4)
+
+    assert isinstance(keys, RequestKeys)
+    assert keys.request_ids.tolist() == ["r"] * 4
+    assert keys.event_times is not None and keys.event_times.tolist() == [2.5] * 4
+
+
+# --------------------------------------------------------------------------- messages
+
+
+def test_the_message_goes_to_the_request_ids_partition_under_its_id() -> None:
+    impression = joiner_pb2.Impression(request_id="req-42", item_id="242", event_time=5.0, score=0.5)
+
+    message = impression_message(impression, partitions=8)
+
+    assert message.subject == events_subject(partition_of("req-42", 8))
+    assert message.msg_id == "imp/req-42/242"
+    event = joiner_pb2.Event.FromString(message.payload)
+    assert event.WhichOneof("event") == "impression" and event.impression == impression
+
+
+def test_ids_a_header_cannot_carry_get_a_stable_hash() -> None:
+    crlf = impression_msg_id("a\r\nNats-Msg-Id: x", "1")
+    long = impression_msg_id("r" * 1000, "1")
+
+    assert crlf.startswith("imp#") and crlf.isprintable() and crlf == impression_msg_id("a\r\nNats-Msg-Id: x", "1")
+    assert long.startswith("imp#") and long != impression_msg_id("r" * 1000, "2")
+
+
+# --------------------------------------------------------------------------- the bounded queue
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def dropped(reason: str) -> float:
+    return IMPRESSIONS_DROPPED.labels(reason)._value.get()
+
+
+def test_with_nats_unreachable_the_queue_fills_then_drops_are_counted(model: ServingModel) -> None:
+    streams = StreamsConfig(url=f"nats://127.0.0.1:{closed_port()}")
+    log = ImpressionLog(streams, "movie_id", capacity=7).start()
+    scored = Parsed(model, ranking_call(request_id=["r"])).scored()  # 3 impressions
+    full_before, shutdown_before = dropped("queue_full"), dropped("shutdown")
+    try:
+        for _ in range(4):
+            log.log(scored)  # never blocks: 3 + 3 fit, the next two calls do not
+
+        assert log.queued == 6
+        assert dropped("queue_full") - full_before == 6
+    finally:
+        log.close(timeout=0.1)
+
+    assert dropped("shutdown") - shutdown_before == 6
+    assert log.queued == 0
+    log.log(scored)  # after close: counted, not queued
+    assert dropped("shutdown") - shutdown_before == 9
+
+
+def test_capacity_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="capacity must be >= 1"):
+        ImpressionLog(StreamsConfig(), "movie_id", capacity=0)
