@@ -20,6 +20,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "serving": ("monolith.serving.service", "serve the Predict API (TF Serving's PredictionService)"),
     "up": ("monolith.stack.service", "run the whole stack on this machine until Ctrl-C"),
     "joiner": ("monolith.joiner.service", "join impressions and actions into training samples (ReportActions API)"),
+    "replay": ("monolith.replay.service", "replay MovieLens-100k as live traffic through a running stack"),
     "bench": ("monolith.bench.cli", "run a benchmark and print one JSON line"),
 }
 

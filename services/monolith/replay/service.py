@@ -1,0 +1,124 @@
+"""`monolith replay`: MovieLens-100k as live traffic through a running stack.
+
+    monolith replay --stack DIR/stack.json           # a stack started with `monolith up`
+    monolith replay --up --data-dir DIR --speed 100  # start one, replay, stop it
+
+Prints a live progress line on stderr, then a summary table and the path of the
+rolling-AUC plot on stdout (with --json, one JSON line last).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+from typing import Any
+
+from monolith.replay.launcher import LocalStack, StackInfo
+from monolith.replay.report import summary_table
+from monolith.replay.runner import Replay, ReplayOptions
+
+PLOT_FILE = "replay_auc.png"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `monolith replay`."""
+    defaults = ReplayOptions()
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--stack", help="the stack.json of a running stack (`monolith up --data-dir DIR` writes DIR/stack.json)")
+    target.add_argument("--up", action="store_true",
+                        help="start `monolith up --data-dir DIR` (on free ports), replay, then stop it")  # fmt: skip
+    parser.add_argument("--data-dir", help="with --up: the stack's data directory (required)")
+    parser.add_argument("--speed", type=float, default=defaults.speed,
+                        help=f"events per second, the replay's pace (default {defaults.speed:g}; 0: as fast as it goes)")  # fmt: skip
+    parser.add_argument("--limit", type=int, default=None,
+                        help="use only the first N ratings by time (the batch stage gets 80%%, the replay the rest)")  # fmt: skip
+    parser.add_argument("--plot", default=None, help=f"the rolling-AUC plot (default <data-dir>/{PLOT_FILE})")
+    parser.add_argument("--cache-dir", default=None, help="where the data set is cached")
+    parser.add_argument("--workers", type=int, default=defaults.workers,
+                        help=f"concurrent Predict/report_action workers (default {defaults.workers})")  # fmt: skip
+    parser.add_argument("--probe-interval", type=float, default=defaults.probe_interval,
+                        help=f"seconds between freshness probes (default {defaults.probe_interval:g}; 0: none)")  # fmt: skip
+    parser.add_argument("--up-timeout", type=float, default=300.0,
+                        help="with --up: seconds to wait for the stack to be ready (default 300)")  # fmt: skip
+    parser.add_argument("--json", action="store_true", help="also print the result as one JSON line (last line)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Replays; prints the summary. Exit 1 if the stack does not come up."""
+    if args.up and not args.data_dir:
+        raise ValueError("--up needs --data-dir (where the stack keeps its data, logs and stack.json)")
+    if args.speed < 0 or math.isnan(args.speed):
+        raise ValueError(f"--speed must be >= 0 events/s, got {args.speed}")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    data_dir = args.data_dir if args.up else os.path.dirname(os.path.abspath(args.stack))
+    options = ReplayOptions(
+        speed=args.speed,
+        limit=args.limit,
+        cache_dir=args.cache_dir,
+        plot=args.plot or os.path.join(data_dir, PLOT_FILE),
+        workers=args.workers,
+        probe_interval=args.probe_interval,
+    )
+    result = replay(options, stack_file=None if args.up else args.stack, data_dir=data_dir if args.up else None,
+                    up_timeout=args.up_timeout)  # fmt: skip
+    print_summary(result, as_json=args.json)
+    return 0
+
+
+def replay(options: ReplayOptions, stack_file: str | None = None, data_dir: str | None = None,
+           up_timeout: float = 300.0) -> dict[str, Any]:  # fmt: skip
+    """Replays through the stack of `stack_file`, or through a stack started in `data_dir` and stopped after.
+
+    SIGTERM ends the replay like Ctrl-C does, so a stack started here is always stopped.
+    """
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    local = None
+    try:
+        if data_dir is not None:
+            local = LocalStack(data_dir)
+            print(f"[replay] starting the stack: monolith up --data-dir {local.data_dir} (its output: {local.log_path})",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            stack = local.start(up_timeout)
+            print(f"[replay] stack ready: serving {stack.serving}, joiner {stack.joiner}, NATS {stack.nats}, "
+                  f"logs in {stack.logs}", file=sys.stderr, flush=True)  # fmt: skip
+        else:
+            assert stack_file is not None
+            stack = StackInfo.load(stack_file)
+        return Replay(stack, options).run()
+    finally:
+        if local is not None:
+            print("[replay] stopping the stack", file=sys.stderr, flush=True)
+            local.stop()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def print_summary(result: dict[str, Any], as_json: bool) -> None:
+    """The summary table and the plot's path; with `as_json`, the JSON line last."""
+    print("monolith replay: summary")
+    print(summary_table(result))
+    if result.get("plot"):
+        print(f"plot: {result['plot']}")
+    if as_json:
+        print(json.dumps(json_ready(result), sort_keys=True))
+    sys.stdout.flush()
+
+
+def json_ready(result: dict[str, Any]) -> dict[str, Any]:
+    """Floats rounded to 4 places; NaN (no figure) as null, which JSON can carry."""
+    def clean(value: Any) -> Any:
+        if isinstance(value, float):
+            return None if math.isnan(value) or math.isinf(value) else round(value, 4)
+        return value
+
+    return {key: clean(value) for key, value in result.items()}

@@ -1,0 +1,310 @@
+"""The replay's pieces that need no stack: data order and raw values, pacing, AUC
+bookkeeping, sample reconciliation, the freshness probe's logic, the summary and the plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+
+import numpy as np
+import pytest
+
+from monolith.joiner.config import keeps_negative
+from monolith.model.config import default_config_path, load_model_config
+from monolith.replay.bookkeeping import (
+    ScoreBook,
+    auc_of_scored,
+    expected_samples,
+    percentile,
+    reconcile,
+    rolling_auc,
+)
+from monolith.replay.launcher import StackError, StackInfo
+from monolith.replay.pacing import Pacer
+from monolith.replay.probe import FreshnessProbe
+from monolith.replay.report import plot_rolling_auc, summary_table
+from monolith.replay.samples import closing_time, watermark_request_ids
+from monolith.replay.service import json_ready
+from monolith.replay.traffic import load_replay_data
+from monolith.serving.model import ServingModel
+from monolith.streams.config import partition_of
+from monolith.trainer.backends import LocalDense, LocalEmbeddings
+from monolith.trainer.metrics import auc
+
+# ---------------------------------------------------------------- data
+
+
+@pytest.fixture(scope="module")
+def replay_data():
+    return load_replay_data(limit=5000)
+
+
+def test_replay_is_the_last_fifth_in_time_order(replay_data) -> None:
+    assert len(replay_data.train) == 4000 and len(replay_data) == 1000
+    assert np.all(np.diff(replay_data.data.timestamps) >= 0)
+    assert replay_data.train.timestamps.max() <= replay_data.stream.timestamps.min()
+    assert replay_data.event_time(0) == float(replay_data.stream.timestamps[0])
+
+
+def test_raw_values_hash_to_the_examples_ids(replay_data) -> None:
+    """What the replay sends, hashed as serving hashes it, is exactly what was trained on."""
+    config = load_model_config(default_config_path())
+    model = ServingModel(config, LocalEmbeddings(config.tables()), LocalDense(config.model.optimizer))
+    indices = range(0, len(replay_data), 7)
+    features = replay_data.features(indices)
+    width = max(len(g) for g in features["genres"])
+    inputs = {name: np.array(values, dtype=object if name != "user_id" and name != "movie_id" else np.int64)
+              for name, values in features.items() if name != "genres"}  # fmt: skip
+    inputs["genres"] = np.array([g + [""] * (width - len(g)) for g in features["genres"]], dtype=object)
+    ids, row_splits, batch = model.parse(inputs)
+    assert batch == len(indices)
+    for name in ids:
+        rows = [replay_data.stream.slice(i, i + 1).ids[name] for i in indices]
+        np.testing.assert_array_equal(ids[name], np.concatenate(rows), err_msg=name)
+        np.testing.assert_array_equal(np.diff(row_splits[name]), [len(r) for r in rows], err_msg=name)
+    assert replay_data.item_id(3) == str(replay_data.movie(3)["movie_id"])
+
+
+# ---------------------------------------------------------------- pacing
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.waits: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def wait(self, seconds: float) -> bool:
+        self.waits.append(seconds)
+        self.now += seconds
+        return False
+
+
+def test_pacer_releases_event_i_at_start_plus_i_over_speed() -> None:
+    clock = FakeClock()
+    pacer = Pacer(50.0, clock=clock, wait=clock.wait)
+    for i in range(5):
+        assert pacer.wait_for(i)
+        assert clock.now == pytest.approx(100.0 + i / 50.0)
+    assert pacer.due(100) == pytest.approx(102.0)
+
+
+def test_pacer_catches_up_after_a_slow_event() -> None:
+    clock = FakeClock()
+    pacer = Pacer(10.0, clock=clock, wait=clock.wait)
+    assert pacer.wait_for(0)
+    clock.now += 0.35  # event 0 took 350 ms: events 1-3 are due already
+    clock.waits.clear()
+    for i in (1, 2, 3):
+        assert pacer.wait_for(i)
+    assert clock.waits == []
+    assert pacer.behind(1) == pytest.approx(0.25)
+    assert pacer.wait_for(4) and clock.now == pytest.approx(100.4)
+
+
+def test_unpaced_and_stopped() -> None:
+    clock = FakeClock()
+    assert Pacer(0.0, clock=clock, wait=clock.wait).due(10_000) == 100.0
+    assert Pacer(math.inf, clock=clock, wait=clock.wait).unpaced
+    stop = threading.Event()
+    stop.set()
+    assert not Pacer(1.0, clock=clock, stop=stop).wait_for(5)
+    with pytest.raises(ValueError):
+        Pacer(-1.0)
+
+
+# ---------------------------------------------------------------- AUC bookkeeping
+
+
+def test_score_book_auc_covers_only_scored_events() -> None:
+    labels = np.array([1, 0, 1, 0, 1, 0], np.float32)
+    book = ScoreBook(labels)
+    assert math.isnan(book.auc())
+    book.record(0, 0.9)
+    book.record(1, 0.1)
+    book.fail(2)
+    book.record(3, 0.8)  # ranks above positive... none yet: event 4 missing
+    assert book.auc() == pytest.approx(auc(np.array([1, 0, 0]), np.array([0.9, 0.1, 0.8])))
+    assert book.recorded == 3 and book.failed == 1
+
+
+def test_rolling_auc_windows_end_every_step_and_at_the_end() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 1000).astype(np.float32)
+    scores = np.where(np.arange(1000) < 500, rng.random(1000), labels + rng.random(1000) * 0.1)
+    ends, values = rolling_auc(labels, scores, window=200, step=100)
+    assert list(ends) == list(range(200, 1001, 100))
+    for end, value in zip(ends, values):
+        assert value == pytest.approx(auc(labels[end - 200 : end], scores[end - 200 : end]))
+    assert values[-1] == 1.0 and abs(values[0] - 0.5) < 0.15
+    ends, _ = rolling_auc(labels[:250], scores[:250], window=200, step=100)
+    assert list(ends) == [200, 250]  # the last events always end a window
+
+
+def test_rolling_auc_skips_unscored_events_and_short_input() -> None:
+    labels = np.array([1, 0, 1, 0], np.float32)
+    scores = np.array([0.9, np.nan, 0.8, 0.1])
+    ends, values = rolling_auc(labels, scores, window=10, step=1)
+    assert list(ends) == [4] and values[0] == auc_of_scored(labels, scores) == 1.0
+    assert rolling_auc(np.zeros(0), np.zeros(0), 5, 1)[0].shape == (0,)
+
+
+def test_percentiles() -> None:
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert percentile(range(101), 99) == pytest.approx(99.0)
+    assert math.isnan(percentile([], 50))
+
+
+# ---------------------------------------------------------------- samples
+
+
+def test_reconcile_counts_lost_duplicated_unexpected_and_mislabeled() -> None:
+    expected = {("r1", "10"): 1.0, ("r2", "20"): 0.0, ("r3", "30"): 0.0, ("r4", "40"): 1.0}
+    samples = [
+        (("r1", "10"), 1.0),
+        (("r2", "20"), 0.0),
+        (("r1", "10"), 1.0),  # duplicate
+        (("r4", "40"), 0.0),  # wrong label
+        (("r9", "90"), 0.0),  # not expected
+    ]
+    counts = reconcile(expected, samples)
+    assert (counts.expected, counts.joined, counts.lost) == (4, 3, 1)
+    assert (counts.duplicated, counts.unexpected, counts.mislabeled) == (1, 1, 1)
+    assert reconcile(expected, [(k, v) for k, v in expected.items()]).lost == 0
+
+
+def test_expected_samples_follow_the_joiners_negative_sampling() -> None:
+    impressions = [(f"req-{i}", str(i % 7), float(i % 3 == 0)) for i in range(2000)]
+    assert len(expected_samples(impressions, 1.0)) == 2000
+    kept = expected_samples(impressions, 0.25)
+    positives = sum(1 for _, _, label in impressions if label == 1.0)
+    negatives = [(r, i) for r, i, label in impressions if label == 0.0]
+    assert sum(1 for v in kept.values() if v == 1.0) == positives  # positives are never sampled away
+    assert {k for k, v in kept.items() if v == 0.0} == {k for k in negatives if keeps_negative(*k, 0.25)}
+    assert 0.18 < sum(1 for v in kept.values() if v == 0.0) / len(negatives) < 0.32
+
+
+def test_one_watermark_request_per_partition_closing_every_window() -> None:
+    ids = watermark_request_ids("replay-ab12-wm-", 8)
+    assert [partition_of(r, 8) for r in ids] == list(range(8))
+    assert len(set(ids)) == 8 and all(r.startswith("replay-ab12-wm-") for r in ids)
+    # The joiner closes an impression at t once newest - lateness > t + window.
+    last, window, lateness = 893_000_000.0, 3600.0, 60.0
+    assert closing_time(last, window, lateness) - lateness > last + window
+
+
+# ---------------------------------------------------------------- freshness probe
+
+
+class FakeStack:
+    """Scores users by whether the probe's rows 'arrived' (after `delay` fake seconds)."""
+
+    def __init__(self, clock: FakeClock, delay: float | None) -> None:
+        self.clock = clock
+        self.delay = delay
+        self.trained: dict[int, float] = {}  # probe user -> clock reading at which it changes
+        self.calls: list[tuple[dict, str | None, float | None]] = []
+        self.reports: list[tuple[str, str, float]] = []
+
+    def predict(self, features, request_id, event_time):
+        self.calls.append((dict(features), request_id, event_time))
+        users = features["user_id"]
+        return np.array([0.7 if self.clock.now >= self.trained.get(u, math.inf) else 0.5 for u in users])
+
+    def report(self, request_id, item_id, event_time):
+        self.reports.append((request_id, item_id, event_time))
+        probe_user = self.calls[-1][0]["user_id"][0]
+        if self.delay is not None:
+            self.trained[probe_user] = self.clock.now + self.delay
+
+
+def _probe(clock: FakeClock, stack: FakeStack, event_time=lambda: 880_000_000.0) -> FreshnessProbe:
+    return FreshnessProbe(stack.predict, stack.report, event_time,
+                          user={"user_id": 1, "age": "25-34", "gender": "M", "occupation": "writer", "zip": "554"},
+                          movie={"movie_id": 50, "genres": ["Action"]}, first_user_id=10**9,
+                          request_prefix="run-probe-", timeout=15.0, poll=0.05, clock=clock)  # fmt: skip
+
+
+def test_probe_measures_report_to_changed_score(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = FakeClock()
+    stack = FakeStack(clock, delay=1.2)
+    probe = _probe(clock, stack)
+    monkeypatch.setattr(probe._stop, "wait", clock.wait)
+    result = probe.probe_once()
+    assert result is not None and not result.missed
+    assert 1.2 <= result.seconds <= 1.2 + 0.05 + 1e-9
+    # First a pair without request_id, then the impression (probe user only, with event
+    # time), then the action; the polls again carry no request_id.
+    first, impression = stack.calls[0], stack.calls[1]
+    assert first[1] is None and first[0]["user_id"] == [10**9, 10**9 + 1]
+    assert impression[1] == "run-probe-0" and impression[2] == 880_000_000.0
+    assert impression[0]["user_id"] == [10**9] and impression[0]["age"] == ["25-34"]
+    assert stack.reports == [("run-probe-0", "50", 880_000_000.0)]
+    assert all(call[1] is None for call in stack.calls[2:])
+    assert probe.impressions() == [("run-probe-0", "50", 1.0)] and probe.actions() == 1
+    # The next probe uses two other fresh users.
+    probe.probe_once()
+    assert stack.calls[-1][0]["user_id"] == [10**9 + 2, 10**9 + 3]
+
+
+def test_probe_times_out_as_a_miss_and_skips_before_the_replay(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = FakeClock()
+    stack = FakeStack(clock, delay=None)  # the rows never arrive
+    probe = _probe(clock, stack)
+    monkeypatch.setattr(probe._stop, "wait", clock.wait)
+    result = probe.probe_once()
+    assert result is not None and result.missed
+    probe._results.append(result)
+    assert probe.seconds() == [15.0]
+    assert _probe(clock, stack, event_time=lambda: None).probe_once() is None
+
+
+def test_probe_skips_users_that_already_differ(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = FakeClock()
+    stack = FakeStack(clock, delay=0.0)
+    stack.trained[10**9] = 0.0  # the "fresh" probe user already has rows
+    probe = _probe(clock, stack)
+    assert probe.probe_once() is None and probe.skipped == 1 and stack.reports == []
+
+
+# ---------------------------------------------------------------- stack.json, summary, plot
+
+
+def test_stack_info_reads_the_manifest(tmp_path) -> None:
+    manifest = {
+        "nats": "nats://127.0.0.1:4222", "partitions": 8, "config": "/m.yaml", "serving": "127.0.0.1:8500",
+        "joiner": "127.0.0.1:8600", "dense_ps": "127.0.0.1:1", "embedding_ps_training": ["127.0.0.1:2", "127.0.0.1:3"],
+        "embedding_ps_serving": ["127.0.0.1:4", "127.0.0.1:5"], "metrics": {"trainer": "http://127.0.0.1:6/metrics"},
+        "logs": "/tmp/logs", "pid": 1,
+    }  # fmt: skip
+    path = tmp_path / "stack.json"
+    path.write_text(json.dumps(manifest))
+    stack = StackInfo.load(str(path))
+    assert stack.training_shards == ("127.0.0.1:2", "127.0.0.1:3") and stack.partitions == 8
+    assert stack.window == 3600.0 and stack.lateness == 60.0 and stack.negative_sample_rate is None
+    path.write_text(json.dumps({**manifest, "partitions": "x"}))
+    with pytest.raises(StackError, match="not a stack manifest"):
+        StackInfo.load(str(path))
+    with pytest.raises(StackError, match="not found"):
+        StackInfo.load(str(tmp_path / "missing.json"))
+
+
+def test_summary_table_and_json_leave_missing_figures_out() -> None:
+    result = {"events": 20_000, "served_progressive_auc": 0.7512345, "frozen_auc": math.nan, "plot": "x.png"}
+    table = summary_table(result)
+    assert "20,000" in table and "0.7512" in table and "n/a" in table
+    assert json_ready(result) == {"events": 20_000, "served_progressive_auc": 0.7512, "frozen_auc": None,
+                                  "plot": "x.png"}  # fmt: skip
+
+
+def test_plot_writes_a_png(tmp_path) -> None:
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 3000).astype(np.float32)
+    served = labels * 0.3 + rng.random(3000)
+    path = plot_rolling_auc(str(tmp_path / "sub" / "auc.png"), labels,
+                            {"served": served, "frozen": rng.random(3000)})  # fmt: skip
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
