@@ -14,6 +14,7 @@ BENCHMARKS = {
     "table": "monolith.bench.table",
     "train": "monolith.bench.train",
     "serving": "monolith.bench.serving",
+    "online": "monolith.bench.online",
 }
 
 
