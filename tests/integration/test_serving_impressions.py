@@ -1,0 +1,242 @@
+"""model-serving logs impressions to a real nats-server, and keeps serving while it is down.
+
+The model is in process on local tables a trainer stepped a few times (the impressions,
+not the scores, are under test); Predict is the real gRPC server with an `ImpressionLog`;
+NATS is the real nats-server binary on a free port, killed and restarted on the same port
+and store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+import yaml
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+from monolith.api.joiner.v1 import joiner_pb2 as pb
+from monolith.common.server import MonolithServer, ServerConfig
+from monolith.data.movielens import load_movielens
+from monolith.model.config import ModelConfig, default_config_path, model_config_from_dict
+from monolith.serving.impressions import IMPRESSIONS_DROPPED, IMPRESSIONS_PUBLISHED, ImpressionLog
+from monolith.serving.model import ServingModel
+from monolith.serving.service import build_serving
+from monolith.serving.servicer import SignatureConfig
+from monolith.streams.config import EVENTS_STREAM, StreamsConfig, events_subject, partition_of
+from monolith.streams.jetstream import connect
+from monolith.streams.nats_server import NatsServer
+from monolith.trainer.backends import LocalDense, LocalEmbeddings
+from monolith.trainer.worker import TrainerWorker
+
+PARTITIONS = 4
+TIMEOUT = 10.0
+USER = {"user_id": [196], "age": [49], "gender": ["M"], "occupation": ["writer"], "zip": ["55105"]}
+GENRES = ["Comedy", "Crime", "Drama", "Action", "Film-Noir", "Children's"]
+
+
+def candidates(n: int, first: int = 1) -> dict[str, Any]:
+    movies = list(range(first, first + n))
+    genres = [[GENRES[m % 6], GENRES[(m + 1) % 6] if m % 2 else ""] for m in movies]
+    return {"movie_id": np.array(movies, np.int64), "genres": np.array(genres, dtype=object)}
+
+
+@pytest.fixture(scope="module")
+def model() -> ServingModel:
+    with open(default_config_path(), encoding="utf-8") as f:
+        raw = yaml.safe_load(f)
+    raw["model"]["hidden_units"] = [16]
+    config: ModelConfig = model_config_from_dict(raw)
+    sparse, dense = LocalEmbeddings(config.tables()), LocalDense(config.model.optimizer)
+    worker = TrainerWorker(config, sparse, dense)
+    for batch in load_movielens(limit=512).batches(256):
+        worker.train(batch)
+    served = ServingModel(config, sparse, dense)
+    assert served.refresh_dense()
+    return served
+
+
+class Serving:
+    """Predict with impressions on, over a nats-server that tests may kill and restart."""
+
+    def __init__(self, model: ServingModel, nats: NatsServer, capacity: int) -> None:
+        self.nats = nats
+        self.streams = StreamsConfig(url=nats.url, partitions=PARTITIONS, timeout=1.0)
+        self.log = ImpressionLog(self.streams, "movie_id", capacity).start()
+        self.server: MonolithServer = build_serving(
+            model, SignatureConfig(), ServerConfig(host="127.0.0.1", port=0, metrics_port=None), self.log
+        )
+        self.server.start()
+        self.channel = grpc.insecure_channel(self.server.address)
+        self.stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
+
+    def predict(self, features: dict[str, Any], timeout: float = TIMEOUT, **extra: Any) -> np.ndarray:
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = "monolith"
+        for name, values in {**features, **extra}.items():
+            request.inputs[name].CopyFrom(tf.make_tensor_proto(values))
+        response = self.stub.Predict(request, timeout=timeout)
+        return tf.make_ndarray(response.outputs["scores"])
+
+    def close(self) -> None:
+        self.channel.close()
+        self.server.stop(grace=0)
+        self.log.close(timeout=2.0)
+
+
+@pytest.fixture
+def serve(model: ServingModel, tmp_path: Any) -> Iterator[Callable[..., Serving]]:
+    started: list[Serving] = []
+
+    def make(capacity: int = 10_000) -> Serving:
+        nats = NatsServer(str(tmp_path / "nats"), log_path=str(tmp_path / "nats.log")).start()
+        started.append(Serving(model, nats, capacity))
+        return started[-1]
+
+    yield make
+    for serving in started:
+        serving.close()
+        serving.nats.stop()
+
+
+def read_events(streams: StreamsConfig) -> list[tuple[str, str, pb.Event]]:
+    """Every EVENTS message as (subject, message id, event); [] before the stream exists."""
+
+    async def main() -> list[tuple[str, str, pb.Event]]:
+        nc = await connect(streams, "test-reader")
+        js = nc.jetstream()
+        out = []
+        try:
+            info = await js.stream_info(EVENTS_STREAM)
+            for seq in range(info.state.first_seq, info.state.last_seq + 1) if info.state.messages else ():
+                message = await js.get_msg(EVENTS_STREAM, seq)
+                headers = message.headers or {}
+                out.append((message.subject, headers.get("Nats-Msg-Id", ""), pb.Event.FromString(message.data)))
+        except Exception as exc:  # noqa: BLE001 - no stream yet: nothing published
+            if "stream not found" not in str(exc).lower() and type(exc).__name__ != "NotFoundError":
+                raise
+        finally:
+            await nc.close()
+        return out
+
+    return asyncio.run(main())
+
+
+def impressions_by_id(streams: StreamsConfig) -> dict[tuple[str, str], tuple[str, str, pb.Impression]]:
+    out = {}
+    for subject, msg_id, event in read_events(streams):
+        assert event.WhichOneof("event") == "impression"
+        key = (event.impression.request_id, event.impression.item_id)
+        assert key not in out, f"impression {key} stored twice"
+        out[key] = (subject, msg_id, event.impression)
+    return out
+
+
+def wait_for(condition: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def counter(metric: Any) -> float:
+    return metric._value.get()
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_predict_with_a_request_id_publishes_one_impression_per_candidate(
+    serve: Callable[..., Serving], model: ServingModel
+) -> None:
+    serving = serve()
+    published_before = counter(IMPRESSIONS_PUBLISHED)
+    calls = {f"req-{k}": candidates(5, first=100 * k + 1) for k in range(6)}  # several partitions
+    scores = {
+        request_id: serving.predict({**USER, **movies}, request_id=[request_id], event_time=np.array([880_000_000.25]))
+        for request_id, movies in calls.items()
+    }
+
+    stored = wait_for(lambda: len(found := impressions_by_id(serving.streams)) == 30 and found, "30 impressions")
+
+    for request_id, movies in calls.items():
+        for i, movie in enumerate(movies["movie_id"].tolist()):
+            subject, msg_id, impression = stored[(request_id, str(movie))]
+            assert subject == events_subject(partition_of(request_id, PARTITIONS))
+            assert msg_id == f"imp/{request_id}/{movie}"
+            assert impression.event_time == 880_000_000.25
+            assert impression.model_version == model.dense_version
+            assert impression.score == pytest.approx(float(scores[request_id][i]), abs=1e-7)
+            genres = [g for g in movies["genres"][i].tolist() if g]
+            assert list(impression.features["genres"].values) == genres
+            assert list(impression.features["user_id"].values) == ["196"]
+            assert list(impression.features["gender"].values) == ["M"]
+            assert list(impression.features["movie_id"].values) == [str(movie)]
+    assert counter(IMPRESSIONS_PUBLISHED) - published_before == 30
+
+
+def test_calls_without_a_request_id_log_nothing(serve: Callable[..., Serving]) -> None:
+    serving = serve()
+    serving.predict({**USER, **candidates(3)})
+    serving.predict({**USER, **candidates(2, first=50)}, request_id=["marker"])
+
+    stored = wait_for(lambda: impressions_by_id(serving.streams), "the marker's impressions")
+
+    assert {request_id for request_id, _ in stored} == {"marker"} and len(stored) == 2
+
+
+def test_predict_keeps_answering_while_nats_is_down_and_impressions_resume_after(
+    serve: Callable[..., Serving],
+) -> None:
+    serving = serve(capacity=20)
+    serving.predict({**USER, **candidates(4)}, request_id=["before"])
+    wait_for(lambda: serving.log.queued == 0, "the first impressions to be published")
+    full_before = counter(IMPRESSIONS_DROPPED.labels("queue_full"))
+
+    serving.nats.kill()
+    answered = []
+    for k in range(10):  # 50 impressions for a queue of 20: the calls after the 4th find it full
+        # A call that waited for NATS would pass its 3 s deadline (publishes time out after 1 s, retried).
+        scores = serving.predict({**USER, **candidates(5, first=10 * k + 1)}, timeout=3.0, request_id=[f"down-{k}"])
+        answered.append(scores.shape)
+
+    assert answered == [(5,)] * 10
+    assert counter(IMPRESSIONS_DROPPED.labels("queue_full")) - full_before == 30
+    assert serving.log.queued == 20
+
+    down = serving.nats
+    serving.nats = NatsServer(down.data_dir, down.port, down.monitor_port, down.log_path).start()
+    wait_for(lambda: serving.log.queued == 0, "the queued impressions to be published", timeout=60)
+    serving.predict({**USER, **candidates(3)}, request_id=["after"])
+
+    stored = wait_for(
+        lambda: (found := impressions_by_id(serving.streams)) and ("after", "3") in found and found,
+        "impressions of a call after NATS came back",
+    )
+    queued_calls = {f"down-{k}" for k in range(4)}
+    assert {r for r, _ in stored} == {"before", "after"} | queued_calls
+    assert len(stored) == 4 + 20 + 3  # each exactly once, re-sends de-duplicated by message id
+
+
+def test_a_bad_event_time_is_invalid_argument(serve: Callable[..., Serving]) -> None:
+    serving = serve()
+    for event_time, detail in [
+        (np.array([float("nan")]), "finite and >= 0"),
+        (np.array([-5.0]), "finite and >= 0"),
+        (np.array([1.0, 2.0]), "expects shape [] or [1]"),
+        (["noon"], "expects a double, float or int64 tensor"),
+    ]:
+        with pytest.raises(grpc.RpcError) as raised:
+            serving.predict({**USER, **candidates(3)}, request_id=["bad"], event_time=event_time)
+
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "input 'event_time'" in raised.value.details() and detail in raised.value.details()
