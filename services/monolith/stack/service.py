@@ -12,6 +12,7 @@ import time
 from types import FrameType
 
 from monolith.common.config import parse_config, positive_seconds
+from monolith.common.errors import ConfigError
 from monolith.model.config import default_config_path, load_model_config
 from monolith.stack.manifest import (
     manifest_path,
@@ -40,9 +41,13 @@ def _port(text: str) -> int:
 def _partitions(text: str) -> int:
     """An argparse type: a partition count the streams accept."""
     try:
-        return parse_config(StreamsConfig, {"partitions": int(text)}).partitions
-    except ValueError as exc:  # not a number, or out of StreamsConfig's range (ConfigError)
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    try:
+        return parse_config(StreamsConfig, {"partitions": count}).partitions
+    except ConfigError as exc:  # out of the range the streams accept
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("partitions: ")) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,108 @@
+"""The stack's restart backoff, its part-list checks and its stack.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from monolith.stack.health import HttpOk
+from monolith.stack.manifest import remove_manifest, running_stack_pid, stack_manifest, write_manifest
+from monolith.stack.parts import Part, StackSettings, allocate_ports, stack_parts
+from monolith.stack.supervisor import Backoff, Supervisor, describe_exit
+
+
+def test_backoff_doubles_from_the_initial_delay_up_to_the_cap() -> None:
+    backoff = Backoff(initial=0.5, cap=4.0, reset_after=60.0)
+
+    delays = [backoff.delay(ran_for=1.0) for _ in range(7)]
+
+    assert delays == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0, 4.0]
+
+
+def test_backoff_starts_over_after_a_process_that_ran_long_enough() -> None:
+    backoff = Backoff(initial=0.5, cap=30.0, reset_after=60.0)
+    for _ in range(4):
+        backoff.delay(ran_for=2.0)
+
+    assert backoff.delay(ran_for=59.9) == 8.0  # still crash-looping
+    assert backoff.delay(ran_for=60.0) == 0.5  # it was healthy for a minute
+    assert backoff.delay(ran_for=0.1) == 1.0
+
+
+def test_exit_codes_and_signals_are_described() -> None:
+    assert describe_exit(0) == "code 0"
+    assert describe_exit(2) == "code 2"
+    assert describe_exit(-9) == "signal SIGKILL"
+    assert describe_exit(-15) == "signal SIGTERM"
+
+
+def _part(name: str, *after: str) -> Part:
+    return Part(name, ("true",), HttpOk("http://127.0.0.1:1/"), after=after)
+
+
+def test_parts_must_have_unique_names(tmp_path) -> None:
+    with pytest.raises(ValueError, match="two parts are named 'a'"):
+        Supervisor([_part("a"), _part("a")], str(tmp_path))
+
+
+def test_a_part_must_come_after_what_it_waits_for(tmp_path) -> None:
+    with pytest.raises(ValueError, match="b waits for a, which must come before it"):
+        Supervisor([_part("b", "a"), _part("a")], str(tmp_path))
+    with pytest.raises(ValueError, match="waits for missing"):
+        Supervisor([_part("a"), _part("b", "missing")], str(tmp_path))
+
+
+def test_the_manifest_names_every_address_the_clients_need(tmp_path) -> None:
+    settings = StackSettings(data_dir=str(tmp_path), config="/conf/model.yaml", partitions=3)
+    ports = allocate_ports(nats_port=14222)
+    parts = stack_parts(settings, ports)
+
+    manifest = stack_manifest(settings, ports, parts, pid=1234)
+
+    assert manifest["nats"] == "nats://127.0.0.1:14222"
+    assert manifest["partitions"] == 3
+    assert manifest["config"] == "/conf/model.yaml"
+    assert manifest["serving"] == f"127.0.0.1:{ports.serving.port}"
+    assert manifest["joiner"] == f"127.0.0.1:{ports.joiner.port}"
+    assert manifest["dense_ps"] == f"127.0.0.1:{ports.dense_ps.port}"
+    assert manifest["embedding_ps_training"] == [f"127.0.0.1:{e.port}" for e in ports.training]
+    assert manifest["embedding_ps_serving"] == [f"127.0.0.1:{e.port}" for e in ports.serving_shards]
+    assert set(manifest["metrics"]) == {p.name for p in parts} - {"nats"}
+    assert manifest["metrics"]["trainer"] == f"http://127.0.0.1:{ports.trainer_metrics}/metrics"
+    assert manifest["logs"] == os.path.join(str(tmp_path), "logs")
+    assert manifest["pid"] == 1234
+
+
+def test_the_manifest_is_replaced_whole_and_removed(tmp_path) -> None:
+    path = str(tmp_path / "stack.json")
+    write_manifest(path, {"pid": 1, "serving": "old"})
+
+    write_manifest(path, {"pid": 2, "serving": "new"})
+
+    assert json.loads((tmp_path / "stack.json").read_text()) == {"pid": 2, "serving": "new"}
+    assert os.listdir(tmp_path) == ["stack.json"]  # no temporary file left behind
+    remove_manifest(path)
+    remove_manifest(path)  # already gone: fine
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_stack_counts_as_running_only_while_its_process_lives(tmp_path) -> None:
+    path = str(tmp_path / "stack.json")
+    assert running_stack_pid(path) is None  # no file
+    (tmp_path / "stack.json").write_text("{not json")
+    assert running_stack_pid(path) is None
+    write_manifest(path, {"pid": os.getpid()})
+    assert running_stack_pid(path) is None  # ours: a leftover of this very process
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        write_manifest(path, {"pid": child.pid})
+        assert running_stack_pid(path) == child.pid
+    finally:
+        child.kill()
+        child.wait()
+    assert running_stack_pid(path) is None  # stale: its `up` is gone
