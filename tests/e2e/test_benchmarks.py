@@ -86,3 +86,22 @@ def test_serving_benchmark() -> None:
     assert result["trainer_training_during_probes"] is True
     assert set(result["bars_met"]) == {"predict_vs_inprocess>=0.5", "freshness_p50<=2s", "freshness_p99<=5s"}
     _assert_missed_bars_are_explained(result)
+
+
+def test_online_benchmark() -> None:
+    result = _bench("online", 900)
+
+    # The closed loop on a slice: 1,000 replayed events through `monolith up`.
+    for key in ("served_progressive_auc", "frozen_auc", "running_mean_baseline_auc"):
+        assert 0.0 < result[key] < 1.0, key
+    assert result["events_per_s"] > 0 and result["actions"] > 0
+    assert result["impressions"] == result["events"] + result["freshness_probes"] >= 1_000
+    # Exactly once holds on any machine: every impression became one sample.
+    assert result["samples_joined"] == result["samples_expected"] == result["impressions"]
+    assert result["samples_lost"] == 0 and result["samples_duplicated"] == 0
+    assert result["freshness_probes"] >= 1 and 0 < result["freshness_p50_s"] <= result["freshness_p99_s"]
+    assert set(result["bars_met"]) == {
+        "served_progressive_auc>frozen_auc", "served_progressive_auc>=running_mean_baseline_auc",
+        "freshness_p50_s<=2", "freshness_p99_s<=5", "samples_lost==0", "samples_duplicated==0",
+    }  # fmt: skip
+    _assert_missed_bars_are_explained(result)
