@@ -281,6 +281,8 @@ def refused() -> dict[str, tuple[int, str, str]]:
     # Nothing listens at these addresses: a refusal must come before any connection.
     commands = {
         "online": ["trainer", "--embedding-ps", "127.0.0.1:1", "--dense-ps", "127.0.0.1:1", "--mode", "online"],
+        "consumer": ["trainer", "--embedding-ps", "127.0.0.1:1", "--dense-ps", "127.0.0.1:1", "--mode", "online",
+                     "--nats", "nats://127.0.0.1:1", "--consumer", "a.b"],
         "index": ["trainer", "--embedding-ps", "127.0.0.1:1", "--dense-ps", "127.0.0.1:1",
                   "--worker-index", "3", "--num-workers", "2"],
     }  # fmt: skip
@@ -295,12 +297,20 @@ def refused() -> dict[str, tuple[int, str, str]]:
     return out
 
 
-def test_online_mode_is_refused_with_exit_2(refused: dict[str, tuple[int, str, str]]) -> None:
+def test_online_mode_without_nats_is_refused_with_exit_2(refused: dict[str, tuple[int, str, str]]) -> None:
     code, stdout, stderr = refused["online"]
 
     assert code == 2, stderr
     assert stdout == ""
-    assert "monolith trainer: online mode" in stderr and "not built yet" in stderr
+    assert "monolith trainer: --nats is required with --mode online" in stderr
+
+
+def test_a_consumer_name_nats_cannot_hold_is_refused_with_exit_2(refused: dict[str, tuple[int, str, str]]) -> None:
+    code, stdout, stderr = refused["consumer"]
+
+    assert code == 2, stderr
+    assert stdout == ""
+    assert "monolith trainer: --consumer must be 1-64 letters" in stderr
 
 
 def test_a_worker_index_out_of_range_is_refused_with_exit_2(refused: dict[str, tuple[int, str, str]]) -> None:

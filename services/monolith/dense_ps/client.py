@@ -22,12 +22,15 @@ class DensePSClient:
         address: "host:port" of the dense-PS.
         timeout: seconds per RPC.
         max_message_bytes: max gRPC message size on the channel.
+        channel_options: more gRPC channel arguments (e.g. a shorter reconnect backoff).
     """
 
-    def __init__(self, address: str, timeout: float = 30.0, max_message_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(self, address: str, timeout: float = 30.0, max_message_bytes: int = 64 * 1024 * 1024,
+                 channel_options: Sequence[tuple[str, object]] = ()) -> None:  # fmt: skip
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
+            *channel_options,
         ]
         self._channel = grpc.insecure_channel(address, options=options)
         self._stub = pb_grpc.DensePSStub(self._channel)

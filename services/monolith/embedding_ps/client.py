@@ -57,6 +57,7 @@ class ShardedEmbeddingClient:
         table_dims: embedding dimension of each table.
         timeout: seconds per RPC.
         max_message_bytes: max gRPC message size on the channels.
+        channel_options: more gRPC channel arguments (e.g. a shorter reconnect backoff).
     """
 
     def __init__(
@@ -65,12 +66,14 @@ class ShardedEmbeddingClient:
         table_dims: Mapping[str, int],
         timeout: float = 30.0,
         max_message_bytes: int = 64 * 1024 * 1024,
+        channel_options: Sequence[tuple[str, object]] = (),
     ) -> None:
         if not addresses:
             raise ValueError("addresses: at least one shard address is required")
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
+            *channel_options,
         ]
         self._addresses = list(addresses)
         self._channels = [grpc.insecure_channel(a, options=options) for a in addresses]

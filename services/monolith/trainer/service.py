@@ -2,34 +2,52 @@
 
 Batch mode reads a stored data set (MovieLens-100k) once, in time order; several trainer
 processes split it by batch (worker i takes batches i, i+n, i+2n, ...) and train
-asynchronously against the same parameter servers. Online mode (tailing the sample log)
-arrives with the sample-joiner.
+asynchronously against the same parameter servers. Online mode trains continuously from
+the sample-joiner's SAMPLES stream through a durable consumer every online trainer shares
+(see `trainer.online`), with /metrics on `--metrics-port`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
+import re
 import signal
-import sys
 import threading
 
 import grpc
 
+from monolith.common import metrics as metrics_http
+from monolith.common.config import parse_config, seconds
 from monolith.common.errors import from_rpc_error
+from monolith.common.server import ServerStartError
 from monolith.data.batch import Batch
 from monolith.data.movielens import load_movielens, split_by_time
+from monolith.data.samples import SampleDecoder, SampleFeature
 from monolith.dense_ps.client import DensePSClient
 from monolith.embedding_ps.client import ShardedEmbeddingClient
-from monolith.model.config import default_config_path, load_model_config
+from monolith.model.config import ModelConfig, default_config_path, load_model_config
 from monolith.model.scores import sigmoid
+from monolith.streams.config import SAMPLES_STREAM, add_streams_arguments, streams_config_from_args
+from monolith.streams.pull_consumer import ConsumerSettings, DurableConsumer
+from monolith.trainer.online import OnlineSettings, OnlineTrainer
 from monolith.trainer.progress import Progress
 from monolith.trainer.worker import TrainerWorker
 
 _LOGGER = logging.getLogger("monolith.trainer")
 PARTS = ("train", "stream", "all")
+ONLINE_METRICS_PORT = 9108
+# Back on a restarted parameter server within a second: gRPC's default reconnect backoff
+# grows to 120 s, during which every retry would fail fast although the server is up.
+_RECONNECT_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
+_CONSUMER_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=default_config_path(), help="model config YAML (default: MovieLens)")
     parser.add_argument("--embedding-ps", required=True, help="comma-separated host:port of every shard, in order")
     parser.add_argument("--dense-ps", required=True, help="host:port of the dense-PS")
-    parser.add_argument("--mode", choices=("batch", "online"), default="batch", help="batch: a stored data set")
+    parser.add_argument("--mode", choices=("batch", "online"), default="batch",
+                        help="batch: a stored data set; online: the SAMPLES stream, until stopped")  # fmt: skip
     parser.add_argument("--part", choices=PARTS, default="train",
                         help="which part of the data set: the first 80%% by time, the last 20%%, or all")  # fmt: skip
     parser.add_argument("--limit", type=int, default=None, help="use only the first N examples")
@@ -45,13 +64,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker-index", type=int, default=0, help="this trainer's index")
     parser.add_argument("--num-workers", type=int, default=1, help="trainers sharing the data set")
     parser.add_argument("--cache-dir", default=None, help="where the data set is cached")
+    online = parser.add_argument_group("online mode")
+    add_streams_arguments(online, required=False)
+    online.add_argument("--consumer", default="trainer",
+                        help="durable consumer name; online trainers with the same name share the samples")  # fmt: skip
+    online.add_argument("--max-wait", type=seconds, default=0.05,
+                        help="seconds a partial batch waits for more samples (default 0.05)")  # fmt: skip
+    online.add_argument("--host", default="0.0.0.0", help="interface /metrics binds (default: all)")
+    online.add_argument("--metrics-port", type=int, default=ONLINE_METRICS_PORT,
+                        help=f"Prometheus /metrics port (default {ONLINE_METRICS_PORT}; 0 picks a free one)")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
     """Trains `--epochs` passes (one by default); prints a JSON summary of the last pass as the last line."""
     if args.mode == "online":
-        print("monolith trainer: online mode (tailing the sample log) is not built yet", file=sys.stderr)
-        return 2
+        return run_online(args)
     if args.epochs < 1:
         raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
     if args.num_workers < 1:
@@ -103,3 +130,43 @@ def train_pass(worker: TrainerWorker, data: Batch, index: int, count: int, stop:
         "dense_version": worker.dense_version,
     }
 
+
+
+def run_online(args: argparse.Namespace) -> int:
+    """Trains from the SAMPLES stream until SIGTERM (or Ctrl-C); prints a JSON summary last."""
+    if not args.nats:
+        raise ValueError("--nats is required with --mode online")
+    if not _CONSUMER_NAME.fullmatch(args.consumer):
+        raise ValueError(f"--consumer must be 1-64 letters, digits, '-' or '_', got {args.consumer!r}")
+    streams = streams_config_from_args(args)
+    config = load_model_config(args.config)
+    batching = {"batch_size": config.training.online_batch_size, "max_wait": args.max_wait}
+    settings = parse_config(OnlineSettings, batching)
+    addresses = [a.strip() for a in args.embedding_ps.split(",") if a.strip()]
+
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        httpd, port = metrics_http.start_metrics_http(args.host, args.metrics_port)
+    except OSError as exc:
+        raise ServerStartError(f"cannot serve /metrics on {args.host}:{args.metrics_port}: {exc}") from None
+    _LOGGER.info("online trainer %r: /metrics at http://%s:%d/metrics", args.consumer, args.host, port)
+    consumer = DurableConsumer(streams, ConsumerSettings(SAMPLES_STREAM, "samples.>", args.consumer),
+                               client_name=f"trainer/{args.consumer}")  # fmt: skip
+    try:
+        with ShardedEmbeddingClient(addresses, config.table_dims(), timeout=10, channel_options=_RECONNECT_OPTIONS) \
+                as sparse, DensePSClient(args.dense_ps, timeout=10, channel_options=_RECONNECT_OPTIONS) as dense:  # fmt: skip
+            trainer = OnlineTrainer(consumer, lambda: TrainerWorker(config, sparse, dense), sample_decoder(config),
+                                    settings, stop)  # fmt: skip
+            summary = trainer.run()
+    finally:
+        consumer.close()
+        metrics_http.stop_metrics_http(httpd)
+    print(json.dumps(dataclasses.asdict(summary), sort_keys=True))
+    return 0
+
+
+def sample_decoder(config: ModelConfig) -> SampleDecoder:
+    """Decodes samples into the model's features, hashed as model-serving hashes them."""
+    return SampleDecoder([SampleFeature(f.source, f.multi_valued) for f in config.features])

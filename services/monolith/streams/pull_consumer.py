@@ -1,0 +1,241 @@
+"""A durable JetStream pull consumer for synchronous callers, shared by several processes.
+
+Every process that opens the consumer by the same durable name shares its messages: the
+server hands each message to one of them, and redelivers it (to any of them) when it is
+not acknowledged within `ack_wait`. The caller acknowledges a message only once its work
+is done, so a process that dies mid-work loses nothing.
+
+nats-py is asyncio; this wraps it with a `BackgroundLoop` so that a training loop on the
+main thread can call it directly. Every call is bounded by a timeout and raises one of
+`TRANSIENT_ERRORS` (or `TimeoutError`) when NATS is away: the caller retries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Sequence
+
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from monolith.streams.config import StreamsConfig
+from monolith.streams.jetstream import BackgroundLoop, connect, ensure_streams
+
+_LOGGER = logging.getLogger("monolith.streams")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConsumerSettings:
+    """Which messages a durable consumer reads and how the server paces them.
+
+    Attributes:
+        stream: the stream's name.
+        subjects: the filter subject, e.g. "samples.>".
+        durable: the durable consumer's name; processes opening the same name share it.
+        ack_wait: seconds a delivered message may stay unacknowledged (and without an
+            in-progress signal) before the server redelivers it.
+        max_ack_pending: messages delivered and not yet acknowledged, over every process
+            sharing the consumer; the server delivers no more beyond it.
+    """
+
+    stream: str
+    subjects: str
+    durable: str
+    ack_wait: float = 30.0
+    max_ack_pending: int = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class Delivery:
+    """One delivered message.
+
+    Attributes:
+        data: the payload.
+        sequence: its stream sequence.
+        deliveries: how many times the server has delivered it (1 the first time).
+    """
+
+    data: bytes
+    sequence: int
+    deliveries: int
+    _msg: Msg = dataclasses.field(repr=False, compare=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConsumerState:
+    """What the server reports about the consumer.
+
+    Attributes:
+        pending: messages on the stream not yet delivered to anyone (the lag).
+        ack_pending: messages delivered and not yet acknowledged.
+        ack_floor: the stream sequence up to which every message is acknowledged.
+        redelivered: messages delivered more than once and not yet acknowledged.
+    """
+
+    pending: int
+    ack_pending: int
+    ack_floor: int
+    redelivered: int
+
+
+class DurableConsumer:
+    """A durable pull consumer of one stream, usable from synchronous code.
+
+    Args:
+        streams: where NATS is and the streams' limits (the streams are created if absent).
+        settings: the consumer.
+        client_name: the connection's name as the server shows it.
+    """
+
+    def __init__(self, streams: StreamsConfig, settings: ConsumerSettings, client_name: str) -> None:
+        self.streams = streams
+        self.settings = settings
+        self._client_name = client_name
+        self._loop = BackgroundLoop(f"nats-{settings.durable}")
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        self._subscription: JetStreamContext.PullSubscription | None = None
+
+    @property
+    def connected(self) -> bool:
+        """Whether the connection to NATS is up now."""
+        return self._nc is not None and self._nc.is_connected
+
+    @property
+    def is_open(self) -> bool:
+        """Whether `open` has succeeded (the subscription exists; NATS may be away since)."""
+        return self._subscription is not None
+
+    def open(self) -> None:
+        """Connects (once), makes sure the streams and the consumer exist, and subscribes.
+
+        Safe to repeat: after an outage that lost the consumer (a server started on an
+        empty store) it creates it again; with the same settings it changes nothing.
+
+        Raises:
+            Unavailable, TimeoutError or one of TRANSIENT_ERRORS: NATS is not there yet.
+        """
+        self._loop.run(self._open(), timeout=4 * self.streams.timeout)
+
+    async def _open(self) -> None:
+        if self._nc is None or self._nc.is_closed:
+            self._nc = await connect(self.streams, self._client_name, attempts=1)
+            self._js = self._nc.jetstream(timeout=self.streams.timeout)
+        js = self._js
+        assert js is not None
+        await ensure_streams(js, self.streams)
+        settings = self.settings
+        await js.add_consumer(
+            settings.stream,
+            ConsumerConfig(
+                name=settings.durable,
+                durable_name=settings.durable,
+                filter_subject=settings.subjects,
+                deliver_policy=DeliverPolicy.ALL,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=settings.ack_wait,
+                max_ack_pending=settings.max_ack_pending,
+            ),
+        )
+        if self._subscription is not None:
+            try:
+                await self._subscription.unsubscribe()
+            except nats.errors.Error:
+                pass  # the old inbox is gone with the old connection state
+        self._subscription = await js.pull_subscribe_bind(durable=settings.durable, stream=settings.stream)
+
+    def fetch(self, max_messages: int, timeout: float, max_wait: float = 0.0) -> list[Delivery]:
+        """Up to `max_messages` messages: waits up to `timeout` for the first, then up to
+        `max_wait` more for the rest.
+
+        Returns:
+            The messages (none when nothing came within `timeout`).
+
+        Raises:
+            RuntimeError: `open` has not succeeded.
+            TimeoutError or one of TRANSIENT_ERRORS: NATS is away or the consumer is gone.
+        """
+        if self._subscription is None:
+            raise RuntimeError("the consumer is not open")
+        return self._loop.run(self._fetch(max_messages, timeout, max_wait), timeout=timeout + max_wait + 5.0)
+
+    async def _fetch(self, max_messages: int, timeout: float, max_wait: float) -> list[Delivery]:
+        subscription = self._subscription
+        assert subscription is not None
+        try:
+            messages = await subscription.fetch(max_messages, timeout=timeout)
+        except nats.errors.TimeoutError:
+            return []
+        # A partial batch waits a little for more, bounded so a slow trickle still trains promptly.
+        deadline = time.monotonic() + max_wait
+        while len(messages) < max_messages and (left := deadline - time.monotonic()) > 0.001:
+            try:
+                messages += await subscription.fetch(max_messages - len(messages), timeout=left)
+            except nats.errors.TimeoutError:
+                break
+        return [Delivery(m.data, m.metadata.sequence.stream, m.metadata.num_delivered, m) for m in messages]
+
+    def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """Acknowledges messages; returns once the server has them (a flush), or raises.
+
+        While disconnected the acks wait in the client's buffer and go out on reconnect;
+        an ack that never arrives means a redelivery after `ack_wait`, not a loss.
+        """
+        self._loop.run(self._reply(deliveries, "ack"), timeout=self.streams.timeout + 1.0)
+
+    def term(self, deliveries: Sequence[Delivery]) -> None:
+        """Tells the server never to deliver these messages again (they cannot be processed)."""
+        self._loop.run(self._reply(deliveries, "term"), timeout=self.streams.timeout + 1.0)
+
+    def nak(self, deliveries: Sequence[Delivery]) -> None:
+        """Hands messages back for redelivery now (to any process sharing the consumer)."""
+        self._loop.run(self._reply(deliveries, "nak"), timeout=self.streams.timeout + 1.0)
+
+    def in_progress(self, deliveries: Sequence[Delivery]) -> None:
+        """Restarts the messages' `ack_wait`: their work is still going on (e.g. retrying)."""
+        self._loop.run(self._reply(deliveries, "in_progress"), timeout=self.streams.timeout + 1.0)
+
+    async def _reply(self, deliveries: Sequence[Delivery], kind: str) -> None:
+        for delivery in deliveries:
+            await getattr(delivery._msg, kind)()
+        if deliveries and self._nc is not None:
+            await self._nc.flush(timeout=self.streams.timeout)
+
+    def state(self) -> ConsumerState:
+        """The consumer's state on the server.
+
+        Raises:
+            TimeoutError or one of TRANSIENT_ERRORS: NATS is away or the consumer is gone.
+        """
+        return self._loop.run(self._state(), timeout=self.streams.timeout + 1.0)
+
+    async def _state(self) -> ConsumerState:
+        js = self._js
+        if js is None:
+            raise nats.errors.ConnectionClosedError
+        info = await js.consumer_info(self.settings.stream, self.settings.durable, timeout=self.streams.timeout)
+        return ConsumerState(
+            pending=int(info.num_pending or 0),
+            ack_pending=int(info.num_ack_pending or 0),
+            ack_floor=int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0,
+            redelivered=int(info.num_redelivered or 0),
+        )
+
+    def close(self) -> None:
+        """Closes the connection and the loop (acks are flushed when they are sent)."""
+        if self._nc is not None:
+            try:
+                self._loop.run(self._close(), timeout=self.streams.timeout + 1.0)
+            except (TimeoutError, nats.errors.Error, OSError) as exc:
+                _LOGGER.debug("closing the NATS connection: %s", exc)
+        self._loop.close()
+
+    async def _close(self) -> None:
+        nc = self._nc
+        if nc is not None and not nc.is_closed:
+            await nc.close()
