@@ -27,9 +27,8 @@ from monolith.serving.impressions import (
     RequestKeys,
     ScoredRequest,
     feature_texts,
-    impression_message,
+    impression_messages,
     impression_msg_id,
-    impressions_of,
     request_keys,
 )
 from monolith.serving.limits import RequestLimits
@@ -82,13 +81,20 @@ def ranking_call(**extra: Any) -> dict[str, Any]:
     return {**USER, **CANDIDATES, **extra}
 
 
+def impressions_of(scored: ScoredRequest, item_feature: str = "movie_id") -> list[joiner_pb2.Impression]:
+    """The impressions the messages carry, as the joiner reads them."""
+    events = [joiner_pb2.Event.FromString(m.payload) for m in impression_messages(scored, item_feature, 8)]
+    assert all(e.WhichOneof("event") == "impression" for e in events)
+    return [e.impression for e in events]
+
+
 # --------------------------------------------------------------------------- building
 
 
 def test_one_impression_per_candidate_with_the_request_id_broadcast(model: ServingModel) -> None:
     call = Parsed(model, ranking_call(request_id=["r-1"], event_time=np.array([1_700_000_000.5])))
 
-    impressions = impressions_of(call.scored(version=7), "movie_id")
+    impressions = impressions_of(call.scored(version=7))
 
     assert [i.request_id for i in impressions] == ["r-1"] * 3
     assert [i.item_id for i in impressions] == ["242", "302", "377"]
@@ -103,7 +109,7 @@ def test_one_impression_per_candidate_with_the_request_id_broadcast(model: Servi
 def test_the_text_values_hash_to_the_ids_serving_computed(model: ServingModel) -> None:
     call = Parsed(model, ranking_call(request_id=["r-1"]))
 
-    impressions = impressions_of(call.scored(), "movie_id")
+    impressions = impressions_of(call.scored())
 
     for i, impression in enumerate(impressions):
         assert set(impression.features) == set(model.input_names)
@@ -115,13 +121,13 @@ def test_strings_sent_for_int_features_give_the_same_text(model: ServingModel) -
     as_ints = Parsed(model, ranking_call(request_id=["r"]))
     as_strings = Parsed(model, ranking_call(request_id=["r"], user_id=["196"], movie_id=["242", "302", "377"]))
 
-    assert impressions_of(as_ints.scored(), "movie_id") == impressions_of(as_strings.scored(), "movie_id")
+    assert impressions_of(as_ints.scored()) == impressions_of(as_strings.scored())
 
 
 def test_one_request_id_per_example_and_one_event_time_per_example(model: ServingModel) -> None:
     call = Parsed(model, ranking_call(request_id=["a", "b", "c"], event_time=np.array([10, 20, 30], np.int64)))
 
-    impressions = impressions_of(call.scored(), "movie_id")
+    impressions = impressions_of(call.scored())
 
     assert [(i.request_id, i.event_time) for i in impressions] == [("a", 10.0), ("b", 20.0), ("c", 30.0)]
 
@@ -129,7 +135,7 @@ def test_one_request_id_per_example_and_one_event_time_per_example(model: Servin
 def test_a_scalar_request_id_and_event_time_cover_the_call(model: ServingModel) -> None:
     call = Parsed(model, ranking_call(request_id="r-9", event_time=np.float32(1024.0)))
 
-    impressions = impressions_of(call.scored(), "movie_id")
+    impressions = impressions_of(call.scored())
 
     assert [(i.request_id, i.event_time) for i in impressions] == [("r-9", 1024.0)] * 3
 
@@ -137,7 +143,7 @@ def test_a_scalar_request_id_and_event_time_cover_the_call(model: ServingModel) 
 def test_without_event_time_the_serving_clock_stamps_the_impressions(model: ServingModel) -> None:
     call = Parsed(model, ranking_call(request_id=["r"]))
 
-    impressions = impressions_of(call.scored(received_at=1234.5), "movie_id")
+    impressions = impressions_of(call.scored(received_at=1234.5))
 
     assert {i.event_time for i in impressions} == {1234.5}
 
@@ -145,13 +151,13 @@ def test_without_event_time_the_serving_clock_stamps_the_impressions(model: Serv
 def test_an_int_request_id_is_its_decimal_text(model: ServingModel) -> None:
     call = Parsed(model, ranking_call(request_id=np.array([77], np.int64)))
 
-    assert {i.request_id for i in impressions_of(call.scored(), "movie_id")} == {"77"}
+    assert {i.request_id for i in impressions_of(call.scored())} == {"77"}
 
 
 def test_examples_without_a_request_id_or_item_are_left_out(model: ServingModel) -> None:
     call = Parsed(model, ranking_call(request_id=["a", "", "c"], movie_id=["242", "302", ""]))
 
-    impressions = impressions_of(call.scored(), "movie_id")
+    impressions = impressions_of(call.scored())
 
     assert [(i.request_id, i.item_id) for i in impressions] == [("a", "242")]
 
@@ -224,15 +230,26 @@ def test_request_keys_broadcast_to_the_batch() -> None:
 # --------------------------------------------------------------------------- messages
 
 
-def test_the_message_goes_to_the_request_ids_partition_under_its_id() -> None:
-    impression = joiner_pb2.Impression(request_id="req-42", item_id="242", event_time=5.0, score=0.5)
+def test_each_message_goes_to_its_request_ids_partition_under_its_id(model: ServingModel) -> None:
+    request_ids = ["req-1", "req-2", "req-3"]
+    call = Parsed(model, ranking_call(request_id=request_ids))
 
-    message = impression_message(impression, partitions=8)
+    messages = impression_messages(call.scored(), "movie_id", partitions=8)
 
-    assert message.subject == events_subject(partition_of("req-42", 8))
-    assert message.msg_id == "imp/req-42/242"
-    event = joiner_pb2.Event.FromString(message.payload)
-    assert event.WhichOneof("event") == "impression" and event.impression == impression
+    assert [m.subject for m in messages] == [events_subject(partition_of(r, 8)) for r in request_ids]
+    assert [m.msg_id for m in messages] == ["imp/req-1/242", "imp/req-2/302", "imp/req-3/377"]
+
+
+def test_a_message_parses_to_the_impression_built_field_by_field(model: ServingModel) -> None:
+    call = Parsed(model, ranking_call(request_id=["r-1"], event_time=np.array([99.5])))
+    expected = joiner_pb2.Impression(request_id="r-1", item_id="302", event_time=99.5, model_version=7, score=0.5)
+    for name, values in {**{k: [str(v[0])] for k, v in USER.items()}, "movie_id": ["302"],
+                         "genres": ["Crime", "Film-Noir", "Thriller"]}.items():  # fmt: skip
+        expected.features[name].values.extend(values)
+
+    message = impression_messages(call.scored(version=7), "movie_id", partitions=8)[1]
+
+    assert joiner_pb2.Event.FromString(message.payload) == joiner_pb2.Event(impression=expected)
 
 
 def test_ids_a_header_cannot_carry_get_a_stable_hash() -> None:

@@ -177,46 +177,70 @@ def feature_texts(array: np.ndarray) -> list[list[str]]:
     return [[str(v) for v in row] for row in rows]
 
 
-def impressions_of(scored: ScoredRequest, item_feature: str) -> list[joiner_pb2.Impression]:
-    """One impression per example that has a request_id and an item id.
+def _varint(value: int) -> bytes:
+    """Protobuf's base-128 varint of a non-negative int."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+# Event's `impression` field as it starts on the wire: its number, wire type 2 (length-delimited).
+_EVENT_IMPRESSION_TAG = _varint(joiner_pb2.Event.DESCRIPTOR.fields_by_name["impression"].number << 3 | 2)
+
+
+def impression_messages(scored: ScoredRequest, item_feature: str, partitions: int) -> list[Message]:
+    """The EVENTS messages of a scored call: one `Event(impression=...)` per candidate.
+
+    Examples with an empty request_id or item id have none (see `ImpressionLog` for the
+    counting). This runs for every logged call, so the work per candidate is kept small:
+    features sent once for the call (outer size 1: the user's) are serialized once and
+    their bytes appended to each candidate's own. A protobuf message's fields may come in
+    any order and map entries accumulate, so the bytes parse to the full impression.
 
     Args:
         scored: the scored call.
         item_feature: the input naming the candidate (`ModelConfig.item_feature`).
+        partitions: P, for the subject `events.<partition_of(request_id, P)>`.
 
     Returns:
-        The impressions, in example order; examples with an empty request_id or item id
-        are left out (see `ImpressionLog` for the counting).
+        The messages, in example order.
     """
     texts = {name: feature_texts(array) for name, array in scored.inputs.items()}
+    shared = joiner_pb2.Impression()
+    for name, rows in texts.items():
+        if len(rows) == 1:
+            shared.features[name].values.extend(rows[0])
+    shared_bytes = shared.SerializeToString()
+    own_features = [(name, rows) for name, rows in texts.items() if len(rows) > 1]
     items = texts[item_feature]
     times = scored.keys.event_times
     scores = scored.scores.tolist()
+    subjects: dict[str, str] = {}  # most calls have one request_id: hash it once
     out = []
     for i, request_id in enumerate(scored.keys.request_ids.tolist()):
         item = items[i if len(items) > 1 else 0]
         item_id = item[0] if item else ""
         if not request_id or not item_id:
             continue
-        impression = joiner_pb2.Impression(
+        own = joiner_pb2.Impression(
             request_id=request_id,
             item_id=item_id,
             event_time=scored.received_at if times is None else float(times[i]),
             model_version=scored.model_version,
             score=scores[i],
         )
-        features = impression.features
-        for name, rows in texts.items():
-            features[name].values.extend(rows[i if len(rows) > 1 else 0])
-        out.append(impression)
+        for name, rows in own_features:
+            own.features[name].values.extend(rows[i])
+        impression = own.SerializeToString() + shared_bytes
+        subject = subjects.get(request_id)
+        if subject is None:
+            subject = subjects[request_id] = events_subject(partition_of(request_id, partitions))
+        payload = b"".join((_EVENT_IMPRESSION_TAG, _varint(len(impression)), impression))
+        out.append(Message(subject, payload, impression_msg_id(request_id, item_id)))
     return out
-
-
-def impression_message(impression: joiner_pb2.Impression, partitions: int) -> Message:
-    """The EVENTS message of an impression (subject by the request_id's partition)."""
-    payload = joiner_pb2.Event(impression=impression).SerializeToString()
-    subject = events_subject(partition_of(impression.request_id, partitions))
-    return Message(subject, payload, impression_msg_id(impression.request_id, impression.item_id))
 
 
 def impression_msg_id(request_id: str, item_id: str) -> str:
@@ -380,11 +404,10 @@ class ImpressionLog:
         messages = []
         skipped = {"no_item": 0, "too_large": 0}
         for scored in taken:
-            impressions = impressions_of(scored, self._item_feature)
-            with_request_id = int(np.count_nonzero(scored.keys.request_ids != ""))
-            skipped["no_item"] += with_request_id - len(impressions)
-            for impression in impressions:
-                message = impression_message(impression, self._streams.partitions)
+            built = impression_messages(scored, self._item_feature, self._streams.partitions)
+            skipped["no_item"] += int(np.count_nonzero(scored.keys.request_ids != "")) - len(built)
+            for message in built:
+                # Headers travel in the payload's budget too; 64 bytes cover the rest of them.
                 if len(message.payload) + len(message.msg_id) + 64 > max_payload:
                     skipped["too_large"] += 1
                 else:
