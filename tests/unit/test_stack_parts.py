@@ -112,7 +112,7 @@ def test_the_trainer_trains_online_against_the_training_shards(stack) -> None:
     assert args.embedding_ps == ",".join(parts[training_shard(i)].address for i in range(SHARDS))
     assert args.dense_ps == parts[DENSE_PS].address
     assert (args.nats, args.partitions) == (parts[NATS].address, SETTINGS.partitions)
-    assert parts[TRAINER].metrics == f"http://127.0.0.1:{args.metrics_port}/metrics"
+    assert parts[TRAINER].metrics == f"http://{args.host}:{args.metrics_port}/metrics"
     assert parts[TRAINER].address is None  # it serves no gRPC; its /metrics tells it is up
 
 

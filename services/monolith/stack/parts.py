@@ -218,7 +218,7 @@ def stack_parts(settings: StackSettings, ports: StackPorts) -> list[Part]:
     argv = role(
         "trainer", "--mode", "online", *streams, "--config", s.config,
         "--embedding-ps", ",".join(e.address for e in ports.training), "--dense-ps", ports.dense_ps.address,
-        "--metrics-port", str(ports.trainer_metrics),
+        "--host", HOST, "--metrics-port", str(ports.trainer_metrics),
     )  # fmt: skip
     # The trainer serves no gRPC: it is up once its /metrics answers.
     parts.append(Part(TRAINER, argv, HttpOk(trainer_metrics), None, trainer_metrics, (NATS, *training, DENSE_PS)))
