@@ -1,14 +1,19 @@
-"""A small Python client for monolith's Predict API (TF Serving's PredictionService).
+"""A small Python client for monolith: score candidates (TF Serving's Predict API), report actions.
 
     from monolith_client import MonolithClient
 
-    with MonolithClient("127.0.0.1:8500") as client:
+    with MonolithClient("127.0.0.1:8500", joiner_address="127.0.0.1:8600") as client:
         scores = client.score(
             user={"user_id": 196, "age": 49, "gender": "M", "occupation": "writer", "zip": "554"},
             candidates={"movie_id": [242, 302, 377], "genres": [["Comedy"], ["Crime", "Drama"], ["Action"]]},
+            request_id="req-1",  # serving logs the three candidates as impressions under it
         )
+        client.report_action("req-1", item_id=302, kind="click")  # 302 becomes a positive sample
+
+Candidates of a call with a request_id that get no positive action become negative samples
+when the joiner's window closes. Scoring alone needs neither a request_id nor a joiner.
 """
 
-from monolith_client.client import MonolithClient, PredictError
+from monolith_client.client import ActionError, MonolithClient, MonolithClientError, PredictError
 
-__all__ = ["MonolithClient", "PredictError"]
+__all__ = ["ActionError", "MonolithClient", "MonolithClientError", "PredictError"]

@@ -1,9 +1,14 @@
-"""The client: official TF Serving stubs, feature dicts in, scores out; no monolith protos needed."""
+"""The client: official TF Serving stubs, feature dicts in, scores out; actions to the sample-joiner.
+
+Predict needs no monolith protos. Reporting actions calls the joiner's `SampleJoiner` API,
+whose stubs come with the monolith package: they are imported on the first report, so a
+Predict-only user need not install it.
+"""
 
 from __future__ import annotations
 
-import uuid
-from typing import Any, Mapping, Sequence
+import time
+from typing import Any, Mapping, Sequence, Union
 
 import grpc
 import numpy as np
@@ -11,8 +16,8 @@ import tensorflow as tf
 from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
 
 
-class PredictError(RuntimeError):
-    """A Predict call failed; `code` is the gRPC status, the message TF Serving's details."""
+class MonolithClientError(RuntimeError):
+    """A call failed; `code` is the gRPC status, `details` the server's message."""
 
     def __init__(self, code: grpc.StatusCode, details: str) -> None:
         super().__init__(f"{code.name}: {details}")
@@ -20,26 +25,48 @@ class PredictError(RuntimeError):
         self.details = details
 
 
+class PredictError(MonolithClientError):
+    """A Predict call failed (the message is TF Serving's details)."""
+
+
+class ActionError(MonolithClientError):
+    """A ReportActions call failed; none of its actions is stored (the joiner takes all or none)."""
+
+
+# An action as `report_actions` takes it: a dict of `report_action`'s arguments, or a tuple
+# of them in order (request_id, item_id[, kind[, label[, event_time]]]).
+ActionLike = Union[Mapping[str, Any], Sequence[Any]]
+
+
 class MonolithClient:
-    """Scores candidates for a user through the Predict API.
+    """Scores candidates for a user through the Predict API, and reports what the user did.
 
     Args:
         address: "host:port" of model-serving.
         model_name: the served model's name.
         signature_name: its signature.
         timeout: seconds per call.
+        joiner_address: "host:port" of the sample-joiner, for `report_action(s)`; None if
+            this client only scores.
     """
 
     def __init__(self, address: str, model_name: str = "monolith", signature_name: str = "serving_default",
-                 timeout: float = 5.0) -> None:  # fmt: skip
+                 timeout: float = 5.0, joiner_address: str | None = None) -> None:  # fmt: skip
         self._channel = grpc.insecure_channel(address)
         self._stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
         self.model_name = model_name
         self.signature_name = signature_name
         self.timeout = timeout
+        self.joiner_address = joiner_address
+        self._joiner_channel: grpc.Channel | None = None
+        self._joiner: Any = None  # the SampleJoiner stub, made on the first report
 
     def score(
-        self, user: Mapping[str, Any], candidates: Mapping[str, Sequence[Any]], request_id: str | None = None
+        self,
+        user: Mapping[str, Any],
+        candidates: Mapping[str, Sequence[Any]],
+        request_id: str | None = None,
+        event_time: float | None = None,
     ) -> np.ndarray:
         """Probabilities that the user acts on each candidate.
 
@@ -50,7 +77,12 @@ class MonolithClient:
         Args:
             user: one value per user feature.
             candidates: a list per candidate feature, all of the same length N.
-            request_id: the id to report actions under; a fresh one if None.
+            request_id: the id to report actions under. With one, model-serving logs the
+                candidates as impressions (shown to the user), and each becomes a training
+                sample: positive if an action is reported for it, else negative. None:
+                nothing is logged (e.g. a call no user sees).
+            event_time: when the candidates are shown, seconds since the epoch; None: the
+                server's clock.
 
         Returns:
             float32 [N] scores.
@@ -60,16 +92,23 @@ class MonolithClient:
             raise ValueError(f"candidate features differ in length: {sizes}")
         features: dict[str, Any] = {name: [value] for name, value in user.items()}
         features.update(candidates)
-        return self.predict(features, request_id)
+        return self.predict(features, request_id, event_time)
 
-    def predict(self, features: Mapping[str, Any], request_id: str | None = None) -> np.ndarray:
+    def predict(
+        self,
+        features: Mapping[str, Any],
+        request_id: str | None = None,
+        event_time: float | Sequence[float] | None = None,
+    ) -> np.ndarray:
         """Scores for a batch of examples given feature by feature.
 
         Args:
             features: per feature, a list (or array) with one value per example, or one
                 list of values per example for a multi-valued feature; a list of length 1
                 is broadcast across the batch.
-            request_id: the id to report actions under; a fresh one if None.
+            request_id: the id to report actions under (see `score`); None: no impressions.
+            event_time: seconds since the epoch, one for the call or one per example; None:
+                the server's clock.
 
         Returns:
             float32 [batch] scores.
@@ -79,7 +118,12 @@ class MonolithClient:
         request.model_spec.signature_name = self.signature_name
         for name, values in features.items():
             request.inputs[name].CopyFrom(_tensor(values))
-        request.inputs["request_id"].CopyFrom(tf.make_tensor_proto([request_id or uuid.uuid4().hex]))
+        if request_id is not None:
+            request.inputs["request_id"].CopyFrom(tf.make_tensor_proto([str(request_id)], dtype=tf.string))
+        if event_time is not None:
+            # float64: a float32 second since the epoch is only good to about two minutes.
+            times = np.asarray(event_time, dtype=np.float64).reshape(-1)
+            request.inputs["event_time"].CopyFrom(tf.make_tensor_proto(times, dtype=tf.float64))
         try:
             response = self._stub.Predict(request, timeout=self.timeout)
         except grpc.RpcError as exc:
@@ -95,8 +139,82 @@ class MonolithClient:
         response.metadata["signature_def"].Unpack(signatures)
         return sorted(signatures.signature_def[self.signature_name].inputs)
 
+    def report_action(
+        self,
+        request_id: str,
+        item_id: Any,
+        kind: str = "click",
+        label: float = 1.0,
+        event_time: float | None = None,
+    ) -> None:
+        """Reports what the user did with a candidate of a `score(..., request_id=...)` call.
+
+        Args:
+            request_id: the request_id the candidate was scored under.
+            item_id: the candidate: its item feature's value (e.g. the movie_id; an int is
+                sent as its decimal text, as the model hashes it).
+            kind: the action kind (one the joiner accepts, "click" by default).
+            label: 1 for a positive action; 0 records one that is not.
+            event_time: when it happened, seconds since the epoch; None: now.
+
+        Raises:
+            ValueError: the client has no joiner_address.
+            ActionError: the joiner refused it (e.g. INVALID_ARGUMENT) or could not store it.
+        """
+        self.report_actions([(request_id, item_id, kind, label, event_time)])
+
+    def report_actions(self, actions: Sequence[ActionLike]) -> int:
+        """Reports several actions in one call; the joiner stores all of them or none.
+
+        Args:
+            actions: each a dict of `report_action`'s arguments (request_id and item_id
+                required) or a tuple of them in order.
+
+        Returns:
+            The number of actions stored.
+
+        Raises:
+            ValueError: the client has no joiner_address, or an action lacks request_id or item_id.
+            ActionError: the joiner refused them (nothing is stored) or could not store them.
+        """
+        stub, joiner_pb2 = self._joiner_stub()
+        now = time.time()
+        request = joiner_pb2.ReportActionsRequest()
+        for action in actions:
+            fields = _action_fields(action)
+            event_time = fields.get("event_time")
+            request.actions.add(
+                request_id=str(fields["request_id"]),
+                item_id=str(fields["item_id"]),
+                kind=str(fields.get("kind", "click")),
+                label=float(fields.get("label", 1.0)),
+                event_time=now if event_time is None else float(event_time),
+            )
+        try:
+            response = stub.ReportActions(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise ActionError(exc.code(), exc.details()) from None
+        return int(response.accepted)
+
+    def _joiner_stub(self) -> tuple[Any, Any]:
+        if self.joiner_address is None:
+            raise ValueError(
+                "reporting actions needs the sample-joiner's address: "
+                "MonolithClient(address, joiner_address='host:port')"
+            )
+        try:
+            from monolith.api.joiner.v1 import joiner_pb2, joiner_pb2_grpc
+        except ImportError as exc:
+            raise ImportError(f"reporting actions needs the monolith package (its joiner API stubs): {exc}") from exc
+        if self._joiner is None:
+            self._joiner_channel = grpc.insecure_channel(self.joiner_address)
+            self._joiner = joiner_pb2_grpc.SampleJoinerStub(self._joiner_channel)
+        return self._joiner, joiner_pb2
+
     def close(self) -> None:
         self._channel.close()
+        if self._joiner_channel is not None:
+            self._joiner_channel.close()
 
     def __enter__(self) -> MonolithClient:
         return self
@@ -117,6 +235,26 @@ def _tensor(values: Any) -> Any:
     if array.dtype.kind in "iu":
         return tf.make_tensor_proto(array.astype(np.int64), dtype=tf.int64)
     return tf.make_tensor_proto(np.vectorize(str, otypes=[object])(array).astype(bytes), dtype=tf.string)
+
+
+_ACTION_FIELDS = ("request_id", "item_id", "kind", "label", "event_time")
+
+
+def _action_fields(action: ActionLike) -> dict[str, Any]:
+    """An action's fields by name, from a dict or a tuple in `report_action`'s order."""
+    if isinstance(action, Mapping):
+        unknown = set(action) - set(_ACTION_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown action field(s) {sorted(unknown)}; known: {', '.join(_ACTION_FIELDS)}")
+        fields = dict(action)
+    else:
+        if not 2 <= len(action) <= len(_ACTION_FIELDS):
+            raise ValueError(f"an action tuple is (request_id, item_id[, kind[, label[, event_time]]]), got {action!r}")
+        fields = dict(zip(_ACTION_FIELDS, action))
+    for name in ("request_id", "item_id"):
+        if fields.get(name) is None or fields[name] == "":
+            raise ValueError(f"an action needs a non-empty {name}, got {action!r}")
+    return {name: value for name, value in fields.items() if value is not None}
 
 
 def _is_ragged(values: Any) -> bool:

@@ -1,0 +1,205 @@
+"""The Python client's loop: score under a request_id, report an action, get a training sample.
+
+Real parts in this process on free ports: a nats-server, model-serving logging impressions,
+and the sample-joiner (its ReportActions API and the join). The client is the shipped
+`monolith_client`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+
+from monolith.api.joiner.v1 import joiner_pb2 as pb
+from monolith.common.server import MonolithServer, ServerConfig
+from monolith.data.movielens import load_movielens
+from monolith.joiner.config import JoinerConfig
+from monolith.joiner.runtime import JoinerRuntime
+from monolith.joiner.service import build_joiner
+from monolith.model.config import default_config_path, model_config_from_dict
+from monolith.serving.impressions import ImpressionLog
+from monolith.serving.model import ServingModel
+from monolith.serving.service import build_serving
+from monolith.serving.servicer import SignatureConfig
+from monolith.streams.config import EVENTS_STREAM, SAMPLES_STREAM, StreamsConfig, events_subject, partition_of
+from monolith.streams.jetstream import connect
+from monolith.streams.nats_server import NatsServer
+from monolith.trainer.backends import LocalDense, LocalEmbeddings
+from monolith.trainer.worker import TrainerWorker
+from monolith_client import ActionError, MonolithClient
+
+PARTITIONS = 2
+T0 = 880_000_000.0  # 1997, like MovieLens: event time, not the wall clock
+USER = {"user_id": 196, "age": 49, "gender": "M", "occupation": "writer", "zip": "55105"}
+CANDIDATES = {"movie_id": [242, 302, 377], "genres": [["Comedy"], ["Crime", "Film-Noir"], ["Children's", "Comedy"]]}
+
+
+class Stack:
+    """NATS, model-serving with impressions on, and the joiner."""
+
+    def __init__(self, data_dir: str) -> None:
+        self.nats = NatsServer(data_dir).start()
+        self.streams = StreamsConfig(url=self.nats.url, partitions=PARTITIONS, timeout=2.0)
+        with open(default_config_path(), encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+        raw["model"]["hidden_units"] = [16]
+        config = model_config_from_dict(raw)
+        sparse, dense = LocalEmbeddings(config.tables()), LocalDense(config.model.optimizer)
+        TrainerWorker(config, sparse, dense).train(next(load_movielens(limit=256).batches(256)))
+        model = ServingModel(config, sparse, dense)
+        assert model.refresh_dense()
+        self.impressions = ImpressionLog(self.streams, "movie_id").start()
+        self.serving: MonolithServer = build_serving(model, SignatureConfig(), _loopback(), self.impressions)
+        self.serving.start()
+        self.joiner_runtime = JoinerRuntime(self.streams, JoinerConfig(window=100.0, lateness=0.0), range(PARTITIONS))
+        self.joiner: MonolithServer = build_joiner(self.joiner_runtime, _loopback())
+        self.joiner.start(serving=False)
+        self.joiner_runtime.start(on_ready=lambda: self.joiner.set_serving(True))
+        wait_for(lambda: self.joiner_runtime.ready, "the joiner to connect")
+
+    def client(self, **kwargs: Any) -> MonolithClient:
+        return MonolithClient(self.serving.address, joiner_address=self.joiner.address, timeout=10.0, **kwargs)
+
+    def close(self) -> None:
+        self.serving.stop(grace=0)
+        self.impressions.close(timeout=2.0)
+        self.joiner.stop(grace=0)
+        self.joiner_runtime.stop()
+        self.nats.stop()
+
+
+def _loopback() -> ServerConfig:
+    return ServerConfig(host="127.0.0.1", port=0, metrics_port=None)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    started = Stack(str(tmp_path_factory.mktemp("nats")))
+    yield started
+    started.close()
+
+
+def read(streams: StreamsConfig, stream: str) -> list[tuple[str, str, bytes]]:
+    """Every message of `stream` as (subject, message id, data)."""
+
+    async def main() -> list[tuple[str, str, bytes]]:
+        nc = await connect(streams, "test-reader")
+        js = nc.jetstream()
+        out = []
+        try:
+            info = await js.stream_info(stream)
+            for seq in range(info.state.first_seq, info.state.last_seq + 1) if info.state.messages else ():
+                message = await js.get_msg(stream, seq)
+                out.append((message.subject, (message.headers or {}).get("Nats-Msg-Id", ""), message.data))
+        finally:
+            await nc.close()
+        return out
+
+    return asyncio.run(main())
+
+
+def events(stack: Stack, request_id: str) -> list[tuple[str, str, pb.Event]]:
+    decoded = [(s, m, pb.Event.FromString(data)) for s, m, data in read(stack.streams, EVENTS_STREAM)]
+    return [(s, m, e) for s, m, e in decoded if getattr(e, e.WhichOneof("event")).request_id == request_id]
+
+
+def samples(stack: Stack, request_id: str) -> list[pb.Sample]:
+    decoded = [pb.Sample.FromString(data) for _, _, data in read(stack.streams, SAMPLES_STREAM)]
+    return [s for s in decoded if s.request_id == request_id]
+
+
+def wait_for(condition: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.05)
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_score_then_report_action_makes_a_positive_sample(stack: Stack) -> None:
+    with stack.client() as client:
+        scores = client.score(USER, CANDIDATES, request_id="loop-1", event_time=T0)
+        client.report_action("loop-1", item_id=302, kind="click", event_time=T0 + 5)
+
+    [sample] = wait_for(lambda: samples(stack, "loop-1"), "the positive sample")
+
+    assert (sample.item_id, sample.label, sample.sample_rate, sample.event_time) == ("302", 1.0, 1.0, T0)
+    assert list(sample.features["genres"].values) == ["Crime", "Film-Noir"]
+    assert list(sample.features["user_id"].values) == ["196"]
+    logged = {e.impression.item_id: e.impression for _, _, e in events(stack, "loop-1") if e.HasField("impression")}
+    assert sorted(logged) == ["242", "302", "377"]
+    assert logged["302"].score == pytest.approx(float(scores[1]), abs=1e-7)
+
+
+def test_report_actions_takes_dicts_and_tuples(stack: Stack) -> None:
+    with stack.client() as client:
+        accepted = client.report_actions(
+            [
+                {"request_id": "many", "item_id": 242, "event_time": T0 + 1},
+                ("many", "302", "click", 0.0, T0 + 2),
+                ("many", 377),  # kind click, label 1, the client's clock
+            ]
+        )
+
+    assert accepted == 3
+    actions = wait_for(lambda: len(found := events(stack, "many")) == 3 and found, "three actions")
+    by_item = {e.action.item_id: (subject, msg_id, e.action) for subject, msg_id, e in actions}
+    assert {item: a.label for item, (_, _, a) in by_item.items()} == {"242": 1.0, "302": 0.0, "377": 1.0}
+    assert by_item["242"][2].event_time == T0 + 1 and by_item["302"][2].event_time == T0 + 2
+    assert abs(by_item["377"][2].event_time - time.time()) < 600
+    for item, (subject, msg_id, action) in by_item.items():
+        assert subject == events_subject(partition_of("many", PARTITIONS))
+        assert msg_id == f"act/many/{item}/click" and action.kind == "click"
+
+
+def test_a_refused_action_raises_action_error_with_the_status(stack: Stack) -> None:
+    with stack.client() as client:
+        with pytest.raises(ActionError) as raised:
+            client.report_actions([("refused", 1, "click", 1.0, T0), ("refused", 2, "teleport", 1.0, T0)])
+
+    assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "teleport" in raised.value.details
+    assert events(stack, "refused") == []  # all or nothing
+
+
+def test_score_without_a_request_id_logs_no_impression(stack: Stack) -> None:
+    before = len(read(stack.streams, EVENTS_STREAM))
+    with stack.client() as client:
+        client.score(USER, CANDIDATES)
+        client.score(USER, CANDIDATES, request_id="marker")
+
+    wait_for(lambda: events(stack, "marker"), "the marker's impressions")
+    assert len(read(stack.streams, EVENTS_STREAM)) == before + 3
+
+
+def test_report_action_without_a_joiner_address_says_what_is_missing() -> None:
+    with MonolithClient("127.0.0.1:1") as client:  # nothing is called
+        with pytest.raises(ValueError, match=r"needs the sample-joiner's address.*joiner_address="):
+            client.report_action("r", 242)
+
+
+@pytest.mark.parametrize(
+    ("action", "message"),
+    [
+        (("r",), "an action tuple is"),
+        ({"request_id": "r"}, "needs a non-empty item_id"),
+        ({"request_id": "", "item_id": 1}, "needs a non-empty request_id"),
+        ({"request_id": "r", "item_id": 1, "colour": "red"}, "unknown action field"),
+    ],
+)
+def test_malformed_actions_are_refused_before_any_call(action: Any, message: str) -> None:
+    with MonolithClient("127.0.0.1:1", joiner_address="127.0.0.1:1") as client:
+        with pytest.raises(ValueError, match=message):
+            client.report_actions([action])
