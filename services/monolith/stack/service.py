@@ -118,17 +118,23 @@ def run(args: argparse.Namespace) -> int:
     config = os.path.abspath(args.config)
     load_model_config(config)  # a bad config fails here, not in nine logs
     data_dir = os.path.abspath(args.data_dir)
-    fixed = {"--nats-port": args.nats_port, "--joiner-port": args.joiner_port, "--serving-port": args.serving_port}
-    taken = _taken_port(fixed)
-    if taken:
-        print(f"monolith up: {taken}", file=sys.stderr)
+    ports = allocate_ports(args.nats_port, args.joiner_port, args.serving_port)  # refuses a port given twice
+    try:
+        os.makedirs(os.path.join(data_dir, "logs"), exist_ok=True)
+    except OSError as exc:
+        print(f"monolith up: cannot use --data-dir {data_dir}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    os.makedirs(data_dir, exist_ok=True)
     path = manifest_path(data_dir)
     other = running_stack_pid(path)
     if other is not None:
         print(f"monolith up: a stack is already running from {data_dir} (pid {other}); stop it or use another --data-dir",
               file=sys.stderr)  # fmt: skip
+        return 1
+    taken = _taken_port(
+        {"--nats-port": args.nats_port, "--joiner-port": args.joiner_port, "--serving-port": args.serving_port}
+    )
+    if taken:
+        print(f"monolith up: {taken}", file=sys.stderr)
         return 1
     remove_manifest(path)  # stale: its `up` is gone
     settings = StackSettings(
@@ -141,7 +147,6 @@ def run(args: argparse.Namespace) -> int:
     if args.fresh:
         for directory in (settings.nats_dir, settings.logs_dir):
             shutil.rmtree(directory, ignore_errors=True)
-    ports = allocate_ports(args.nats_port, args.joiner_port, args.serving_port)
     try:
         parts = stack_parts(settings, ports)
     except NatsServerError as exc:
