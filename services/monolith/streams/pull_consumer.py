@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from typing import Sequence
 
 import nats.errors
@@ -24,9 +23,12 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from monolith.streams.config import StreamsConfig
-from monolith.streams.jetstream import BackgroundLoop, connect, ensure_streams
+from monolith.streams.jetstream import TRANSIENT_ERRORS, BackgroundLoop, connect, ensure_streams
 
 _LOGGER = logging.getLogger("monolith.streams")
+# The shortest wait for the rest of a batch: the server's answer to a "what is there now"
+# request must fit in it (a round trip, well under a millisecond on one machine).
+MIN_WAIT = 0.02
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,8 +152,8 @@ class DurableConsumer:
         self._subscription = await js.pull_subscribe_bind(durable=settings.durable, stream=settings.stream)
 
     def fetch(self, max_messages: int, timeout: float, max_wait: float = 0.0) -> list[Delivery]:
-        """Up to `max_messages` messages: waits up to `timeout` for the first, then up to
-        `max_wait` more for the rest.
+        """Up to `max_messages` messages: waits up to `timeout` for the first, then takes
+        what is there and waits at most `max_wait` (at least MIN_WAIT) for the rest.
 
         Returns:
             The messages (none when nothing came within `timeout`).
@@ -162,22 +164,26 @@ class DurableConsumer:
         """
         if self._subscription is None:
             raise RuntimeError("the consumer is not open")
-        return self._loop.run(self._fetch(max_messages, timeout, max_wait), timeout=timeout + max_wait + 5.0)
+        wait = max(max_wait, MIN_WAIT)
+        return self._loop.run(self._fetch(max_messages, timeout, wait), timeout=timeout + wait + 5.0)
 
     async def _fetch(self, max_messages: int, timeout: float, max_wait: float) -> list[Delivery]:
         subscription = self._subscription
         assert subscription is not None
+        # One message first: a fetch of n returns only when n came or its whole timeout
+        # passed, so a trickle would wait `timeout` per batch. The rest is fetched with
+        # `max_wait`: what is there at once, then what arrives within it.
+        # nats-py raises its own TimeoutError, or asyncio's (the builtin) when a short
+        # timeout runs out between its two requests: both only mean "nothing (more) came".
         try:
-            messages = await subscription.fetch(max_messages, timeout=timeout)
-        except nats.errors.TimeoutError:
+            messages = await subscription.fetch(1, timeout=timeout)
+        except TimeoutError:
             return []
-        # A partial batch waits a little for more, bounded so a slow trickle still trains promptly.
-        deadline = time.monotonic() + max_wait
-        while len(messages) < max_messages and (left := deadline - time.monotonic()) > 0.001:
+        if max_messages > 1:
             try:
-                messages += await subscription.fetch(max_messages - len(messages), timeout=left)
-            except nats.errors.TimeoutError:
-                break
+                messages += await subscription.fetch(max_messages - 1, timeout=max_wait)
+            except (TimeoutError, *TRANSIENT_ERRORS):
+                pass  # the first message is delivered: hand it over rather than lose it to a retry
         return [Delivery(m.data, m.metadata.sequence.stream, m.metadata.num_delivered, m) for m in messages]
 
     def ack(self, deliveries: Sequence[Delivery]) -> None:

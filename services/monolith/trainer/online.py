@@ -261,7 +261,7 @@ class OnlineTrainer:
         if time.monotonic() - self._last_step > self._settings.idle_after:
             # Another trainer may have moved the dense parameters while this one was idle.
             try:
-                if not self._with_ps(worker.refresh_dense, good, "dense-PS"):
+                if not self._with_ps(worker.refresh_dense, good):
                     return
             except InvalidArgument as exc:
                 _LOGGER.warning("could not pull the dense parameters: %s; training with the cached ones", exc)
@@ -271,7 +271,7 @@ class OnlineTrainer:
         """One step, retried while the PSs are away; samples the PSs refuse are rejected one by one."""
         started = time.monotonic()
         try:
-            applied = self._with_ps(lambda: worker.train(batch), deliveries, "embedding-PS/dense-PS")
+            applied = self._with_ps(lambda: worker.train(batch), deliveries)
         except InvalidArgument as exc:
             if len(batch) == 1:
                 self._reject([(deliveries[0], "refused", str(exc))])
@@ -295,8 +295,8 @@ class OnlineTrainer:
             self.summary.last_sequence = max(self.summary.last_sequence, last)
             metrics.LAST_SEQUENCE.set(self.summary.last_sequence)
 
-    def _with_ps(self, call: Callable[[], object], deliveries: list[Delivery], what: str) -> bool:
-        """Runs a PS call, retrying transient failures; False if stopped first (samples handed back).
+    def _with_ps(self, call: Callable[[], object], deliveries: list[Delivery]) -> bool:
+        """Runs PS calls, retrying transient failures; False if stopped first (samples handed back).
 
         Raises:
             InvalidArgument: the PSs refuse the request (not worth retrying).
@@ -305,11 +305,12 @@ class OnlineTrainer:
             try:
                 call()
             except (MonolithError, grpc.RpcError) as exc:
-                error = from_rpc_error(exc, what) if isinstance(exc, grpc.RpcError) else exc
+                # The sharded client names its shard in its errors; a raw gRPC error is the dense-PS's.
+                error = from_rpc_error(exc, "dense-PS") if isinstance(exc, grpc.RpcError) else exc
                 if isinstance(error, InvalidArgument):
                     self._ps.succeeded()
                     raise error from None
-                if not self._ps.failed(_describe(error, what)):
+                if not self._ps.failed(_describe(error, "PS")):
                     self._reply(self._consumer.nak, deliveries, "hand back")
                     return False
                 # Not redelivered to another worker while this one retries.

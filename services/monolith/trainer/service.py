@@ -69,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     online.add_argument("--consumer", default="trainer",
                         help="durable consumer name; online trainers with the same name share the samples")  # fmt: skip
     online.add_argument("--max-wait", type=seconds, default=0.05,
-                        help="seconds a partial batch waits for more samples (default 0.05)")  # fmt: skip
+                        help="seconds a partial batch waits for more samples (default 0.05; at least 0.02)")  # fmt: skip
     online.add_argument("--host", default="0.0.0.0", help="interface /metrics binds (default: all)")
     online.add_argument("--metrics-port", type=int, default=ONLINE_METRICS_PORT,
                         help=f"Prometheus /metrics port (default {ONLINE_METRICS_PORT}; 0 picks a free one)")  # fmt: skip
