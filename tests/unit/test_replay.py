@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from monolith.replay.bookkeeping import (
     rolling_auc,
 )
 from monolith.replay.launcher import StackError, StackInfo
-from monolith.replay.pacing import Pacer
+from monolith.replay.pacing import Pacer, WindowGate
 from monolith.replay.probe import FreshnessProbe
 from monolith.replay.report import plot_rolling_auc, summary_table
 from monolith.replay.samples import closing_time, watermark_request_ids
@@ -114,6 +115,37 @@ def test_unpaced_and_stopped() -> None:
     assert not Pacer(1.0, clock=clock, stop=stop).wait_for(5)
     with pytest.raises(ValueError):
         Pacer(-1.0)
+
+
+def test_window_gate_holds_an_event_that_could_close_an_in_flight_window() -> None:
+    gate = WindowGate(horizon=3660.0)
+    assert gate.enter(1000.0)
+    assert gate.enter(4660.0)  # exactly window + lateness newer: cannot close it yet
+    assert gate.blocked_by(4661.0) == [1000.0]
+    entered = threading.Event()
+
+    def later() -> None:
+        gate.enter(4661.0)
+        entered.set()
+
+    thread = threading.Thread(target=later)
+    thread.start()
+    deadline = time.monotonic() + 10.0
+    while gate.waiting == 0 and time.monotonic() < deadline:  # held back while 1000 is in flight
+        time.sleep(0.01)
+    assert gate.waiting == 1 and not entered.is_set()
+    gate.leave(1000.0)
+    assert entered.wait(10.0)
+    thread.join()
+    assert gate.waits == 1 and gate.waiting == 0 and gate.blocked_by(10_000.0) == [4660.0, 4661.0]
+
+
+def test_window_gate_wait_ends_when_stopped() -> None:
+    stop = threading.Event()
+    gate = WindowGate(horizon=10.0, stop=stop)
+    assert gate.enter(0.0)
+    stop.set()
+    assert not gate.enter(100.0)
 
 
 # ---------------------------------------------------------------- AUC bookkeeping

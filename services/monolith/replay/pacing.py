@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import Counter
 from typing import Callable
 
 
@@ -56,3 +57,57 @@ class Pacer:
     def behind(self, i: int) -> float:
         """Seconds event i is late at this moment (0 if not yet due)."""
         return max(0.0, self._clock() - self.due(i))
+
+
+class WindowGate:
+    """Holds back an event that could close the join window of an event still in flight.
+
+    The joiner closes an impression's window once its partition has seen an event more than
+    window + lateness newer (event time). In real time an action follows its impression by
+    seconds, long before such an event; in an accelerated replay with several workers, a
+    far later event could reach the stream before an earlier event's action and turn that
+    positive into a negative. So an event waits until every in-flight event older than it by
+    `horizon` or more has finished (its Predict and its action are on the stream); the wait
+    only happens across gaps of an hour or more in the data.
+
+    Args:
+        horizon: the joiner's window + lateness, event-time seconds.
+        stop: set to end waits early.
+    """
+
+    def __init__(self, horizon: float, stop: threading.Event | None = None) -> None:
+        self.horizon = horizon
+        self._stop = stop or threading.Event()
+        self._in_flight: Counter[float] = Counter()
+        self._changed = threading.Condition()
+        self.waits = 0  # events that had to wait
+        self.waiting = 0  # events waiting now
+
+    def enter(self, event_time: float) -> bool:
+        """Waits until no in-flight event could be closed by one at `event_time`, then
+        registers it as in flight; False (and not registered) if stopped first."""
+        with self._changed:
+            if self.blocked_by(event_time):
+                self.waits += 1
+                self.waiting += 1
+                try:
+                    while self.blocked_by(event_time):
+                        if self._stop.is_set():
+                            return False
+                        self._changed.wait(0.1)
+                finally:
+                    self.waiting -= 1
+            self._in_flight[event_time] += 1
+            return True
+
+    def blocked_by(self, event_time: float) -> list[float]:
+        """The in-flight events' times whose windows an event at `event_time` could close."""
+        return [t for t in self._in_flight if event_time > t + self.horizon]
+
+    def leave(self, event_time: float) -> None:
+        """The event at `event_time` is done (its action, if any, was reported)."""
+        with self._changed:
+            self._in_flight[event_time] -= 1
+            if self._in_flight[event_time] <= 0:
+                del self._in_flight[event_time]
+            self._changed.notify_all()

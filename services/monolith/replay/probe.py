@@ -25,6 +25,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from monolith.replay.pacing import WindowGate
+
 _LOGGER = logging.getLogger("monolith.replay.probe")
 
 # predict(features, request_id, event_time) -> scores; report(request_id, item_id, event_time).
@@ -67,12 +69,14 @@ class FreshnessProbe:
         timeout: seconds after which a probe is a miss.
         poll: seconds between comparison Predicts.
         clock: monotonic seconds.
+        gate: the replay's window gate: the probe's impression and action are in flight
+            like a replayed event's, so no far later event closes its window first.
     """
 
     def __init__(self, predict: PredictFn, report: ReportFn, event_time: Callable[[], float | None],
                  user: Mapping[str, Any], movie: Mapping[str, Any], first_user_id: int, request_prefix: str,
                  interval: float = 2.0, timeout: float = 15.0, poll: float = 0.05,
-                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+                 clock: Callable[[], float] = time.monotonic, gate: WindowGate | None = None) -> None:  # fmt: skip
         self._predict = predict
         self._report = report
         self._event_time = event_time
@@ -84,6 +88,7 @@ class FreshnessProbe:
         self.timeout = timeout
         self.poll = poll
         self._clock = clock
+        self._gate = gate
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="freshness-probe", daemon=True)
         self._lock = threading.Lock()
@@ -162,6 +167,30 @@ class FreshnessProbe:
             _LOGGER.warning("freshness probe %d skipped: fresh users already score differently (%s)", k, before)
             self.skipped += 1
             return None
+        if self._gate is not None and not self._gate.enter(now):
+            return None
+        try:
+            started = self._impression_and_action(k, pair, now)
+        finally:
+            if self._gate is not None:
+                self._gate.leave(now)
+        if started is None:
+            return None
+        request_id = f"{self._prefix}{k}"
+        while not self._stop.is_set():
+            try:
+                scores = self._predict(pair, None, None)
+                if scores[0] != scores[1]:
+                    return ProbeResult(request_id, self.item_id, self._clock() - started)
+            except Exception as exc:  # noqa: BLE001 - keep polling through a hiccup
+                _LOGGER.debug("freshness poll failed: %s", exc)
+            if self._clock() - started >= self.timeout:
+                return ProbeResult(request_id, self.item_id, math.nan)
+            self._stop.wait(self.poll)
+        return None
+
+    def _impression_and_action(self, k: int, pair: Mapping[str, Any], now: float) -> float | None:
+        """Probe k's impression and positive action; the clock reading at the action, None if skipped."""
         request_id = f"{self._prefix}{k}"
         single = {name: values[:1] for name, values in pair.items()}
         try:
@@ -181,14 +210,4 @@ class FreshnessProbe:
             return None
         with self._lock:
             self._impressions.append((request_id, self.item_id, 1.0))
-        while not self._stop.is_set():
-            try:
-                scores = self._predict(pair, None, None)
-                if scores[0] != scores[1]:
-                    return ProbeResult(request_id, self.item_id, self._clock() - started)
-            except Exception as exc:  # noqa: BLE001 - keep polling through a hiccup
-                _LOGGER.debug("freshness poll failed: %s", exc)
-            if self._clock() - started >= self.timeout:
-                return ProbeResult(request_id, self.item_id, math.nan)
-            self._stop.wait(self.poll)
-        return None
+        return started

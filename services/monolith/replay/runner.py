@@ -37,7 +37,7 @@ from monolith.replay import report
 from monolith.replay.bookkeeping import ScoreBook, auc_of_scored, expected_samples, percentile, reconcile
 from monolith.replay.frozen import freeze
 from monolith.replay.launcher import StackInfo
-from monolith.replay.pacing import Pacer
+from monolith.replay.pacing import Pacer, WindowGate
 from monolith.replay.probe import FreshnessProbe
 from monolith.replay.samples import SampleLog, closing_time, watermark_request_ids
 from monolith.replay.traffic import ReplayData, load_replay_data
@@ -206,12 +206,13 @@ class Replay:
     def _replay(self, clients: StackClients, data: ReplayData, samples: SampleLog) -> dict[str, Any]:
         """Replays every event at the pace; returns the served scores, timing and the probe."""
         book = ScoreBook(data.stream.labels)
+        gate = WindowGate(self.stack.window + self.stack.lateness, stop=self._stop)
         probe = FreshnessProbe(
             clients.predict, clients.report, self._current_event_time,
             user=data.user(0), movie=data.movie(0),
             first_user_id=PROBE_USER_BASE + (int(self.run_id, 16) << 16),
             request_prefix=f"{self.prefix}probe-",
-            interval=self.options.probe_interval or 1.0, timeout=self.options.probe_timeout,
+            interval=self.options.probe_interval or 1.0, timeout=self.options.probe_timeout, gate=gate,
         )  # fmt: skip
         in_flight = threading.BoundedSemaphore(2 * self.options.workers)
         pacer = Pacer(self.options.speed, stop=self._stop)
@@ -227,9 +228,15 @@ class Replay:
                 if not pacer.wait_for(i):
                     break
                 in_flight.acquire()
+                event_time = data.event_time(i)
+                if not gate.enter(event_time):
+                    in_flight.release()
+                    break
                 with self._lock:
-                    self._event_time = data.event_time(i)
-                pool.submit(self._one_event, clients, data, book, i).add_done_callback(lambda _: in_flight.release())
+                    self._event_time = event_time
+                pool.submit(self._one_event, clients, data, book, i).add_done_callback(
+                    lambda _, t=event_time: (gate.leave(t), in_flight.release())
+                )
         finally:
             pool.shutdown(wait=True)
             seconds = time.monotonic() - pacer.start
@@ -237,7 +244,7 @@ class Replay:
             progress.stop()
             if self.options.progress:
                 self._print_progress(book, pacer, probe, samples, final=True)
-        return {"book": book, "seconds": seconds, "probe": probe}
+        return {"book": book, "seconds": seconds, "probe": probe, "gate_waits": gate.waits}
 
     def _one_event(self, clients: StackClients, data: ReplayData, book: ScoreBook, i: int) -> None:
         """Event i: its Predict (the impression), then its action if positive."""
@@ -360,6 +367,7 @@ class Replay:
             "predict_errors": self._predict_errors,
             "action_errors": self._action_errors,
             "replay_seconds": replayed["seconds"],
+            "window_gate_waits": replayed["gate_waits"],
             "consumer_lag": lag,
             **batch,
         }

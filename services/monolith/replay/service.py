@@ -22,6 +22,9 @@ from monolith.replay.report import summary_table
 from monolith.replay.runner import Replay, ReplayOptions
 
 PLOT_FILE = "replay_auc.png"
+# `--up` asks for free ports: the replay reads every address from stack.json, and a fixed
+# port (8500, 8600, 4222) might be taken on this machine.
+FREE_PORTS = ("--serving-port", "0", "--joiner-port", "0", "--nats-port", "0")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,7 +85,7 @@ def replay(options: ReplayOptions, stack_file: str | None = None, data_dir: str 
     local = None
     try:
         if data_dir is not None:
-            local = LocalStack(data_dir)
+            local = LocalStack(data_dir, up_args=FREE_PORTS)
             print(f"[replay] starting the stack: monolith up --data-dir {local.data_dir} (its output: {local.log_path})",
                   file=sys.stderr, flush=True)  # fmt: skip
             stack = local.start(up_timeout)
