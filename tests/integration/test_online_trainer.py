@@ -309,10 +309,22 @@ def test_the_trainer_waits_out_a_nats_restart_and_a_dense_ps_restart(setup: Setu
     log = trainer.log()
     assert log.count("ps unavailable") == 1, log[-3000:]  # one line per outage
     assert "ps reachable again" in log
-    assert "Traceback" not in log
+
+    # SIGTERM while a step waits for the dense-PS: a clean exit that acknowledges nothing more,
+    # and the next trainer trains those samples.
+    setup.dense.stop()
+    acked = last
+    last = setup.stream.publish(samples(300, 20))
+    retries = trainer.metric("monolith_trainer_retries_total{dependency=ps}")
+    wait_until(lambda: trainer.metric("monolith_trainer_retries_total{dependency=ps}") > retries, "a retry")
     code, summary = trainer.stop()
-    assert code == 0
-    assert summary["examples"] >= 300 and summary["last_sequence"] == last
+    assert code == 0, trainer.log()[-3000:]
+    assert summary["examples"] >= 300 and summary["last_sequence"] == acked
+    assert setup.stream.consumer("trainer")[0] == acked
+    assert "Traceback" not in trainer.log()
+    setup.dense.start()
+    setup.trainer("next")
+    wait_until(all_acked(setup, last), "the handed-back samples trained by the next trainer")
 
 
 def test_trainers_sharing_a_consumer_split_the_samples(setup: Setup) -> None:

@@ -147,7 +147,7 @@ class OnlineSummary:
     examples: int = 0
     steps: int = 0
     bad_samples: int = 0
-    last_sequence: int = 0
+    last_sequence: int = 0  # stream sequence of the newest sample of the last step acknowledged
     newest_event_time: int = 0
     dense_version: int = 0
 
@@ -291,8 +291,8 @@ class OnlineTrainer:
         self.summary.newest_event_time = max(self.summary.newest_event_time, int(batch.timestamps.max()))
         metrics.NEWEST_EVENT_TIME.set(self.summary.newest_event_time)
         if self._reply(self._consumer.ack, deliveries, "acknowledge"):
-            last = max(d.sequence for d in deliveries)
-            self.summary.last_sequence = max(self.summary.last_sequence, last)
+            # The last step's newest, not the largest ever: a stream recreated empty starts over.
+            self.summary.last_sequence = max(d.sequence for d in deliveries)
             metrics.LAST_SEQUENCE.set(self.summary.last_sequence)
 
     def _with_ps(self, call: Callable[[], object], deliveries: list[Delivery]) -> bool:

@@ -37,7 +37,8 @@ CONSUMER_ACK_FLOOR = prometheus_client.Gauge(
     "monolith_trainer_consumer_ack_floor", "Stream sequence up to which every sample is acknowledged (all trainers)."
 )
 LAST_SEQUENCE = prometheus_client.Gauge(
-    "monolith_trainer_last_applied_sequence", "Newest stream sequence this trainer has trained on and acknowledged."
+    "monolith_trainer_last_applied_sequence",
+    "Stream sequence of the newest sample of the last step this trainer applied and acknowledged.",
 )
 NEWEST_EVENT_TIME = prometheus_client.Gauge(
     "monolith_trainer_newest_event_time_seconds", "Newest event time this trainer has trained on (data time)."
