@@ -194,6 +194,7 @@ class Setup:
         return trainer
 
     def restart_nats(self) -> None:
+        """Stops NATS (if it runs) and starts it again on the same port and store."""
         down = self.nats
         down.stop()
         self.nats = NatsServer(down.data_dir, down.port, down.monitor_port, down.log_path).start()
@@ -328,7 +329,11 @@ def test_the_trainer_waits_out_a_nats_restart_and_a_dense_ps_restart(setup: Setu
 
 
 def test_trainers_sharing_a_consumer_split_the_samples(setup: Setup) -> None:
+    # Started while NATS is down: they wait for it instead of failing.
+    setup.nats.stop()
     trainers = [setup.trainer(f"trainer-{i}", consumer="shared") for i in range(2)]
+    wait_until(lambda: all("nats unavailable" in t.log() for t in trainers), "both trainers waiting for NATS")
+    setup.restart_nats()
     wait_until(lambda: all(t.metric("monolith_trainer_ready") == 1 for t in trainers), "both trainers ready")
     last = 0
     for start in range(0, 400, 50):  # in chunks, while both are fetching
