@@ -82,6 +82,15 @@ def test_late_duplicate_and_orphan_actions_emit_nothing_and_are_counted() -> Non
     assert join.counts["late_actions"] == 1
 
 
+def test_an_impression_after_its_action_gave_up_waiting_is_joined_late() -> None:
+    join = PartitionJoin(config())
+    feed(join, [action("r1", 1000.0), impression("x", 1000.0 + WINDOW + LATENESS + 1)])
+    assert join.counts["orphan_actions"] == 1
+    [emitted] = join.add(3, impression("r1", 1002.0))
+    assert (emitted.sample.request_id, emitted.sample.label, emitted.win_seq) == ("r1", 1.0, 1)
+    assert join.counts["late_impressions"] == 1
+
+
 def test_negatives_are_kept_by_a_stable_hash_and_carry_the_rate() -> None:
     rate = 0.3
     join = PartitionJoin(config(negative_sample_rate=rate))

@@ -8,7 +8,7 @@ EVENTS = prometheus_client.Counter(
     "monolith_joiner_events_total",
     "What the join saw, by partition and outcome: impressions, actions, duplicate_impressions, "
     "duplicate_actions, early_actions (before their impression), late_actions (after the window closed), "
-    "orphan_actions (no impression within the window), positives, negatives, negatives_sampled_out.",
+    "orphan_actions (no impression within the window), late_impressions (after their action gave up waiting), positives, negatives, negatives_sampled_out.",
     ("partition", "outcome"),
 )
 SAMPLES = prometheus_client.Counter(

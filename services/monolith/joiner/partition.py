@@ -155,10 +155,13 @@ class PartitionReader:
         )  # fmt: skip
         try:
             delivered = 0
+            pending = 0
             while not stop.is_set():
                 try:
-                    messages = await subscription.fetch(FETCH_BATCH, timeout=1.0)
-                except nats.errors.TimeoutError:
+                    # A fetch that finds nothing waits for its whole batch (or the timeout):
+                    # when caught up, ask for one message so the next event is joined at once.
+                    messages = await subscription.fetch(FETCH_BATCH if pending else 1, timeout=1.0)
+                except (nats.errors.TimeoutError, asyncio.TimeoutError):  # nothing new within the second
                     metrics.CONSUMER_LAG.labels(self._label).set(0)
                     continue
                 for message in messages:
@@ -174,7 +177,8 @@ class PartitionReader:
                     if stop.is_set():
                         break
                 if messages:
-                    metrics.CONSUMER_LAG.labels(self._label).set(messages[-1].metadata.num_pending)
+                    pending = messages[-1].metadata.num_pending
+                    metrics.CONSUMER_LAG.labels(self._label).set(pending)
                 metrics.OPEN_WINDOWS.labels(self._label).set(join.open_windows)
         finally:
             try:

@@ -13,7 +13,8 @@ Semantics, per (request_id, item_id) key:
   partition minus `lateness`) passes `impression time + window`. If no positive joined it,
   it becomes a negative, kept when `keeps_negative` says so (the rate goes on the sample).
 - An action before its impression waits for it until the watermark passes
-  `action time + window`; then it is an orphan.
+  `action time + window`; then it is an orphan (counted). If the impression still comes
+  while the key is remembered, the two are joined late.
 - After closing, a key is remembered for one more window, so a late action or a repeated
   impression is recognized and dropped; then it is forgotten.
 
@@ -135,11 +136,17 @@ class PartitionJoin:
         self.counts["impressions"] += 1
         key = (impression.request_id, impression.item_id)
         state = self._keys.get(key)
-        if state is not None and (state.impression is not None or state.closed):
+        if state is not None and state.impression is not None:
             self.counts["duplicate_impressions"] += 1
             return
         if state is None:
             state = self._remember(key, seq)
+        elif state.closed:
+            # Its action gave up waiting (an orphan), but the impression did come: join them
+            # late rather than lose a shown candidate.
+            self.counts["late_impressions"] += 1
+            state.closed = False
+            state.forget_time = math.inf
         # An action that came first stops waiting: the impression's own window starts (the
         # heap entry of the wait goes stale: its close time no longer matches).
         state.impression = impression
@@ -200,9 +207,9 @@ class PartitionJoin:
     def _forget_due(self) -> None:
         watermark = self.watermark
         while self._forgetting and self._forgetting[0][0] < watermark:
-            _, first_seq, key = heapq.heappop(self._forgetting)
+            forget_time, first_seq, key = heapq.heappop(self._forgetting)
             state = self._keys.get(key)
-            if state is not None and state.first_seq == first_seq:
+            if state is not None and state.first_seq == first_seq and state.forget_time == forget_time:
                 del self._keys[key]
 
     def _restart_point(self, seq: int) -> tuple[int, float]:

@@ -70,7 +70,12 @@ def add_streams_arguments(parser: argparse.ArgumentParser, required: bool = True
                         + ("" if required else " (empty: off)"))  # fmt: skip
     parser.add_argument("--partitions", type=int, default=defaults.partitions,
                         help=f"partitions of the EVENTS and SAMPLES streams (default {defaults.partitions})")  # fmt: skip
+    parser.add_argument("--duplicate-window", type=float, default=defaults.duplicate_window,
+                        help="seconds the streams remember message ids to drop re-publishes "
+                        f"(default {defaults.duplicate_window:g})")  # fmt: skip
 
 
 def streams_config_from_args(args: argparse.Namespace) -> StreamsConfig:
-    return parse_config(StreamsConfig, {"url": args.nats, "partitions": args.partitions})
+    return parse_config(
+        StreamsConfig, {"url": args.nats, "partitions": args.partitions, "duplicate_window": args.duplicate_window}
+    )

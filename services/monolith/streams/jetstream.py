@@ -13,7 +13,6 @@ import logging
 import threading
 from typing import Any, Awaitable, Coroutine, TypeVar
 
-import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
@@ -50,8 +49,9 @@ async def connect(config: StreamsConfig, name: str, attempts: int = 1) -> Client
     attempt = 0
     while True:
         attempt += 1
+        client = Client()
         try:
-            return await nats.connect(
+            await client.connect(
                 servers=config.servers,
                 name=name,
                 connect_timeout=2,
@@ -59,9 +59,10 @@ async def connect(config: StreamsConfig, name: str, attempts: int = 1) -> Client
                 max_reconnect_attempts=-1,
                 allow_reconnect=True,
                 error_cb=_log_error,
-                disconnected_cb=_log_disconnected(name),
+                disconnected_cb=_log_disconnected(client, name),
                 reconnected_cb=_log_reconnected(name),
             )
+            return client
         except TRANSIENT_ERRORS as exc:
             if attempts and attempt >= attempts:
                 raise Unavailable(f"NATS at {config.url} unreachable: {exc or type(exc).__name__}") from None
@@ -72,9 +73,10 @@ async def _log_error(exc: Exception) -> None:
     _LOGGER.debug("nats: %s", exc)
 
 
-def _log_disconnected(name: str):  # type: ignore[no-untyped-def]
+def _log_disconnected(client: Client, name: str):  # type: ignore[no-untyped-def]
     async def callback() -> None:
-        _LOGGER.warning("%s: disconnected from NATS; reconnecting", name)
+        if not (client.is_closed or client.is_draining):  # a close of our own is no outage
+            _LOGGER.warning("%s: disconnected from NATS; reconnecting", name)
 
     return callback
 
@@ -170,6 +172,8 @@ class BackgroundLoop:
         try:
             return future.result(timeout)
         except concurrent.futures.TimeoutError:
+            if future.done():
+                raise  # the coroutine's own timeout, not ours
             future.cancel()
             raise TimeoutError(f"no answer within {timeout} s") from None
 
