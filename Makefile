@@ -10,11 +10,11 @@ LOCK := requirements.lock
 # streams and tables) and the replay's pace in events/s, so the whole run fits in 5 minutes.
 RUN_DIR := .monolith-run
 RUN_SPEED ?= 100
-# The lock pins the runtime dependencies and both extras (test, loadtest), with the hash of
+# The lock pins the runtime dependencies and the extras (test, loadtest, bench), with the hash of
 # every file, for CPython 3.11 on x86-64 Linux whatever machine runs `make lock`. Versions
 # already in the lock are kept while they still satisfy pyproject.toml, so regenerating is
 # repeatable and `make lock-check` does not fail because a new release appeared.
-LOCK_ARGS := pyproject.toml --extra test --extra loadtest --generate-hashes --python-version 3.11 \
+LOCK_ARGS := pyproject.toml --extra test --extra loadtest --extra bench --generate-hashes --python-version 3.11 \
 	--python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" --quiet
 
 .DEFAULT_GOAL := help
