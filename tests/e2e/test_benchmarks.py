@@ -95,7 +95,7 @@ def test_online_benchmark() -> None:
     for key in ("served_progressive_auc", "frozen_auc", "running_mean_baseline_auc"):
         assert 0.0 < result[key] < 1.0, key
     assert result["events_per_s"] > 0 and result["actions"] > 0
-    assert result["impressions"] == result["events"] + result["freshness_probes"] >= 1_000
+    assert result["impressions"] == result["events"] + result["probe_impressions"] >= 1_000
     # Exactly once holds on any machine: every impression became one sample.
     assert result["samples_joined"] == result["samples_expected"] == result["impressions"]
     assert result["samples_lost"] == 0 and result["samples_duplicated"] == 0

@@ -14,12 +14,8 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 MONOLITH = os.path.join(os.path.dirname(sys.executable), "monolith")
 LIMIT = 3000  # 2,400 ratings trained in batch, 600 replayed
-
-pytestmark = pytest.mark.slow  # a minute or more: the stack's nine processes start on two cores
 
 
 def test_replay_closes_the_loop(tmp_path) -> None:
@@ -35,7 +31,8 @@ def test_replay_closes_the_loop(tmp_path) -> None:
 
     assert result["events"] == LIMIT // 5 and result["predict_errors"] == 0 and result["action_errors"] == 0
     # Exactly once, end to end: one sample per impression (replayed events + probes).
-    assert result["impressions"] == result["events"] + result["freshness_probes"]
+    assert result["impressions"] == result["events"] + result["probe_impressions"]
+    assert result["probe_impressions"] >= result["freshness_probes"]  # + one abandoned at the end, if any
     assert result["samples_expected"] == result["impressions"]  # the stack keeps every negative
     assert result["samples_joined"] == result["samples_expected"] > 0
     assert result["samples_lost"] == 0 and result["samples_duplicated"] == 0

@@ -357,6 +357,7 @@ class Replay:
             "freshness_probes": len(freshness),
             "freshness_misses": sum(r.missed for r in probe.results()),
             "impressions": len(self._impressions) + len(probe.impressions()),
+            "probe_impressions": len(probe.impressions()),
             "actions": self._actions + probe.actions(),
             "samples_expected": counts.expected,
             "samples_joined": counts.joined,
