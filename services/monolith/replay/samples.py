@@ -124,15 +124,8 @@ class SampleLog:
 
     def close(self) -> None:
         if self._nc is not None:
-            # nats-py reports a deliberate close through the disconnect callback, which
-            # `connect` logs as a lost connection: quiet it for this close.
-            streams_logger = logging.getLogger("monolith.streams")
-            level = streams_logger.level
-            streams_logger.setLevel(logging.ERROR)
             try:
                 self._loop.run(self._nc.close(), TIMEOUT)
             except (TimeoutError, asyncio.CancelledError, Exception) as exc:  # noqa: BLE001 - closing anyway
                 _LOGGER.debug("closing NATS: %s", exc)
-            finally:
-                streams_logger.setLevel(level)
         self._loop.close()
