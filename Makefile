@@ -16,6 +16,12 @@ RUN_SPEED ?= 100
 # repeatable and `make lock-check` does not fail because a new release appeared.
 LOCK_ARGS := pyproject.toml --extra test --extra loadtest --extra bench --generate-hashes --python-version 3.11 \
 	--python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" --quiet
+# The container image's lock: the runtime dependencies and the loadtest extra (the chart's
+# Locust runs from the same image), constrained to requirements.lock's pins, so the image runs
+# exactly the versions the tests ran, without the developer tools.
+IMAGE_LOCK := requirements-image.lock
+IMAGE_LOCK_ARGS := pyproject.toml --extra loadtest --constraint $(LOCK) --generate-hashes --python-version 3.11 \
+	--python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" --quiet
 
 .DEFAULT_GOAL := help
 .PHONY: help setup lock lock-check protos lint test test-fast test-unit test-integration bench run clean
@@ -32,21 +38,27 @@ $(STAMP): pyproject.toml $(LOCK)
 
 setup: $(STAMP) protos ## Create .venv, install the locked dependencies (with the test extras), generate protobuf code
 
-lock: $(STAMP) ## Regenerate requirements.lock from pyproject.toml (uv, with hashes)
+lock: $(STAMP) ## Regenerate requirements.lock (and the image's requirements-image.lock) from pyproject.toml (uv, with hashes)
 	$(VENV)/bin/uv pip compile $(LOCK_ARGS) -o $(LOCK)
+	$(VENV)/bin/uv pip compile $(IMAGE_LOCK_ARGS) -o $(IMAGE_LOCK)
 
 lock-check: $(STAMP) ## Fail if requirements.lock is stale: regenerate it into a copy and compare
 	@fresh=$$(mktemp) && cp $(LOCK) $$fresh && \
 	$(VENV)/bin/uv pip compile $(LOCK_ARGS) -o $$fresh && \
 	if diff -u $(LOCK) $$fresh; then rm -f $$fresh; \
 	else rm -f $$fresh; echo "$(LOCK) is stale relative to pyproject.toml: run make lock" >&2; exit 1; fi
+	@fresh=$$(mktemp) && cp $(IMAGE_LOCK) $$fresh && \
+	$(VENV)/bin/uv pip compile $(IMAGE_LOCK_ARGS) -o $$fresh && \
+	if diff -u $(IMAGE_LOCK) $$fresh; then rm -f $$fresh; \
+	else rm -f $$fresh; echo "$(IMAGE_LOCK) is stale relative to $(LOCK): run make lock" >&2; exit 1; fi
 
 protos: $(STAMP) ## Generate Python code from protos/ into services/monolith/api/
 	@$(PY) -m monolith.protogen protos services
 
-lint: setup lock-check ## Static checks (undefined names, unused imports, import floors) and a fresh lock
+lint: setup lock-check ## Static checks (undefined names, unused imports, import floors, the Dockerfile) and fresh locks
 	$(VENV)/bin/ruff check --select F services clients tests
 	$(VENV)/bin/lint-imports --no-cache
+	$(VENV)/bin/hadolint Dockerfile
 
 test: setup lint ## Static checks, then all tests (unit, integration, e2e)
 	$(PY) -m pytest -q tests
