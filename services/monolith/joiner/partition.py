@@ -1,12 +1,14 @@
 """Joining one partition on JetStream: read `events.<p>` in order, publish `samples.<p>`.
 
-Exactly once without acknowledgements (STREAMS.md): the join is a deterministic function
-of the partition's events (see window), and every sample carries where it came from and
-where to restart. On start, and after any failure (a lost connection, a publish with no
-answer, a gap in delivery), the reader reads the last sample of its partition, re-reads
-the events from that sample's restart point, and publishes only the samples after it. So
-a SIGKILL at any moment loses nothing and duplicates nothing; the `Nats-Msg-Id` header is
-a second guard, not the mechanism.
+Exactly once without acknowledgements (after STREAMS.md): the join is a deterministic
+function of the partition's events (see window), every sample carries the position it was
+decided at (`src-seq`, `win-seq` headers), and the join's whole state is saved now and then
+(a snapshot in the object store `JOINER_STATE`, taken after every sample of the events it
+covers is published). On start, and after any failure (a lost connection, a publish with no
+answer, a gap in delivery), the reader restores the last snapshot, re-reads the events
+after it, and publishes only the samples after the last one on `samples.<p>`. So a
+SIGKILL at any moment loses nothing and duplicates nothing; the `Nats-Msg-Id` header is a
+second guard, not the mechanism. EVENTS must keep the events since the last snapshot.
 
 Samples are published one at a time, each waiting for its acknowledgement: a later sample
 must never be stored while an earlier one is not, or the restart would skip the gap.
@@ -16,16 +18,16 @@ Partitions run concurrently, so throughput comes from their number.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-import math
+import time
 from collections import Counter
 
 import nats.errors
 import nats.js.errors
 from google.protobuf.message import DecodeError
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.object_store import ObjectStore
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, ObjectStoreConfig, StorageType
 
 from monolith.api.joiner.v1 import joiner_pb2 as pb
 from monolith.joiner import metrics
@@ -38,21 +40,25 @@ _LOGGER = logging.getLogger("monolith.joiner")
 FETCH_BATCH = 512
 MAX_BACKOFF = 5.0
 
-# Sample headers: where the sample comes from and where a restart re-reads from.
-SRC_SEQ, WIN_SEQ, FROM_SEQ, FROM_TIME = "src-seq", "win-seq", "from-seq", "from-time"
+# Sample headers: the position the sample was decided at.
+SRC_SEQ, WIN_SEQ = "src-seq", "win-seq"
+STATE_BUCKET = "JOINER_STATE"
+SNAPSHOT_SECONDS = 2.0  # wall seconds between snapshots while events flow (restart cost, not correctness)
+
+
+async def ensure_state_store(js: JetStreamContext, replicas: int) -> None:
+    """Creates the object store that holds the joins' snapshots, if missing."""
+    try:
+        await js.object_store(STATE_BUCKET)
+    except nats.js.errors.NotFoundError:
+        await js.create_object_store(
+            STATE_BUCKET, config=ObjectStoreConfig(description="sample-joiner state, one object per partition",
+                                                   replicas=replicas, storage=StorageType.FILE),  # fmt: skip
+        )
 
 
 class DeliveryGap(RuntimeError):
     """The consumer skipped a message (lost in flight): re-read from the last sample."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ResumePoint:
-    """Where a partition's join restarts: read from `from_seq`, publish after `after`."""
-
-    from_seq: int = 1
-    from_time: float = -math.inf
-    after: tuple[int, int] = (0, 0)
 
 
 def sample_headers(emitted: Emitted) -> dict[str, str]:
@@ -61,26 +67,20 @@ def sample_headers(emitted: Emitted) -> dict[str, str]:
         "Nats-Msg-Id": f"smp/{sample.request_id}/{sample.item_id}",
         SRC_SEQ: str(emitted.src_seq),
         WIN_SEQ: str(emitted.win_seq),
-        FROM_SEQ: str(emitted.from_seq),
-        FROM_TIME: repr(emitted.from_time),
     }
 
 
-def resume_point(headers: dict[str, str] | None) -> ResumePoint:
-    """The restart point a published sample's headers describe.
+def sample_position(headers: dict[str, str] | None) -> tuple[int, int]:
+    """(src_seq, win_seq) of a published sample, from its headers.
 
     Raises:
         ValueError: headers missing or malformed (not a sample this joiner wrote).
     """
     headers = headers or {}
     try:
-        return ResumePoint(
-            from_seq=int(headers[FROM_SEQ]),
-            from_time=float(headers[FROM_TIME]),
-            after=(int(headers[SRC_SEQ]), int(headers[WIN_SEQ])),
-        )
+        return int(headers[SRC_SEQ]), int(headers[WIN_SEQ])
     except (KeyError, ValueError) as exc:
-        raise ValueError(f"sample headers lack a valid restart point ({exc}): {headers}") from None
+        raise ValueError(f"sample headers lack a valid position ({exc}): {headers}") from None
 
 
 class PartitionReader:
@@ -103,6 +103,7 @@ class PartitionReader:
         self.restarts = 0
         self._counted_through = 0  # events at or before this sequence are re-reads: not counted again
         self._label = str(partition)
+        self._snapshot_name = f"partition-{partition}"
 
     async def run(self, stop: asyncio.Event) -> None:
         """Joins until `stop` is set; failures restart from the last published sample."""
@@ -126,33 +127,42 @@ class PartitionReader:
             else:
                 failing, backoff = False, 0.1
 
-    async def resume_point(self) -> ResumePoint:
-        """From the last sample of the partition (or the start of the stream if none)."""
+    async def _restore(self, store: ObjectStore) -> PartitionJoin:
+        """The last snapshot of this partition's join, or a fresh join if there is none."""
+        try:
+            data = (await store.get(self._snapshot_name)).data
+        except nats.js.errors.ObjectNotFoundError:
+            return PartitionJoin(self.config)
+        return PartitionJoin.restore(self.config, pb.JoinState.FromString(data or b""))
+
+    async def _last_published(self) -> tuple[int, int]:
+        """The position of the last sample on `samples.<p>`; (0, 0) if none."""
         try:
             last = await self.js.get_last_msg(SAMPLES_STREAM, samples_subject(self.partition))
         except nats.js.errors.NotFoundError:
-            return ResumePoint()
-        return resume_point(last.headers)
+            return (0, 0)
+        return sample_position(last.headers)
 
     async def _join(self, stop: asyncio.Event) -> None:
-        resume = await self.resume_point()
-        join = self.join = PartitionJoin(self.config, newest_time=resume.from_time)
-        after = resume.after
+        store = await self.js.object_store(STATE_BUCKET)
+        join = self.join = await self._restore(store)
+        after = await self._last_published()
         subscription = await self.js.pull_subscribe(
             events_subject(self.partition),
             durable=None,
             stream=EVENTS_STREAM,
             config=ConsumerConfig(
                 deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                opt_start_seq=resume.from_seq,
+                opt_start_seq=join.last_seq + 1,
                 ack_policy=AckPolicy.NONE,
                 inactive_threshold=60.0,
             ),
         )
         _LOGGER.info(
-            "partition %d: reading events from sequence %d, publishing after %s",
-            self.partition, resume.from_seq, after,
+            "partition %d: reading events after sequence %d, publishing after %s",
+            self.partition, join.last_seq, after,
         )  # fmt: skip
+        saved_seq, saved_at = join.last_seq, time.monotonic()
         try:
             delivered = 0
             pending = 0
@@ -163,23 +173,24 @@ class PartitionReader:
                     messages = await subscription.fetch(FETCH_BATCH if pending else 1, timeout=1.0)
                 except (nats.errors.TimeoutError, asyncio.TimeoutError):  # nothing new within the second
                     metrics.CONSUMER_LAG.labels(self._label).set(0)
-                    continue
+                    messages = []
                 for message in messages:
                     meta = message.metadata
                     delivered += 1
                     if meta.sequence.consumer != delivered:
                         raise DeliveryGap(f"delivery {meta.sequence.consumer} arrived, expected {delivered}")
-                    seq = meta.sequence.stream
-                    for emitted in self._add(join, seq, message.data):
+                    for emitted in self._add(join, meta.sequence.stream, message.data):
                         if emitted.position > after:
                             await self._publish(emitted)
                             after = emitted.position
-                    if stop.is_set():
-                        break
                 if messages:
                     pending = messages[-1].metadata.num_pending
                     metrics.CONSUMER_LAG.labels(self._label).set(pending)
-                metrics.OPEN_WINDOWS.labels(self._label).set(join.open_windows)
+                # Every sample of the events read so far is published: the state may be saved.
+                if join.last_seq != saved_seq and (stop.is_set() or time.monotonic() - saved_at > SNAPSHOT_SECONDS):
+                    await store.put(self._snapshot_name, join.snapshot().SerializeToString())
+                    saved_seq, saved_at = join.last_seq, time.monotonic()
+                    metrics.OPEN_WINDOWS.labels(self._label).set(join.open_windows)
         finally:
             try:
                 await subscription.unsubscribe()

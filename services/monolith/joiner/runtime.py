@@ -14,7 +14,7 @@ from monolith.common.errors import Unavailable
 from monolith.joiner import metrics
 from monolith.joiner.actions import action_message_id, check_actions
 from monolith.joiner.config import JoinerConfig
-from monolith.joiner.partition import PartitionReader
+from monolith.joiner.partition import PartitionReader, ensure_state_store
 from monolith.streams.config import EVENTS_STREAM, StreamsConfig, events_subject, partition_of
 from monolith.streams.jetstream import TRANSIENT_ERRORS, BackgroundLoop, connect, ensure_streams
 
@@ -64,6 +64,7 @@ class JoinerRuntime:
         while True:
             try:
                 await ensure_streams(self._js, self.streams)
+                await ensure_state_store(self._js, self.streams.replicas)
                 break
             except TRANSIENT_ERRORS as exc:
                 _LOGGER.warning("setting up the streams failed (%s); retrying", exc)

@@ -18,13 +18,11 @@ Semantics, per (request_id, item_id) key:
 - After closing, a key is remembered for one more window, so a late action or a repeated
   impression is recognized and dropped; then it is forgotten.
 
-Restart point: every sample carries `from_seq`, the first sequence of the oldest key in
-memory when the event that emitted it was read, and `from_time`, the newest event time
-seen before that sequence. Re-reading from `from_seq` with the newest time set to
-`from_time` rebuilds every key that can still emit, with the same watermark at every
-event, so the same samples come out at the same events. Samples of one event are emitted
-in `win_seq` order (the first sequence of their key), so (src_seq, win_seq) increases
-strictly along the output and says where to resume.
+Restart: `snapshot()` captures the whole state after some event; `restore` rebuilds it.
+A restarted joiner restores its last snapshot, re-reads the events after it, decides the
+same samples, and publishes only those after the last one it had published. Samples of
+one event are emitted in `win_seq` order (the first sequence of their key), so
+(src_seq, win_seq) increases strictly along the output and says where to resume.
 """
 
 from __future__ import annotations
@@ -47,8 +45,6 @@ class Emitted:
     sample: pb.Sample
     src_seq: int  # the event that decided it
     win_seq: int  # the first event of its key
-    from_seq: int  # restart point: re-read from here ...
-    from_time: float  # ... with this newest event time
 
     @property
     def position(self) -> tuple[int, int]:
@@ -60,7 +56,6 @@ class _Key:
     """What is known about one (request_id, item_id)."""
 
     first_seq: int
-    time_before: float  # newest event time seen before first_seq
     impression: pb.Impression | None = None
     positive: bool = False  # a positive action arrived
     emitted: bool = False  # its sample went out
@@ -74,7 +69,7 @@ class PartitionJoin:
 
     Args:
         config: window, lateness, negative sampling.
-        newest_time: the newest event time already seen (a restart's `from_time`).
+        newest_time: the newest event time already seen.
     """
 
     def __init__(self, config: JoinerConfig, newest_time: float = -math.inf) -> None:
@@ -84,7 +79,6 @@ class PartitionJoin:
         self._keys: dict[tuple[str, str], _Key] = {}
         self._closing: list[tuple[float, int, tuple[str, str]]] = []  # (close_time, first_seq, key)
         self._forgetting: list[tuple[float, int, tuple[str, str]]] = []
-        self._oldest: list[tuple[int, tuple[str, str]]] = []  # (first_seq, key), lazily cleaned
         self.last_seq = 0
 
     @property
@@ -111,7 +105,6 @@ class PartitionJoin:
         if seq <= self.last_seq:
             raise ValueError(f"event sequence {seq} is not after {self.last_seq}")
         self.last_seq = seq
-        from_seq, from_time = self._restart_point(seq)
         decided: list[tuple[int, pb.Sample]] = []
         kind = event.WhichOneof("event")
         if kind is None:
@@ -128,7 +121,41 @@ class PartitionJoin:
         self._close_due(decided)
         self._forget_due()
         decided.sort(key=lambda d: d[0])
-        return [Emitted(sample, seq, win_seq, from_seq, from_time) for win_seq, sample in decided]
+        return [Emitted(sample, seq, win_seq) for win_seq, sample in decided]
+
+    # ---------------------------------------------------------------- restart
+
+    def snapshot(self) -> pb.JoinState:
+        """The whole state after the last event read: `restore` rebuilds it exactly."""
+        state = pb.JoinState(last_seq=self.last_seq, newest_time=self.newest_time)
+        for (request_id, item_id), key in self._keys.items():
+            saved = state.keys.add(
+                request_id=request_id, item_id=item_id, first_seq=key.first_seq, positive=key.positive,
+                emitted=key.emitted, closed=key.closed, close_time=key.close_time, forget_time=key.forget_time,
+            )  # fmt: skip
+            if key.impression is not None:
+                saved.impression.CopyFrom(key.impression)
+        return state
+
+    @classmethod
+    def restore(cls, config: JoinerConfig, state: pb.JoinState) -> PartitionJoin:
+        """The join as it was when `state` was taken (counts start from zero)."""
+        join = cls(config, newest_time=state.newest_time)
+        join.last_seq = state.last_seq
+        for saved in state.keys:
+            key = (saved.request_id, saved.item_id)
+            join._keys[key] = _Key(
+                first_seq=saved.first_seq,
+                impression=saved.impression if saved.HasField("impression") else None,
+                positive=saved.positive, emitted=saved.emitted, closed=saved.closed,
+                close_time=saved.close_time, forget_time=saved.forget_time,
+            )  # fmt: skip
+            # Only live heap entries matter: stale ones are skipped when popped.
+            if saved.closed:
+                heapq.heappush(join._forgetting, (saved.forget_time, saved.first_seq, key))
+            else:
+                heapq.heappush(join._closing, (saved.close_time, saved.first_seq, key))
+        return join
 
     # ------------------------------------------------------------------ events
 
@@ -180,9 +207,8 @@ class PartitionJoin:
     # ---------------------------------------------------------------- windows
 
     def _remember(self, key: tuple[str, str], seq: int) -> _Key:
-        state = _Key(first_seq=seq, time_before=self.newest_time)
+        state = _Key(first_seq=seq)
         self._keys[key] = state
-        heapq.heappush(self._oldest, (seq, key))
         return state
 
     def _close_due(self, decided: list[tuple[int, pb.Sample]]) -> None:
@@ -211,16 +237,6 @@ class PartitionJoin:
             state = self._keys.get(key)
             if state is not None and state.first_seq == first_seq and state.forget_time == forget_time:
                 del self._keys[key]
-
-    def _restart_point(self, seq: int) -> tuple[int, float]:
-        """(first sequence of the oldest key in memory, or `seq`; newest time before it)."""
-        while self._oldest:
-            first_seq, key = self._oldest[0]
-            state = self._keys.get(key)
-            if state is not None and state.first_seq == first_seq:
-                return first_seq, state.time_before
-            heapq.heappop(self._oldest)
-        return seq, self.newest_time
 
     def _emit(
         self, key: tuple[str, str], state: _Key, label: float, rate: float, decided: list[tuple[int, pb.Sample]]
