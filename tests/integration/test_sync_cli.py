@@ -123,7 +123,10 @@ def served(node: Node, ids: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def test_serving_follows_training_through_kills_of_either_side(nodes: Callable[..., Node]) -> None:
     training = nodes("training", "--role", "training").start()
-    serving = nodes("serving", "--role", "serving", "--sync-from", training.address, "--sync-interval", "0.05")
+    # No cap on what a full copy deletes: the training shard here restarts empty on purpose
+    # (with --restore-required and a controller it would wait to be restored instead).
+    serving = nodes("serving", "--role", "serving", "--sync-from", training.address, "--sync-interval", "0.05",
+                    "--max-resync-delete-fraction", "1")  # fmt: skip
     serving.start()
 
     first = train(training, offset=0)

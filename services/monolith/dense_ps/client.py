@@ -11,6 +11,8 @@ import numpy as np
 from monolith.api.dense_ps.v1 import dense_ps_pb2 as pb
 from monolith.api.dense_ps.v1 import dense_ps_pb2_grpc as pb_grpc
 from monolith.common.wire import decode_array, encode_array
+from monolith.dense_ps.optimizers import STEP_KEY
+from monolith.dense_ps.store import DenseSnapshot
 
 
 class DensePSClient:
@@ -54,6 +56,40 @@ class DensePSClient:
         request = pb.PullRequest(names=names, if_newer_than=if_newer_than)
         response = self._stub.Pull(request, timeout=self._timeout)
         return response.version, None if response.unchanged else _decode(response.tensors)
+
+    def pull_incarnation(
+        self, if_newer_than: int = 0, if_incarnation: str = ""
+    ) -> tuple[str, int, dict[str, np.ndarray] | None]:
+        """`pull`, with the dense-PS's incarnation; tensors whenever it is not `if_incarnation`.
+
+        Returns:
+            (incarnation, version, tensors by name or None when the caller is current).
+        """
+        request = pb.PullRequest(if_newer_than=if_newer_than, if_incarnation=if_incarnation)
+        response = self._stub.Pull(request, timeout=self._timeout)
+        return response.incarnation, response.version, None if response.unchanged else _decode(response.tensors)
+
+    def snapshot(self) -> DenseSnapshot:
+        """The parameters, their optimizer state ("step" included) and version, copied at one instant."""
+        response = self._stub.Snapshot(pb.SnapshotRequest(), timeout=self._timeout)
+        state = _decode(response.optimizer_state)
+        state[STEP_KEY] = np.array(response.optimizer_step, np.int64)
+        return DenseSnapshot(response.version, _decode(response.tensors), state)
+
+    def restore(self, snapshot: DenseSnapshot | None) -> str:
+        """Replaces the dense-PS's state with a snapshot; None ends its restore wait empty.
+
+        Returns:
+            The dense-PS's new incarnation.
+        """
+        if snapshot is None:
+            request = pb.RestoreRequest()
+        else:
+            state = dict(snapshot.optimizer_state)
+            step = int(state.pop(STEP_KEY))
+            request = pb.RestoreRequest(version=snapshot.version, tensors=_encode(snapshot.tensors),
+                                        optimizer_state=_encode(state), optimizer_step=step)  # fmt: skip
+        return self._stub.Restore(request, timeout=self._timeout).incarnation
 
     def push(self, grads: Mapping[str, np.ndarray]) -> int:
         """Applies gradients of some or all tensors; returns the version after the push."""

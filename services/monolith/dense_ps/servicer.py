@@ -16,6 +16,7 @@ from monolith.api.dense_ps.v1 import dense_ps_pb2 as pb
 from monolith.api.dense_ps.v1 import dense_ps_pb2_grpc as pb_grpc
 from monolith.common.errors import InvalidArgument, shorten
 from monolith.common.wire import decode_array, encode_array
+from monolith.dense_ps.optimizers import STEP_KEY
 from monolith.dense_ps.store import DenseStore
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DensePS"].full_name
@@ -32,10 +33,12 @@ class DensePSServicer(pb_grpc.DensePSServicer):
         return pb.InitResponse(version=version, tensors=encode_tensors(tensors))
 
     def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> pb.PullResponse:
-        version, tensors = self._store.pull(list(request.names), request.if_newer_than)
+        incarnation, version, tensors = self._store.pull_incarnation(
+            list(request.names), request.if_newer_than, request.if_incarnation
+        )
         if tensors is None:
-            return pb.PullResponse(version=version, unchanged=True)
-        return pb.PullResponse(version=version, tensors=encode_tensors(tensors))
+            return pb.PullResponse(version=version, unchanged=True, incarnation=incarnation)
+        return pb.PullResponse(version=version, tensors=encode_tensors(tensors), incarnation=incarnation)
 
     def Push(self, request: pb.PushRequest, context: grpc.ServicerContext) -> pb.PushResponse:
         try:
@@ -57,7 +60,30 @@ class DensePSServicer(pb_grpc.DensePSServicer):
             pushes=s.pushes,
             rejected_pushes=s.rejected_pushes,
             optimizer=s.optimizer,
+            incarnation=s.incarnation,
+            awaiting_restore=s.awaiting_restore,
         )
+
+    def Snapshot(self, request: pb.SnapshotRequest, context: grpc.ServicerContext) -> pb.SnapshotResponse:
+        snap = self._store.snapshot()
+        state = dict(snap.optimizer_state)
+        step = int(state.pop(STEP_KEY))
+        return pb.SnapshotResponse(
+            version=snap.version,
+            tensors=encode_tensors(snap.tensors),
+            optimizer_state=encode_tensors(state),
+            optimizer_step=step,
+            incarnation=self._store.incarnation,
+        )
+
+    def Restore(self, request: pb.RestoreRequest, context: grpc.ServicerContext) -> pb.RestoreResponse:
+        tensors = decode_tensors(request.tensors, "restore tensor")
+        if not tensors:
+            return pb.RestoreResponse(version=0, incarnation=self._store.end_restore_wait())
+        state: dict[str, np.ndarray] = dict(decode_tensors(request.optimizer_state, "restore optimizer state"))
+        state[STEP_KEY] = np.array(request.optimizer_step, np.int64)
+        self._store.restore(request.version, tensors, state)
+        return pb.RestoreResponse(version=self._store.version, incarnation=self._store.incarnation)
 
 
 def decode_tensors(messages: Iterable[pb.Tensor], what: str) -> dict[str, np.ndarray]:

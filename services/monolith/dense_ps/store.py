@@ -4,6 +4,13 @@ One lock guards everything. Pushes are serialized, so each one steps the optimiz
 the state the previous one left; pulls copy under the lock, so a caller never sees half a
 push. Every request is validated whole before anything changes, so a rejected push or
 restore leaves the store exactly as it was.
+
+Incarnations: versions restart with a new process and jump at a restore, so the store
+carries a random incarnation id, drawn at start and at every restore; a follower
+(model-serving) that sees a new one pulls in full instead of comparing versions. A store
+made with `restore_required` (a dense-PS restarted under a checkpoint controller) refuses
+init, pull and push until it is restored, so nobody trains on or serves freshly
+initialized parameters in place of the checkpointed ones.
 """
 
 from __future__ import annotations
@@ -11,11 +18,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import threading
-from typing import Mapping, NamedTuple, Sequence
+import uuid
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from monolith.common.errors import FailedPrecondition, InvalidArgument, MonolithError
+from monolith.common.errors import FailedPrecondition, InvalidArgument, MonolithError, Unavailable
 from monolith.common.wire import require_finite
 from monolith.dense_ps.optimizers import STEP_KEY, make_dense_optimizer
 from monolith.model.config import DenseOptimizerConfig
@@ -33,6 +41,8 @@ class DenseStats:
         pushes: pushes applied since the store was made.
         rejected_pushes: pushes rejected since the store was made.
         optimizer: the optimizer's kind.
+        incarnation: the store's random id (see the module docstring).
+        awaiting_restore: made with `restore_required` and not restored yet.
     """
 
     version: int
@@ -42,6 +52,8 @@ class DenseStats:
     pushes: int
     rejected_pushes: int
     optimizer: str
+    incarnation: str = ""
+    awaiting_restore: bool = False
 
 
 class DenseSnapshot(NamedTuple):
@@ -61,10 +73,16 @@ class DenseStore:
 
     Args:
         optimizer: how pushes are applied.
+        restore_required: refuse init, pull and push (Unavailable) until `restore` or
+            `end_restore_wait`.
     """
 
-    def __init__(self, optimizer: DenseOptimizerConfig = DenseOptimizerConfig()) -> None:
+    def __init__(self, optimizer: DenseOptimizerConfig = DenseOptimizerConfig(), restore_required: bool = False) -> None:
         self.optimizer_config = optimizer
+        self.incarnation = uuid.uuid4().hex
+        self._awaiting_restore = restore_required
+        # Called after a restore ends the wait (the process reports SERVING from then on).
+        self.on_restored: Callable[[], None] | None = None
         self._optimizer = make_dense_optimizer(optimizer)
         self._lock = threading.Lock()
         self._params: dict[str, np.ndarray] = {}  # name -> float32, in name order
@@ -76,6 +94,26 @@ class DenseStore:
     def version(self) -> int:
         """The current version; 0 before init."""
         return self._version
+
+    @property
+    def awaiting_restore(self) -> bool:
+        """Made with `restore_required` and neither restored nor released yet."""
+        return self._awaiting_restore
+
+    def end_restore_wait(self) -> str:
+        """Ends a restore wait without parameters (there is no checkpoint yet): the next init sets them.
+
+        Drops any parameters held and takes a new incarnation, which it returns.
+        """
+        with self._lock:
+            self._params = {}
+            self._optimizer.reset({})
+            self._version = 0
+            self.incarnation = uuid.uuid4().hex
+            self._awaiting_restore = False
+            incarnation = self.incarnation
+        self._restored()
+        return incarnation
 
     def init(self, tensors: Mapping[str, np.ndarray]) -> tuple[int, dict[str, np.ndarray]]:
         """Adopts initial parameters, or answers with the held ones if they have the same shapes.
@@ -92,6 +130,7 @@ class DenseStore:
         """
         if not tensors:
             raise InvalidArgument("init: at least one tensor is required")
+        self._check_not_awaiting("init")
         for name, value in tensors.items():
             if not name:
                 raise InvalidArgument("init: tensor names must be non-empty")
@@ -116,15 +155,35 @@ class DenseStore:
         Raises:
             InvalidArgument: a negative `if_newer_than`, or unknown or repeated names.
             FailedPrecondition: before init.
+            Unavailable: awaiting a restore.
+        """
+        _, version, tensors = self.pull_incarnation(names, if_newer_than)
+        return version, tensors
+
+    def pull_incarnation(
+        self, names: Sequence[str] = (), if_newer_than: int = 0, if_incarnation: str = ""
+    ) -> tuple[str, int, dict[str, np.ndarray] | None]:
+        """`pull`, with the incarnation the answer belongs to, read under the same lock.
+
+        Args:
+            names: tensors to copy; empty means all.
+            if_newer_than: copy only if the version is newer than this; 0 always copies.
+            if_incarnation: the incarnation `if_newer_than` belongs to; when given and not
+                this store's, copies whatever `if_newer_than` says.
+
+        Returns:
+            (incarnation, version, copies by name or None when the caller is current).
         """
         if if_newer_than < 0:
             raise InvalidArgument(f"if_newer_than must be >= 0, got {if_newer_than}")
         with self._lock:
+            self._check_not_awaiting("pull")
             self._check_initialized()
             self._check_names(names, "pull")
-            if self._version <= if_newer_than:
-                return self._version, None
-            return self._version, self._copies(list(names) or list(self._params))
+            same = not if_incarnation or if_incarnation == self.incarnation
+            if same and self._version <= if_newer_than:
+                return self.incarnation, self._version, None
+            return self.incarnation, self._version, self._copies(list(names) or list(self._params))
 
     def push(self, grads: Mapping[str, np.ndarray]) -> int:
         """Applies one optimizer step with gradients of some or all tensors.
@@ -143,6 +202,7 @@ class DenseStore:
             for name, grad in grads.items():
                 require_finite(np.asarray(grad), f"gradient {name!r}")
             with self._lock:
+                self._check_not_awaiting("push")
                 self._check_initialized()
                 self._check_names(list(grads), "push")
                 for name, grad in grads.items():
@@ -174,6 +234,8 @@ class DenseStore:
                 pushes=self._pushes,
                 rejected_pushes=self._rejected,
                 optimizer=self.optimizer_config.kind,
+                incarnation=self.incarnation,
+                awaiting_restore=self._awaiting_restore,
             )
 
     # ------------------------------------------------------------ checkpoints
@@ -188,6 +250,7 @@ class DenseStore:
             FailedPrecondition: before init.
         """
         with self._lock:
+            self._check_not_awaiting("snapshot")
             self._check_initialized()
             return DenseSnapshot(self._version, self._copies(list(self._params)), self._optimizer.state_dict())
 
@@ -195,6 +258,8 @@ class DenseStore:
         self, version: int, tensors: Mapping[str, np.ndarray], optimizer_state: Mapping[str, np.ndarray]
     ) -> None:
         """Replaces everything with a snapshot (names and shapes may differ from the current ones).
+
+        Takes a new incarnation and ends a restore wait.
 
         Raises:
             InvalidArgument: a version < 1, no tensors, or optimizer state that does not fit
@@ -228,6 +293,9 @@ class DenseStore:
             self._params = {n: np.array(tensors[n], np.float32) for n in sorted(tensors)}
             self._optimizer.load_state_dict(optimizer_state, list(self._params))
             self._version = int(version)
+            self.incarnation = uuid.uuid4().hex
+            self._awaiting_restore = False
+        self._restored()
 
     # -------------------------------------------------------------- internals
 
@@ -238,6 +306,14 @@ class DenseStore:
 
     def _copies(self, names: list[str]) -> dict[str, np.ndarray]:
         return {n: self._params[n].copy() for n in names}
+
+    def _restored(self) -> None:
+        if self.on_restored is not None:
+            self.on_restored()
+
+    def _check_not_awaiting(self, what: str) -> None:
+        if self._awaiting_restore:
+            raise Unavailable(f"{what}: this dense-PS is waiting to be restored from a checkpoint")
 
     def _check_initialized(self) -> None:
         if not self._params:

@@ -19,7 +19,7 @@ from monolith.embedding_ps import metrics
 from monolith.model.config import load_model_config
 from monolith.embedding_ps.servicer import SERVICE_NAME, EmbeddingPSServicer
 from monolith.embedding_ps.shard import ROLES, EmbeddingShard, ShardConfig
-from monolith.embedding_ps.sync import ServingSync
+from monolith.embedding_ps.sync import DEFAULT_MAX_RESYNC_DELETE_FRACTION, ServingSync
 from monolith.api.embedding_ps.v1 import embedding_ps_pb2_grpc as pb_grpc
 
 _LOGGER = logging.getLogger("monolith.embedding_ps")
@@ -74,12 +74,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sync-interval", type=positive_seconds, default=1.0, help="seconds between syncs from --sync-from (default 1)"
     )
+    parser.add_argument(
+        "--restore-required", action="store_true",
+        help="(training) start NOT_SERVING, refusing lookups, writes and exports, until the checkpoint controller "
+        "restores this shard",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-resync-delete-fraction", type=float, default=DEFAULT_MAX_RESYNC_DELETE_FRACTION,
+        help="(serving) the most of its rows one full copy from the training shard may delete; past it nothing is "
+        "deleted, and it is logged and counted (default 0.1)",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
     """`monolith embedding-ps`: serves one shard until SIGTERM."""
     if args.sync_from and args.role != "serving":
         raise ValueError(f"--sync-from needs --role serving (a {args.role} shard takes no imports from another)")
+    if args.restore_required and args.role != "training":
+        raise ValueError("--restore-required needs --role training (serving shards follow theirs by sync)")
     shard = EmbeddingShard(
         parse_config(
             ShardConfig,
@@ -90,12 +102,16 @@ def run(args: argparse.Namespace) -> int:
                 "tables": load_model_config(args.config).tables(),
                 "max_ids_per_request": args.max_ids_per_request,
                 "max_message_bytes": args.max_message_mb * 1024 * 1024,
+                "restore_required": args.restore_required,
             },
         )
     )
     # A synced serving shard mirrors its training shard, expirations included; sweeping
     # it on its own would only make it diverge.
-    follower = ServingSync(shard, args.sync_from, args.sync_interval) if args.sync_from else None
+    follower = None
+    if args.sync_from:
+        follower = ServingSync(shard, args.sync_from, args.sync_interval,
+                               max_resync_delete_fraction=args.max_resync_delete_fraction)  # fmt: skip
     server = build_embedding_ps(shard, server_config_from_args(args))
     sweeper = None if follower or args.expire_interval <= 0 else expiry_sweeper(shard, args.expire_interval)
     if sweeper:
@@ -105,6 +121,12 @@ def run(args: argparse.Namespace) -> int:
         args.shard, args.num_shards, args.role, ", ".join(shard.tables), server.port,
         f", following {args.sync_from} every {args.sync_interval:g} s" if follower else "",
     )  # fmt: skip
+    if shard.awaiting_restore:
+        _LOGGER.info("waiting to be restored from a checkpoint (NOT_SERVING until then)")
+    shard.on_restored = lambda: server.set_serving(True)
+    server.start(serving=not shard.awaiting_restore)
+    if not shard.awaiting_restore:  # a restore may have come in while start() reported NOT_SERVING
+        server.set_serving(True)
     if follower:
         # Serve at once (unknown ids read as zeros) rather than wait for the first copy.
         follower.start()

@@ -77,16 +77,28 @@ class EmbeddingPSServicer(pb_grpc.EmbeddingPSServicer):
         upserted = deleted = 0
         for index, c in enumerate(request_iterator):
             what = f"import chunk {index} ({upserted} rows, {deleted} deletions applied before it): table {c.table!r}"
-            rows = RowBatch(
-                ids=self._ids(c.table, c.num_rows, c.ids, what),
-                values=decode_array(c.values, "<f4", (c.num_rows, c.width), f"{what} values"),
-                update_times=decode_array(c.update_times, "<u4", (c.num_rows,), f"{what} update_times"),
-            )
-            deleted_ids = decode_array(c.deleted_ids, "<i8", (c.num_deleted,), f"{what} deleted_ids")
+            rows, deleted_ids = self._decode_chunk(c, what)
             u, d = self._shard.import_chunk(c.table, rows, deleted_ids, what)
             upserted += u
             deleted += d
         return pb.ImportResponse(upserted=upserted, deleted=deleted, version=self._shard.version)
+
+    def Restore(self, request_iterator: Iterable[pb.RowChunk], context: grpc.ServicerContext) -> pb.RestoreResponse:
+        def chunks() -> Iterator[tuple[str, RowBatch, np.ndarray, str]]:
+            for index, c in enumerate(request_iterator):
+                what = f"restore chunk {index}: table {c.table!r}"
+                yield (c.table, *self._decode_chunk(c, what), what)
+
+        rows = self._shard.restore(chunks())
+        return pb.RestoreResponse(rows=rows, version=self._shard.version, incarnation=self._shard.incarnation)
+
+    def _decode_chunk(self, c: pb.RowChunk, what: str) -> tuple[RowBatch, np.ndarray]:
+        rows = RowBatch(
+            ids=self._ids(c.table, c.num_rows, c.ids, what),
+            values=decode_array(c.values, "<f4", (c.num_rows, c.width), f"{what} values"),
+            update_times=decode_array(c.update_times, "<u4", (c.num_rows,), f"{what} update_times"),
+        )
+        return rows, decode_array(c.deleted_ids, "<i8", (c.num_deleted,), f"{what} deleted_ids")
 
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
         cfg = self._shard.config
@@ -96,6 +108,7 @@ class EmbeddingPSServicer(pb_grpc.EmbeddingPSServicer):
             role=cfg.role,
             version=self._shard.version,
             incarnation=self._shard.incarnation,
+            awaiting_restore=self._shard.awaiting_restore,
             tables=[
                 pb.TableStats(
                     table=name,

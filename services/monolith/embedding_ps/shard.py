@@ -12,13 +12,14 @@ import contextlib
 import dataclasses
 import time
 import uuid
-from typing import Annotated, Iterator, Literal, Sequence
+import threading
+from typing import Annotated, Callable, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 from pydantic import Field, model_validator
 
 from monolith.common.config import LIST_AS_TUPLE, ConfigModel
-from monolith.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, shorten
+from monolith.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable, shorten
 from monolith.common.wire import require_finite
 from monolith.embedding.concurrency import ReadWriteLock, VersionClock
 from monolith.embedding.config import TableConfig
@@ -54,6 +55,9 @@ class ShardConfig(ConfigModel):
         max_time_ahead: seconds an update time (a mutation's data time, an imported row's
             update time) may be ahead of this server's clock; later ones are refused, since
             one far-future time would move the tables' data clock and expire every row.
+        restore_required: (training role) start awaiting a restore: refuse lookups,
+            writes and exports (Unavailable) until `restore` has run, so that neither
+            trainers nor serving shards take a restarted, empty shard for the real one.
     """
 
     shard: Annotated[int, Field(ge=0)]
@@ -65,6 +69,7 @@ class ShardConfig(ConfigModel):
     export_chunk_rows: Annotated[int, Field(ge=1)] = 65_536
     initial_capacity: Annotated[int, Field(ge=1)] = 1024
     max_time_ahead: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 86_400.0
+    restore_required: bool = False
 
     @model_validator(mode="after")
     def _shard_in_range(self) -> ShardConfig:
@@ -73,6 +78,8 @@ class ShardConfig(ConfigModel):
         names = [t.name for t in self.tables]
         if len(set(names)) != len(names):
             raise ValueError(f"tables: names must be distinct, got {sorted(names)}")
+        if self.restore_required and self.role != "training":
+            raise ValueError("restore_required: only a training shard is restored; serving shards follow by sync")
         return self
 
 
@@ -96,9 +103,11 @@ class EmbeddingShard:
     """The tables of one shard, with request validation and the version clock.
 
     Attributes:
-        incarnation: a random id drawn when the shard is created. Versions restart from 0
-            with a new process, so a follower that remembers (incarnation, version) can
-            tell "nothing new" from "a different shard that happens to be at that version".
+        incarnation: a random id drawn when the shard is created and again at every
+            restore. Versions restart from 0 with a new process, so a follower that
+            remembers (incarnation, version) can tell "nothing new" from "a different shard
+            that happens to be at that version".
+        on_restored: called after a restore (the process reports SERVING from then on).
     """
 
     def __init__(self, config: ShardConfig) -> None:
@@ -113,11 +122,26 @@ class EmbeddingShard:
         self._gate = ReadWriteLock()
         self.tables = {s.name: EmbeddingTable(s, config.initial_capacity) for s in config.tables}
         self._salts = {s.name: stable_hash64(s.name) for s in config.tables}
+        self._awaiting_restore = config.restore_required
+        self._restore_lock = threading.Lock()  # one restore at a time
+        self.on_restored: Callable[[], None] | None = None
 
     @property
     def version(self) -> int:
         """The newest version handed out."""
         return self.clock.current
+
+    @property
+    def awaiting_restore(self) -> bool:
+        """Started with `restore_required` and not restored yet."""
+        return self._awaiting_restore
+
+    def _check_restored(self, what: str) -> None:
+        if self._awaiting_restore:
+            raise Unavailable(
+                f"{what}: training shard {self.config.shard} restarted and is waiting to be restored from a "
+                "checkpoint"
+            )
 
     # --------------------------------------------------------------- requests
 
@@ -142,6 +166,7 @@ class EmbeddingShard:
             raise FailedPrecondition(
                 f"shard {self.config.shard} has role {self.config.role!r}: training lookups need a training shard"
             )
+        self._check_restored("lookup")
         self._check_ids(requests)
         answer_bytes = sum(ids.shape[0] * (4 * self.tables[name].dim + 16) for name, ids, _ in requests)
         if answer_bytes > self.config.max_message_bytes:
@@ -174,6 +199,7 @@ class EmbeddingShard:
                 f"shard {self.config.shard} has role {self.config.role!r}: it is read-only, gradients go to "
                 "the training shard"
             )
+        self._check_restored("apply gradients")
         self._check_ids([(name, ids, None) for name, ids, _ in requests])
         for name, ids, grads in requests:
             dim = self.tables[name].dim
@@ -222,6 +248,7 @@ class EmbeddingShard:
         Raises:
             FailedPrecondition: deletions after `since` were forgotten; export since 0.
         """
+        self._check_restored("export")
         if since < 0:
             raise InvalidArgument(f"since_version must be >= 0, got {since}")
         if max_rows < 0:
@@ -272,7 +299,45 @@ class EmbeddingShard:
                 f"shard {self.config.shard} has role {self.config.role!r}: it changes only by sync from its training "
                 "shard; import into the training shard"
             )
+        self._check_restored("import")
         return self._apply_one_chunk(name, rows, deleted_ids, what)
+
+    def restore(self, chunks: Iterable[tuple[str, RowBatch, np.ndarray, str]]) -> int:
+        """Replaces every table with the rows of (name, rows, deleted ids, what) chunks: a checkpoint.
+
+        The chunks are loaded into new tables beside the live ones (deletions, then
+        upserts, chunk by chunk, as an export is applied), which are swapped in at one
+        instant once all are in; the shard then takes a new incarnation (its followers
+        copy it in full) and stops awaiting a restore. A bad chunk fails the restore and
+        changes nothing. No chunks restores an empty shard.
+
+        Returns:
+            Rows held after the restore.
+
+        Raises:
+            FailedPrecondition: this is a serving shard.
+            InvalidArgument: a chunk that does not fit (unknown table, wrong width, ids of
+                other shards, non-finite values).
+        """
+        if self.config.role != "training":
+            raise FailedPrecondition(
+                f"shard {self.config.shard} has role {self.config.role!r}: it changes only by sync from its training "
+                "shard; restore the training shard"
+            )
+        with self._restore_lock:
+            fresh = {s.name: EmbeddingTable(s, self.config.initial_capacity) for s in self.config.tables}
+            with self.clock.mutation() as version:
+                for name, rows, deleted_ids, what in chunks:
+                    self._checked_chunk(name, rows, deleted_ids, what)
+                    _apply_chunk(fresh[name], rows, deleted_ids, version)
+            with self._gate.write(), self.clock.mutation():
+                self.tables = fresh
+                self.incarnation = uuid.uuid4().hex
+                self._awaiting_restore = False
+            rows_held = sum(len(t) for t in fresh.values())
+        if self.on_restored is not None:
+            self.on_restored()
+        return rows_held
 
     def apply_synced_chunk(
         self, name: str, rows: RowBatch, deleted_ids: np.ndarray, what: str = ""

@@ -14,8 +14,15 @@ then both restarts resume with no extra state:
   the serving side sees a different incarnation and copies it in full, then deletes
   every row the copy did not contain (rows the new training shard does not have). It
   never clears its tables first: lookups keep answering throughout.
-- While the training shard is unreachable the serving shard keeps answering with the
-  rows it has (stale) and the sync retries every interval.
+- While the training shard is unreachable, or restarted and waiting to be restored from a
+  checkpoint (it reports `awaiting_restore` and refuses exports), the serving shard keeps
+  answering with the rows it has (stale) and the sync retries every interval. Once the
+  shard is restored (a new incarnation) it is copied in full.
+- One full copy of a new incarnation may delete at most `max_resync_delete_fraction` of
+  the serving shard's rows. A copy that would delete more deletes none of them: a training shard that lost
+  most of its rows (restarted empty without a restore, say) must not empty serving with
+  it. That is logged as an error and counted (`monolith_sync_resync_deletions_refused_total`);
+  the rows stay until a later full copy deletes them within the cap.
 
 The sync lag is measured in data (event) time, never against the wall clock: the training
 shard's data clock (the newest update time its tables have seen, from Stats) now, minus
@@ -54,6 +61,7 @@ from monolith.embedding_ps.shard import ATOMIC_EXPORT_ENTRIES, EmbeddingShard
 
 _LOGGER = logging.getLogger("monolith.embedding_ps.sync")
 
+DEFAULT_MAX_RESYNC_DELETE_FRACTION = 0.1
 STATS_TIMEOUT = 5.0  # seconds; Stats is tiny, a slow answer means the shard is in trouble
 
 # Reconnect quickly after the training shard comes back: gRPC's default backoff grows to
@@ -84,6 +92,12 @@ SYNC_DELETIONS = prometheus_client.Counter(
 SYNC_FULL_RESYNCS = prometheus_client.Counter(
     "monolith_sync_full_resyncs_total",
     "Full copies from the training shard (first sync, a restarted training shard, or too far behind).",
+    _LABELS,
+)
+SYNC_DELETIONS_REFUSED = prometheus_client.Counter(
+    "monolith_sync_resync_deletions_refused_total",
+    "Rows a full copy would have deleted from the serving shard but did not, because they were more than "
+    "--max-resync-delete-fraction of its rows (an alarm: the training shard lost rows).",
     _LABELS,
 )
 SYNC_FAILURES = prometheus_client.Counter(
@@ -147,6 +161,9 @@ class ServingSync:
         training_address: "host:port" of the training shard with the same index.
         interval: seconds from the start of one attempt to the start of the next.
         timeout: seconds one Export stream (a full copy included) may take.
+        max_resync_delete_fraction: the most of this shard's rows (before the copy) one
+            full copy may delete; a copy that would delete more deletes nothing (logged
+            and counted).
 
     Attributes:
         training_address: where the training shard is.
@@ -166,13 +183,17 @@ class ServingSync:
     """
 
     def __init__(self, shard: EmbeddingShard, training_address: str, interval: float = 1.0,
-                 timeout: float = 300.0) -> None:  # fmt: skip
+                 timeout: float = 300.0,
+                 max_resync_delete_fraction: float = DEFAULT_MAX_RESYNC_DELETE_FRACTION) -> None:  # fmt: skip
         if shard.config.role != "serving":
             raise ValueError(f"sync needs a serving shard to update, got role {shard.config.role!r}")
         if not (math.isfinite(interval) and interval > 0):
             raise ValueError(f"sync interval must be a positive number of seconds, got {interval}")
         if not (math.isfinite(timeout) and timeout > 0):
             raise ValueError(f"sync timeout must be a positive number of seconds, got {timeout}")
+        if not 0 <= max_resync_delete_fraction <= 1:
+            raise ValueError(f"max_resync_delete_fraction must be in [0, 1], got {max_resync_delete_fraction}")
+        self._max_delete_fraction = max_resync_delete_fraction
         self.training_address = training_address
         self.acknowledged: tuple[str, int] | None = None
         self.newest_update_time = 0.0
@@ -198,6 +219,7 @@ class ServingSync:
         label = str(shard.config.shard)
         self._rows_metric = SYNC_ROWS.labels(label)
         self._deletions_metric = SYNC_DELETIONS.labels(label)
+        self._refused_metric = SYNC_DELETIONS_REFUSED.labels(label)
         self._full_metric = SYNC_FULL_RESYNCS.labels(label)
         self._failures_metric = SYNC_FAILURES.labels(label)
         self._duration_metric = SYNC_DURATION.labels(label)
@@ -329,6 +351,8 @@ class ServingSync:
         """Imports every row of the training shard, then deletes the rows it lacks."""
         started = time.monotonic()
         progress.full_resync = True
+        rows_before = sum(len(table) for table in self._shard.tables.values())
+        previous = self.acknowledged
         received: dict[str, list[np.ndarray]] = {name: [] for name in self._shard.tables}
         version = 0  # no chunks: the training shard is empty; "since 0" is always safe
         newest = 0.0
@@ -339,11 +363,25 @@ class ServingSync:
         # Rows deleted on the training side while this shard was not following (or rows
         # of a previous training incarnation) were never sent as deletions: only the
         # complete copy tells which local rows are stale.
-        for name, parts in received.items():
-            stale = self._local_ids_missing_from(name, parts)
-            for start in range(0, stale.shape[0], self._chunk_rows):
+        stale = {name: self._local_ids_missing_from(name, parts) for name, parts in received.items()}
+        total_stale = sum(ids.shape[0] for ids in stale.values())
+        cap = int(self._max_delete_fraction * rows_before)
+        # The same incarnation copied again (its deletion log no longer reached back) lost
+        # nothing: what it lacks expired. Only a new incarnation can have lost rows.
+        new_incarnation = previous is None or previous[0] != incarnation
+        if total_stale > cap and new_incarnation:
+            self._refused_metric.inc(total_stale)
+            _LOGGER.error(
+                "sync from %s: the full copy of incarnation %s lacks %d of this shard's %d rows, more than "
+                "--max-resync-delete-fraction=%g allows (%d); deleting none of them. Was the training shard "
+                "restarted without being restored from a checkpoint?",
+                self.training_address, incarnation[:8], total_stale, rows_before, self._max_delete_fraction, cap,
+            )  # fmt: skip
+            stale = {}
+        for name, ids in stale.items():
+            for start in range(0, ids.shape[0], self._chunk_rows):
                 _, deleted = self._shard.apply_synced_chunk(name, _no_rows(self._shard, name),
-                                                            stale[start : start + self._chunk_rows])  # fmt: skip
+                                                            ids[start : start + self._chunk_rows])  # fmt: skip
                 progress.deletions += deleted
                 self._deletions_metric.inc(deleted)
         # What this shard holds is now exactly this incarnation's copy, however old.
@@ -424,6 +462,11 @@ class ServingSync:
             )
         if not stats.incarnation:
             raise SyncError(f"{self.training_address} reports no incarnation; it predates sync")
+        if stats.awaiting_restore:
+            raise SyncError(
+                f"{self.training_address} restarted and is waiting to be restored from a checkpoint; keeping this "
+                "shard's rows until it is"
+            )
 
     def _acknowledge(self, incarnation: str, version: int) -> None:
         self.acknowledged = (incarnation, version)

@@ -55,6 +55,7 @@ class ServingModel:
         self._lock = threading.Lock()
         # (version, parameters), replaced as one so a request sees the version that scored it.
         self._dense_state: tuple[int, dict[str, np.ndarray]] | None = None
+        self._dense_incarnation = ""  # the dense-PS incarnation _dense_state came from
         self._log_odds_shift = math.log(config.training.negative_sample_rate)
         self.input_names = tuple(f.source for f in config.features)
         self._features = {f.source: f for f in config.features}
@@ -71,12 +72,24 @@ class ServingModel:
         return 0 if state is None else state[0]
 
     def refresh_dense(self) -> bool:
-        """Pulls dense parameters if the dense-PS has newer ones; returns whether it did."""
-        version, params = self._dense.pull(self.dense_version)
+        """Pulls dense parameters if the dense-PS has newer ones; returns whether it did.
+
+        A restarted or restored dense-PS is a new incarnation whose versions mean nothing
+        against the one held, so its parameters are taken whatever their version; one
+        that is not initialized or restored yet answers with an error, and the model
+        keeps the parameters it has.
+        """
+        pull_incarnation = getattr(self._dense, "pull_incarnation", None)
+        if pull_incarnation is None:  # an in-process store: one incarnation for good
+            version, params = self._dense.pull(self.dense_version)
+            incarnation = ""
+        else:
+            incarnation, version, params = pull_incarnation(self.dense_version, self._dense_incarnation)
         if params is None:
             return False
         with self._lock:
             self._dense_state = (version, params)
+            self._dense_incarnation = incarnation
         return True
 
     def predict(self, inputs: Mapping[str, np.ndarray], deadline: Deadline = NO_DEADLINE) -> np.ndarray:
