@@ -15,6 +15,8 @@ BENCHMARKS = {
     "train": "monolith.bench.train",
     "serving": "monolith.bench.serving",
     "online": "monolith.bench.online",
+    "ablations": "monolith.bench.ablations",
+    "sweep": "monolith.bench.sweep",
 }
 
 
@@ -22,6 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
     parser.add_argument("--config", default=None, help="model config for the benchmarks that train a model")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line (last line)")
+    parser.add_argument(
+        "--set", action="append", metavar="PATH=V1[,V2..]",
+        help="sweep only: a config field and the values to try (repeatable; the grid is their product)",
+    )
+    parser.add_argument("--plot", default=None, help="ablations only: where to write the PNG (default ablations.png)")
     parser.add_argument(
         "--quick", action="store_true", help="smaller sizes and shorter rounds (a 100,000-row large table), for tests"
     )

@@ -33,6 +33,34 @@ class LocalEmbeddings:
         self._salts = {t.name: np.uint64(stable_hash64(t.name)) for t in tables}
         self._clock = VersionClock()
 
+    @property
+    def version(self) -> int:
+        """The newest version a mutation of these tables took."""
+        return self._clock.current
+
+    def follow(self, source: LocalEmbeddings, since: int) -> int:
+        """Applies the changes `source`'s tables made after version `since`, as a serving shard's sync does.
+
+        Rows (embeddings only, no optimizer state) overwrite, deleted ids are deleted;
+        since 0 every live row is copied. The tables must be `source`'s configs.
+
+        Returns:
+            `source`'s version these tables are now complete up to: the `since` of the next call.
+        """
+        version = source.version
+        with self._clock.mutation() as mine:
+            for name, table in source.tables.items():
+                if since <= 0:
+                    rows, deleted = list(table.export(0, include_state=False, max_rows=1 << 20)), None
+                else:
+                    changed, deleted = table.changes_since(since, include_state=False)
+                    rows = [changed]
+                if deleted is not None and deleted.size:
+                    self.tables[name].delete(deleted, mine)
+                for batch in rows:
+                    self.tables[name].upsert(batch, mine)
+        return version
+
     def _dedupe(self, name: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(unique ids, position in unique of each id, occurrences of each unique id)."""
         flat = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)

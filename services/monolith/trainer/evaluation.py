@@ -4,6 +4,12 @@ Progressive validation (the paper's protocol for real-time training): events in 
 order; train one pass on the first 80%; then stream the last 20%, scoring each batch with
 the current parameters *before* training on it; AUC over the scored events. The AUC of the
 model frozen after the first 80% is measured on the same events, before the stream.
+
+Hyper-parameters are chosen on a validation stream inside the first 80% and never on the
+last 20%, which only reports: `validation_protocol` is the same protocol run on the first
+80% alone (`tuning_data`), batch-training on its first three quarters (0-60% of the data)
+and streaming the last quarter (60-80%). Whatever tunes (a sweep, a peer's grid) reads
+only that figure.
 """
 
 from __future__ import annotations
@@ -11,13 +17,23 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from typing import Sequence
 
 import numpy as np
 
 from monolith.data.batch import Batch
 from monolith.trainer.metrics import auc, log_loss
 from monolith.trainer.progress import Progress
+from monolith.trainer.scoring_copy import ScoringCopy
 from monolith.trainer.worker import TrainerWorker
+
+REPORT_FRACTION = 0.8  # the last 20% of the data only reports
+VALIDATION_FRACTION = 0.75  # of the first 80%: batch-train on 0-60%, stream 60-80%
+
+
+def tuning_data(data: Batch) -> Batch:
+    """The examples hyper-parameters may be chosen on: the first 80% by time."""
+    return data.slice(0, round(len(data) * REPORT_FRACTION))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,10 +46,17 @@ class ProtocolResult:
     eval_examples: int
     examples_per_s: float  # during the one-pass training on the first part
     final_train_loss: float
+    # The progressive AUC of each scoring copy, by its refresh interval in events.
+    refresh_auc: dict[int, float] = dataclasses.field(default_factory=dict)
 
 
 def progressive_validation(
-    worker: TrainerWorker, data: Batch, fraction: float = 0.8, label: str = "train", show_progress: bool = True
+    worker: TrainerWorker,
+    data: Batch,
+    fraction: float = REPORT_FRACTION,
+    label: str = "train",
+    show_progress: bool = True,
+    copies: Sequence[ScoringCopy] = (),
 ) -> ProtocolResult:
     """Runs the protocol with one worker.
 
@@ -43,6 +66,10 @@ def progressive_validation(
         fraction: the part trained in batch mode.
         label: prefix of the progress lines.
         show_progress: print progress lines on stderr.
+        copies: stale copies of the worker's parameters that also score the stream, each
+            before the worker trains on a batch; each is refreshed when the stream starts,
+            then every `interval` events (the sync-interval experiment). Their AUCs are in
+            `refresh_auc`; they change nothing the worker learns.
     """
     cut = round(len(data) * fraction)
     train, stream = data.slice(0, cut), data.slice(cut, len(data))
@@ -62,11 +89,18 @@ def progressive_validation(
     frozen_auc = auc(stream.labels, frozen)
 
     progress = Progress(f"{label}: progressive", len(stream), enabled=show_progress)
-    scores = []
+    scores: list[np.ndarray] = []
+    copy_scores: list[list[np.ndarray]] = [[] for _ in copies]
+    for copy in copies:
+        copy.refresh()
     for batch in stream.batches(worker.config.training.online_batch_size):
+        for copy, out in zip(copies, copy_scores):
+            out.append(copy.predict(batch))
         scored = worker.predict(batch)
         scores.append(scored)
         result = worker.train(batch)
+        for copy in copies:
+            copy.trained(len(batch))
         progress.update(len(batch), result.loss, batch.labels, scored)
     progress.close()
     return ProtocolResult(
@@ -76,7 +110,17 @@ def progressive_validation(
         eval_examples=len(stream),
         examples_per_s=len(train) / elapsed,
         final_train_loss=loss,
+        refresh_auc={copy.interval: auc(stream.labels, np.concatenate(out)) for copy, out in zip(copies, copy_scores)},
     )
+
+
+def validation_protocol(worker: TrainerWorker, data: Batch, label: str = "validation",
+                        show_progress: bool = True) -> ProtocolResult:  # fmt: skip
+    """The protocol on the tuning part only: batch training on 0-60%, progressive validation over 60-80%.
+
+    No example after the first 80% of `data` reaches the worker.
+    """
+    return progressive_validation(worker, tuning_data(data), VALIDATION_FRACTION, label, show_progress)
 
 
 def evaluate(worker: TrainerWorker, data: Batch) -> dict[str, float]:
