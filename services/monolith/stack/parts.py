@@ -155,6 +155,8 @@ class StackSettings:
             shards from training shards) and of the dense parameters (model-serving).
         log_level: every role's --log-level.
         python: the interpreter that runs the roles.
+        join_window: the joiner's --window (event-time seconds); None: the joiner's default.
+        join_lateness: the joiner's --lateness (event-time seconds); None: the joiner's default.
     """
 
     data_dir: str
@@ -163,6 +165,8 @@ class StackSettings:
     sync_interval: float = 1.0
     log_level: str = "INFO"
     python: str = sys.executable
+    join_window: float | None = None
+    join_lateness: float | None = None
 
     @property
     def nats_dir(self) -> str:
@@ -212,7 +216,9 @@ def stack_parts(settings: StackSettings, ports: StackPorts) -> list[Part]:
         parts.append(grpc_part(serving_shard(i), endpoint, argv, after=[training[i]]))
     parts.append(grpc_part(DENSE_PS, ports.dense_ps, role("dense-ps", "--config", s.config, *server(ports.dense_ps))))
     streams = ("--nats", ports.nats_url, "--partitions", str(s.partitions))
-    argv = role("joiner", *streams, "--config", s.config, *server(ports.joiner))
+    join = ("--window", f"{s.join_window:g}") if s.join_window is not None else ()
+    join += ("--lateness", f"{s.join_lateness:g}") if s.join_lateness is not None else ()
+    argv = role("joiner", *streams, "--config", s.config, *join, *server(ports.joiner))
     parts.append(grpc_part(JOINER, ports.joiner, argv, after=[NATS]))
     trainer_metrics = Endpoint(0, ports.trainer_metrics).metrics_url
     argv = role(

@@ -11,7 +11,7 @@ import sys
 import time
 from types import FrameType
 
-from monolith.common.config import parse_config, positive_seconds
+from monolith.common.config import parse_config, positive_seconds, seconds
 from monolith.common.errors import ConfigError
 from monolith.model.config import default_config_path, load_model_config
 from monolith.stack.manifest import (
@@ -68,6 +68,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="partitions of the EVENTS and SAMPLES streams (default %(default)s)")  # fmt: skip
     parser.add_argument("--sync-interval", type=positive_seconds, default=1.0,
                         help="seconds between train-to-serve syncs of embeddings and dense parameters (default 1)")  # fmt: skip
+    parser.add_argument("--join-window", type=positive_seconds, default=None,
+                        help="the joiner's window, event-time seconds an impression waits for its action "
+                        "(default: the joiner's)")  # fmt: skip
+    parser.add_argument("--join-lateness", type=seconds, default=None,
+                        help="the joiner's allowed lateness of event times, seconds (default: the joiner's)")  # fmt: skip
     parser.add_argument("--start-timeout", type=positive_seconds, default=180.0,
                         help="seconds each part has to become ready (default 180)")  # fmt: skip
     parser.add_argument("--stop-timeout", type=positive_seconds, default=15.0,
@@ -143,6 +148,8 @@ def run(args: argparse.Namespace) -> int:
         partitions=args.partitions,
         sync_interval=args.sync_interval,
         log_level=args.log_level.upper(),
+        join_window=args.join_window,
+        join_lateness=args.join_lateness,
     )
     if args.fresh:
         for directory in (settings.nats_dir, settings.logs_dir):
