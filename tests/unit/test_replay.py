@@ -253,8 +253,17 @@ class FakeStack:
             self.trained[probe_user] = self.clock.now + self.delay
 
 
-def _probe(clock: FakeClock, stack: FakeStack, event_time=lambda: 880_000_000.0) -> FreshnessProbe:
-    return FreshnessProbe(stack.predict, stack.report, event_time,
+def _gate(now: float | None = 880_000_000.0) -> WindowGate:
+    """The replay's gate after it sent an event at `now` (None: nothing sent yet)."""
+    gate = WindowGate(horizon=20.0)
+    if now is not None:
+        gate.enter(now)
+        gate.leave(now)
+    return gate
+
+
+def _probe(clock: FakeClock, stack: FakeStack, gate: WindowGate | None = None) -> FreshnessProbe:
+    return FreshnessProbe(stack.predict, stack.report, gate or _gate(),
                           user={"user_id": 1, "age": "25-34", "gender": "M", "occupation": "writer", "zip": "554"},
                           movie={"movie_id": 50, "genres": ["Action"]}, first_user_id=10**9,
                           request_prefix="run-probe-", timeout=15.0, poll=0.05, clock=clock)  # fmt: skip
@@ -291,7 +300,31 @@ def test_probe_times_out_as_a_miss_and_skips_before_the_replay(monkeypatch: pyte
     assert result is not None and result.missed
     probe._results.append(result)
     assert probe.seconds() == [15.0]
-    assert _probe(clock, stack, event_time=lambda: None).probe_once() is None
+    assert _probe(clock, stack, gate=_gate(None)).probe_once() is None
+
+
+def test_probe_takes_the_newest_event_time_and_holds_later_events_until_its_action(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = FakeClock()
+    stack = FakeStack(clock, delay=0.5)
+    gate = _gate(880_000_000.0)
+    gate.enter(880_000_005.0)  # the replay's newest event so far, done by the time the probe runs
+    gate.leave(880_000_005.0)
+    seen_in_flight = []
+    report = stack.report
+
+    def reporting(request_id, item_id, event_time):
+        # While the probe reports, an event far ahead of it would have to wait.
+        seen_in_flight.append(gate.blocked_by(event_time + 21.0))
+        report(request_id, item_id, event_time)
+
+    probe = FreshnessProbe(stack.predict, reporting, gate, user={"user_id": 1, "age": "25-34"},
+                           movie={"movie_id": 50, "genres": ["Action"]}, first_user_id=10**9,
+                           request_prefix="p-", clock=clock)  # fmt: skip
+    monkeypatch.setattr(probe._stop, "wait", clock.wait)
+    assert probe.probe_once() is not None
+    assert stack.reports == [("p-0", "50", 880_000_005.0)]
+    assert seen_in_flight == [[880_000_005.0]]  # the probe itself was in flight
+    assert gate.blocked_by(880_000_005.0 + 21.0) == []  # and left
 
 
 def test_probe_skips_users_that_already_differ(monkeypatch: pytest.MonkeyPatch) -> None:

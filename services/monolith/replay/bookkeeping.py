@@ -150,3 +150,15 @@ def expected_samples(impressions: Iterable[tuple[str, str, float]], negative_sam
         for request_id, item_id, label in impressions
         if label >= 0.5 or keeps_negative(request_id, item_id, negative_sample_rate)
     }
+
+
+def mislabeled(expected: dict[SampleKey, float], samples: Iterable[tuple[SampleKey, float]]) -> list[str]:
+    """"request_id item_id: expected X, got Y" for each expected key whose first sample has the other label."""
+    first: dict[SampleKey, float] = {}
+    for key, label in samples:
+        first.setdefault(key, label)
+    return [
+        f"{key[0]} {key[1]}: expected {expected[key]:g}, got {label:g}"
+        for key, label in first.items()
+        if key in expected and (label >= 0.5) != (expected[key] >= 0.5)
+    ]

@@ -82,6 +82,7 @@ class WindowGate:
         self._changed = threading.Condition()
         self.waits = 0  # events that had to wait
         self.waiting = 0  # events waiting now
+        self.newest: float | None = None  # the newest event time that entered
 
     def enter(self, event_time: float) -> bool:
         """Waits until no in-flight event could be closed by one at `event_time`, then
@@ -97,8 +98,25 @@ class WindowGate:
                         self._changed.wait(0.1)
                 finally:
                     self.waiting -= 1
-            self._in_flight[event_time] += 1
+            self._register(event_time)
             return True
+
+    def enter_newest(self) -> float | None:
+        """Registers an event at the newest time entered so far (None, registering nothing,
+        before any): an event that belongs to "now" in event time, like a probe's.
+
+        Taking the time and registering it happen at once, so no event entering later can
+        close its window (one taken first and registered later could be behind by then).
+        """
+        with self._changed:
+            if self.newest is not None:
+                self._register(self.newest)
+            return self.newest
+
+    def _register(self, event_time: float) -> None:
+        self._in_flight[event_time] += 1
+        if self.newest is None or event_time > self.newest:
+            self.newest = event_time
 
     def blocked_by(self, event_time: float) -> list[float]:
         """The in-flight events' times whose windows an event at `event_time` could close."""

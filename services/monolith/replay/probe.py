@@ -59,7 +59,9 @@ class FreshnessProbe:
     Args:
         predict: scores features through the Predict API.
         report: reports a positive action through the joiner.
-        event_time: the replay's current event time (None before the replay starts).
+        gate: the replay's window gate. A probe's impression and action happen at the
+            newest event time the replay has sent, and are in flight like a replayed
+            event's, so no later event closes the probe's window before its action.
         user: the fixed user features of both users (user_id is replaced).
         movie: the movie they are scored on: movie_id and genres.
         first_user_id: probe k uses user ids first_user_id + 2k (probe) and + 2k + 1
@@ -69,17 +71,14 @@ class FreshnessProbe:
         timeout: seconds after which a probe is a miss.
         poll: seconds between comparison Predicts.
         clock: monotonic seconds.
-        gate: the replay's window gate: the probe's impression and action are in flight
-            like a replayed event's, so no far later event closes its window first.
     """
 
-    def __init__(self, predict: PredictFn, report: ReportFn, event_time: Callable[[], float | None],
+    def __init__(self, predict: PredictFn, report: ReportFn, gate: WindowGate,
                  user: Mapping[str, Any], movie: Mapping[str, Any], first_user_id: int, request_prefix: str,
                  interval: float = 2.0, timeout: float = 15.0, poll: float = 0.05,
-                 clock: Callable[[], float] = time.monotonic, gate: WindowGate | None = None) -> None:  # fmt: skip
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
         self._predict = predict
         self._report = report
-        self._event_time = event_time
         self._user = {k: v for k, v in user.items() if k != "user_id"}
         self._movie = dict(movie)
         self._first_user_id = first_user_id
@@ -151,9 +150,8 @@ class FreshnessProbe:
 
     def probe_once(self) -> ProbeResult | None:
         """One probe; None if it was skipped or stopped before it measured anything."""
-        now = self._event_time()
-        if now is None:
-            return None
+        if self._gate.newest is None:
+            return None  # the replay has not started: there is no "now" in event time yet
         k, self._next = self._next, self._next + 1
         pair = self._pair(k)
         try:
@@ -167,13 +165,13 @@ class FreshnessProbe:
             _LOGGER.warning("freshness probe %d skipped: fresh users already score differently (%s)", k, before)
             self.skipped += 1
             return None
-        if self._gate is not None and not self._gate.enter(now):
+        now = self._gate.enter_newest()
+        if now is None:
             return None
         try:
             started = self._impression_and_action(k, pair, now)
         finally:
-            if self._gate is not None:
-                self._gate.leave(now)
+            self._gate.leave(now)
         if started is None:
             return None
         request_id = f"{self._prefix}{k}"

@@ -23,18 +23,27 @@ import math
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from concurrent import futures
 from typing import Any, Mapping
 
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from monolith.common.periodic import PeriodicTask
 from monolith.dense_ps.client import DensePSClient
 from monolith.embedding_ps.client import ShardedEmbeddingClient
 from monolith.model.config import ModelConfig, load_model_config
 from monolith.replay import report
-from monolith.replay.bookkeeping import ScoreBook, auc_of_scored, expected_samples, percentile, reconcile
+from monolith.replay.bookkeeping import (
+    ScoreBook,
+    auc_of_scored,
+    expected_samples,
+    mislabeled,
+    percentile,
+    reconcile,
+)
 from monolith.replay.frozen import freeze
 from monolith.replay.launcher import StackInfo
 from monolith.replay.pacing import Pacer, WindowGate
@@ -102,6 +111,29 @@ class StackClients:
         self.client.close()
 
 
+def joiner_outcomes(metrics_url: str, timeout: float = 5.0) -> dict[str, int]:
+    """The joiner's event outcomes (late_actions, orphan_actions, ...) summed over partitions.
+
+    Read from its /metrics; empty if unreachable (a figure for the summary only). Counts
+    cover the joiner process's life, so other traffic on the same stack is included.
+    """
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=timeout) as response:
+            text = response.read().decode("utf-8")
+    except OSError as exc:
+        _LOGGER.debug("joiner metrics at %s unreadable: %s", metrics_url, exc)
+        return {}
+    outcomes: dict[str, int] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "monolith_joiner_events":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                outcome = sample.labels.get("outcome", "")
+                outcomes[outcome] = outcomes.get(outcome, 0) + int(sample.value)
+    return dict(sorted(outcomes.items()))
+
+
 def _say(message: str) -> None:
     print(f"[replay] {message}", file=sys.stderr, flush=True)
 
@@ -123,7 +155,6 @@ class Replay:
         self.run_id = uuid.uuid4().hex[:8]
         self.prefix = f"replay-{self.run_id}-"
         self._lock = threading.Lock()
-        self._event_time: float | None = None
         self._done = 0
         self._impressions: list[tuple[str, str, float]] = []
         self._actions = 0
@@ -151,6 +182,7 @@ class Replay:
             replayed = self._replay(clients, data, samples)
             drained = self._drain(clients, data, samples, replayed["probe"])
             lag = samples.consumer_lag(self.stack.trainer_consumer)
+            drained["joiner"] = joiner_outcomes(self.stack.metrics["joiner"]) if "joiner" in self.stack.metrics else {}
         finally:
             samples.close()
             clients.close()
@@ -208,11 +240,11 @@ class Replay:
         book = ScoreBook(data.stream.labels)
         gate = WindowGate(self.stack.window + self.stack.lateness, stop=self._stop)
         probe = FreshnessProbe(
-            clients.predict, clients.report, self._current_event_time,
+            clients.predict, clients.report, gate,
             user=data.user(0), movie=data.movie(0),
             first_user_id=PROBE_USER_BASE + (int(self.run_id, 16) << 16),
             request_prefix=f"{self.prefix}probe-",
-            interval=self.options.probe_interval or 1.0, timeout=self.options.probe_timeout, gate=gate,
+            interval=self.options.probe_interval or 1.0, timeout=self.options.probe_timeout,
         )  # fmt: skip
         in_flight = threading.BoundedSemaphore(2 * self.options.workers)
         pacer = Pacer(self.options.speed, stop=self._stop)
@@ -232,8 +264,6 @@ class Replay:
                 if not gate.enter(event_time):
                     in_flight.release()
                     break
-                with self._lock:
-                    self._event_time = event_time
                 pool.submit(self._one_event, clients, data, book, i).add_done_callback(
                     lambda _, t=event_time: (gate.leave(t), in_flight.release())
                 )
@@ -273,10 +303,6 @@ class Replay:
             self._actions += label == 1.0
             self._done += 1
 
-    def _current_event_time(self) -> float | None:
-        with self._lock:
-            return self._event_time
-
     def _drain(self, clients: StackClients, data: ReplayData, samples: SampleLog,
                probe: FreshnessProbe) -> dict[str, Any]:  # fmt: skip
         """Closes the joiner's windows, then waits until every expected sample is on SAMPLES."""
@@ -305,7 +331,8 @@ class Replay:
                 _say(f"stopped waiting: {counts.lost:,} of {counts.expected:,} samples missing")
                 break
             time.sleep(0.25)
-        return {"expected": expected, "counts": reconcile(expected, samples.samples())}
+        return {"expected": expected, "counts": reconcile(expected, samples.samples()),
+                "mislabeled": mislabeled(expected, samples.samples())[:5]}  # fmt: skip
 
     # ---------------------------------------------------------------- figures
 
@@ -365,6 +392,10 @@ class Replay:
             "samples_duplicated": counts.duplicated,
             "samples_unexpected": counts.unexpected,
             "samples_mislabeled": counts.mislabeled,
+            "samples_mislabeled_examples": drained["mislabeled"],
+            "joiner_late_actions": drained["joiner"].get("late_actions"),
+            "joiner_orphan_actions": drained["joiner"].get("orphan_actions"),
+            "joiner_late_impressions": drained["joiner"].get("late_impressions"),
             "predict_errors": self._predict_errors,
             "action_errors": self._action_errors,
             "replay_seconds": replayed["seconds"],

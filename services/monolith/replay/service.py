@@ -17,6 +17,7 @@ import signal
 import sys
 from typing import Any
 
+from monolith.common.config import positive_seconds, seconds
 from monolith.replay.launcher import LocalStack, StackInfo
 from monolith.replay.report import summary_table
 from monolith.replay.runner import Replay, ReplayOptions
@@ -25,6 +26,12 @@ PLOT_FILE = "replay_auc.png"
 # `--up` asks for free ports: the replay reads every address from stack.json, and a fixed
 # port (8500, 8600, 4222) might be taken on this machine.
 FREE_PORTS = ("--serving-port", "0", "--joiner-port", "0", "--nats-port", "0")
+# The joiner's window for MovieLens: a rating is the user's action on the movie at the very
+# time it was shown, so an impression needs no hour-long wait to learn its label. The window
+# is also how long a negative waits before the trainers see it while positives train at
+# once; the joiner's default hour would train every session on its positives first.
+JOIN_WINDOW = 10.0
+JOIN_LATENESS = 10.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +52,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"concurrent Predict/report_action workers (default {defaults.workers})")  # fmt: skip
     parser.add_argument("--probe-interval", type=float, default=defaults.probe_interval,
                         help=f"seconds between freshness probes (default {defaults.probe_interval:g}; 0: none)")  # fmt: skip
+    parser.add_argument("--join-window", type=positive_seconds, default=JOIN_WINDOW,
+                        help="with --up: the joiner's window in event-time seconds (default %(default)g: a rating "
+                        "is its own action, at the impression's time)")  # fmt: skip
+    parser.add_argument("--join-lateness", type=seconds, default=JOIN_LATENESS,
+                        help="with --up: the joiner's allowed lateness in event-time seconds (default %(default)g)")  # fmt: skip
+    parser.add_argument("--sync-interval", type=positive_seconds, default=None,
+                        help="with --up: seconds between train-to-serve syncs (default: monolith up's)")  # fmt: skip
     parser.add_argument("--up-timeout", type=float, default=300.0,
                         help="with --up: seconds to wait for the stack to be ready (default 300)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="also print the result as one JSON line (last line)")
@@ -69,23 +83,35 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         probe_interval=args.probe_interval,
     )
+    up_args = ("--join-window", f"{args.join_window:g}", "--join-lateness", f"{args.join_lateness:g}")
+    if args.sync_interval is not None:
+        up_args += ("--sync-interval", f"{args.sync_interval:g}")
     result = replay(options, stack_file=None if args.up else args.stack, data_dir=data_dir if args.up else None,
-                    up_timeout=args.up_timeout)  # fmt: skip
+                    up_timeout=args.up_timeout, up_args=up_args)  # fmt: skip
     print_summary(result, as_json=args.json)
     return 0
 
 
 def replay(options: ReplayOptions, stack_file: str | None = None, data_dir: str | None = None,
-           up_timeout: float = 300.0) -> dict[str, Any]:  # fmt: skip
+           up_timeout: float = 300.0,
+           up_args: tuple[str, ...] = ("--join-window", f"{JOIN_WINDOW:g}", "--join-lateness", f"{JOIN_LATENESS:g}"),
+           ) -> dict[str, Any]:  # fmt: skip
     """Replays through the stack of `stack_file`, or through a stack started in `data_dir` and stopped after.
 
     SIGTERM ends the replay like Ctrl-C does, so a stack started here is always stopped.
+
+    Args:
+        options: how to replay.
+        stack_file: a running stack's stack.json.
+        data_dir: start `monolith up --data-dir data_dir` (on free ports) instead.
+        up_timeout: seconds the stack has to come up.
+        up_args: more flags for `monolith up` (the joiner's window by default).
     """
     previous = signal.signal(signal.SIGTERM, _interrupt)
     local = None
     try:
         if data_dir is not None:
-            local = LocalStack(data_dir, up_args=FREE_PORTS)
+            local = LocalStack(data_dir, up_args=FREE_PORTS + up_args)
             print(f"[replay] starting the stack: monolith up --data-dir {local.data_dir} (its output: {local.log_path})",
                   file=sys.stderr, flush=True)  # fmt: skip
             stack = local.start(up_timeout)
