@@ -22,6 +22,8 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "joiner": ("monolith.joiner.service", "join impressions and actions into training samples (ReportActions API)"),
     "replay": ("monolith.replay.service", "replay MovieLens-100k as live traffic through a running stack"),
     "bench": ("monolith.bench.cli", "run a benchmark and print one JSON line"),
+    "controller": ("monolith.controller.service", "checkpoint the training cluster and recover it from failures"),
+    "checkpoint": ("monolith.controller.commands", "save, list, restore or verify checkpoints"),
 }
 
 

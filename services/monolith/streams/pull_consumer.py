@@ -17,6 +17,7 @@ import logging
 from typing import Sequence
 
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -77,12 +78,104 @@ class ConsumerState:
         ack_pending: messages delivered and not yet acknowledged.
         ack_floor: the stream sequence up to which every message is acknowledged.
         redelivered: messages delivered more than once and not yet acknowledged.
+        delivered: the stream sequence of the newest message delivered.
     """
 
     pending: int
     ack_pending: int
     ack_floor: int
     redelivered: int
+    delivered: int = 0
+
+
+def consumer_config(settings: ConsumerSettings, start_sequence: int = 0) -> ConsumerConfig:
+    """The durable consumer's config: from the stream's start, or from `start_sequence` (> 0)."""
+    position: dict[str, object] = {"deliver_policy": DeliverPolicy.ALL}
+    if start_sequence > 0:
+        position = {"deliver_policy": DeliverPolicy.BY_START_SEQUENCE, "opt_start_seq": start_sequence}
+    return ConsumerConfig(
+        name=settings.durable,
+        durable_name=settings.durable,
+        filter_subject=settings.subjects,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=settings.ack_wait,
+        max_ack_pending=settings.max_ack_pending,
+        **position,  # type: ignore[arg-type]
+    )
+
+
+class ConsumerAdmin:
+    """Reads and moves a durable consumer's position, for the checkpoint controller.
+
+    Args:
+        streams: where NATS is.
+        settings: the consumer (as its trainers open it).
+    """
+
+    def __init__(self, streams: StreamsConfig, settings: ConsumerSettings) -> None:
+        self.streams = streams
+        self.settings = settings
+        self._loop = BackgroundLoop(f"nats-admin-{settings.durable}")
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+
+    async def _connected(self) -> JetStreamContext:
+        if self._nc is None or self._nc.is_closed:
+            self._nc = await connect(self.streams, "controller", attempts=1)
+            self._js = self._nc.jetstream(timeout=self.streams.timeout)
+        assert self._js is not None
+        return self._js
+
+    def position(self) -> ConsumerState | None:
+        """The consumer's state; None if it does not exist (yet).
+
+        Raises:
+            TimeoutError or one of TRANSIENT_ERRORS: NATS is away.
+        """
+        return self._loop.run(self._position(), timeout=4 * self.streams.timeout)
+
+    async def _position(self) -> ConsumerState | None:
+        js = await self._connected()
+        try:
+            info = await js.consumer_info(self.settings.stream, self.settings.durable)
+        except nats.js.errors.NotFoundError:
+            return None
+        return _state(info)
+
+    def rewind(self, after_sequence: int) -> None:
+        """Recreates the consumer so that it delivers every message after `after_sequence`.
+
+        Messages delivered and not acknowledged are forgotten with the old consumer: call
+        it only while every process sharing the consumer is paused.
+        """
+        self._loop.run(self._rewind(after_sequence), timeout=4 * self.streams.timeout)
+
+    async def _rewind(self, after_sequence: int) -> None:
+        js = await self._connected()
+        await ensure_streams(js, self.streams)
+        try:
+            await js.delete_consumer(self.settings.stream, self.settings.durable)
+        except nats.js.errors.NotFoundError:
+            pass
+        await js.add_consumer(self.settings.stream, consumer_config(self.settings, after_sequence + 1))
+
+    def close(self) -> None:
+        if self._nc is not None:
+            try:
+                self._loop.run(self._nc.close(), timeout=self.streams.timeout + 1.0)
+            except (TimeoutError, nats.errors.Error, OSError) as exc:
+                _LOGGER.debug("closing the NATS connection: %s", exc)
+        self._loop.close()
+
+
+def _state(info: object) -> ConsumerState:
+    return ConsumerState(
+        pending=int(info.num_pending or 0),  # type: ignore[attr-defined]
+        ack_pending=int(info.num_ack_pending or 0),  # type: ignore[attr-defined]
+        ack_floor=int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0,  # type: ignore[attr-defined]
+        redelivered=int(info.num_redelivered or 0),  # type: ignore[attr-defined]
+        delivered=int(info.delivered.stream_seq or 0) if info.delivered else 0,  # type: ignore[attr-defined]
+    )
 
 
 class DurableConsumer:
@@ -132,18 +225,13 @@ class DurableConsumer:
         assert js is not None
         await ensure_streams(js, self.streams)
         settings = self.settings
-        await js.add_consumer(
-            settings.stream,
-            ConsumerConfig(
-                name=settings.durable,
-                durable_name=settings.durable,
-                filter_subject=settings.subjects,
-                deliver_policy=DeliverPolicy.ALL,
-                ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=settings.ack_wait,
-                max_ack_pending=settings.max_ack_pending,
-            ),
-        )
+        try:
+            # An existing consumer is used as it is: the checkpoint controller may have
+            # recreated it at a position (deliver by start sequence), which creating it
+            # again with "deliver all" would be refused as a change of policy.
+            await js.consumer_info(settings.stream, settings.durable)
+        except nats.js.errors.NotFoundError:
+            await js.add_consumer(settings.stream, consumer_config(settings))
         if self._subscription is not None:
             try:
                 await self._subscription.unsubscribe()
@@ -225,12 +313,7 @@ class DurableConsumer:
         if js is None:
             raise nats.errors.ConnectionClosedError
         info = await js.consumer_info(self.settings.stream, self.settings.durable, timeout=self.streams.timeout)
-        return ConsumerState(
-            pending=int(info.num_pending or 0),
-            ack_pending=int(info.num_ack_pending or 0),
-            ack_floor=int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0,
-            redelivered=int(info.num_redelivered or 0),
-        )
+        return _state(info)
 
     def close(self) -> None:
         """Closes the connection and the loop (acks are flushed when they are sent)."""

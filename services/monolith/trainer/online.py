@@ -18,7 +18,9 @@ so they are not handed to another worker meanwhile. A sample that cannot be trai
 (malformed, unknown feature, refused by the parameter servers) is terminated on the stream
 and counted; it never stops the trainer. A step the PSs fail partway is retried whole, so
 its gradients may be applied twice: training is at-least-once, the sample log
-exactly-once.
+exactly-once, unless a checkpoint controller runs: it pauses the trainers between steps
+(`StepGate`) to take consistent cuts, and after any failure rolls the parameter servers
+and the consumer back to the last cut, so every sample after it is applied exactly once.
 """
 
 from __future__ import annotations
@@ -33,13 +35,14 @@ import grpc
 from pydantic import Field
 
 from monolith.common.config import ConfigModel
-from monolith.common.errors import InvalidArgument, MonolithError, from_rpc_error
+from monolith.common.errors import FailedPrecondition, InvalidArgument, MonolithError, from_rpc_error
 from monolith.common.periodic import PeriodicTask
 from monolith.data.batch import Batch
 from monolith.data.samples import SampleDecoder
 from monolith.streams.jetstream import TRANSIENT_ERRORS
 from monolith.streams.pull_consumer import ConsumerState, Delivery
 from monolith.trainer import online_metrics as metrics
+from monolith.trainer.pause import StepGate
 from monolith.trainer.worker import TrainerWorker
 
 _LOGGER = logging.getLogger("monolith.trainer.online")
@@ -162,11 +165,14 @@ class OnlineTrainer:
         decoder: payloads to batches.
         settings: batching, waits, retries.
         stop: set (e.g. on SIGTERM) to stop after the step in progress.
+        gate: holds the loop between steps while the checkpoint controller pauses it.
     """
 
     def __init__(self, consumer: SampleConsumer, make_worker: Callable[[], TrainerWorker], decoder: SampleDecoder,
-                 settings: OnlineSettings, stop: threading.Event) -> None:  # fmt: skip
+                 settings: OnlineSettings, stop: threading.Event, gate: StepGate | None = None) -> None:  # fmt: skip
         self._consumer = consumer
+        self.gate = gate or StepGate()
+        self.ready = False
         self._make_worker = make_worker
         self._decoder = decoder
         self._settings = settings
@@ -191,11 +197,20 @@ class OnlineTrainer:
         state.start()
         try:
             while not self._stop.is_set():
-                deliveries = self._fetch()
-                if deliveries:
-                    self._handle(worker, deliveries)
+                rolled_back = self.gate.enter(self._stop)
+                if rolled_back is None:
+                    break
+                try:
+                    if rolled_back:
+                        worker = self._resync(worker)
+                    deliveries = self._fetch()
+                    if deliveries:
+                        self._handle(worker, deliveries)
+                finally:
+                    self.gate.leave()
         finally:
             state.stop()
+            self.ready = False
             metrics.READY.set(0)
             self.summary.dense_version = worker.dense_version
             worker.close()
@@ -215,9 +230,44 @@ class OnlineTrainer:
             except (MonolithError, grpc.RpcError) as exc:
                 self._ps.failed(_describe(exc, "dense-PS"))
         if worker is not None:
+            self.ready = True
             metrics.READY.set(1)
             _LOGGER.info("training online: %d samples per step, dense parameters at version %d",
                          self._settings.batch_size, worker.dense_version)  # fmt: skip
+        return worker
+
+    def _resync(self, worker: TrainerWorker) -> TrainerWorker:
+        """After a rollback to a checkpoint: subscribe again, and pull the dense parameters in full.
+
+        The restored dense-PS may be at a lower version than the one this worker holds,
+        so a pull of "newer than mine" would keep the parameters of the abandoned future.
+        A dense-PS rolled back to the empty state (no checkpoint yet) holds none: a new
+        worker offers it initial parameters, as at start.
+
+        Returns:
+            The worker to train with.
+        """
+        self._must_open = True
+        self.summary.last_sequence = 0
+        self._last_step = -float("inf")
+        initialized = True
+        while not self._stop.is_set():
+            try:
+                if not initialized:
+                    fresh = self._make_worker()
+                    worker.close()
+                    worker, initialized = fresh, True
+                worker.refresh_dense(force=True)
+                self._ps.succeeded()
+                break
+            except (MonolithError, grpc.RpcError) as exc:
+                error = from_rpc_error(exc, "dense-PS") if isinstance(exc, grpc.RpcError) else exc
+                if isinstance(error, FailedPrecondition):
+                    initialized = False  # no parameters there: offer initial ones, as at start
+                    continue
+                self._ps.failed(_describe(error, "dense-PS"))
+        _LOGGER.info("rolled back to a checkpoint: resuming from the consumer's position, dense version %d",
+                     worker.dense_version)  # fmt: skip
         return worker
 
     def _open(self) -> bool:

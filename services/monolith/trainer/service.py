@@ -23,7 +23,7 @@ import grpc
 from monolith.common import metrics as metrics_http
 from monolith.common.config import parse_config, seconds
 from monolith.common.errors import from_rpc_error
-from monolith.common.server import ServerStartError
+from monolith.common.server import ServerConfig, ServerStartError
 from monolith.data.batch import Batch
 from monolith.data.movielens import load_movielens, split_by_time
 from monolith.data.samples import SampleDecoder, SampleFeature
@@ -33,7 +33,9 @@ from monolith.model.config import ModelConfig, default_config_path, load_model_c
 from monolith.model.scores import sigmoid
 from monolith.streams.config import SAMPLES_STREAM, add_streams_arguments, streams_config_from_args
 from monolith.streams.pull_consumer import ConsumerSettings, DurableConsumer
+from monolith.trainer.control import build_control_server
 from monolith.trainer.online import OnlineSettings, OnlineTrainer
+from monolith.trainer.pause import StepGate
 from monolith.trainer.progress import Progress
 from monolith.trainer.worker import TrainerWorker
 
@@ -71,6 +73,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     online.add_argument("--max-wait", type=seconds, default=0.05,
                         help="seconds a partial batch waits for more samples (default 0.05; at least 0.02)")  # fmt: skip
     online.add_argument("--host", default="0.0.0.0", help="interface /metrics binds (default: all)")
+    online.add_argument("--control-port", type=int, default=None,
+                        help="serve TrainerControl (pause/resume for the checkpoint controller) on this port; "
+                        "0 picks a free one; default: none")  # fmt: skip
+    online.add_argument("--start-paused", action="store_true",
+                        help="wait for the checkpoint controller's Resume before the first step (needs --control-port)")  # fmt: skip
     online.add_argument("--metrics-port", type=int, default=ONLINE_METRICS_PORT,
                         help=f"Prometheus /metrics port (default {ONLINE_METRICS_PORT}; 0 picks a free one)")  # fmt: skip
 
@@ -136,6 +143,8 @@ def run_online(args: argparse.Namespace) -> int:
     """Trains from the SAMPLES stream until SIGTERM (or Ctrl-C); prints a JSON summary last."""
     if not args.nats:
         raise ValueError("--nats is required with --mode online")
+    if args.start_paused and args.control_port is None:
+        raise ValueError("--start-paused needs --control-port (only the controller can resume the trainer)")
     if not _CONSUMER_NAME.fullmatch(args.consumer):
         raise ValueError(f"--consumer must be 1-64 letters, digits, '-' or '_', got {args.consumer!r}")
     streams = streams_config_from_args(args)
@@ -158,8 +167,20 @@ def run_online(args: argparse.Namespace) -> int:
         with ShardedEmbeddingClient(addresses, config.table_dims(), timeout=10, channel_options=_RECONNECT_OPTIONS) \
                 as sparse, DensePSClient(args.dense_ps, timeout=10, channel_options=_RECONNECT_OPTIONS) as dense:  # fmt: skip
             trainer = OnlineTrainer(consumer, lambda: TrainerWorker(config, sparse, dense), sample_decoder(config),
-                                    settings, stop)  # fmt: skip
-            summary = trainer.run()
+                                    settings, stop, StepGate(start_paused=args.start_paused))  # fmt: skip
+            control = None
+            if args.control_port is not None:
+                control, _ = build_control_server(
+                    trainer, ServerConfig(host=args.host, port=args.control_port, metrics_port=None, grace_seconds=1.0)
+                )
+                control.start()
+                _LOGGER.info("TrainerControl on %s:%d%s", args.host, control.port,
+                             " (paused until the controller resumes)" if args.start_paused else "")  # fmt: skip
+            try:
+                summary = trainer.run()
+            finally:
+                if control is not None:
+                    control.stop(grace=0)
     finally:
         consumer.close()
         metrics_http.stop_metrics_http(httpd)

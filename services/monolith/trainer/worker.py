@@ -77,9 +77,9 @@ class TrainerWorker:
         """Stops the helper thread."""
         self._dense_pool.shutdown(wait=True)
 
-    def refresh_dense(self) -> None:
-        """Pulls the dense parameters if the PS has newer ones."""
-        version, params = self._dense.pull(self._version)
+    def refresh_dense(self, force: bool = False) -> None:
+        """Pulls the dense parameters if the PS has newer ones (any, with `force`: after a rollback)."""
+        version, params = self._dense.pull(0 if force else self._version)
         if params is not None:
             self._version, self._params = version, params
 

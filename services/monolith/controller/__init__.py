@@ -1,0 +1,1 @@
+"""The checkpoint/recovery controller: consistent checkpoints and automatic recovery."""
