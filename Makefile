@@ -10,6 +10,10 @@ LOCK := requirements.lock
 # streams and tables) and the replay's pace in events/s, so the whole run fits in 5 minutes.
 RUN_DIR := .monolith-run
 RUN_SPEED ?= 100
+# `make loadtest`: Locust against a fresh `monolith up` (its data dir is wiped each run), bounded.
+LOADTEST_DIR := .monolith-loadtest
+LOADTEST_USERS ?= 20
+LOADTEST_TIME ?= 60s
 # The lock pins the runtime dependencies and the extras (test, loadtest, bench), with the hash of
 # every file, for CPython 3.11 on x86-64 Linux whatever machine runs `make lock`. Versions
 # already in the lock are kept while they still satisfy pyproject.toml, so regenerating is
@@ -41,7 +45,7 @@ define check-lock
 endef
 
 .DEFAULT_GOAL := help
-.PHONY: help setup lock lock-check tools protos lint test test-fast test-unit test-integration bench run clean
+.PHONY: help setup lock lock-check tools protos lint loadtest test test-fast test-unit test-integration bench run clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -109,6 +113,9 @@ bench: setup ## Run the table benchmark (see `monolith bench --help` for the oth
 run: setup ## The local stack + a live replay of MovieLens-100k (under 5 min): summary and a rolling-AUC plot
 	rm -rf $(RUN_DIR)
 	$(VENV)/bin/monolith replay --up --data-dir $(RUN_DIR) --speed $(RUN_SPEED)
+
+loadtest: setup ## Locust (clients/locust) against a fresh `monolith up` for LOADTEST_TIME: CSV/HTML reports, SLO gate as exit code
+	$(PY) clients/locust/loadtest.py --up $(LOADTEST_DIR) --users $(LOADTEST_USERS) --run-time $(LOADTEST_TIME)
 
 clean: ## Remove the virtual environment and generated code
 	rm -rf $(VENV) services/monolith/api .pytest_cache .hypothesis
