@@ -222,9 +222,27 @@ def test_a_killed_embedding_ps_is_restarted_on_its_address(stack) -> None:
     assert stack.process.poll() is None
 
 
+def test_a_killed_training_shard_is_restored_by_the_controller(stack) -> None:
+    address = stack.manifest["embedding_ps_training"][0]
+    port = address.rsplit(":", 1)[1]
+
+    def shard_pids() -> list[int]:
+        return [pid for pid, cmd in children(stack.process.pid).items() if "embedding-ps" in cmd and f"--port {port}" in cmd]
+
+    [old] = shard_pids()
+    os.kill(old, signal.SIGKILL)
+
+    wait_for(lambda: shard_pids() not in ([], [old]), 30, "the shard restarted")
+    # It comes back awaiting a restore (NOT_SERVING); SERVING means the controller restored it.
+    wait_for(lambda: GrpcHealth(address).ready(), 120, "the restarted shard restored and SERVING")
+    log = (Path(stack.manifest["logs"]) / "controller.log").read_text()
+    assert "recovering: training shard 0 awaits a restore" in log
+    assert stack.process.poll() is None
+
+
 def test_sigterm_stops_every_part_last_started_first_and_removes_stack_json(stack) -> None:
     parts = children(stack.process.pid)
-    assert len(parts) == 9, parts
+    assert len(parts) == 10, parts  # nats, 4 shards, dense-PS, joiner, controller, trainer, serving
 
     stack.process.send_signal(signal.SIGTERM)
 

@@ -10,6 +10,7 @@ import pytest
 
 from monolith.cli import _COMMANDS
 from monolith.stack.parts import (
+    CONTROLLER,
     DENSE_PS,
     JOINER,
     NATS,
@@ -55,12 +56,13 @@ def test_the_stack_has_every_part_in_a_valid_start_order(stack, tmp_path) -> Non
     names = list(parts)
 
     assert set(names) == {
-        NATS, DENSE_PS, JOINER, TRAINER, SERVING,
+        NATS, DENSE_PS, JOINER, TRAINER, SERVING, CONTROLLER,
         *(training_shard(i) for i in range(SHARDS)), *(serving_shard(i) for i in range(SHARDS)),
     }  # fmt: skip
     Supervisor(list(parts.values()), str(tmp_path))  # refuses a part listed before what it waits for
     assert set(parts[SERVING].after) >= {NATS, DENSE_PS, TRAINER, serving_shard(0), serving_shard(1)}
-    assert set(parts[TRAINER].after) >= {NATS, DENSE_PS, training_shard(0), training_shard(1)}
+    assert set(parts[TRAINER].after) >= {NATS, DENSE_PS, CONTROLLER, training_shard(0), training_shard(1)}
+    assert set(parts[CONTROLLER].after) == {NATS, DENSE_PS, training_shard(0), training_shard(1)}
     assert parts[JOINER].after == (NATS,)
     for i in range(SHARDS):
         assert parts[serving_shard(i)].after == (training_shard(i),)
@@ -147,3 +149,20 @@ def test_nats_keeps_jetstream_under_the_data_dir_and_listens_on_loopback(stack) 
     assert argv[argv.index("--addr") + 1] == "127.0.0.1"
     assert argv[argv.index("--port") + 1] == str(ports.nats.port)
     assert str(parts[NATS].probe) == f"GET http://127.0.0.1:{ports.nats.metrics_port}/healthz?js-enabled-only=true"
+
+
+def test_the_controller_restores_the_training_shards_and_the_dense_ps_and_pauses_the_trainer(stack) -> None:
+    parts, ports = stack
+
+    args = parse_as_role(parts[CONTROLLER])
+    trainer = parse_as_role(parts[TRAINER])
+
+    assert args.storage == os.path.join(SETTINGS.data_dir, "checkpoints")
+    assert args.embedding_ps == ",".join(parts[training_shard(i)].address for i in range(SHARDS))
+    assert args.dense_ps == parts[DENSE_PS].address
+    assert args.trainers == f"127.0.0.1:{trainer.control_port}" and trainer.start_paused
+    assert (args.nats, args.partitions) == (parts[NATS].address, SETTINGS.partitions)
+    for name in (training_shard(0), training_shard(1), DENSE_PS):
+        assert parse_as_role(parts[name]).restore_required, name
+    assert not parse_as_role(parts[serving_shard(0)]).restore_required
+    assert f"{args.host}:{args.port}" == parts[CONTROLLER].address

@@ -33,6 +33,28 @@ class GrpcHealth:
 
 
 @dataclasses.dataclass(frozen=True)
+class GrpcAnswers:
+    """Ready when the gRPC health service at `address` answers, SERVING or not.
+
+    For a part that reports NOT_SERVING until another part acts on it: a training shard or
+    dense-PS waiting for the checkpoint controller to restore it.
+    """
+
+    address: str
+
+    def ready(self, timeout: float = 1.0) -> bool:
+        with grpc.insecure_channel(self.address) as channel:
+            try:
+                health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+            except grpc.RpcError:
+                return False
+        return True
+
+    def __str__(self) -> str:
+        return f"gRPC health of {self.address} (answering)"
+
+
+@dataclasses.dataclass(frozen=True)
 class HttpOk:
     """Ready when GET `url` answers 200 (nats-server's /healthz, a /metrics endpoint)."""
 
@@ -49,4 +71,4 @@ class HttpOk:
         return f"GET {self.url}"
 
 
-Probe = GrpcHealth | HttpOk
+Probe = GrpcHealth | GrpcAnswers | HttpOk

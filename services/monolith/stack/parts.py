@@ -1,8 +1,11 @@
 """What the local stack runs: each part's command line, ports, readiness probe and dependencies.
 
-The stack is nine processes on loopback: nats-server (JetStream), two training
-embedding-PS shards, two serving shards that follow them, the dense-PS, the joiner, one
-online trainer and model-serving. Ports are chosen once, before anything starts, so a part
+The stack is ten processes on loopback: nats-server (JetStream), two training
+embedding-PS shards, two serving shards that follow them, the dense-PS, the joiner, the
+checkpoint controller, one online trainer and model-serving. The training shards and the
+dense-PS start (and restart) awaiting a restore: the controller restores them from the
+last checkpoint (empty on a new stack), rolls the trainer back to it, and only then lets
+it train, so a SIGKILLed shard comes back with its rows and serving never follows it empty. Ports are chosen once, before anything starts, so a part
 restarted after a crash comes back where its clients expect it.
 """
 
@@ -14,7 +17,7 @@ import socket
 import sys
 from collections.abc import Iterable, Sequence
 
-from monolith.stack.health import GrpcHealth, HttpOk, Probe
+from monolith.stack.health import GrpcAnswers, GrpcHealth, HttpOk, Probe
 from monolith.streams.nats_server import NatsServer
 
 HOST = "127.0.0.1"
@@ -25,6 +28,7 @@ DENSE_PS = "dense-ps"
 JOINER = "joiner"
 TRAINER = "trainer"
 SERVING = "serving"
+CONTROLLER = "controller"
 
 
 def training_shard(index: int) -> str:
@@ -85,14 +89,17 @@ class StackPorts:
     joiner: Endpoint
     trainer_metrics: int
     serving: Endpoint
+    trainer_control: int = 0
+    controller: Endpoint | None = None
 
     @property
     def nats_url(self) -> str:
         return f"nats://{HOST}:{self.nats.port}"
 
     def all(self) -> list[int]:
-        ports = [self.trainer_metrics]
-        for e in (self.nats, *self.training, *self.serving_shards, self.dense_ps, self.joiner, self.serving):
+        ports = [self.trainer_metrics, *([self.trainer_control] if self.trainer_control else [])]
+        for e in (self.nats, *self.training, *self.serving_shards, self.dense_ps, self.joiner, self.serving,
+                  *([self.controller] if self.controller else [])):  # fmt: skip
             ports += [e.port, e.metrics_port]
         return ports
 
@@ -140,6 +147,8 @@ def allocate_ports(nats_port: int = 0, joiner_port: int = 0, serving_port: int =
         joiner=pick.endpoint(joiner_port),
         trainer_metrics=pick.port(),
         serving=pick.endpoint(serving_port),
+        trainer_control=pick.port(),
+        controller=pick.endpoint(),
     )
 
 
@@ -167,10 +176,15 @@ class StackSettings:
     python: str = sys.executable
     join_window: float | None = None
     join_lateness: float | None = None
+    checkpoint_interval: float = 30.0
 
     @property
     def nats_dir(self) -> str:
         return os.path.join(self.data_dir, "nats")
+
+    @property
+    def checkpoints_dir(self) -> str:
+        return os.path.join(self.data_dir, "checkpoints")
 
     @property
     def logs_dir(self) -> str:
@@ -206,28 +220,44 @@ def stack_parts(settings: StackSettings, ports: StackPorts) -> list[Part]:
     training = [training_shard(i) for i in range(SHARDS)]
     for i, endpoint in enumerate(ports.training):
         shard = ("--shard", str(i), "--num-shards", str(SHARDS), "--config", s.config)
-        parts.append(
-            grpc_part(training[i], endpoint, role("embedding-ps", *shard, "--role", "training", *server(endpoint)))
-        )
+        argv = role("embedding-ps", *shard, "--role", "training", "--restore-required", *server(endpoint))
+        # Up once it answers: it reports SERVING only after the controller has restored it.
+        parts.append(Part(training[i], argv, GrpcAnswers(endpoint.address), endpoint.address, endpoint.metrics_url))
     for i, endpoint in enumerate(ports.serving_shards):
         shard = ("--shard", str(i), "--num-shards", str(SHARDS), "--config", s.config)
         follow = ("--sync-from", ports.training[i].address, "--sync-interval", f"{s.sync_interval:g}")
         argv = role("embedding-ps", *shard, "--role", "serving", *follow, *server(endpoint))
         parts.append(grpc_part(serving_shard(i), endpoint, argv, after=[training[i]]))
-    parts.append(grpc_part(DENSE_PS, ports.dense_ps, role("dense-ps", "--config", s.config, *server(ports.dense_ps))))
+    argv = role("dense-ps", "--config", s.config, "--restore-required", *server(ports.dense_ps))
+    parts.append(Part(DENSE_PS, argv, GrpcAnswers(ports.dense_ps.address), ports.dense_ps.address,
+                      ports.dense_ps.metrics_url))  # fmt: skip
     streams = ("--nats", ports.nats_url, "--partitions", str(s.partitions))
     join = ("--window", f"{s.join_window:g}") if s.join_window is not None else ()
     join += ("--lateness", f"{s.join_lateness:g}") if s.join_lateness is not None else ()
     argv = role("joiner", *streams, "--config", s.config, *join, *server(ports.joiner))
     parts.append(grpc_part(JOINER, ports.joiner, argv, after=[NATS]))
+    if ports.controller is not None:
+        argv = role(
+            "controller", "--storage", s.checkpoints_dir, "--interval", f"{s.checkpoint_interval:g}",
+            "--embedding-ps", ",".join(e.address for e in ports.training), "--dense-ps", ports.dense_ps.address,
+            "--trainers", f"{HOST}:{ports.trainer_control}", *streams, *server(ports.controller),
+        )  # fmt: skip
+        # SERVING once it has restored (or adopted) the training shards and the dense-PS.
+        parts.append(grpc_part(CONTROLLER, ports.controller, argv, after=[NATS, *training, DENSE_PS]))
     trainer_metrics = Endpoint(0, ports.trainer_metrics).metrics_url
     argv = role(
         "trainer", "--mode", "online", *streams, "--config", s.config,
         "--embedding-ps", ",".join(e.address for e in ports.training), "--dense-ps", ports.dense_ps.address,
         "--host", HOST, "--metrics-port", str(ports.trainer_metrics),
     )  # fmt: skip
-    # The trainer serves no gRPC: it is up once its /metrics answers.
-    parts.append(Part(TRAINER, argv, HttpOk(trainer_metrics), None, trainer_metrics, (NATS, *training, DENSE_PS)))
+    trainer_after: tuple[str, ...] = (NATS, *training, DENSE_PS)
+    if ports.controller is not None:
+        # Paused until the controller has checked it in (and rolled back what a predecessor
+        # that died mid-step left half applied).
+        argv += ("--control-port", str(ports.trainer_control), "--start-paused")
+        trainer_after += (CONTROLLER,)
+    # It is up once its /metrics answers.
+    parts.append(Part(TRAINER, argv, HttpOk(trainer_metrics), None, trainer_metrics, trainer_after))
     argv = role(
         "serving", "--config", s.config,
         "--embedding-ps", ",".join(e.address for e in ports.serving_shards), "--dense-ps", ports.dense_ps.address,
