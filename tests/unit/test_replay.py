@@ -119,13 +119,14 @@ def test_unpaced_and_stopped() -> None:
 
 def test_window_gate_holds_an_event_that_could_close_an_in_flight_window() -> None:
     gate = WindowGate(horizon=3660.0)
-    assert gate.enter(1000.0)
-    assert gate.enter(4660.0)  # exactly window + lateness newer: cannot close it yet
-    assert gate.blocked_by(4661.0) == [1000.0]
+    assert gate.enter(1000.0, partition=3)
+    assert gate.enter(4660.0, partition=3)  # exactly window + lateness newer: cannot close it yet
+    assert gate.enter(9000.0, partition=5)  # another partition: another watermark
+    assert gate.blocked_by(4661.0, 3) == [1000.0] and gate.blocked_by(4661.0, 5) == []
     entered = threading.Event()
 
     def later() -> None:
-        gate.enter(4661.0)
+        gate.enter(4661.0, partition=3)
         entered.set()
 
     thread = threading.Thread(target=later)
@@ -134,18 +135,36 @@ def test_window_gate_holds_an_event_that_could_close_an_in_flight_window() -> No
     while gate.waiting == 0 and time.monotonic() < deadline:  # held back while 1000 is in flight
         time.sleep(0.01)
     assert gate.waiting == 1 and not entered.is_set()
-    gate.leave(1000.0)
+    gate.leave(1000.0, partition=3)
     assert entered.wait(10.0)
     thread.join()
-    assert gate.waits == 1 and gate.waiting == 0 and gate.blocked_by(10_000.0) == [4660.0, 4661.0]
+    assert gate.waits == 1 and gate.waiting == 0
+    assert gate.blocked_by(10_000.0, 3) == [4660.0, 4661.0] and gate.newest == 9000.0
+
+
+def test_window_gate_enter_newest_takes_the_newest_time_and_waits_like_enter() -> None:
+    gate = WindowGate(horizon=10.0)
+    assert gate.enter_newest(0) is None  # nothing sent yet: no "now"
+    gate.enter(100.0, 0)
+    gate.enter(200.0, 1)
+    done = []
+    thread = threading.Thread(target=lambda: done.append(gate.enter_newest(0)))
+    thread.start()  # 200 would close the window of 100, in flight in partition 0
+    deadline = time.monotonic() + 10.0
+    while gate.waiting == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    gate.leave(100.0, 0)
+    thread.join(10.0)
+    assert done == [200.0] and gate.blocked_by(211.0, 0) == [200.0]
 
 
 def test_window_gate_wait_ends_when_stopped() -> None:
     stop = threading.Event()
     gate = WindowGate(horizon=10.0, stop=stop)
-    assert gate.enter(0.0)
+    assert gate.enter(0.0, 0)
     stop.set()
-    assert not gate.enter(100.0)
+    assert not gate.enter(100.0, 0)
+    assert gate.enter(100.0, 1)  # nothing to wait for there
 
 
 # ---------------------------------------------------------------- AUC bookkeeping
@@ -257,13 +276,13 @@ def _gate(now: float | None = 880_000_000.0) -> WindowGate:
     """The replay's gate after it sent an event at `now` (None: nothing sent yet)."""
     gate = WindowGate(horizon=20.0)
     if now is not None:
-        gate.enter(now)
-        gate.leave(now)
+        gate.enter(now, 0)
+        gate.leave(now, 0)
     return gate
 
 
 def _probe(clock: FakeClock, stack: FakeStack, gate: WindowGate | None = None) -> FreshnessProbe:
-    return FreshnessProbe(stack.predict, stack.report, gate or _gate(),
+    return FreshnessProbe(stack.predict, stack.report, gate or _gate(), 8,
                           user={"user_id": 1, "age": "25-34", "gender": "M", "occupation": "writer", "zip": "554"},
                           movie={"movie_id": 50, "genres": ["Action"]}, first_user_id=10**9,
                           request_prefix="run-probe-", timeout=15.0, poll=0.05, clock=clock)  # fmt: skip
@@ -307,24 +326,25 @@ def test_probe_takes_the_newest_event_time_and_holds_later_events_until_its_acti
     clock = FakeClock()
     stack = FakeStack(clock, delay=0.5)
     gate = _gate(880_000_000.0)
-    gate.enter(880_000_005.0)  # the replay's newest event so far, done by the time the probe runs
-    gate.leave(880_000_005.0)
+    gate.enter(880_000_005.0, 1)  # the replay's newest event so far, done by the time the probe runs
+    gate.leave(880_000_005.0, 1)
     seen_in_flight = []
     report = stack.report
+    partition = partition_of("p-0", 8)
 
     def reporting(request_id, item_id, event_time):
-        # While the probe reports, an event far ahead of it would have to wait.
-        seen_in_flight.append(gate.blocked_by(event_time + 21.0))
+        # While the probe reports, an event of its partition far ahead of it would have to wait.
+        seen_in_flight.append(gate.blocked_by(event_time + 21.0, partition))
         report(request_id, item_id, event_time)
 
-    probe = FreshnessProbe(stack.predict, reporting, gate, user={"user_id": 1, "age": "25-34"},
+    probe = FreshnessProbe(stack.predict, reporting, gate, 8, user={"user_id": 1, "age": "25-34"},
                            movie={"movie_id": 50, "genres": ["Action"]}, first_user_id=10**9,
                            request_prefix="p-", clock=clock)  # fmt: skip
     monkeypatch.setattr(probe._stop, "wait", clock.wait)
     assert probe.probe_once() is not None
     assert stack.reports == [("p-0", "50", 880_000_005.0)]
     assert seen_in_flight == [[880_000_005.0]]  # the probe itself was in flight
-    assert gate.blocked_by(880_000_005.0 + 21.0) == []  # and left
+    assert gate.blocked_by(880_000_005.0 + 21.0, partition) == []  # and left
 
 
 def test_probe_skips_users_that_already_differ(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from monolith.replay.pacing import WindowGate
+from monolith.streams.config import partition_of
 
 _LOGGER = logging.getLogger("monolith.replay.probe")
 
@@ -62,6 +63,7 @@ class FreshnessProbe:
         gate: the replay's window gate. A probe's impression and action happen at the
             newest event time the replay has sent, and are in flight like a replayed
             event's, so no later event closes the probe's window before its action.
+        partitions: partitions of the streams (the gate is per partition).
         user: the fixed user features of both users (user_id is replaced).
         movie: the movie they are scored on: movie_id and genres.
         first_user_id: probe k uses user ids first_user_id + 2k (probe) and + 2k + 1
@@ -73,7 +75,7 @@ class FreshnessProbe:
         clock: monotonic seconds.
     """
 
-    def __init__(self, predict: PredictFn, report: ReportFn, gate: WindowGate,
+    def __init__(self, predict: PredictFn, report: ReportFn, gate: WindowGate, partitions: int,
                  user: Mapping[str, Any], movie: Mapping[str, Any], first_user_id: int, request_prefix: str,
                  interval: float = 2.0, timeout: float = 15.0, poll: float = 0.05,
                  clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
@@ -88,6 +90,7 @@ class FreshnessProbe:
         self.poll = poll
         self._clock = clock
         self._gate = gate
+        self._partitions = partitions
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="freshness-probe", daemon=True)
         self._lock = threading.Lock()
@@ -165,13 +168,14 @@ class FreshnessProbe:
             _LOGGER.warning("freshness probe %d skipped: fresh users already score differently (%s)", k, before)
             self.skipped += 1
             return None
-        now = self._gate.enter_newest()
+        partition = partition_of(f"{self._prefix}{k}", self._partitions)
+        now = self._gate.enter_newest(partition)
         if now is None:
             return None
         try:
             started = self._impression_and_action(k, pair, now)
         finally:
-            self._gate.leave(now)
+            self._gate.leave(now, partition)
         if started is None:
             return None
         request_id = f"{self._prefix}{k}"

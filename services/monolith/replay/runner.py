@@ -50,7 +50,7 @@ from monolith.replay.pacing import Pacer, WindowGate
 from monolith.replay.probe import FreshnessProbe
 from monolith.replay.samples import SampleLog, closing_time, watermark_request_ids
 from monolith.replay.traffic import ReplayData, load_replay_data
-from monolith.streams.config import StreamsConfig
+from monolith.streams.config import StreamsConfig, partition_of
 from monolith.trainer.evaluation import running_mean_scores
 from monolith.trainer.service import train_pass
 from monolith.trainer.worker import TrainerWorker
@@ -240,7 +240,7 @@ class Replay:
         book = ScoreBook(data.stream.labels)
         gate = WindowGate(self.stack.window + self.stack.lateness, stop=self._stop)
         probe = FreshnessProbe(
-            clients.predict, clients.report, gate,
+            clients.predict, clients.report, gate, self.stack.partitions,
             user=data.user(0), movie=data.movie(0),
             first_user_id=PROBE_USER_BASE + (int(self.run_id, 16) << 16),
             request_prefix=f"{self.prefix}probe-",
@@ -260,12 +260,12 @@ class Replay:
                 if not pacer.wait_for(i):
                     break
                 in_flight.acquire()
-                event_time = data.event_time(i)
-                if not gate.enter(event_time):
+                event_time, partition = data.event_time(i), partition_of(f"{self.prefix}{i}", self.stack.partitions)
+                if not gate.enter(event_time, partition):
                     in_flight.release()
                     break
                 pool.submit(self._one_event, clients, data, book, i).add_done_callback(
-                    lambda _, t=event_time: (gate.leave(t), in_flight.release())
+                    lambda _, t=event_time, p=partition: (gate.leave(t, p), in_flight.release())
                 )
         finally:
             pool.shutdown(wait=True)
