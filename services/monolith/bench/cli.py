@@ -17,6 +17,7 @@ BENCHMARKS = {
     "online": "monolith.bench.online",
     "ablations": "monolith.bench.ablations",
     "sweep": "monolith.bench.sweep",
+    "load": "monolith.bench.load",
 }
 
 

@@ -1,0 +1,251 @@
+"""`monolith bench load`: Locust against the local stack, with freshness probed under the load.
+
+Starts `monolith up` on free ports in a temporary data directory and runs the load test of
+`clients/locust` headless against it (20 users ranking 100 MovieLens candidates each call, a
+click reported for 10% of the calls) for `DURATION` seconds after a warm-up. While it runs:
+model-serving's resident memory is sampled from its /metrics (`process_resident_memory_bytes`)
+and the replay's freshness probe (report_action to the served score changing) runs alongside.
+
+Reports Predict's throughput and latency percentiles (Locust's, over the whole run), the
+error ratio over every call, model-serving's RSS growth from the end of the warm-up to its
+peak, and freshness p50/p99 under load (a probe that times out counts at the timeout), with
+the joiner's and trainers' backlogs at the end: each Predict logs one impression per
+candidate, so the load also tests how far the loop keeps up. `bars_met` checks exactly the issue's bars:
+error_ratio == 0, rss_growth_ratio <= 1.1, p99_ms <= 4 * p50_ms; for a missed bar, `limits`
+holds the figures that bear on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from monolith.replay.launcher import LocalStack, StackInfo
+from monolith.replay.pacing import WindowGate
+from monolith.replay.probe import FreshnessProbe
+
+_LOGGER = logging.getLogger("monolith.bench.load")
+
+USERS = 20
+SPAWN_RATE = 10.0
+CANDIDATES = 100
+ACTION_SHARE = 0.1
+DURATION = 300.0  # seconds of load after the warm-up (the issue's 5 minutes)
+WARMUP = 30.0  # seconds of load before memory is baselined and freshness probed
+QUICK_DURATION = 30.0
+QUICK_WARMUP = 10.0
+PROBE_USER_BASE = 50_000_000  # user ids no data set and no load user has
+PROBE_TIMEOUT = 15.0
+
+BARS: dict[str, Callable[[dict[str, Any]], bool]] = {
+    "error_ratio==0": lambda r: r["error_ratio"] == 0,
+    "rss_growth_ratio<=1.1": lambda r: r["rss_growth_ratio"] <= 1.1,
+    "p99_ms<=4*p50_ms": lambda r: r["p99_ms"] <= 4 * r["p50_ms"],
+}
+
+
+def locustfile() -> Path:
+    """clients/locust/locustfile.py: beside the source tree, or where the image puts it ($MONOLITH_LOCUSTFILE wins)."""
+    candidates = [
+        os.environ.get("MONOLITH_LOCUSTFILE", ""),
+        str(Path(__file__).resolve().parents[3] / "clients" / "locust" / "locustfile.py"),
+        "/opt/monolith/locust/locustfile.py",
+    ]
+    for candidate in candidates:
+        if candidate and os.path.isfile(candidate):
+            return Path(candidate)
+    raise FileNotFoundError(f"no locustfile at any of {[c for c in candidates if c]} (set MONOLITH_LOCUSTFILE)")
+
+
+def metric_sum(metrics_url: str, name: str) -> float:
+    """The sum of every series of metric `name` on a /metrics page (labels ignored).
+
+    Raises:
+        ValueError: the page has no such series.
+    """
+    with urllib.request.urlopen(metrics_url, timeout=5) as response:
+        values = [float(line.rsplit(" ", 1)[1]) for line in response.read().decode().splitlines()
+                  if line.startswith((f"{name} ", f"{name}{{"))]  # fmt: skip
+    if not values:
+        raise ValueError(f"{metrics_url} has no {name}")
+    return sum(values)
+
+
+def resident_bytes(metrics_url: str) -> float:
+    """A process's RSS from its /metrics (prometheus_client's process collector)."""
+    return metric_sum(metrics_url, "process_resident_memory_bytes")
+
+
+def _backlogs(info: StackInfo) -> dict[str, float]:
+    """Events the joiner has not read yet and samples no trainer has been given: where a
+    freshness probe's action waits when the load outruns the loop."""
+    backlogs = {}
+    for key, part, name in (("joiner_backlog_events", "joiner", "monolith_joiner_consumer_lag_events"),
+                            ("trainer_backlog_samples", "trainer", "monolith_trainer_consumer_lag")):  # fmt: skip
+        try:
+            backlogs[key] = metric_sum(info.metrics[part], name)
+        except (KeyError, OSError, ValueError) as exc:
+            _LOGGER.warning("no %s: %s", key, exc)
+            backlogs[key] = math.nan
+    return backlogs
+
+
+class _Sampler:
+    """Calls `read` every `interval` seconds on a thread until stopped; keeps the values."""
+
+    def __init__(self, read: Callable[[], float], interval: float = 1.0) -> None:
+        self.values: list[float] = []
+        self._read = read
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.values.append(self._read())
+            except (OSError, ValueError) as exc:
+                _LOGGER.warning("RSS sample failed: %s", exc)
+            self._stop.wait(self._interval)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _event_clock(gate: WindowGate, stop: threading.Event) -> None:
+    """Moves the gate's "now" with the wall clock: the load's events carry the servers' clock,
+    so the probe's impressions and actions must too (an old event time would be late)."""
+    while not stop.is_set():
+        now = time.time()
+        if gate.enter(now):
+            gate.leave(now)
+        stop.wait(0.5)
+
+
+def _freshness_probe(info: StackInfo, gate: WindowGate) -> tuple[FreshnessProbe, Any]:
+    from monolith_client import MonolithClient
+
+    client = MonolithClient(info.serving, joiner_address=info.joiner, timeout=5.0)
+    probe = FreshnessProbe(
+        lambda features, request_id, event_time: client.predict(features, request_id, event_time),
+        lambda request_id, item_id, event_time: client.report_action(request_id, item_id, event_time=event_time),
+        gate,
+        user={"user_id": 0, "age": "25-34", "gender": "F", "occupation": "engineer", "zip": "941"},
+        movie={"movie_id": 50, "genres": ["Action", "Adventure", "Romance", "Sci-Fi", "War"]},
+        first_user_id=PROBE_USER_BASE,
+        request_prefix=f"load-probe-{os.getpid()}-",
+        interval=2.0,
+        timeout=PROBE_TIMEOUT,
+    )
+    return probe, client
+
+
+def _locust(info: StackInfo, out: Path, run_time: float) -> subprocess.Popen[bytes]:
+    command = [
+        sys.executable, "-m", "locust", "--locustfile", str(locustfile()), "--headless", "--only-summary",
+        "--host", info.serving, "--joiner", info.joiner,
+        "--users", str(USERS), "--spawn-rate", str(SPAWN_RATE), "--run-time", f"{int(run_time)}s", "--stop-timeout", "10",
+        "--candidates", str(CANDIDATES), "--action-share", str(ACTION_SHARE),
+        # The bars are judged here; Locust's own gate only must not fail the run for latency.
+        "--max-error-ratio", "1", "--max-p95-ms", "1e9", "--exit-code-on-error", "0",
+        "--csv", str(out / "locust"),
+    ]  # fmt: skip
+    log = open(out / "locust.log", "wb")  # noqa: SIM115 - closed by the caller after wait()
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _stats(out: Path) -> dict[str, dict[str, str]]:
+    with open(out / "locust_stats.csv", newline="") as f:
+        return {row["Name"]: row for row in csv.DictReader(f)}
+
+
+def _limits(bar: str, r: dict[str, Any]) -> list[str]:
+    if bar.startswith("error_ratio"):
+        return [f"{r['failures']} of {r['calls']} calls failed (Locust's failures CSV names them)"]
+    if bar.startswith("rss"):
+        return [f"model-serving RSS {r['rss_start_mb']} MB after the warm-up, peak {r['rss_peak_mb']} MB, "
+                f"{r['rss_end_mb']} MB at the end of {r['duration_s']} s of load"]  # fmt: skip
+    return [f"Predict p50 {r['p50_ms']} ms, p95 {r['p95_ms']} ms, p99 {r['p99_ms']} ms at {r['rps']} calls/s from "
+            f"{USERS} users on a machine that also runs the stack's nine processes and Locust"]  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    duration, warmup = (QUICK_DURATION, QUICK_WARMUP) if args.quick else (DURATION, WARMUP)
+    with tempfile.TemporaryDirectory(prefix="monolith-bench-load-") as directory:
+        out = Path(directory)
+        stack = LocalStack(str(out / "stack"), ("--serving-port", "0", "--joiner-port", "0", "--nats-port", "0"))
+        info = stack.start(timeout=300)
+        try:
+            print(f"bench load: {USERS} users for {warmup:g} + {duration:g} s against {info.serving}", file=sys.stderr)
+            locust = _locust(info, out, warmup + duration)
+            time.sleep(warmup)  # the warm-up is load itself, not a wait for a condition
+            stop = threading.Event()
+            gate = WindowGate(info.window + info.lateness, stop=stop)
+            clock = threading.Thread(target=_event_clock, args=(gate, stop), name="event-clock", daemon=True)
+            clock.start()
+            rss = _Sampler(lambda: resident_bytes(info.metrics["serving"]))
+            rss.start()
+            probe, client = _freshness_probe(info, gate)
+            probe.start()
+            code = locust.wait(timeout=warmup + duration + 120)
+            backlogs = _backlogs(info)
+            probe.stop()
+            rss.stop()
+            stop.set()
+            clock.join()
+            client.close()
+            stats = _stats(out)
+            log_tail = (out / "locust.log").read_text(errors="replace")[-2000:]
+        finally:
+            stack.stop()
+    if code != 0 or "Predict" not in stats:
+        raise RuntimeError(f"Locust exited with {code}:\n{log_tail}")
+    predict, total = stats["Predict"], stats["Aggregated"]
+    freshness = probe.seconds()
+    calls, failures = int(total["Request Count"]), int(total["Failure Count"])
+    result: dict[str, Any] = {
+        "rps": round(float(predict["Requests/s"]), 1),
+        "p50_ms": float(predict["50%"]),
+        "p95_ms": float(predict["95%"]),
+        "p99_ms": float(predict["99%"]),
+        "error_ratio": failures / calls if calls else math.nan,
+        "calls": calls,
+        "failures": failures,
+        "actions_rps": round(float(stats.get("ReportActions", {}).get("Requests/s", 0.0)), 1),
+        "rss_start_mb": round(rss.values[0] / 2**20, 1),
+        "rss_peak_mb": round(max(rss.values) / 2**20, 1),
+        "rss_end_mb": round(rss.values[-1] / 2**20, 1),
+        "rss_growth_ratio": round(max(rss.values) / rss.values[0], 3),
+        "freshness_p50_s": round(float(np.percentile(freshness, 50)), 3) if freshness else math.nan,
+        "freshness_p99_s": round(float(np.percentile(freshness, 99)), 3) if freshness else math.nan,
+        "freshness_probes": len(freshness),
+        "freshness_misses": sum(1 for r in probe.results() if r.missed),
+        **backlogs,
+        "impressions_per_s": round(float(predict["Requests/s"]) * CANDIDATES, 1),
+        "users": USERS,
+        "candidates": CANDIDATES,
+        "action_share": ACTION_SHARE,
+        "warmup_s": warmup,
+        "duration_s": duration,
+    }
+    bars_met = {bar: bool(check(result)) for bar, check in BARS.items()}
+    result["bars_met"] = bars_met
+    result["limits"] = {bar: _limits(bar, result) for bar, met in bars_met.items() if not met}
+    return result
