@@ -25,11 +25,11 @@ from monolith.replay.launcher import StackError, StackInfo
 from monolith.replay.pacing import Pacer, WindowGate
 from monolith.replay.probe import FreshnessProbe
 from monolith.replay.report import plot_rolling_auc, summary_table
-from monolith.replay.samples import closing_time, watermark_request_ids
+from monolith.replay.samples import ImpressionWatch, closing_time, watermark_request_ids
 from monolith.replay.service import json_ready
 from monolith.replay.traffic import load_replay_data
 from monolith.serving.model import ServingModel
-from monolith.streams.config import partition_of
+from monolith.streams.config import StreamsConfig, partition_of
 from monolith.trainer.backends import LocalDense, LocalEmbeddings
 from monolith.trainer.metrics import auc
 
@@ -247,6 +247,27 @@ def test_one_watermark_request_per_partition_closing_every_window() -> None:
     assert closing_time(last, window, lateness) - lateness > last + window
 
 
+def test_impression_watch_runs_callbacks_once_the_impression_is_stored() -> None:
+    clock = FakeClock()
+    watch = ImpressionWatch(StreamsConfig(), "run-", timeout=10.0, clock=clock)
+    ran: list[str] = []
+    watch.after_stored("run-1", lambda: ran.append("a"))
+    watch.after_stored("run-1", lambda: ran.append("b"))
+    watch.after_stored("run-2", lambda: ran.append("c"))
+    assert ran == []
+    watch.stored("run-1")
+    assert ran == ["a", "b"]
+    watch.after_stored("run-1", lambda: ran.append("d"))  # already stored: at once
+    assert ran == ["a", "b", "d"]
+    clock.now += 9.0
+    assert watch.expire() == 0
+    clock.now += 2.0  # run-2's impression never came (dropped by serving, say)
+    assert watch.expire() == 1 and ran[-1] == "c" and watch.unseen == 1
+    watch.after_stored("run-3", lambda: ran.append("e"))
+    watch.close()  # what still waits runs on close
+    assert ran[-1] == "e"
+
+
 # ---------------------------------------------------------------- freshness probe
 
 
@@ -272,6 +293,10 @@ class FakeStack:
             self.trained[probe_user] = self.clock.now + self.delay
 
 
+def _stored_at_once(request_id: str, callback) -> None:
+    callback()  # the impression is on the stream as soon as Predict answers
+
+
 def _gate(now: float | None = 880_000_000.0) -> WindowGate:
     """The replay's gate after it sent an event at `now` (None: nothing sent yet)."""
     gate = WindowGate(horizon=20.0)
@@ -282,7 +307,7 @@ def _gate(now: float | None = 880_000_000.0) -> WindowGate:
 
 
 def _probe(clock: FakeClock, stack: FakeStack, gate: WindowGate | None = None) -> FreshnessProbe:
-    return FreshnessProbe(stack.predict, stack.report, gate or _gate(), 8,
+    return FreshnessProbe(stack.predict, stack.report, gate or _gate(), 8, _stored_at_once,
                           user={"user_id": 1, "age": "25-34", "gender": "M", "occupation": "writer", "zip": "554"},
                           movie={"movie_id": 50, "genres": ["Action"]}, first_user_id=10**9,
                           request_prefix="run-probe-", timeout=15.0, poll=0.05, clock=clock)  # fmt: skip
@@ -337,7 +362,7 @@ def test_probe_takes_the_newest_event_time_and_holds_later_events_until_its_acti
         seen_in_flight.append(gate.blocked_by(event_time + 21.0, partition))
         report(request_id, item_id, event_time)
 
-    probe = FreshnessProbe(stack.predict, reporting, gate, 8, user={"user_id": 1, "age": "25-34"},
+    probe = FreshnessProbe(stack.predict, reporting, gate, 8, _stored_at_once, user={"user_id": 1, "age": "25-34"},
                            movie={"movie_id": 50, "genres": ["Action"]}, first_user_id=10**9,
                            request_prefix="p-", clock=clock)  # fmt: skip
     monkeypatch.setattr(probe._stop, "wait", clock.wait)

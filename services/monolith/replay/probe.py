@@ -64,6 +64,8 @@ class FreshnessProbe:
             newest event time the replay has sent, and are in flight like a replayed
             event's, so no later event closes the probe's window before its action.
         partitions: partitions of the streams (the gate is per partition).
+        after_stored: runs a callback once the impression of a request_id is on the stream
+            (`samples.ImpressionWatch.after_stored`): the probe leaves the gate then.
         user: the fixed user features of both users (user_id is replaced).
         movie: the movie they are scored on: movie_id and genres.
         first_user_id: probe k uses user ids first_user_id + 2k (probe) and + 2k + 1
@@ -76,6 +78,7 @@ class FreshnessProbe:
     """
 
     def __init__(self, predict: PredictFn, report: ReportFn, gate: WindowGate, partitions: int,
+                 after_stored: Callable[[str, Callable[[], None]], None],
                  user: Mapping[str, Any], movie: Mapping[str, Any], first_user_id: int, request_prefix: str,
                  interval: float = 2.0, timeout: float = 15.0, poll: float = 0.05,
                  clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
@@ -91,6 +94,7 @@ class FreshnessProbe:
         self._clock = clock
         self._gate = gate
         self._partitions = partitions
+        self._after_stored = after_stored
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="freshness-probe", daemon=True)
         self._lock = threading.Lock()
@@ -172,13 +176,18 @@ class FreshnessProbe:
         now = self._gate.enter_newest(partition)
         if now is None:
             return None
+        request_id = f"{self._prefix}{k}"
+        impressed = False
         try:
             started = self._impression_and_action(k, pair, now)
+            impressed = any(r == request_id for r, _, _ in self.impressions())
         finally:
-            self._gate.leave(now, partition)
+            if impressed:
+                self._after_stored(request_id, lambda: self._gate.leave(now, partition))
+            else:
+                self._gate.leave(now, partition)
         if started is None:
             return None
-        request_id = f"{self._prefix}{k}"
         while not self._stop.is_set():
             try:
                 scores = self._predict(pair, None, None)

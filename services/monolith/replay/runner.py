@@ -48,7 +48,7 @@ from monolith.replay.frozen import freeze
 from monolith.replay.launcher import StackInfo
 from monolith.replay.pacing import Pacer, WindowGate
 from monolith.replay.probe import FreshnessProbe
-from monolith.replay.samples import SampleLog, closing_time, watermark_request_ids
+from monolith.replay.samples import ImpressionWatch, SampleLog, closing_time, watermark_request_ids
 from monolith.replay.traffic import ReplayData, load_replay_data
 from monolith.streams.config import StreamsConfig, partition_of
 from monolith.trainer.evaluation import running_mean_scores
@@ -239,8 +239,12 @@ class Replay:
         """Replays every event at the pace; returns the served scores, timing and the probe."""
         book = ScoreBook(data.stream.labels)
         gate = WindowGate(self.stack.window + self.stack.lateness, stop=self._stop)
+        watch = ImpressionWatch(StreamsConfig(url=self.stack.nats, partitions=self.stack.partitions), self.prefix)
+        watch.start()
+        expiry = PeriodicTask("replay-impression-expiry", 0.5, watch.expire)
+        expiry.start()
         probe = FreshnessProbe(
-            clients.predict, clients.report, gate, self.stack.partitions,
+            clients.predict, clients.report, gate, self.stack.partitions, watch.after_stored,
             user=data.user(0), movie=data.movie(0),
             first_user_id=PROBE_USER_BASE + (int(self.run_id, 16) << 16),
             request_prefix=f"{self.prefix}probe-",
@@ -264,20 +268,29 @@ class Replay:
                 if not gate.enter(event_time, partition):
                     in_flight.release()
                     break
+                # The event leaves the gate once its impression is stored too (serving
+                # publishes it after Predict returns), so no later event overtakes it.
                 pool.submit(self._one_event, clients, data, book, i).add_done_callback(
-                    lambda _, t=event_time, p=partition: (gate.leave(t, p), in_flight.release())
+                    lambda done, i=i, t=event_time, p=partition: (
+                        in_flight.release(),
+                        watch.after_stored(f"{self.prefix}{i}", lambda: gate.leave(t, p))
+                        if done.result() else gate.leave(t, p),
+                    )
                 )
         finally:
             pool.shutdown(wait=True)
             seconds = time.monotonic() - pacer.start
             probe.stop()
+            expiry.stop()
+            watch.close()
             progress.stop()
             if self.options.progress:
                 self._print_progress(book, pacer, probe, samples, final=True)
-        return {"book": book, "seconds": seconds, "probe": probe, "gate_waits": gate.waits}
+        return {"book": book, "seconds": seconds, "probe": probe, "gate_waits": gate.waits,
+                "impressions_unseen": watch.unseen}  # fmt: skip
 
-    def _one_event(self, clients: StackClients, data: ReplayData, book: ScoreBook, i: int) -> None:
-        """Event i: its Predict (the impression), then its action if positive."""
+    def _one_event(self, clients: StackClients, data: ReplayData, book: ScoreBook, i: int) -> bool:
+        """Event i: its Predict (the impression), then its action if positive; whether Predict answered."""
         request_id, item_id, event_time = f"{self.prefix}{i}", data.item_id(i), data.event_time(i)
         try:
             scores = clients.predict(data.features([i]), request_id, event_time)
@@ -287,7 +300,7 @@ class Replay:
                 self._predict_errors += 1
                 self._done += 1
             _LOGGER.debug("Predict of event %d failed: %s", i, exc)
-            return
+            return False
         book.record(i, float(scores[0]))
         label = 0.0
         if data.label(i) >= 0.5:
@@ -302,6 +315,7 @@ class Replay:
             self._impressions.append((request_id, item_id, label))
             self._actions += label == 1.0
             self._done += 1
+        return True
 
     def _drain(self, clients: StackClients, data: ReplayData, samples: SampleLog,
                probe: FreshnessProbe) -> dict[str, Any]:  # fmt: skip
@@ -400,6 +414,7 @@ class Replay:
             "action_errors": self._action_errors,
             "replay_seconds": replayed["seconds"],
             "window_gate_waits": replayed["gate_waits"],
+            "impressions_unseen": replayed["impressions_unseen"],
             "consumer_lag": lag,
             **batch,
         }

@@ -10,6 +10,11 @@ of every count (their windows stay open).
 `SampleLog` reads SAMPLES from the start with an ordered consumer (no state on the server
 beyond the subscription) and keeps the samples whose request_id carries this run's prefix,
 so earlier runs on the same stack do not count.
+
+`ImpressionWatch` tells when an impression is stored on EVENTS. model-serving publishes
+impressions asynchronously after Predict returns, while ReportActions stores an action
+before it returns; the replay's window gate (`pacing.WindowGate`) lets an event go only
+once the events it could overtake have both on the stream.
 """
 
 from __future__ import annotations
@@ -18,17 +23,21 @@ import asyncio
 import itertools
 import logging
 import threading
+import time
+from typing import Callable
 
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
 from monolith.api.joiner.v1 import joiner_pb2
 from monolith.replay.bookkeeping import SampleKey
-from monolith.streams.config import SAMPLES_STREAM, StreamsConfig, partition_of
+from monolith.streams.config import EVENTS_STREAM, SAMPLES_STREAM, StreamsConfig, partition_of
 from monolith.streams.jetstream import BackgroundLoop, connect
 
 _LOGGER = logging.getLogger("monolith.replay.samples")
 TIMEOUT = 10.0  # seconds for one stream request
+MSG_ID = "Nats-Msg-Id"
+IMPRESSION_MSG_ID = "imp/"  # serving's message ids: imp/<request_id>/<item_id>
 
 
 def watermark_request_ids(prefix: str, partitions: int) -> list[str]:
@@ -129,3 +138,98 @@ class SampleLog:
             except (TimeoutError, asyncio.CancelledError, Exception) as exc:  # noqa: BLE001 - closing anyway
                 _LOGGER.debug("closing NATS: %s", exc)
         self._loop.close()
+
+
+class ImpressionWatch:
+    """Which of this run's impressions are stored on EVENTS, from the message ids alone.
+
+    A headers-only ordered consumer of EVENTS from the moment it starts: no payload is
+    sent, the `Nats-Msg-Id` header names the impression (`imp/<request_id>/<item_id>`).
+
+    Args:
+        config: where NATS is.
+        prefix: the request_id prefix of this run's impressions.
+        timeout: seconds after which a callback waiting for an impression runs anyway (the
+            impression was dropped by serving, say); counted in `unseen`.
+        clock: monotonic seconds.
+    """
+
+    def __init__(self, config: StreamsConfig, prefix: str, timeout: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+        self._config = config
+        self._marker = f"{IMPRESSION_MSG_ID}{prefix}"
+        self.timeout = timeout
+        self._clock = clock
+        self._loop: BackgroundLoop | None = None
+        self._nc = None
+        self._lock = threading.Lock()
+        self._stored: set[str] = set()
+        self._waiting: dict[str, list[tuple[float, Callable[[], None]]]] = {}
+        self.unseen = 0
+
+    def start(self) -> None:
+        """Subscribes (new messages only).
+
+        Raises:
+            Unavailable: NATS did not answer.
+        """
+        self._loop = BackgroundLoop("replay-impressions")
+        self._loop.run(self._start(), TIMEOUT * 3)
+
+    async def _start(self) -> None:
+        self._nc = await connect(self._config, "monolith-replay-impressions", attempts=10)
+        js = self._nc.jetstream(timeout=TIMEOUT)
+        await js.subscribe(
+            "events.*", stream=EVENTS_STREAM, cb=self._on_message, ordered_consumer=True,
+            deliver_policy=DeliverPolicy.NEW, headers_only=True,
+        )  # fmt: skip
+
+    async def _on_message(self, msg: Msg) -> None:
+        msg_id = (msg.headers or {}).get(MSG_ID, "")
+        if msg_id.startswith(self._marker):
+            self.stored(msg_id[len(IMPRESSION_MSG_ID) :].rsplit("/", 1)[0])
+
+    def stored(self, request_id: str) -> None:
+        """Records that the impression of `request_id` is on the stream; runs what waited for it."""
+        with self._lock:
+            self._stored.add(request_id)
+            callbacks = self._waiting.pop(request_id, [])
+        for _, callback in callbacks:
+            callback()
+
+    def after_stored(self, request_id: str, callback: Callable[[], None]) -> None:
+        """Runs `callback` once the impression of `request_id` is on the stream (at once if it is)."""
+        with self._lock:
+            if request_id not in self._stored:
+                self._waiting.setdefault(request_id, []).append((self._clock(), callback))
+                return
+        callback()
+
+    def expire(self) -> int:
+        """Runs the callbacks that waited longer than `timeout`; returns how many impressions gave up."""
+        cutoff = self._clock() - self.timeout
+        due: list[Callable[[], None]] = []
+        with self._lock:
+            for request_id, waiting in list(self._waiting.items()):
+                if waiting[0][0] <= cutoff:
+                    del self._waiting[request_id]
+                    due += [callback for _, callback in waiting]
+                    self.unseen += 1
+        for callback in due:
+            callback()
+        return len(due)
+
+    def close(self) -> None:
+        """Unsubscribes; callbacks still waiting run now."""
+        if self._loop is not None:
+            if self._nc is not None:
+                try:
+                    self._loop.run(self._nc.close(), TIMEOUT)
+                except (TimeoutError, asyncio.CancelledError, Exception) as exc:  # noqa: BLE001 - closing anyway
+                    _LOGGER.debug("closing NATS: %s", exc)
+            self._loop.close()
+        with self._lock:
+            due = [callback for waiting in self._waiting.values() for _, callback in waiting]
+            self._waiting.clear()
+        for callback in due:
+            callback()
