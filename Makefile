@@ -9,7 +9,7 @@ LOCK := requirements.lock
 # `make run`: the stack's data directory (wiped at each run: a replay of old data needs fresh
 # streams and tables) and the replay's pace in events/s, so the whole run fits in 5 minutes.
 RUN_DIR := .monolith-run
-RUN_SPEED ?= 100
+RUN_SPEED ?= 120
 # `make loadtest`: Locust against a fresh `monolith up` (its data dir is wiped each run), bounded.
 LOADTEST_DIR := .monolith-loadtest
 LOADTEST_USERS ?= 20
