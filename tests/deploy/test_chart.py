@@ -219,7 +219,6 @@ def test_the_shard_count_reaches_every_component(helm, shards) -> None:
     assert _flag(serving, "--embedding-ps").split(",") == addresses("embedding-ps-serving")
     controller = _container(_one(docs, "Deployment", "controller"))["args"]
     assert _flag(controller, "--embedding-ps").split(",") == addresses("embedding-ps-training")
-    assert _flag(controller, "--embedding-ps-serving").split(",") == addresses("embedding-ps-serving")
 
 
 def test_nats_url_reaches_every_streams_client(helm) -> None:

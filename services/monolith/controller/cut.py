@@ -47,6 +47,7 @@ from monolith.common.config import ConfigModel
 from monolith.common.errors import FailedPrecondition, Unavailable
 from monolith.common.wire import decode_array, encode_array
 from monolith.controller import metrics
+from monolith.controller.cluster import NORMAL, WARNING, ClusterView, LocalView
 from monolith.dense_ps.client import DensePSClient
 from monolith.dense_ps.store import DenseSnapshot
 from monolith.embedding.hashing import stable_hash64
@@ -294,6 +295,7 @@ class CheckpointController:
             if last is not None and last.num_shards != self.num_shards:
                 _LOGGER.info("resharding %s from %d to %d shard(s)", last.id, last.num_shards, self.num_shards)
             self._pause_trainers(best_effort=True)
+            before = self._position()  # what was applied and acknowledged, some of it after the cut
             plan = restore_plan(self.store, chain, self.num_shards, route) if chain else [[] for _ in self._shards]
             responses = list(self._pool.map(lambda i: self._restore_shard(i, plan[i]), range(self.num_shards)))
             dense = self.store.dense(last) if last is not None else None
@@ -301,6 +303,9 @@ class CheckpointController:
             position = int(last.stream.get("ack_floor", 0)) if last is not None else 0
             if self._consumer is not None:
                 self._consumer.rewind(position)
+                metrics.RESUME_POSITION.set(position)
+                if before is not None:
+                    metrics.ROLLED_BACK.inc(max(0, before.ack_floor - position))
             self._expected_shards = [r.incarnation for r in responses]
             self._expected_dense = self._dense.stats().incarnation
             self._since_full = self.settings.full_every  # the next checkpoint is full
@@ -344,6 +349,7 @@ class CheckpointController:
                 self._pause_trainers(best_effort=True)
                 position = self._position()
                 if position is not None and position.ack_pending == 0:
+                    metrics.RESUME_POSITION.set(position.ack_floor)
                     self._resume_trainers(rolled_back=False, adopt=True)
                     _LOGGER.info("a trainer restarted between steps (nothing unacknowledged): resumed it")
                     return "resumed a restarted trainer"
@@ -352,6 +358,8 @@ class CheckpointController:
                 self._pause_trainers(best_effort=True)
                 position = self._position()
                 if position is None or position.ack_pending == 0:
+                    if position is not None:
+                        metrics.RESUME_POSITION.set(position.ack_floor)
                     self._adopt()
                     self._resume_trainers(rolled_back=False, adopt=True)
                     return "adopted the running cluster"
@@ -393,27 +401,67 @@ class CheckpointController:
         self._expected_dense = self._dense.stats().incarnation
         self.adopted = True
 
-    def run(self, stop: threading.Event, on_ready: Callable[[], None] | None = None) -> None:
-        """Watches every `watch_interval` and checkpoints every `interval` until `stop`."""
+    def run(self, stop: threading.Event, on_ready: Callable[[], None] | None = None,
+            view: ClusterView | None = None) -> None:  # fmt: skip
+        """Watches every `watch_interval` and checkpoints every `interval` until `stop`.
+
+        Args:
+            stop: set to end the loop.
+            on_ready: called once the cluster is restored or adopted.
+            view: where the controller runs (`LocalView` by default): a passive replica (not
+                the lease holder) does nothing; checkpoints, restores and failures are recorded.
+        """
+        view = view or LocalView()
         next_checkpoint = 0.0  # the first as soon as the cluster is up
         ready_reported = False
         while not stop.is_set():
+            if not view.is_leader():
+                self.adopted = False  # a new leader adopts (or restores) the cluster as it finds it
+                view.wait(stop, self.settings.watch_interval)
+                continue
             try:
+                trainers = view.trainers()
+                if trainers is not None:
+                    self.set_trainers(trainers)
                 done = self.watch_once()
                 if done:
                     _LOGGER.info("%s", done)
+                    view.record(WARNING if done.startswith("restored") else NORMAL,
+                                "Restored" if done.startswith("restored") else "Recovered", done)  # fmt: skip
                     next_checkpoint = min(next_checkpoint, time.monotonic())
                 if self.adopted and not ready_reported:
                     ready_reported = True
                     if on_ready is not None:
                         on_ready()
                 if self.adopted and time.monotonic() >= next_checkpoint and self._trainers_ready():
-                    self.checkpoint()
+                    m = self.checkpoint()
+                    view.record(NORMAL, "Checkpoint", f"checkpoint {m.id} ({m.kind}): {sum(s.rows for s in m.shards)} "
+                                f"rows, stream position {m.stream.get('ack_floor', '-')}, training paused "
+                                f"{m.pause_seconds:.3f} s")  # fmt: skip
                     next_checkpoint = time.monotonic() + self.settings.interval
             except (grpc.RpcError, Unavailable, CheckpointError, OSError) as exc:
                 metrics.FAILURES.inc()
                 _LOGGER.warning("controller round failed (retrying): %s", _describe(exc))
-            stop.wait(self.settings.watch_interval)
+                view.record(WARNING, "ControllerRoundFailed", _describe(exc))
+            view.wait(stop, self.settings.watch_interval)
+
+    def set_trainers(self, addresses: Sequence[str]) -> None:
+        """Replaces the trainers (Kubernetes: the trainer pods running now); known ones keep their state."""
+        with self._lock:
+            if list(addresses) == self.trainer_addresses:
+                return
+            old = dict(zip(self.trainer_addresses, zip(self._trainer_channels, self._expected_trainers)))
+            channels, expected = [], []
+            for address in addresses:
+                channel, incarnation = old.pop(address, (None, None))
+                channels.append(channel or grpc.insecure_channel(address, options=list(_CHANNEL_OPTIONS)))
+                expected.append(incarnation)
+            for channel, _ in old.values():
+                channel.close()
+            self.trainer_addresses = list(addresses)
+            self._trainer_channels = channels
+            self._trainers = [tr_grpc.TrainerControlStub(c) for c in channels]
+            self._expected_trainers = expected
 
     # -------------------------------------------------------------- trainers
 
@@ -444,6 +492,7 @@ class CheckpointController:
                 continue
             if adopt:
                 self._expected_trainers[i] = response.status.incarnation
+                metrics.TRAINER_CHECKINS.inc()
 
     def _trainers_ready(self) -> bool:
         for stub in self._trainers:

@@ -27,3 +27,16 @@ LAST_RESTORE_SECONDS = prometheus_client.Gauge(
 FAILURES = prometheus_client.Counter(
     "monolith_controller_failures_total", "Controller rounds (watch or checkpoint) that failed and were retried."
 )
+ROLLED_BACK = prometheus_client.Counter(
+    "monolith_controller_samples_rolled_back_total",
+    "Samples applied and acknowledged after a cut that a restore undid (the stream delivers them again).",
+)
+RESUME_POSITION = prometheus_client.Gauge(
+    "monolith_controller_resume_position",
+    "Stream sequence the trainers resumed after at the last restore or trainer check-in (every sample up to it "
+    "is in the parameter servers, none after it).",
+)
+TRAINER_CHECKINS = prometheus_client.Counter(
+    "monolith_controller_trainer_checkins_total",
+    "Trainers resumed after a restore or a restart (checked in: the controller knows their incarnation).",
+)
