@@ -34,8 +34,6 @@ from typing import Any, Callable
 import numpy as np
 
 from monolith.replay.launcher import LocalStack, StackInfo
-from monolith.replay.pacing import WindowGate
-from monolith.replay.probe import FreshnessProbe
 
 _LOGGER = logging.getLogger("monolith.bench.load")
 
@@ -89,18 +87,25 @@ def resident_bytes(metrics_url: str) -> float:
     return metric_sum(metrics_url, "process_resident_memory_bytes")
 
 
-def _backlogs(info: StackInfo) -> dict[str, float]:
-    """Events the joiner has not read yet and samples no trainer has been given: where a
-    freshness probe's action waits when the load outruns the loop."""
-    backlogs = {}
-    for key, part, name in (("joiner_backlog_events", "joiner", "monolith_joiner_consumer_lag_events"),
-                            ("trainer_backlog_samples", "trainer", "monolith_trainer_consumer_lag")):  # fmt: skip
+def _loop_figures(info: StackInfo) -> dict[str, float]:
+    """How far the loop kept up with the load, from the parts' /metrics: impressions published
+    and dropped by model-serving, events the joiner has not read, samples it published, and
+    samples the trainers have not been given or trained."""
+    figures = {}
+    for key, part, name in (
+        ("joiner_backlog_events", "joiner", "monolith_joiner_consumer_lag_events"),
+        ("trainer_backlog_samples", "trainer", "monolith_trainer_consumer_lag"),
+        ("impressions_published", "serving", "monolith_serving_impressions_published_total"),
+        ("impressions_dropped", "serving", "monolith_serving_impressions_dropped_total"),
+        ("samples_published", "joiner", "monolith_joiner_samples_published_total"),
+        ("examples_trained", "trainer", "monolith_trainer_examples_total"),
+    ):
         try:
-            backlogs[key] = metric_sum(info.metrics[part], name)
+            figures[key] = metric_sum(info.metrics[part], name)
         except (KeyError, OSError, ValueError) as exc:
             _LOGGER.warning("no %s: %s", key, exc)
-            backlogs[key] = math.nan
-    return backlogs
+            figures[key] = math.nan
+    return figures
 
 
 class _Sampler:
@@ -129,32 +134,80 @@ class _Sampler:
         self._thread.join()
 
 
-def _event_clock(gate: WindowGate, stop: threading.Event) -> None:
-    """Moves the gate's "now" with the wall clock: the load's events carry the servers' clock,
-    so the probe's impressions and actions must too (an old event time would be late)."""
-    while not stop.is_set():
-        now = time.time()
-        if gate.enter(now):
-            gate.leave(now)
-        stop.wait(0.5)
+class FreshnessUnderLoad:
+    """Probes train-to-serve freshness every `interval` seconds on a thread of its own.
 
+    The replay's probe (replay/probe.py) works the same way but in the replay's event time,
+    behind its window gate; under Locust every event carries the servers' clock, so this
+    one simply uses the wall clock. Each probe takes two users nothing has seen, a probe and
+    a control with the same other features: they score alike until the probe user's
+    impression and click have gone through the joiner, the online trainer and the sync to
+    the serving shards. Freshness is the time from the report_action call to the first
+    Predict that scores them differently; after `timeout` it is a miss.
 
-def _freshness_probe(info: StackInfo, gate: WindowGate) -> tuple[FreshnessProbe, Any]:
-    from monolith_client import MonolithClient
+    Args:
+        client: a MonolithClient with a joiner address.
+        prefix: request_id prefix of the probes' impressions.
+        interval: seconds between probe starts.
+        timeout: seconds after which a probe is a miss.
+    """
 
-    client = MonolithClient(info.serving, joiner_address=info.joiner, timeout=5.0)
-    probe = FreshnessProbe(
-        lambda features, request_id, event_time: client.predict(features, request_id, event_time),
-        lambda request_id, item_id, event_time: client.report_action(request_id, item_id, event_time=event_time),
-        gate,
-        user={"user_id": 0, "age": "25-34", "gender": "F", "occupation": "engineer", "zip": "941"},
-        movie={"movie_id": 50, "genres": ["Action", "Adventure", "Romance", "Sci-Fi", "War"]},
-        first_user_id=PROBE_USER_BASE,
-        request_prefix=f"load-probe-{os.getpid()}-",
-        interval=2.0,
-        timeout=PROBE_TIMEOUT,
-    )
-    return probe, client
+    USER = {"age": "25-34", "gender": "F", "occupation": "engineer", "zip": "941"}
+    MOVIE = {"movie_id": 50, "genres": ["Action", "Adventure", "Romance", "Sci-Fi", "War"]}
+
+    def __init__(self, client: Any, prefix: str, interval: float = 2.0, timeout: float = PROBE_TIMEOUT) -> None:
+        self._client = client
+        self._prefix = prefix
+        self.interval = interval
+        self.timeout = timeout
+        self.seconds: list[float] = []  # one per finished probe; NaN for a miss
+        self.skipped = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="freshness-under-load", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        k = 0
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                result = self.probe_once(k)
+            except Exception as exc:  # noqa: BLE001 - a busy stack skips a probe, it does not end the benchmark
+                _LOGGER.warning("freshness probe %d skipped: %s", k, exc)
+                result = None
+            if result is None:
+                self.skipped += 1
+            else:
+                self.seconds.append(result)
+            k += 1
+            self._stop.wait(max(0.0, self.interval - (time.monotonic() - started)))
+
+    def probe_once(self, k: int) -> float | None:
+        """One probe: its freshness in seconds, NaN for a miss, None if it could not measure."""
+        user_id = PROBE_USER_BASE + 2 * k
+        pair = {"user_id": [user_id, user_id + 1], **{n: [v] for n, v in {**self.USER, **self.MOVIE}.items()}}
+        before = self._client.predict(pair)
+        if before[0] != before[1]:
+            return None  # two unseen users must score alike, or the probe cannot tell
+        request_id = f"{self._prefix}{k}"
+        single = {name: values[:1] for name, values in pair.items()}
+        self._client.predict(single, request_id)  # the probe user's impression
+        started = time.monotonic()
+        self._client.report_action(request_id, self.MOVIE["movie_id"])
+        while not self._stop.is_set():
+            scores = self._client.predict(pair)
+            if scores[0] != scores[1]:
+                return time.monotonic() - started
+            if time.monotonic() - started >= self.timeout:
+                return math.nan
+            self._stop.wait(0.05)
+        return None
 
 
 def _locust(info: StackInfo, out: Path, run_time: float) -> subprocess.Popen[bytes]:
@@ -196,20 +249,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"bench load: {USERS} users for {warmup:g} + {duration:g} s against {info.serving}", file=sys.stderr)
             locust = _locust(info, out, warmup + duration)
             time.sleep(warmup)  # the warm-up is load itself, not a wait for a condition
-            stop = threading.Event()
-            gate = WindowGate(info.window + info.lateness, stop=stop)
-            clock = threading.Thread(target=_event_clock, args=(gate, stop), name="event-clock", daemon=True)
-            clock.start()
             rss = _Sampler(lambda: resident_bytes(info.metrics["serving"]))
             rss.start()
-            probe, client = _freshness_probe(info, gate)
+            from monolith_client import MonolithClient
+
+            client = MonolithClient(info.serving, joiner_address=info.joiner, timeout=5.0)
+            probe = FreshnessUnderLoad(client, f"load-probe-{os.getpid()}-")
             probe.start()
             code = locust.wait(timeout=warmup + duration + 120)
-            backlogs = _backlogs(info)
+            loop = _loop_figures(info)
             probe.stop()
             rss.stop()
-            stop.set()
-            clock.join()
             client.close()
             stats = _stats(out)
             log_tail = (out / "locust.log").read_text(errors="replace")[-2000:]
@@ -218,7 +268,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if code != 0 or "Predict" not in stats:
         raise RuntimeError(f"Locust exited with {code}:\n{log_tail}")
     predict, total = stats["Predict"], stats["Aggregated"]
-    freshness = probe.seconds()
+    freshness = [probe.timeout if math.isnan(s) else s for s in probe.seconds]  # a miss counts at the timeout
     calls, failures = int(total["Request Count"]), int(total["Failure Count"])
     result: dict[str, Any] = {
         "rps": round(float(predict["Requests/s"]), 1),
@@ -236,8 +286,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "freshness_p50_s": round(float(np.percentile(freshness, 50)), 3) if freshness else math.nan,
         "freshness_p99_s": round(float(np.percentile(freshness, 99)), 3) if freshness else math.nan,
         "freshness_probes": len(freshness),
-        "freshness_misses": sum(1 for r in probe.results() if r.missed),
-        **backlogs,
+        "freshness_misses": sum(1 for s in probe.seconds if math.isnan(s)),
+        **loop,
         "impressions_per_s": round(float(predict["Requests/s"]) * CANDIDATES, 1),
         "users": USERS,
         "candidates": CANDIDATES,
