@@ -62,6 +62,7 @@ ACTION_KIND = "click"
 CATCH_UP_EVENTS = 64  # replayed events compared between serving and the frozen copy before starting
 CATCH_UP_TOLERANCE = 1e-4  # probabilities; float32 towers with different batch shapes differ by ~1e-7
 PROBE_USER_BASE = 1 << 40  # probe user ids start above every real one (MovieLens has 943 users)
+LONG_WINDOW = 600.0  # event-time seconds of join window + lateness worth a warning
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +180,7 @@ class Replay:
             frozen_scores = batch.pop("frozen_scores")
             self._wait_for_serving(clients, data, frozen_scores)
             samples.start()
+            self._warn_about_the_stack(samples)
             replayed = self._replay(clients, data, samples)
             drained = self._drain(clients, data, samples, replayed["probe"])
             lag = samples.consumer_lag(self.stack.trainer_consumer)
@@ -187,6 +189,19 @@ class Replay:
             samples.close()
             clients.close()
         return self._result(data, frozen_scores, batch, replayed, drained, lag)
+
+    def _warn_about_the_stack(self, samples: SampleLog) -> None:
+        """Says what in the stack will make the figures worse than they should be."""
+        horizon = self.stack.window + self.stack.lateness
+        if horizon > LONG_WINDOW:
+            _say(f"note: the joiner's window + lateness is {horizon:g} s of event time: negatives reach the trainer "
+                 f"that long after positives, which costs served AUC on this data (`monolith up --join-window "
+                 f"10 --join-lateness 10`, as `--up` does)")  # fmt: skip
+        stored = samples.events_stored()
+        if stored:
+            _say(f"note: EVENTS already holds {stored:,} messages: if an earlier replay ran on this stack, the "
+                 "joiner's watermarks are past this replay's event times and its windows close at once "
+                 "(every sample a negative); replay into a fresh stack (`monolith up --fresh`)")  # fmt: skip
 
     def _batch_stage(self, data: ReplayData) -> dict[str, Any]:
         """Trains one pass over the first part through the PS; freezes a copy; scores the replay with it."""
@@ -407,9 +422,9 @@ class Replay:
             "samples_unexpected": counts.unexpected,
             "samples_mislabeled": counts.mislabeled,
             "samples_mislabeled_examples": drained["mislabeled"],
-            "joiner_late_actions": drained["joiner"].get("late_actions"),
-            "joiner_orphan_actions": drained["joiner"].get("orphan_actions"),
-            "joiner_late_impressions": drained["joiner"].get("late_impressions"),
+            # None: the joiner's metrics were not readable; a count it never made is 0.
+            **{f"joiner_{outcome}": drained["joiner"].get(outcome, 0) if drained["joiner"] else None
+               for outcome in ("late_actions", "orphan_actions", "late_impressions")},  # fmt: skip
             "predict_errors": self._predict_errors,
             "action_errors": self._action_errors,
             "replay_seconds": replayed["seconds"],

@@ -119,6 +119,14 @@ class SampleLog:
         with self._lock:
             return self._sequence >= info.state.last_seq
 
+    def events_stored(self) -> int:
+        """Messages on EVENTS now (impressions and actions of earlier traffic)."""
+        return self._loop.run(self._events_stored(), TIMEOUT)
+
+    async def _events_stored(self) -> int:
+        info = await self._js.stream_info(EVENTS_STREAM)
+        return int(info.state.messages)
+
     def consumer_lag(self, durable: str) -> int | None:
         """Samples the durable consumer (the online trainers) has not acknowledged; None if unknown."""
         try:
