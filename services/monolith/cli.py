@@ -24,6 +24,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("monolith.bench.cli", "run a benchmark and print one JSON line"),
     "controller": ("monolith.controller.service", "checkpoint the training cluster and recover it from failures"),
     "checkpoint": ("monolith.controller.commands", "save, list, restore or verify checkpoints"),
+    "chaos": ("monolith.stack.chaos", "SIGKILL a part of a running `monolith up` during a replay; check it recovers"),
 }
 
 

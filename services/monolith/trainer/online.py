@@ -182,6 +182,7 @@ class OnlineTrainer:
         self.summary = OnlineSummary()
         self._last_step = -float("inf")
         self._must_open = True
+        self._resync_due = False  # a rollback happened while a step was parked
         self._bad_logged: list[float] = []
         self._rate_mark = (time.monotonic(), 0)
 
@@ -201,7 +202,8 @@ class OnlineTrainer:
                 if rolled_back is None:
                     break
                 try:
-                    if rolled_back:
+                    if rolled_back or self._resync_due:
+                        self._resync_due = False
                         worker = self._resync(worker)
                     deliveries = self._fetch()
                     if deliveries:
@@ -249,6 +251,7 @@ class OnlineTrainer:
         """
         self._must_open = True
         self.summary.last_sequence = 0
+        metrics.SINCE_ROLLBACK.set(0)
         self._last_step = -float("inf")
         initialized = True
         while not self._stop.is_set():
@@ -336,6 +339,7 @@ class OnlineTrainer:
         metrics.STEP_SECONDS.observe(self._last_step - started)
         metrics.STEPS.inc()
         metrics.EXAMPLES.inc(len(batch))
+        metrics.SINCE_ROLLBACK.inc(len(batch))
         self.summary.steps += 1
         self.summary.examples += len(batch)
         self.summary.newest_event_time = max(self.summary.newest_event_time, int(batch.timestamps.max()))
@@ -363,6 +367,17 @@ class OnlineTrainer:
                 if not self._ps.failed(_describe(error, "PS")):
                     self._reply(self._consumer.nak, deliveries, "hand back")
                     return False
+                if self.gate.pause_requested():
+                    # The controller is restoring (or cutting): let it pause us mid-step.
+                    rolled_back = self.gate.park(self._stop)
+                    if rolled_back is None:
+                        self._reply(self._consumer.nak, deliveries, "hand back")
+                        return False
+                    if rolled_back:
+                        # The PSs are back at the cut and the consumer delivers from it: this
+                        # step's samples come again; its partial gradients were rolled back.
+                        self._resync_due = True
+                        return False
                 # Not redelivered to another worker while this one retries.
                 self._reply(self._consumer.in_progress, deliveries, "mark in progress")
                 continue
@@ -378,6 +393,7 @@ class OnlineTrainer:
                 self._bad_logged.append(now)
                 _LOGGER.warning("bad sample at stream sequence %d (%s): %s; dropped", delivery.sequence, kind, reason)
         self.summary.bad_samples += len(rejected)
+        metrics.SINCE_ROLLBACK.inc(len(rejected))
         self._reply(self._consumer.term, [d for d, _, _ in rejected], "terminate")
 
     def _reply(self, reply: Callable[[Sequence[Delivery]], None], deliveries: Sequence[Delivery], what: str) -> bool:

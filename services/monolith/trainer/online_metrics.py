@@ -46,3 +46,8 @@ NEWEST_EVENT_TIME = prometheus_client.Gauge(
 READY = prometheus_client.Gauge(
     "monolith_trainer_ready", "1 once the trainer has reached NATS and the parameter servers, else 0."
 )
+SINCE_ROLLBACK = prometheus_client.Gauge(
+    "monolith_trainer_samples_since_rollback",
+    "Samples trained on or terminated as bad since this trainer started or was last rolled back to a checkpoint "
+    "(with the controller's resume position, where the parameter servers are in the stream).",
+)

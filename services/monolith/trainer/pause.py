@@ -72,6 +72,25 @@ class StepGate:
             self._rolled_back = self._rolled_back or rolled_back
             self._cond.notify_all()
 
+    def pause_requested(self) -> bool:
+        """Whether a pause is asked for now (a step that cannot finish should park: `park`)."""
+        with self._cond:
+            return self._held()
+
+    def park(self, stop: threading.Event) -> bool | None:
+        """Lets a pause in while the loop is inside a step that cannot finish, then re-enters it.
+
+        A step retrying against a parameter server that awaits a restore would otherwise
+        hold off the very pause the restore needs. Its samples stay unacknowledged, so
+        no cut is taken meanwhile (the controller waits for nothing to be unacknowledged).
+
+        Returns:
+            As `enter`: None if stopped, True if rolled back meanwhile (drop the step: its
+            samples are delivered again from the restored position), else False (retry it).
+        """
+        self.leave()
+        return self.enter(stop)
+
     def state(self) -> GateState:
         with self._cond:
             return GateState(paused=self._held() and not self._in_step, in_step=self._in_step)

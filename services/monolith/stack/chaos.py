@@ -1,0 +1,395 @@
+"""Fault injection into a running `monolith up`: SIGKILL one part at a random moment, check the outcome.
+
+    monolith chaos --stack DIR/stack.json --part embedding-ps-training-0 --json
+
+The harness waits until the online trainer has trained on the stream (a replay is
+running: the batch stage trains through its own worker, not the stream), then a random
+delay, then SIGKILLs the part (found among the children of the `up` process that
+stack.json names, by the port on its command line). It then waits until the supervisor
+has restarted the part and the part is ready again; for a training shard or the dense-PS
+ready means SERVING, which they report only once the controller has restored them.
+Throughout, it polls the serving shards' row counts, so the outcome says whether serving
+ever answered from an emptied table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import random
+import signal
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from monolith.api.embedding_ps.v1 import embedding_ps_pb2 as eps_pb
+from monolith.api.embedding_ps.v1 import embedding_ps_pb2_grpc as eps_grpc
+from monolith.stack.health import GrpcHealth, HttpOk
+from monolith.stack.manifest import manifest_path
+from monolith.stack.parts import CONTROLLER, DENSE_PS, JOINER, NATS, SERVING, TRAINER, serving_shard, training_shard
+from monolith.streams.config import SAMPLES_STREAM, StreamsConfig
+from monolith.streams.pull_consumer import ConsumerAdmin, ConsumerSettings
+
+POLL = 0.1  # seconds between checks while waiting for a condition
+
+
+class ChaosError(RuntimeError):
+    """The fault could not be injected (no such part, the stack is gone)."""
+
+
+def metric_sum(url: str, name: str, timeout: float = 2.0) -> float | None:
+    """The sum of one metric's samples (`name`, or `name_total` for a counter) at a /metrics URL; None if unreachable."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            text = response.read().decode("utf-8")
+    except OSError:
+        return None
+    total, seen = 0.0, False
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in (name, f"{name}_total"):
+                total += sample.value
+                seen = True
+    return total if seen else 0.0
+
+
+def _children(pid: int) -> dict[int, list[str]]:
+    """The live child processes of `pid`: pid -> argv."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8") as f:
+                state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+        except OSError:
+            continue  # it exited while we looked
+        if int(ppid) == pid and state != "Z":
+            found[int(entry)] = argv
+    return found
+
+
+def _port(url: str) -> str:
+    return url.rstrip("/").rsplit(":", 1)[1].split("/", 1)[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One part of a running stack: how to find its process and how to tell it is back.
+
+    Attributes:
+        name: the part's name (stack.json, `monolith up`'s log names).
+        flag: the flag on its command line that only it has, with `value`.
+        value: that flag's value (a port).
+        ready: whether the part is ready again (for a restored part: SERVING).
+    """
+
+    name: str
+    flag: str
+    value: str
+    ready: Callable[[], bool]
+
+    def pids(self, up_pid: int) -> list[int]:
+        return [pid for pid, argv in _children(up_pid).items()
+                if any(a == self.flag and b == self.value for a, b in itertools.pairwise(argv))]  # fmt: skip
+
+
+def target(manifest: dict[str, Any], name: str) -> Target:
+    """The part `name` of the stack described by `manifest` (the contents of stack.json).
+
+    Raises:
+        ChaosError: the stack has no such part.
+    """
+    metrics = manifest.get("metrics", {})
+    training = list(manifest.get("embedding_ps_training", []))
+    serving = list(manifest.get("embedding_ps_serving", []))
+    addresses = {SERVING: manifest.get("serving"), JOINER: manifest.get("joiner"), DENSE_PS: manifest.get("dense_ps"),
+                 **{training_shard(i): a for i, a in enumerate(training)},
+                 **{serving_shard(i): a for i, a in enumerate(serving)}}  # fmt: skip
+    if name == NATS:
+        monitor = str(manifest["nats_monitor"])
+        return Target(name, "--http_port", _port(monitor), HttpOk(f"{monitor}/healthz?js-enabled-only=true").ready)
+    if name not in metrics:
+        known = sorted([NATS, *metrics])
+        raise ChaosError(f"the stack has no part {name!r}; its parts: {', '.join(known)}")
+    url = str(metrics[name])
+    if addresses.get(name):
+        ready = GrpcHealth(str(addresses[name])).ready
+    elif name == TRAINER:
+        ready = lambda: metric_sum(url, "monolith_trainer_ready") == 1.0
+    else:  # the controller: not in stack.json's addresses, its /metrics answers once it runs
+        ready = HttpOk(url).ready
+    return Target(name, "--metrics-port", _port(url), ready)
+
+
+class ServingRows:
+    """Polls the serving shards' row counts in the background; the fewest each held.
+
+    Args:
+        addresses: the serving embedding-PS shards.
+        interval: seconds between polls.
+    """
+
+    def __init__(self, addresses: list[str], interval: float = 0.2) -> None:
+        self._channels = [grpc.insecure_channel(a) for a in addresses]
+        self._stubs = [eps_grpc.EmbeddingPSStub(c) for c in self._channels]
+        self._interval = interval
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.before: list[int | None] = [None] * len(addresses)
+        self.fewest: list[int | None] = [None] * len(addresses)
+        self._thread = threading.Thread(target=self._run, name="serving-rows", daemon=True)
+
+    def rows(self) -> list[int | None]:
+        out: list[int | None] = []
+        for stub in self._stubs:
+            try:
+                stats = stub.Stats(eps_pb.StatsRequest(), timeout=2.0)
+                out.append(sum(t.rows for t in stats.tables))
+            except grpc.RpcError:
+                out.append(None)  # restarting: it answers nothing, so from no table either
+        return out
+
+    def start(self) -> ServingRows:
+        self.before = self.rows()
+        self.fewest = list(self.before)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            now = self.rows()
+            with self._lock:
+                self.fewest = [n if f is None else (f if n is None else min(f, n)) for f, n in zip(self.fewest, now)]
+
+    def stop(self) -> float | None:
+        """Stops polling; the fewest rows any serving shard held over its rows at the start (None: unknown)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        for channel in self._channels:
+            channel.close()
+        ratios = [f / b for b, f in zip(self.before, self.fewest) if b and f is not None]
+        return min(ratios) if ratios else None
+
+
+@dataclasses.dataclass
+class ChaosResult:
+    """What one injected failure did.
+
+    Attributes:
+        part: the part killed.
+        pid: its process, SIGKILLed.
+        new_pid: the process that replaced it (None: not restarted in time).
+        waited_s: seconds from the harness's start to the kill (the random moment).
+        recovery_s: seconds from the kill to the part ready again (None: not in time).
+        restores: restores the controller did meanwhile (rollbacks to a checkpoint).
+        serving_rows_min_ratio: the fewest rows any serving shard held from the kill until
+            recovery, over its rows just before the kill.
+        trainer_examples_at_kill: the trainer's examples_total read just before the kill.
+    """
+
+    part: str
+    pid: int
+    new_pid: int | None
+    waited_s: float
+    recovery_s: float | None
+    restores: int
+    serving_rows_min_ratio: float | None
+    trainer_examples_at_kill: float | None
+
+    @property
+    def recovered(self) -> bool:
+        return self.recovery_s is not None
+
+
+def _wait(condition: Callable[[], bool], deadline: float, stop: threading.Event | None) -> bool:
+    while not condition():
+        if time.monotonic() > deadline or (stop is not None and stop.is_set()):
+            return False
+        time.sleep(POLL)
+    return True
+
+
+def inject(manifest: dict[str, Any], part: str, delay: tuple[float, float] = (2.0, 10.0), timeout: float = 180.0,
+           seed: int | None = None, stop: threading.Event | None = None,
+           wait_for_training: bool = True) -> ChaosResult:  # fmt: skip
+    """SIGKILLs `part` at a random moment during a replay and waits for the stack to recover.
+
+    Args:
+        manifest: the stack's stack.json contents.
+        part: the part's name, e.g. "embedding-ps-training-0", "dense-ps", "trainer", "joiner".
+        delay: the kill comes a uniformly random number of seconds in this range after the
+            online trainer has trained on the stream (or after the call, without `wait_for_training`).
+        timeout: seconds to wait for training to start, and again for the recovery.
+        seed: the random delay's seed (None: random).
+        stop: set to give up waiting.
+        wait_for_training: wait for the online trainer's first samples before the delay.
+
+    Raises:
+        ChaosError: no such part, its process is not found, or training never started.
+    """
+    started = time.monotonic()
+    chosen = target(manifest, part)
+    up_pid = int(manifest["pid"])
+    metrics = manifest.get("metrics", {})
+    trainer_url = metrics.get(TRAINER)
+    controller_url = metrics.get(CONTROLLER)
+    if wait_for_training and trainer_url:
+        trained = lambda: (metric_sum(trainer_url, "monolith_trainer_examples") or 0) > 0
+        if not _wait(trained, started + timeout, stop):
+            raise ChaosError(f"the online trainer trained on nothing within {timeout:g} s: is a replay running?")
+    pause = random.Random(seed).uniform(*delay)
+    if stop is not None and stop.wait(pause):
+        raise ChaosError("stopped before the kill")
+    if stop is None:
+        time.sleep(pause)
+    pids = chosen.pids(up_pid)
+    if len(pids) != 1:
+        raise ChaosError(f"found {len(pids)} processes of {part} among the children of monolith up (pid {up_pid})")
+    restores_before = metric_sum(controller_url, "monolith_controller_restores") if controller_url else None
+    checkins = metric_sum(controller_url, "monolith_controller_trainer_checkins") if controller_url else None
+    rows = ServingRows(list(manifest.get("embedding_ps_serving", []))).start()
+    examples = metric_sum(trainer_url, "monolith_trainer_examples") if trainer_url else None
+    killed_at = time.monotonic()
+    os.kill(pids[0], signal.SIGKILL)
+    deadline = killed_at + timeout
+    replaced = lambda: bool(set(chosen.pids(up_pid)) - {pids[0]})
+
+    def back() -> bool:
+        if not (replaced() and chosen.ready()):
+            return False
+        if part == TRAINER and checkins is not None:
+            # A restarted trainer waits, paused, until the controller has checked it in.
+            return (metric_sum(controller_url, "monolith_controller_trainer_checkins") or 0) > checkins
+        if (part == DENSE_PS or part.startswith(training_shard(0)[:-1])) and restores_before is not None:
+            # SERVING comes as the controller restores it; back once the whole rollback is done.
+            return (metric_sum(controller_url, "monolith_controller_restores") or 0) > restores_before
+        return True
+
+    recovered = _wait(back, deadline, stop)
+    recovery = time.monotonic() - killed_at if recovered else None
+    ratio = rows.stop()
+    new = sorted(set(chosen.pids(up_pid)) - {pids[0]})
+    restores_after = metric_sum(controller_url, "monolith_controller_restores") if controller_url else None
+    restores = (
+        int(restores_after - restores_before) if restores_after is not None and restores_before is not None else 0
+    )
+    return ChaosResult(part, pids[0], new[0] if new else None, killed_at - started, recovery, restores, ratio, examples)
+
+
+@dataclasses.dataclass(frozen=True)
+class Lineage:
+    """Where the parameter servers are in the samples stream, counted two independent ways.
+
+    The controller's resume position R (every sample up to it is in the parameter servers,
+    restored from a cut or adopted, none after it) plus the samples the trainer applied
+    since it resumed there (its own counter, reset at each rollback) is how many samples
+    the parameter servers hold the effect of; the consumer's acknowledgement floor F says
+    how many the stream has seen applied. Drained (nothing pending or unacknowledged),
+    `R + applied == F` means no sample lost and none applied twice; a difference is one or
+    the other. (A count: one lost and one applied twice would cancel. The controller's
+    rollback of every PS to one cut is what rules that out by construction.)
+
+    Attributes:
+        resume_position: R, the controller's monolith_controller_resume_position.
+        applied: the trainer's monolith_trainer_samples_since_rollback.
+        ack_floor: F.
+        pending: samples not yet delivered.
+        ack_pending: samples delivered, not yet acknowledged.
+    """
+
+    resume_position: int
+    applied: int
+    ack_floor: int
+    pending: int
+    ack_pending: int
+
+    @property
+    def drained(self) -> bool:
+        return self.pending == 0 and self.ack_pending == 0
+
+    @property
+    def updates_lost(self) -> int:
+        return max(0, self.ack_floor - self.resume_position - self.applied)
+
+    @property
+    def updates_applied_twice(self) -> int:
+        return max(0, self.resume_position + self.applied - self.ack_floor)
+
+
+def lineage(manifest: dict[str, Any]) -> Lineage | None:
+    """The stack's `Lineage` now (one trainer), or None if a part does not answer."""
+    metrics = manifest.get("metrics", {})
+    resume = metric_sum(metrics[CONTROLLER], "monolith_controller_resume_position")
+    applied = metric_sum(metrics[TRAINER], "monolith_trainer_samples_since_rollback")
+    streams = StreamsConfig(url=manifest["nats"], partitions=int(manifest["partitions"]))
+    admin = ConsumerAdmin(
+        streams, ConsumerSettings(SAMPLES_STREAM, "samples.>", manifest.get("trainer_consumer", "trainer"))
+    )
+    try:
+        state = admin.position()
+    finally:
+        admin.close()
+    if resume is None or applied is None or state is None:
+        return None
+    return Lineage(int(resume), int(applied), state.ack_floor, state.pending, state.ack_pending)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `monolith chaos`."""
+    parser.add_argument("--stack", default=manifest_path(".monolith"),
+                        help="the running stack's stack.json (default .monolith/stack.json)")  # fmt: skip
+    parser.add_argument("--part", required=True, help="the part to SIGKILL, e.g. embedding-ps-training-0, dense-ps, "
+                        "trainer, joiner, serving, controller, nats")  # fmt: skip
+    parser.add_argument(
+        "--min-delay", type=float, default=2.0, help="seconds after training starts, at least (default 2)"
+    )
+    parser.add_argument(
+        "--max-delay", type=float, default=10.0, help="seconds after training starts, at most (default 10)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=180.0, help="seconds to wait for training, and for the recovery"
+    )
+    parser.add_argument("--seed", type=int, default=None, help="seed of the random moment")
+    parser.add_argument("--now", action="store_true", help="do not wait for the online trainer to train first")
+    parser.add_argument("--json", action="store_true", help="print the outcome as one JSON line")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Injects one failure; exit 0 if the stack recovered and serving kept its rows, 1 otherwise."""
+    if not 0 <= args.min_delay <= args.max_delay:
+        raise ValueError(f"need 0 <= --min-delay <= --max-delay, got {args.min_delay} and {args.max_delay}")
+    try:
+        with open(args.stack, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as exc:
+        print(f"monolith chaos: cannot read {args.stack}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        result = inject(manifest, args.part, (args.min_delay, args.max_delay), args.timeout, args.seed,
+                        wait_for_training=not args.now)  # fmt: skip
+    except ChaosError as exc:
+        print(f"monolith chaos: {exc}", file=sys.stderr)
+        return 1
+    outcome = {**dataclasses.asdict(result), "recovered": result.recovered}
+    if args.json:
+        print(json.dumps(outcome, sort_keys=True))
+    else:
+        print(f"killed {result.part} (pid {result.pid}) after {result.waited_s:.1f} s; "
+              + (f"ready again in {result.recovery_s:.2f} s (pid {result.new_pid})" if result.recovered
+                 else f"not ready again within {args.timeout:g} s")
+              + f"; {result.restores} restore(s); serving rows min ratio {result.serving_rows_min_ratio}")  # fmt: skip
+    kept_rows = result.serving_rows_min_ratio is None or result.serving_rows_min_ratio >= 0.99
+    return 0 if result.recovered and kept_rows else 1
