@@ -437,6 +437,6 @@ class Replay:
             result["plot"] = report.plot_rolling_auc(
                 self.options.plot, labels,
                 {"served online": served, "frozen after the batch stage": frozen, "running-mean baseline": baseline},
-                title=f"MovieLens-100k replay at {self.options.speed:g} events/s: rolling AUC",
+                title=f"MovieLens-100k replay at {result['events_per_s']:.0f} events/s: rolling AUC",
             )  # fmt: skip
         return result

@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         speed=args.speed,
         limit=args.limit,
         cache_dir=args.cache_dir,
-        plot=args.plot or os.path.join(data_dir, PLOT_FILE),
+        plot=os.path.abspath(args.plot or os.path.join(data_dir, PLOT_FILE)),
         workers=args.workers,
         probe_interval=args.probe_interval,
     )
