@@ -267,7 +267,8 @@ def test_a_trainer_run_exits_0_and_prints_a_json_summary_last(processes: Process
     assert proc.returncode == 0, stderr[-3000:]
     summary: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
     assert set(summary) == {"examples", "steps", "examples_per_s", "last_loss", "running_auc", "dense_version"}
-    assert (summary["examples"], summary["steps"]) == (2400, math.ceil(2400 / 256))  # the first 80%
+    batch_size = load_model_config(processes.config_path).training.batch_size
+    assert (summary["examples"], summary["steps"]) == (2400, math.ceil(2400 / batch_size))  # the first 80%
     assert summary["dense_version"] > summary["steps"]
     assert math.isfinite(summary["last_loss"]) and 0 < summary["last_loss"] < 1
     assert 0.5 < summary["running_auc"] < 1

@@ -97,7 +97,7 @@ def test_training_lowers_the_log_loss_on_the_training_examples(
     assert before["auc"] == pytest.approx(0.5)
     assert after["log_loss"] < before["log_loss"] - 0.1
     assert after["auc"] > 0.75
-    assert local.worker.steps == 2 * math.ceil(TRAIN / 256)
+    assert local.worker.steps == 2 * math.ceil(TRAIN / local.worker.config.training.batch_size)
     assert local.worker.dense_version == local.dense.store.version == 1 + local.worker.steps
 
 
@@ -255,7 +255,8 @@ def test_progressive_validation_on_movielens(
     assert result.examples_per_s > 0
     assert math.isfinite(result.final_train_loss) and 0 < result.final_train_loss < math.log(2)
     # One step per batch of the first part, then one per online batch of the stream.
-    assert local.worker.steps == math.ceil(3200 / 256) + math.ceil(800 / config.training.online_batch_size)
+    training = config.training
+    assert local.worker.steps == math.ceil(3200 / training.batch_size) + math.ceil(800 / training.online_batch_size)
     stderr = capsys.readouterr().err
     assert "[pv: batch training] 3200/3200 examples" in stderr
     assert "[pv: progressive] 800/800 examples" in stderr
