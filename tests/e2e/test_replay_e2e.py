@@ -37,7 +37,10 @@ def test_replay_closes_the_loop(tmp_path) -> None:
     assert result["samples_joined"] == result["samples_expected"] > 0
     assert result["samples_lost"] == 0 and result["samples_duplicated"] == 0
     assert result["samples_unexpected"] == 0 and result["samples_mislabeled"] == 0
-    # The online trainer trained and serving followed: served scores left the frozen model's.
+    # The copy frozen after the batch stage (Export + dense Pull) scored exactly as serving
+    # did before the replay; then the online trainer trained and serving followed: served
+    # scores left the frozen model's.
+    assert result["frozen_matched_serving"] is True
     assert result["served_differs_from_frozen"] > 0.5
     assert result["freshness_probes"] >= 1 and result["freshness_p50_s"] is not None
     for key in ("served_progressive_auc", "frozen_auc", "running_mean_baseline_auc"):

@@ -178,7 +178,7 @@ class Replay:
         try:
             batch = self._batch_stage(data)
             frozen_scores = batch.pop("frozen_scores")
-            self._wait_for_serving(clients, data, frozen_scores)
+            batch["frozen_matched_serving"] = self._wait_for_serving(clients, data, frozen_scores)
             samples.start()
             self._warn_about_the_stack(samples)
             replayed = self._replay(clients, data, samples)
@@ -226,8 +226,8 @@ class Replay:
             "frozen_scores": copy.score(data.stream).astype(np.float64),
         }
 
-    def _wait_for_serving(self, clients: StackClients, data: ReplayData, frozen_scores: np.ndarray) -> None:
-        """Waits until model-serving scores the first replayed events as the frozen copy does.
+    def _wait_for_serving(self, clients: StackClients, data: ReplayData, frozen_scores: np.ndarray) -> bool:
+        """Waits until model-serving scores the first replayed events as the frozen copy does; whether it did.
 
         The serving shards follow the training shards and serving pulls dense parameters,
         each every sync interval; starting before they caught up would score the first
@@ -243,12 +243,13 @@ class Replay:
                 gap = float(np.max(np.abs(served - frozen_scores[: len(indices)])))
                 if gap <= CATCH_UP_TOLERANCE:
                     _say("serving answers as the frozen copy does: replaying")
-                    return
+                    return True
             except Exception as exc:  # noqa: BLE001 - serving may still be syncing
                 _LOGGER.debug("catch-up Predict failed: %s", exc)
             self._stop.wait(0.2)
         _say(f"serving still differs from the frozen copy by {gap:.2g} after {self.options.catch_up_timeout:.0f} s; "
              "replaying anyway")  # fmt: skip
+        return False
 
     def _replay(self, clients: StackClients, data: ReplayData, samples: SampleLog) -> dict[str, Any]:
         """Replays every event at the pace; returns the served scores, timing and the probe."""
