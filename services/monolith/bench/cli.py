@@ -18,6 +18,7 @@ BENCHMARKS = {
     "ablations": "monolith.bench.ablations",
     "sweep": "monolith.bench.sweep",
     "load": "monolith.bench.load",
+    "recovery": "monolith.bench.recovery",
 }
 
 

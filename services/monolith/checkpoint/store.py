@@ -246,6 +246,16 @@ class CheckpointStore:
         number = directories[-1][0] + 1 if directories else 1
         return CheckpointWriter(self, checkpoint_name(number), kind, num_shards, parent)
 
+    def sync(self, path: str) -> None:
+        """On a local disk, flushes a written file to the device (fsync), so the manifest written
+        after it never names bytes a power loss could take back. Object stores need nothing."""
+        if isinstance(self.fs, LocalFileSystem):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
     def write_manifest(self, manifest: Manifest) -> None:
         """Writes the manifest last and atomically: a temporary name renamed on a local disk
         (rename is atomic there), one whole-object write elsewhere (atomic on object stores)."""
@@ -320,6 +330,7 @@ class CheckpointWriter:
             with self.store.fs.open(self.store.path(self.id, name), "wb") as f:
                 out = ShardFile(RowFileWriter(f))
                 yield out
+            self.store.sync(self.store.path(self.id, name))
         w = out.writer
         self._shards[index] = ShardEntry(file=name, bytes=w.bytes, sha256=w.sha256, index=index,
                                          incarnation=incarnation, version=out.version, since_version=since_version,
@@ -337,6 +348,7 @@ class CheckpointWriter:
         with _storage(f"writing {self.store.path(self.id, name)}"):
             with self.store.fs.open(self.store.path(self.id, name), "wb") as f:
                 f.write(data)
+            self.store.sync(self.store.path(self.id, name))
         self._dense = DenseEntry(file=name, bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
                                  version=version, incarnation=incarnation)  # fmt: skip
 
