@@ -418,3 +418,13 @@ def test_plot_writes_a_png(tmp_path) -> None:
                             {"served": served, "frozen": rng.random(3000)})  # fmt: skip
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_refuses_a_missing_stack_and_up_without_a_data_dir(tmp_path, capsys) -> None:
+    from monolith.cli import main
+
+    assert main(["replay", "--stack", str(tmp_path / "stack.json")]) == 1
+    assert "stack.json not found" in capsys.readouterr().err
+    assert main(["replay", "--up"]) == 2
+    assert "--up needs --data-dir" in capsys.readouterr().err
+    assert main(["replay", "--up", "--data-dir", str(tmp_path), "--speed", "-1"]) == 2

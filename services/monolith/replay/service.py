@@ -18,7 +18,7 @@ import sys
 from typing import Any
 
 from monolith.common.config import positive_seconds, seconds
-from monolith.replay.launcher import LocalStack, StackInfo
+from monolith.replay.launcher import LocalStack, StackError, StackInfo
 from monolith.replay.report import summary_table
 from monolith.replay.runner import Replay, ReplayOptions
 
@@ -70,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Replays; prints the summary. Exit 1 if the stack does not come up."""
+    """Replays; prints the summary. Exit 1 if there is no stack (or it does not come up), 130 on Ctrl-C."""
     if args.up and not args.data_dir:
         raise ValueError("--up needs --data-dir (where the stack keeps its data, logs and stack.json)")
     if args.speed < 0 or math.isnan(args.speed):
@@ -90,8 +90,15 @@ def run(args: argparse.Namespace) -> int:
     )
     up_args = ("--join-window", f"{args.join_window:g}", "--join-lateness", f"{args.join_lateness:g}",
                "--sync-interval", f"{args.sync_interval:g}")  # fmt: skip
-    result = replay(options, stack_file=None if args.up else args.stack, data_dir=data_dir if args.up else None,
-                    up_timeout=args.up_timeout, up_args=up_args)  # fmt: skip
+    try:
+        result = replay(options, stack_file=None if args.up else args.stack, data_dir=data_dir if args.up else None,
+                        up_timeout=args.up_timeout, up_args=up_args)  # fmt: skip
+    except KeyboardInterrupt:
+        print("monolith replay: interrupted", file=sys.stderr)
+        return 130
+    except StackError as exc:
+        print(f"monolith replay: {exc}", file=sys.stderr)
+        return 1
     print_summary(result, as_json=args.json)
     return 0
 
