@@ -70,6 +70,15 @@ def add_streams_arguments(parser: argparse.ArgumentParser, required: bool = True
                         + ("" if required else " (empty: off)"))  # fmt: skip
     parser.add_argument("--partitions", type=int, default=defaults.partitions,
                         help=f"partitions of the EVENTS and SAMPLES streams (default {defaults.partitions})")  # fmt: skip
+    parser.add_argument("--stream-replicas", type=int, default=defaults.replicas,
+                        help=f"copies of each stream, 3 in a NATS cluster (default {defaults.replicas})")  # fmt: skip
+    for stream in ("events", "samples"):
+        parser.add_argument(f"--{stream}-max-age", type=float, default=getattr(defaults, f"{stream}_max_age"),
+                            help=f"seconds the {stream.upper()} stream keeps a message (default "
+                            f"{getattr(defaults, f'{stream}_max_age'):g})")  # fmt: skip
+        parser.add_argument(f"--{stream}-max-bytes", type=int, default=getattr(defaults, f"{stream}_max_bytes"),
+                            help=f"bytes the {stream.upper()} stream keeps, oldest dropped first (default "
+                            f"{getattr(defaults, f'{stream}_max_bytes')})")  # fmt: skip
     parser.add_argument("--duplicate-window", type=float, default=defaults.duplicate_window,
                         help="seconds the streams remember message ids to drop re-publishes "
                         f"(default {defaults.duplicate_window:g})")  # fmt: skip
@@ -77,5 +86,15 @@ def add_streams_arguments(parser: argparse.ArgumentParser, required: bool = True
 
 def streams_config_from_args(args: argparse.Namespace) -> StreamsConfig:
     return parse_config(
-        StreamsConfig, {"url": args.nats, "partitions": args.partitions, "duplicate_window": args.duplicate_window}
+        StreamsConfig,
+        {
+            "url": args.nats,
+            "partitions": args.partitions,
+            "replicas": args.stream_replicas,
+            "events_max_age": args.events_max_age,
+            "events_max_bytes": args.events_max_bytes,
+            "samples_max_age": args.samples_max_age,
+            "samples_max_bytes": args.samples_max_bytes,
+            "duplicate_window": args.duplicate_window,
+        },
     )
