@@ -32,6 +32,7 @@ ALL_ON = {
 }
 SCENARIOS = {
     "default": {},
+    "no-controller": {"controller": {"enabled": False}},
     "external-nats": {"nats": {"external": {"url": "nats://nats.infra.svc:4222"}}},
     "4-shards": {"embeddingPs": {"shards": 4}},
     "tls": {"serving": {"tls": {"enabled": True, "secretName": "predict-tls"}}},
@@ -170,14 +171,40 @@ def test_probes_target_container_ports(scenario) -> None:
                         assert port in ports or port in names, f"{_name(doc)} {probe_name} probes {port}, not a container port"
 
 
+def _probes(docs: list[dict], component: str) -> tuple[int, dict]:
+    (doc,) = [d for d in _pods(docs) if _pod_labels(d)["app.kubernetes.io/component"] == component]
+    container = _container(doc)
+    return next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc"), container
+
+
 def test_gRPC_roles_have_native_grpc_probes_and_startup_probes(helm) -> None:
-    docs = render(helm, ALL_ON)
-    for component in ("embedding-ps-training", "embedding-ps-serving", "dense-ps", "joiner", "serving", "controller"):
-        (doc,) = [d for d in _pods(docs) if _pod_labels(d)["app.kubernetes.io/component"] == component]
-        container = _container(doc)
-        grpc_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
+    docs = render(helm, {"controller": {"enabled": False}})
+    for component in ("embedding-ps-training", "embedding-ps-serving", "dense-ps", "joiner", "serving"):
+        grpc_port, container = _probes(docs, component)
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert container[probe]["grpc"]["port"] == grpc_port, f"{component} {probe}"
+
+
+def test_with_the_controller_state_holders_are_ready_only_once_restored(helm) -> None:
+    """Training shards and the dense-PS start NOT_SERVING until the controller restores them,
+    and a passive controller replica never reports SERVING: they are kept alive by /metrics
+    and only their readiness waits for SERVING (a gRPC startup or liveness probe would kill
+    them while they wait)."""
+    docs = render(helm)
+    for component in ("embedding-ps-training", "dense-ps", "controller"):
+        grpc_port, container = _probes(docs, component)
+        metrics_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "metrics")
+        assert container["readinessProbe"]["grpc"]["port"] == grpc_port, component
+        for probe in ("startupProbe", "livenessProbe"):
+            assert container[probe]["httpGet"] == {"path": "/metrics", "port": metrics_port}, f"{component} {probe}"
+        if component != "controller":
+            assert "--restore-required" in container["args"], component
+    trainer = _container(_one(docs, "Deployment", "trainer"))
+    control = _flag(trainer["args"], "--control-port")
+    assert "--start-paused" in trainer["args"] and int(control) in {p["containerPort"] for p in trainer["ports"]}
+    controller = _container(_one(docs, "Deployment", "controller"))
+    assert _flag(controller["args"], "--trainer-control-port") == control
+    assert _flag(controller["args"], "--consumer") == _flag(trainer["args"], "--consumer")
 
 
 def test_pods_run_non_root_read_only_without_capabilities(scenario) -> None:
@@ -233,6 +260,18 @@ def test_nats_url_reaches_every_streams_client(helm) -> None:
         assert bool(_of_kind(docs, "StatefulSet") and [d for d in docs if _name(d).endswith("-nats")]) == (not values)
 
 
+@pytest.mark.parametrize(
+    ("values", "replicas"),
+    [({}, "3"), ({"nats": {"replicas": 1}}, "1"), ({"nats": {"external": {"url": "nats://n:4222"}}}, "1"),
+     ({"nats": {"external": {"url": "nats://n:4222"}}, "streams": {"replicas": 3}}, "3")],
+)
+def test_streams_are_replicated_across_the_nats_cluster(helm, values, replicas) -> None:
+    for doc in _pods(render(helm, values)):
+        args = _container(doc).get("args", [])
+        if "--nats" in args:
+            assert _flag(args, "--stream-replicas") == replicas, _name(doc)
+
+
 def test_nats_cluster_config_is_accepted_by_nats_server(helm, tmp_path) -> None:
     nats_server = Path(sys.executable).parent / "nats-server"
     for replicas in (1, 3):
@@ -256,7 +295,10 @@ def test_model_config_default_is_the_packaged_movielens_config_and_roles_accept_
     docs = render(helm)
     text = _one(docs, "ConfigMap", "model")["data"]["model.yaml"]
     packaged = REPO / "services" / "monolith" / "model" / "movielens.yaml"
-    assert text.strip() == packaged.read_text().strip(), "values.yaml's model.config drifted from movielens.yaml"
+    assert (CHART / "files" / "model.yaml").resolve() == packaged.resolve(), "the chart links the packaged config"
+    assert text.strip() == packaged.read_text().strip()
+    custom = "features: []\n"
+    assert _one(render(helm, {"model": {"config": custom}}), "ConfigMap", "model")["data"]["model.yaml"] == custom
     for doc in _pods(docs):
         if "command" not in _container(doc) and "--config" in _container(doc)["args"]:  # the roles, not NATS
             assert _flag(_container(doc)["args"], "--config") == "/etc/monolith/model.yaml"
@@ -269,7 +311,7 @@ def _role_parsers() -> dict[str, argparse.ArgumentParser]:
     from monolith.cli import _COMMANDS
 
     parsers = {}
-    for role in ("embedding-ps", "dense-ps", "trainer", "serving", "joiner"):
+    for role in ("embedding-ps", "dense-ps", "trainer", "serving", "joiner", "controller"):
         parser = argparse.ArgumentParser(prog=f"monolith {role}", exit_on_error=False)
         importlib.import_module(_COMMANDS[role][0]).add_arguments(parser)
         parsers[role] = parser
@@ -283,11 +325,7 @@ def role_parsers() -> dict[str, argparse.ArgumentParser]:
 
 @pytest.mark.parametrize("name", ["default", "external-nats", "4-shards", "all-on"])
 def test_every_role_accepts_the_flags_the_chart_passes(helm, role_parsers, name) -> None:
-    """Each container's args parse with its role's own argument parser (as `monolith` would).
-
-    The controller is left out: `monolith controller` does not exist yet (controller.enabled
-    defaults to false until it does).
-    """
+    """Each container's args parse with its role's own argument parser (as `monolith` would)."""
     for doc in _pods(render(helm, SCENARIOS[name])):
         args = [a.replace("$(POD_INDEX)", "0").replace("$(POD_NAME)", "p").replace("$(POD_NAMESPACE)", NAMESPACE)
                 for a in _container(doc).get("args", [])]  # fmt: skip
@@ -317,7 +355,7 @@ def test_controller_role_grants_exactly_what_it_uses(helm) -> None:
     assert rules == sorted([
         (("",), ("pods",), ("get", "list", "watch")),
         (("coordination.k8s.io",), ("leases",), ("create", "get", "update")),
-        (("",), ("events",), ("create", "patch")),
+        (("",), ("events",), ("create",)),
     ])  # fmt: skip
     assert not _of_kind(docs, "ClusterRole") and not _of_kind(docs, "ClusterRoleBinding")
     (binding,) = _of_kind(docs, "RoleBinding")
@@ -331,18 +369,21 @@ def test_controller_role_grants_exactly_what_it_uses(helm) -> None:
             assert _pod_spec(doc)["serviceAccountName"] == _name(account)
 
 
-def test_controller_is_off_by_default_with_nothing_of_it_rendered(helm) -> None:
-    docs = render(helm)
+def test_controller_off_leaves_nothing_of_it_and_nothing_waits_for_it(helm) -> None:
+    docs = render(helm, {"controller": {"enabled": False}})
     kinds = {d["kind"] for d in docs}
     assert not kinds & {"Role", "RoleBinding", "ServiceAccount", "PersistentVolumeClaim"}
     assert not [d for d in docs if _name(d).endswith("-controller")]
+    for doc in _pods(docs):
+        args = _container(doc).get("args", [])
+        assert not {"--restore-required", "--start-paused", "--control-port"} & set(args), _name(doc)
 
 
 def test_checkpoint_storage_is_a_pvc_or_an_fsspec_url_with_a_secret(helm) -> None:
     docs = render(helm, {"controller": {"enabled": True}})
     pvc = _one(docs, "PersistentVolumeClaim", "checkpoints")
     controller = _one(docs, "Deployment", "controller")
-    assert _flag(_container(controller)["args"], "--checkpoint-url") == "file:///checkpoints"
+    assert _flag(_container(controller)["args"], "--checkpoint-url") == "/checkpoints"
     volumes = {v["name"]: v for v in _pod_spec(controller)["volumes"]}
     assert volumes["checkpoints"]["persistentVolumeClaim"]["claimName"] == _name(pvc)
     docs = render(helm, SCENARIOS["all-on-object-store"])
@@ -362,11 +403,14 @@ def test_only_predict_and_report_actions_accept_traffic_from_outside(helm) -> No
             open_to_all = "from" not in rule
             rule_ports = {p["port"] for p in rule["ports"]}
             if open_to_all:
-                metrics = {9090, 9095, 9100, 9106, 9108, 9110}
+                metrics = {9090, 9095, 9100, 9106, 9108, 9097}
                 assert rule_ports <= metrics | {ports.get(component)}, f"{component} opens {rule_ports} to anyone"
             else:
                 for peer in rule["from"]:
                     assert peer["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] == RELEASE
+        if component == "trainer":
+            (callers,) = [r for r in policy["spec"]["ingress"] if "from" in r]
+            assert callers["ports"] == [{"port": 50080}], "only the controller reaches TrainerControl"
         if component == "embedding-ps-training":
             (callers,) = [r for r in policy["spec"]["ingress"] if "from" in r]
             who = {p["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for p in callers["from"]}

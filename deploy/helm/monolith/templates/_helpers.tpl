@@ -107,6 +107,19 @@ labels:
 - {{ .Values.streams.partitions | quote }}
 - --duplicate-window
 - {{ .Values.streams.duplicateWindow | quote }}
+- --stream-replicas
+- {{ include "monolith.streamReplicas" . | quote }}
+{{- end -}}
+
+{{/* Copies of each stream: streams.replicas, or (0) the chart's NATS cluster size, 1 with an external NATS. */}}
+{{- define "monolith.streamReplicas" -}}
+{{- if .Values.streams.replicas -}}
+{{- .Values.streams.replicas -}}
+{{- else if .Values.nats.external.url -}}
+1
+{{- else -}}
+{{- .Values.nats.replicas -}}
+{{- end -}}
 {{- end -}}
 
 {{/* A role's server flags: port, metrics port and message limit. (dict "port" 1 "metricsPort" 2 "root" $) */}}
@@ -207,7 +220,7 @@ livenessProbe:
 
 {{/* A workload's pod annotations: a config change rolls its pods. */}}
 {{- define "monolith.podAnnotations" -}}
-checksum/model: {{ .Values.model.config | sha256sum }}
+checksum/model: {{ default (.Files.Get "files/model.yaml") .Values.model.config | sha256sum }}
 {{- with .Values.podAnnotations }}
 {{ toYaml . }}
 {{- end }}
@@ -242,4 +255,32 @@ spec:
 {{- if not .Values.nats.external.url -}}{{- $components = prepend $components "nats" -}}{{- end -}}
 {{- if .Values.controller.enabled -}}{{- $components = append $components "controller" -}}{{- end -}}
 {{- toJson $components -}}
+{{- end -}}
+
+{{/* Probes of a parameter server that may start awaiting a restore (--restore-required, with the
+controller): alive while its /metrics answers, ready only once it reports SERVING (restored).
+Without the controller it is SERVING at once and the plain gRPC probes apply.
+(dict "root" $ "port" 1 "metricsPort" 2 "startupFailureThreshold" 60) */}}
+{{- define "monolith.stateProbes" -}}
+{{- if .root.Values.controller.enabled -}}
+startupProbe:
+  httpGet:
+    path: /metrics
+    port: {{ .metricsPort }}
+  periodSeconds: 5
+  failureThreshold: {{ .startupFailureThreshold | default 60 }}
+readinessProbe:
+  grpc:
+    port: {{ .port }}
+  periodSeconds: 5
+  failureThreshold: 2
+livenessProbe:
+  httpGet:
+    path: /metrics
+    port: {{ .metricsPort }}
+  periodSeconds: 10
+  failureThreshold: 6
+{{- else -}}
+{{ include "monolith.grpcProbes" . }}
+{{- end -}}
 {{- end -}}
