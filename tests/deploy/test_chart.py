@@ -323,7 +323,7 @@ def role_parsers() -> dict[str, argparse.ArgumentParser]:
     return _role_parsers()
 
 
-@pytest.mark.parametrize("name", ["default", "external-nats", "4-shards", "all-on"])
+@pytest.mark.parametrize("name", ["default", "external-nats", "4-shards", "all-on", "tls"])
 def test_every_role_accepts_the_flags_the_chart_passes(helm, role_parsers, name) -> None:
     """Each container's args parse with its role's own argument parser (as `monolith` would)."""
     for doc in _pods(render(helm, SCENARIOS[name])):
@@ -335,17 +335,6 @@ def test_every_role_accepts_the_flags_the_chart_passes(helm, role_parsers, name)
             role_parsers[args[0]].parse_args(args[1:])
         except (argparse.ArgumentError, SystemExit) as exc:
             pytest.fail(f"{_name(doc)}: monolith {' '.join(args)}: {exc}")
-
-
-def test_tls_flags_are_not_in_monolith_serving_yet(helm, role_parsers) -> None:
-    """serving.tls renders --tls-cert/--tls-key, which model-serving does not take yet (README).
-
-    When it does, this fails: fold the "tls" scenario into the test above.
-    """
-    serving = _container(_one(render(helm, SCENARIOS["tls"]), "Deployment", "serving"))
-    assert {"--tls-cert", "--tls-key"} <= set(serving["args"])
-    with pytest.raises((argparse.ArgumentError, SystemExit)):
-        role_parsers["serving"].parse_args(serving["args"][1:])
 
 
 def test_controller_role_grants_exactly_what_it_uses(helm) -> None:

@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 
 from monolith.common import metrics
 from monolith.common.config import ConfigModel, parse_config
+from monolith.common.errors import ConfigError
 from monolith.common.interceptor import ErrorAndMetricsInterceptor
 
 FULL_COLLECTION_EVERY = 1000  # middle-generation passes per full pass (CPython's default: 10)
@@ -86,6 +87,8 @@ class ServerConfig(ConfigModel):
         max_concurrent_rpcs: Beyond this many RPCs in flight, new ones get
             RESOURCE_EXHAUSTED; None means no limit.
         grace_seconds: How long `stop` lets in-flight RPCs finish.
+        tls_cert: PEM certificate chain file; with `tls_key`, gRPC is served over TLS only.
+        tls_key: PEM private key file of `tls_cert`.
     """
 
     host: Annotated[str, pydantic.Field(min_length=1)] = "127.0.0.1"
@@ -95,12 +98,33 @@ class ServerConfig(ConfigModel):
     max_message_bytes: Annotated[int, pydantic.Field(ge=1, le=_INT32_MAX)] = 64 * 1024 * 1024
     max_concurrent_rpcs: Annotated[int, pydantic.Field(ge=1)] | None = None
     grace_seconds: Annotated[float, pydantic.Field(ge=0, allow_inf_nan=False)] = 5.0
+    tls_cert: Annotated[str, pydantic.Field(min_length=1)] | None = None
+    tls_key: Annotated[str, pydantic.Field(min_length=1)] | None = None
 
     @pydantic.model_validator(mode="after")
     def _ports_differ(self) -> ServerConfig:
         if self.metrics_port is not None and self.metrics_port == self.port != 0:
             raise ValueError(f"metrics_port: metrics_port and port are both {self.port}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key: give both (TLS) or neither (plaintext)")
         return self
+
+    def credentials(self) -> grpc.ServerCredentials | None:
+        """TLS credentials from the certificate and key files; None when serving plaintext.
+
+        Raises:
+            ConfigError: a file cannot be read.
+        """
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        pem = {}
+        for what, path in (("tls_cert", self.tls_cert), ("tls_key", self.tls_key)):
+            try:
+                with open(path, "rb") as f:
+                    pem[what] = f.read()
+            except OSError as exc:
+                raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from None
+        return grpc.ssl_server_credentials([(pem["tls_key"], pem["tls_cert"])])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -409,8 +433,9 @@ def build_server(config: ServerConfig, services: Sequence[Service]) -> MonolithS
     if config.metrics_port is not None:
         _check_can_listen(config.host, config.metrics_port, "/metrics")
     where = _host_port(config.host, config.port)
+    credentials = config.credentials()
     try:
-        port = server.add_insecure_port(where)
+        port = server.add_secure_port(where, credentials) if credentials else server.add_insecure_port(where)
     except RuntimeError:  # gRPC says only "Failed to bind to address"
         raise ServerStartError(
             f"cannot listen for gRPC on {where}: the port is in use or the address is not this host's"
