@@ -231,11 +231,13 @@ def test_sweep_overrides_one_feature_or_all_without_touching_the_others() -> Non
     one = override(raw, "features.user_id.optimizer.learning_rate", 0.7)
     every = override(raw, "features.*.bias.optimizer.learning_rate", 0.9)
 
-    assert [f["optimizer"]["learning_rate"] for f in one["features"]][:2] == [0.7, raw["features"][1]["optimizer"]["learning_rate"]]
+    rates = [f["optimizer"]["learning_rate"] for f in one["features"]]
+    assert rates == [0.7] + [raw["features"][1]["optimizer"]["learning_rate"]] * (len(rates) - 1)
     assert {f["bias"]["optimizer"]["learning_rate"] for f in every["features"]} == {0.9}
     assert raw["features"][0]["optimizer"]["learning_rate"] != 0.7  # the original is untouched
     assert parse_setting("training.online_batch_size=1,4") == ("training.online_batch_size", [1, 4])
-    points = grid_points(raw, [parse_setting("training.online_batch_size=1,4"), parse_setting("model.hidden_units=[8]")])
+    settings = [parse_setting("training.online_batch_size=1,4"), parse_setting("model.hidden_units=[8]")]
+    points = grid_points(raw, settings)
     assert [p[0] for p in points] == ["training.online_batch_size=1, model.hidden_units=[8]",
                                       "training.online_batch_size=4, model.hidden_units=[8]"]  # fmt: skip
     assert [p[1].training.online_batch_size for p in points] == [1, 4]
