@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from conftest import Cluster, decode_export, start_cluster
 from monolith.api.embedding_ps.v1 import embedding_ps_pb2 as pb
 from monolith.api.embedding_ps.v1 import embedding_ps_pb2_grpc as pb_grpc
+from monolith.common.errors import MonolithError
 from monolith.common.process import RoleProcess, free_port, wait_healthy
 from monolith.common.server import MonolithServer, ServerConfig
 from monolith.data.batch import Batch
@@ -185,24 +186,30 @@ def _log(processes: Processes, name: str) -> str:
 
 def test_a_trainer_killed_mid_run_leaves_the_servers_consistent(processes: Processes, data: Batch) -> None:
     trainer = RoleProcess(processes.trainer_command("--limit", "20000"), log_path=str(processes.logs / "trainer.log"))
+    config = load_model_config(processes.config_path)
     try:
-        with DensePSClient(processes.dense, timeout=10) as dense:
+        # Kill it once it has pushed to the dense-PS and to both shards (small batches may
+        # route a first step's users to one shard only).
+        with DensePSClient(processes.dense, timeout=10) as dense, ShardedEmbeddingClient(
+            processes.shards, config.table_dims(), timeout=10
+        ) as sparse:
             deadline = time.monotonic() + 60
             while True:
                 assert trainer.process.poll() is None, _log(processes, "trainer.log")
                 try:
-                    if dense.stats().version > 1:
+                    if dense.stats().version > 1 and all(
+                        next(t.rows for t in shard.tables if t.table == "user_id") > 0 for shard in sparse.stats()
+                    ):
                         break
-                except grpc.RpcError:
+                except (grpc.RpcError, MonolithError):
                     pass
-                assert time.monotonic() < deadline, "the trainer pushed nothing within 60 s"
+                assert time.monotonic() < deadline, "the trainer pushed nothing to every server within 60 s"
                 time.sleep(0.02)
         assert trainer.process.poll() is None  # still training
     finally:
         trainer.kill()
     assert trainer.process.returncode == -9
 
-    config = load_model_config(processes.config_path)
     for address in processes.shards:
         assert check_health(address, EMBEDDING_SERVICE) == health_pb2.HealthCheckResponse.SERVING
         assert check_health(address, "") == health_pb2.HealthCheckResponse.SERVING
