@@ -45,6 +45,18 @@ def wait_healthy(address: str, timeout: float = 60.0, service: str = "") -> None
             time.sleep(0.1)
 
 
+def terminate(process: subprocess.Popen, timeout: float) -> int:
+    """SIGTERM (if still running), then SIGKILL after `timeout` seconds; the exit code."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
 class RoleProcess:
     """One `monolith <role>` subprocess (or another module's, e.g. the echo server).
 
@@ -66,16 +78,10 @@ class RoleProcess:
 
     def stop(self, timeout: float = 15.0) -> int:
         """SIGTERM, then SIGKILL after `timeout`; returns the exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        code = terminate(self.process, timeout)
         if self._log:
             self._log.close()
-        return self.process.returncode
+        return code
 
     def kill(self) -> None:
         """SIGKILL at once (failure tests)."""

@@ -12,13 +12,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from typing import Any
 
 from monolith.joiner.config import JoinerConfig
+from monolith.common.process import terminate
 
 STACK_FILE = "stack.json"
 
@@ -162,14 +162,7 @@ class LocalStack:
         """SIGTERM (the stack stops its parts in order), SIGKILL after `timeout`; the exit code."""
         if self.process is None:
             return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return terminate(self.process, timeout)
 
     def _log_tail(self, lines: int = 20) -> str:
         try:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol, TextIO
 
 from monolith.stack.parts import Part
+from monolith.common.process import terminate
 
 TAIL_LINES = 20
 
@@ -154,14 +155,7 @@ class _Child:
         self.restart_at = None
         if process is None:
             return None
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        return process.returncode
+        return terminate(process, timeout)
 
 
 class Supervisor:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import os
 import pathlib
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+
+from monolith.common.process import terminate
 
 
 class NatsServerError(RuntimeError):
@@ -98,14 +99,8 @@ class NatsServer:
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (the server flushes its store), then SIGKILL after `timeout`."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        if self.process is not None:
+            terminate(self.process, timeout)
 
     def kill(self) -> None:
         """SIGKILL at once (failure tests)."""
