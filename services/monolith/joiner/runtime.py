@@ -17,6 +17,7 @@ from monolith.joiner.config import JoinerConfig
 from monolith.joiner.partition import PartitionReader, ensure_state_store
 from monolith.streams.config import EVENTS_STREAM, StreamsConfig, events_subject, partition_of
 from monolith.streams.jetstream import TRANSIENT_ERRORS, BackgroundLoop, connect, ensure_streams
+from monolith.streams.publish import Message, publish_round
 
 _LOGGER = logging.getLogger("monolith.joiner")
 
@@ -96,18 +97,17 @@ class JoinerRuntime:
 
     async def _store(self, actions: Sequence[pb.Action]) -> None:
         assert self._js is not None
-        await asyncio.gather(
-            *(
-                self._js.publish(
-                    events_subject(partition_of(action.request_id, self.streams.partitions)),
-                    pb.Event(action=action).SerializeToString(),
-                    timeout=self.streams.timeout,
-                    stream=EVENTS_STREAM,
-                    headers={"Nats-Msg-Id": action_message_id(action)},
-                )
-                for action in actions
+        messages = [
+            Message(
+                events_subject(partition_of(action.request_id, self.streams.partitions)),
+                pb.Event(action=action).SerializeToString(),
+                action_message_id(action),
             )
-        )
+            for action in actions
+        ]
+        done = await publish_round(self._js, messages, EVENTS_STREAM, self.streams.timeout)
+        if done.failed:
+            raise Unavailable(f"{len(done.failed)} of {len(messages)} actions not confirmed by NATS; retry")
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stops the readers (between samples), closes the connection and the loop."""
