@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from monolith.replay.launcher import LocalStack, StackError, StackInfo
+from monolith.harness.replay.launcher import LocalStack, StackError, StackInfo
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 

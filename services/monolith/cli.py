@@ -18,13 +18,13 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "dense-ps": ("monolith.dense_ps.service", "serve the dense model's parameters"),
     "trainer": ("monolith.trainer.service", "train against the embedding-PS and dense-PS"),
     "serving": ("monolith.serving.service", "serve the Predict API (TF Serving's PredictionService)"),
-    "up": ("monolith.stack.service", "run the whole stack on this machine until Ctrl-C"),
+    "up": ("monolith.harness.stack.service", "run the whole stack on this machine until Ctrl-C"),
     "joiner": ("monolith.joiner.service", "join impressions and actions into training samples (ReportActions API)"),
-    "replay": ("monolith.replay.service", "replay MovieLens-100k as live traffic through a running stack"),
-    "bench": ("monolith.bench.cli", "run a benchmark and print one JSON line"),
+    "replay": ("monolith.harness.replay.service", "replay MovieLens-100k as live traffic through a running stack"),
+    "bench": ("monolith.harness.bench.cli", "run a benchmark and print one JSON line"),
     "controller": ("monolith.controller.service", "checkpoint the training cluster and recover it from failures"),
     "checkpoint": ("monolith.controller.commands", "save, list, restore or verify checkpoints"),
-    "chaos": ("monolith.stack.chaos", "SIGKILL a part of a running `monolith up` during a replay; check it recovers"),
+    "chaos": ("monolith.harness.chaos", "SIGKILL a part of a running `monolith up` during a replay; check it recovers"),
 }
 
 

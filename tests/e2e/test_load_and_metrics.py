@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
-from monolith.replay.launcher import LocalStack, StackInfo
+from monolith.harness.replay.launcher import LocalStack, StackInfo
 
 pytestmark = pytest.mark.slow
 

@@ -3,7 +3,7 @@
 Starts `monolith up` (the real stack, with its checkpoint controller), replays a slice of
 MovieLens-100k slowly through it, and meanwhile SIGKILLs, one after the other at a random
 moment, the online trainer, a training embedding-PS shard, the dense-PS and the joiner
-(`monolith.stack.chaos`). Each comes back by itself; afterwards every sample the joiner was
+(`monolith.harness.chaos`). Each comes back by itself; afterwards every sample the joiner was
 expected to publish is on the stream exactly once, the trainer has acknowledged all of
 them, the parameter servers hold the effect of each exactly once (the controller's resume
 position plus what the trainer applied since equals the consumer's acknowledgement
@@ -18,11 +18,11 @@ import time
 
 import pytest
 
-from monolith.replay.launcher import LocalStack
-from monolith.replay.runner import Replay, ReplayOptions
-from monolith.replay.service import FREE_PORTS
-from monolith.stack.chaos import ChaosResult, inject, lineage
-from monolith.stack.parts import DENSE_PS, JOINER, TRAINER, training_shard
+from monolith.harness.replay.launcher import LocalStack
+from monolith.harness.replay.runner import Replay, ReplayOptions
+from monolith.harness.replay.service import FREE_PORTS
+from monolith.harness.chaos import ChaosResult, inject, lineage
+from monolith.harness.stack.parts import DENSE_PS, JOINER, TRAINER, training_shard
 
 pytestmark = pytest.mark.slow  # a few minutes: ten processes and four recoveries on a loaded machine
 

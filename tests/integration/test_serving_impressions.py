@@ -24,7 +24,8 @@ from monolith.api.joiner.v1 import joiner_pb2 as pb
 from monolith.common.server import MonolithServer, ServerConfig
 from monolith.data.movielens import load_movielens
 from monolith.model.config import ModelConfig, default_config_path, model_config_from_dict
-from monolith.serving.impressions import IMPRESSIONS_DROPPED, IMPRESSIONS_PUBLISHED, ImpressionLog
+from monolith.serving.impressions import ImpressionLog
+from monolith.serving.metrics import IMPRESSIONS_DROPPED, IMPRESSIONS_PUBLISHED
 from monolith.serving.model import ServingModel
 from monolith.serving.service import build_serving
 from monolith.serving.servicer import SignatureConfig

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from monolith.common.process import free_port
-from monolith.stack.health import HttpOk
-from monolith.stack.parts import Part
-from monolith.stack.supervisor import Backoff, PartFailed, Supervisor
+from monolith.harness.stack.health import HttpOk
+from monolith.harness.stack.parts import Part
+from monolith.harness.stack.supervisor import Backoff, PartFailed, Supervisor
 
 # A part: serves 200 on GET / once it is up. Flags: --port P, --after P (exit 3 unless that
 # port answers at start), --delay S (start-up time), --fail (exit 2 at once, with a message),
@@ -201,9 +201,9 @@ def test_a_part_that_ignores_sigterm_is_killed_after_the_timeout(make_part, supe
 DIES_WITH_PARENT = textwrap.dedent(
     """\
     import sys, threading
-    from monolith.stack.health import HttpOk
-    from monolith.stack.parts import Part
-    from monolith.stack.supervisor import Supervisor
+    from monolith.harness.stack.health import HttpOk
+    from monolith.harness.stack.parts import Part
+    from monolith.harness.stack.supervisor import Supervisor
     script, port, logs = sys.argv[1:]
     part = Part("orphan", (sys.executable, script, "--port", port), HttpOk(f"http://127.0.0.1:{port}/"))
     supervisor = Supervisor([part], logs, out=sys.stderr)  # stdout: only the pid

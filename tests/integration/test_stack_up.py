@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from monolith.stack.health import GrpcHealth, HttpOk
+from monolith.harness.stack.health import GrpcHealth, HttpOk
 
 MONOLITH = str(Path(sys.executable).with_name("monolith"))
 START_TIMEOUT = 300.0  # nine processes importing TensorFlow and gRPC on a loaded 2-core machine

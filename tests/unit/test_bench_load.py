@@ -11,7 +11,7 @@ import os
 import prometheus_client
 import pytest
 
-from monolith.bench import load
+from monolith.harness.bench import load
 
 
 def test_resident_bytes_reads_the_process_collector_of_a_real_metrics_endpoint() -> None:

@@ -38,10 +38,10 @@ DEADLINE = 30.0  # seconds a test waits for a condition before failing
 
 @contextlib.contextmanager
 def small_limits() -> Iterator[None]:
-    """Limits small enough that a short sequence compacts the change log, thins cut
+    """Limits small enough that a short sequence compacts the change log, thins mark
     records, forgets deletions and sweeps in several windows."""
     with (
-        mock.patch.multiple(change_log_module, LOG_SLACK=4, MAX_CUTS=4, MAX_DELETION_LOG=10),
+        mock.patch.multiple(change_log_module, LOG_SLACK=4, MAX_MARKS=4, MAX_DELETION_LOG=10),
         mock.patch.multiple(table_module, EXPIRY_WINDOW_ROWS=5, EXPIRY_WINDOW_EVICTIONS=3, EXPIRY_SCAN_ROWS=7),
     ):
         yield
@@ -83,7 +83,7 @@ operation = st.one_of(
 
 
 def run(shard: EmbeddingShard, op: tuple[Any, ...], rng: np.random.Generator) -> None:
-    """Applies one random mutation (or an export, which records a cut) to a training shard."""
+    """Applies one random mutation (or an export, which records a mark) to a training shard."""
     kind = op[0]
     if kind == "train":
         _, name, ids, now = op
@@ -123,7 +123,7 @@ def test_incremental_export_brings_any_earlier_copy_up_to_date(
     ops: list[tuple[Any, ...]], picks: list[int], chunk_rows: int, seed: int
 ) -> None:
     """The change-log export equals a full-scan export: for a copy of the shard taken at
-    any earlier version S (a cut of an earlier export, or the version after any
+    any earlier version S (a mark of an earlier export, or the version after any
     mutation), applying the export since S gives exactly the shard's rows now."""
     rng = np.random.default_rng(seed)
     with small_limits():
@@ -232,15 +232,15 @@ def test_change_log_is_compacted_to_the_live_rows_and_exports_stay_exact() -> No
         assert np.unique(np.concatenate([b.ids for b in table.export(0, False, 1000)])).shape[0] == 100
 
 
-def test_compaction_moves_cuts_with_the_entries_they_point_at() -> None:
+def test_compaction_moves_marks_with_the_entries_they_point_at() -> None:
     with mock.patch.object(change_log_module, "LOG_SLACK", 0):
         table = EmbeddingTable(TABLES[0], initial_capacity=8)
         ids = np.arange(10, dtype=np.int64)
         table.lookup_train(ids, None, 1000.0, 1)
         table.apply_gradients(ids, np.ones((10, 3), np.float32), 1001.0, 2)
-        table.apply_gradients(np.array([3]), np.ones((1, 3), np.float32), 1002.0, 3)  # cut 2 before it
+        table.apply_gradients(np.array([3]), np.ones((1, 3), np.float32), 1002.0, 3)  # mark 2 before it
         # 21 entries for 10 live rows: the next mutation compacts to one entry per row,
-        # id 3's (version 3) last, and moves cut 2 to just before it.
+        # id 3's (version 3) last, and moves mark 2 to just before it.
         table.apply_gradients(np.array([5]), np.ones((1, 3), np.float32), 1003.0, 4)
 
         assert table.change_count(0) == 11
@@ -249,7 +249,7 @@ def test_compaction_moves_cuts_with_the_entries_they_point_at() -> None:
 
 
 def test_mutations_arriving_out_of_version_order_are_never_missed() -> None:
-    """Concurrent mutations may reach a table out of version order (5 before 4): a cut is
+    """Concurrent mutations may reach a table out of version order (5 before 4): a mark is
     only ever placed at the newest version seen, so everything before it is older."""
     table = EmbeddingTable(TABLES[0], initial_capacity=8)
     table.lookup_train(np.arange(20), None, 1000.0, 1)
@@ -261,16 +261,16 @@ def test_mutations_arriving_out_of_version_order_are_never_missed() -> None:
         return sorted(int(i) for b in table.export(since, False, 100) for i in b.ids)
 
     assert exported(1) == [1, 2, 3]
-    assert exported(3) == [1, 2, 3]  # no cut between 1 and 5: version 4 and 5 are resent
-    assert exported(5) == [3]  # the cut at 5 was placed before version 6 arrived
+    assert exported(3) == [1, 2, 3]  # no mark between 1 and 5: version 4 and 5 are resent
+    assert exported(5) == [3]  # the mark at 5 was placed before version 6 arrived
     assert exported(6) == []
 
 
-def test_cuts_stay_exact_when_old_deletions_are_forgotten() -> None:
+def test_marks_stay_exact_when_old_deletions_are_forgotten() -> None:
     with mock.patch.object(change_log_module, "MAX_DELETION_LOG", 10):
         table = EmbeddingTable(TABLES[0], initial_capacity=8)
         table.lookup_train(np.arange(100), None, 1000.0, 1)
-        for version in range(2, 9):  # 7 deletions before cut 8 (placed when version 9 arrives)
+        for version in range(2, 9):  # 7 deletions before mark 8 (placed when version 9 arrives)
             table.delete(np.array([version]), version)
         for version in range(9, 14):  # 5 after it: the log overflows and forgets the oldest 3
             table.delete(np.array([version]), version)
@@ -281,18 +281,18 @@ def test_cuts_stay_exact_when_old_deletions_are_forgotten() -> None:
             table.deleted_since(3)
 
 
-def test_thinned_cuts_only_make_exports_resend_more() -> None:
-    with mock.patch.object(change_log_module, "MAX_CUTS", 4):
+def test_thinned_marks_only_make_exports_resend_more() -> None:
+    with mock.patch.object(change_log_module, "MAX_MARKS", 4):
         table = EmbeddingTable(TABLES[0], initial_capacity=8)
-        for version in range(1, 13):  # id v is created at version v, with a cut before it
+        for version in range(1, 13):  # id v is created at version v, with a mark before it
             table.lookup_train(np.array([version]), None, 1000.0, version)
 
         exported = {since: [int(i) for b in table.export(since, False, 100) for i in b.ids] for since in range(13)}
 
         for since in range(13):
             assert set(exported[since]) >= set(range(since + 1, 13)), since  # never misses a change
-        assert exported[12] == [] and exported[11] == [12]  # the newest cuts are kept exactly
-        assert len(exported[2]) > 9  # cut 2 was thinned out: since 2 starts at cut 1, resending id 2
+        assert exported[12] == [] and exported[11] == [12]  # the newest marks are kept exactly
+        assert len(exported[2]) > 9  # mark 2 was thinned out: since 2 starts at mark 1, resending id 2
 
 
 def test_imported_update_times_never_mark_a_row_free() -> None:
@@ -483,7 +483,7 @@ def test_a_large_incremental_export_streams_and_stays_exact() -> None:
     shard.lookup([("user", np.arange(300, dtype=np.int64), None)], True, 1000.0)
     since = shard.version
     copy = shard_state(shard)
-    list(shard.export(since, False))  # a cut at `since`
+    list(shard.export(since, False))  # a mark at `since`
     shard.apply_gradients([("user", np.arange(0, 300, 2), np.ones((150, 3), np.float32))], 1001.0)
     shard.import_chunk("user", RowBatch(np.zeros(0, np.int64), np.zeros((0, 3), np.float32), np.zeros(0, np.uint32)),
                        np.arange(1, 40, 2))  # fmt: skip

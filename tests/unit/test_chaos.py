@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from monolith.stack.chaos import ChaosError, Lineage, target
+from monolith.controller.lineage import Lineage
+from monolith.harness.chaos import ChaosError, target
 
 MANIFEST = {
     "pid": os.getpid(),

@@ -21,7 +21,6 @@ from monolith.data.feature_ids import feature_ids
 from monolith.model.config import ModelConfig, default_config_path, model_config_from_dict
 from monolith.serving.impressions import (
     EVENT_TIME,
-    IMPRESSIONS_DROPPED,
     REQUEST_ID,
     ImpressionLog,
     RequestKeys,
@@ -32,6 +31,7 @@ from monolith.serving.impressions import (
     request_keys,
 )
 from monolith.serving.limits import RequestLimits
+from monolith.serving.metrics import IMPRESSIONS_DROPPED
 from monolith.serving.model import ServingModel
 from monolith.serving.tensors import decode_inputs
 from monolith.streams.config import StreamsConfig, events_subject, partition_of

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import yaml
 
-from monolith.bench import peers
-from monolith.bench.sweep import grid_points, override, parse_setting
+from monolith.harness.bench import peers
+from monolith.harness.bench.sweep import grid_points, override, parse_setting
 from monolith.data.batch import Batch
 from monolith.data.buckets import hashed_into_buckets
 from monolith.data.movielens import load_movielens

@@ -13,7 +13,7 @@ import pytest
 
 from monolith.joiner.config import keeps_negative
 from monolith.model.config import default_config_path, load_model_config
-from monolith.replay.bookkeeping import (
+from monolith.harness.replay.bookkeeping import (
     ScoreBook,
     auc_of_scored,
     expected_samples,
@@ -21,17 +21,17 @@ from monolith.replay.bookkeeping import (
     reconcile,
     rolling_auc,
 )
-from monolith.replay.launcher import StackError, StackInfo
-from monolith.replay.pacing import Pacer, WindowGate
-from monolith.replay.probe import FreshnessProbe
-from monolith.replay.report import plot_rolling_auc, summary_table
-from monolith.replay.samples import ImpressionWatch, closing_time, watermark_request_ids
-from monolith.replay.service import json_ready
-from monolith.replay.traffic import load_replay_data
+from monolith.harness.replay.launcher import StackError, StackInfo
+from monolith.harness.replay.pacing import Pacer, WindowGate
+from monolith.harness.replay.probe import FreshnessProbe
+from monolith.harness.replay.report import plot_rolling_auc, summary_table
+from monolith.harness.replay.samples import ImpressionWatch, closing_time, watermark_request_ids
+from monolith.harness.replay.service import json_ready
+from monolith.harness.replay.traffic import load_replay_data
 from monolith.serving.model import ServingModel
 from monolith.streams.config import StreamsConfig, partition_of
 from monolith.trainer.backends import LocalDense, LocalEmbeddings
-from monolith.trainer.metrics import auc
+from monolith.model.quality import auc
 
 # ---------------------------------------------------------------- data
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from monolith.stack.health import HttpOk
-from monolith.stack.parts import Part
-from monolith.stack.supervisor import Backoff, Supervisor, describe_exit
+from monolith.harness.stack.health import HttpOk
+from monolith.harness.stack.parts import Part
+from monolith.harness.stack.supervisor import Backoff, Supervisor, describe_exit
 
 
 def test_backoff_doubles_from_the_initial_delay_up_to_the_cap() -> None:

@@ -7,8 +7,8 @@ import os
 import subprocess
 import sys
 
-from monolith.stack.manifest import remove_manifest, running_stack_pid, stack_manifest, write_manifest
-from monolith.stack.parts import StackSettings, allocate_ports, stack_parts
+from monolith.harness.stack.manifest import remove_manifest, running_stack_pid, stack_manifest, write_manifest
+from monolith.harness.stack.parts import StackSettings, allocate_ports, stack_parts
 
 
 def test_the_manifest_names_every_address_the_clients_need(tmp_path) -> None:

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from monolith.cli import _COMMANDS
-from monolith.stack.parts import (
+from monolith.harness.stack.parts import (
     CONTROLLER,
     DENSE_PS,
     JOINER,
@@ -24,7 +24,7 @@ from monolith.stack.parts import (
     stack_parts,
     training_shard,
 )
-from monolith.stack.supervisor import Supervisor
+from monolith.harness.stack.supervisor import Supervisor
 
 SETTINGS = StackSettings(data_dir="/data/stack", config="/conf/model.yaml", partitions=4, sync_interval=0.5)
 

@@ -21,7 +21,7 @@ from monolith.model.config import ModelConfig, default_config_path, load_model_c
 from monolith.trainer.backends import LocalDense, LocalEmbeddings
 from monolith.trainer.evaluation import evaluate, progressive_validation, running_mean_baseline
 from monolith.model.scores import sigmoid
-from monolith.trainer.metrics import auc, log_loss
+from monolith.model.quality import auc, log_loss
 from monolith.trainer.progress import Progress
 from monolith.trainer.worker import TrainerWorker
 

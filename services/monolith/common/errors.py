@@ -118,3 +118,29 @@ def bounded_details(message: str, limit: int = MAX_DETAILS_CHARS) -> str:
     head = (limit - len(cut)) * 2 // 3
     tail = limit - len(cut) - head
     return f"{message[:head]}{cut}{message[-tail:]}"
+
+
+def describe(exc: BaseException, what: str = "") -> str:
+    """One line for a log or a status message: `KIND: [what: ]message`, the kind first.
+
+    The kind is the gRPC status name of a failed call (a `grpc.RpcError`, recognized by its
+    `code()` without importing gRPC), the status of one of our errors, or the exception's
+    class, so a caller that logs once per kind of outage can compare the text before the
+    first colon.
+
+    Args:
+        exc: what went wrong.
+        what: the peer or the step it happened in, e.g. "dense-PS" or "NATS (ack)".
+    """
+    code = getattr(exc, "code", None)
+    if callable(code):  # a grpc.RpcError: code() is its status, details() its message
+        kind = getattr(code(), "name", "UNKNOWN")
+        details = getattr(exc, "details", None)
+        message = (details() if callable(details) else "") or ""
+    elif isinstance(exc, MonolithError):
+        kind, message = exc.code, str(exc)
+    else:
+        kind, message = type(exc).__name__, str(exc)
+    message = " ".join(message.split())
+    parts = [kind, *([what] if what else []), *([message] if message else [])]
+    return ": ".join(parts)

@@ -7,13 +7,13 @@ A row of the arena is `[embedding (dim) | optimizer state]`. State layouts:
 - adam: m (dim), v (dim), step count (1): "lazy" Adam, which advances a row's moments
   only when the row gets a gradient, as sparse Adam does.
 Hyper-parameters travel as a float64 array indexed by the HP_* constants. The kernels
-take the table's constants as one `TableParams` (see table_kernels), not as loose scalars.
+take the table's constants as one `TableParams`, not as loose scalars.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -21,15 +21,38 @@ import numpy as np
 from monolith.embedding.config import InitializerConfig, OptimizerConfig
 from monolith.embedding.hashing import mix64, stream_value, to_unit_float
 
-if TYPE_CHECKING:
-    from monolith.embedding.table_kernels import TableParams
-
 SGD, ADAGRAD, FTRL, ADAM = 0, 1, 2, 3
 OPTIMIZER_CODES = {"sgd": SGD, "adagrad": ADAGRAD, "ftrl": FTRL, "adam": ADAM}
 ZEROS, UNIFORM, NORMAL = 0, 1, 2
 INITIALIZER_CODES = {"zeros": ZEROS, "uniform": UNIFORM, "normal": NORMAL}
 
 HP_LR, HP_INIT_ACC, HP_EPS, HP_BETA1, HP_BETA2, HP_L1, HP_L2, HP_BETA = range(8)
+
+
+class TableParams(NamedTuple):
+    """One table's constants, as the kernels see them.
+
+    Attributes:
+        dim: embedding dimension.
+        init_kind: initializer code (INITIALIZER_CODES).
+        init_scale: initializer scale.
+        init_seed: seed of the initializer's per-id random stream.
+        opt_kind: optimizer code (OPTIMIZER_CODES).
+        hp: float64 optimizer hyper-parameters (HP_*).
+        filter_kind: admission filter code (table_kernels.FILTER_*).
+        threshold: occurrences the counting filter needs.
+        admit_probability: per-occurrence admission probability of the probabilistic filter.
+    """
+
+    dim: int
+    init_kind: int
+    init_scale: float
+    init_seed: np.uint64
+    opt_kind: int
+    hp: np.ndarray
+    filter_kind: int
+    threshold: int
+    admit_probability: float
 
 
 def hyper_parameters(opt: OptimizerConfig) -> np.ndarray:

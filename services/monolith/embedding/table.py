@@ -16,7 +16,7 @@ every row.
 
 Changes since a version, in time proportional to the changes: the kernels append the
 row of every creation, update and import to a change log, and the table's `ChangeLog`
-(see change_log) keeps the cuts that map versions to log positions, compacts the log,
+(see change_log) keeps the marks that map versions to log positions, compacts the log,
 and remembers deleted ids.
 
 Thread safety: reads take a shared lock, mutations an exclusive one (see concurrency);
@@ -39,7 +39,8 @@ from monolith.embedding.concurrency import ReadWriteLock
 from monolith.embedding.config import TableConfig
 from monolith.embedding.hashing import stable_hash64
 from monolith.embedding.row_math import OPTIMIZER_CODES, hyper_parameters, initializer_params
-from monolith.embedding.table_kernels import FREE, NEWEST_TIME, PendingArrays, TableArrays, TableParams
+from monolith.embedding.row_math import TableParams
+from monolith.embedding.table_kernels import FREE, NEWEST_TIME, PendingArrays, TableArrays
 
 GROWTH = 1.125  # arena growth factor: small, so spare rows cost little memory (copies are cheap)
 MIN_GROWTH_ROWS = 1024
@@ -128,7 +129,7 @@ class EmbeddingTable:
             seed=np.uint64(rng.integers(0, 2**63)),
         )
 
-        self._change_log = ChangeLog(config.name)  # cuts and deletions; guarded by self._lock
+        self._change_log = ChangeLog(config.name)  # marks and deletions; guarded by self._lock
 
         self._max_update_time = 0
         self._admissions = 0
@@ -295,7 +296,7 @@ class EmbeddingTable:
 
         Since 0, the arena is scanned in windows, each under the read lock, so a full
         export neither copies the table whole nor blocks writers for long. Since a later
-        version, only the change log from the matching cut on is read: O(rows changed).
+        version, only the change log from the matching mark on is read: O(rows changed).
         Values are read batch by batch, so rows changed while the export runs may or may
         not be included; a later export since a version taken before this one has them.
         """
@@ -336,7 +337,7 @@ class EmbeddingTable:
 
     def change_count(self, since: int) -> int:
         """An upper bound on the rows and deletions an export since `since` would list:
-        the change-log and deletion-log entries after its cut. O(1)."""
+        the change-log and deletion-log entries after its mark. O(1)."""
         with self._lock.read():
             return self._change_log.change_count(self._t, since)
 
@@ -394,7 +395,7 @@ class EmbeddingTable:
         return np.uint32(stamp)
 
     def _begin_mutation(self, version: int, new_rows: int, log_entries: int | None = None) -> None:
-        """Cut bookkeeping and room for a mutation (caller holds the write lock).
+        """Mark bookkeeping and room for a mutation (caller holds the write lock).
 
         Args:
             version: the mutation's version.

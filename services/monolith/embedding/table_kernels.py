@@ -23,7 +23,7 @@ import numpy as np
 
 from monolith.embedding import id_map
 from monolith.embedding.hashing import hash_id, mix64, to_unit_float
-from monolith.embedding.row_math import apply_gradient, init_embedding, init_state
+from monolith.embedding.row_math import TableParams, apply_gradient, init_embedding, init_state
 
 FILTER_NONE, FILTER_COUNTING, FILTER_PROBABILISTIC = 0, 1, 2
 FILTER_CODES = {"none": FILTER_NONE, "counting": FILTER_COUNTING, "probabilistic": FILTER_PROBABILISTIC}
@@ -72,32 +72,6 @@ class PendingArrays(NamedTuple):
     count: np.ndarray
     time: np.ndarray
     seed: np.uint64
-
-
-class TableParams(NamedTuple):
-    """One table's constants, as the kernels see them.
-
-    Attributes:
-        dim: embedding dimension.
-        init_kind: initializer code (row_math.INITIALIZER_CODES).
-        init_scale: initializer scale.
-        init_seed: seed of the initializer's per-id random stream.
-        opt_kind: optimizer code (row_math.OPTIMIZER_CODES).
-        hp: float64 optimizer hyper-parameters (row_math.HP_*).
-        filter_kind: admission filter code (FILTER_*).
-        threshold: occurrences the counting filter needs.
-        admit_probability: per-occurrence admission probability of the probabilistic filter.
-    """
-
-    dim: int
-    init_kind: int
-    init_scale: float
-    init_seed: np.uint64
-    opt_kind: int
-    hp: np.ndarray
-    filter_kind: int
-    threshold: int
-    admit_probability: float
 
 
 # ------------------------------------------------------------------- reads
@@ -377,7 +351,7 @@ def changed_rows(t: TableArrays, start: int, stop: int) -> np.ndarray:
 def compact_log(t: TableArrays, positions: np.ndarray) -> None:
     """Keeps only the last entry of each live row in the change log, in order.
 
-    `positions` (ascending log positions, e.g. of export cuts) are remapped in place to
+    `positions` (ascending log positions, e.g. of export marks) are remapped in place to
     the number of kept entries before them, so "everything at or after position p" keeps
     meaning the same changes. Works backwards in place: a kept entry moves to a position
     at or after the one just read.

@@ -70,3 +70,45 @@ class _ShardCollector(Collector):
 
 SHARDS = _ShardCollector()
 prometheus_client.REGISTRY.register(SHARDS)
+
+
+# Train→serve sync of a serving shard (embedding_ps/sync.py), labelled by shard.
+_SYNC_LABELS = ("shard",)
+SYNC_LAG = prometheus_client.Gauge(
+    "monolith_sync_lag_seconds",
+    "Event-time lag of the serving shard: the training shard's data clock (newest update time, at its latest "
+    "Stats) minus its data clock as of the state the serving shard is complete up to (whole seconds of data "
+    "time, not wall-clock time). NaN before the first complete sync.",
+    _SYNC_LABELS,
+)
+SYNC_ROWS = prometheus_client.Counter(
+    "monolith_sync_rows_total", "Rows upserted into the serving shard by sync.", _SYNC_LABELS
+)
+SYNC_DELETIONS = prometheus_client.Counter(
+    "monolith_sync_deletions_total",
+    "Rows deleted from the serving shard by sync (expired on training, or absent from a full copy).",
+    _SYNC_LABELS,
+)
+SYNC_FULL_RESYNCS = prometheus_client.Counter(
+    "monolith_sync_full_resyncs_total",
+    "Full copies from the training shard (first sync, a restarted training shard, or too far behind).",
+    _SYNC_LABELS,
+)
+SYNC_DELETIONS_REFUSED = prometheus_client.Counter(
+    "monolith_sync_resync_deletions_refused_total",
+    "Rows a full copy would have deleted from the serving shard but did not, because they were more than "
+    "--max-resync-delete-fraction of its rows (an alarm: the training shard lost rows).",
+    _SYNC_LABELS,
+)
+SYNC_FAILURES = prometheus_client.Counter(
+    "monolith_sync_failures_total", "Sync attempts that failed (retried at the next interval).", _SYNC_LABELS
+)
+SYNC_DURATION = prometheus_client.Histogram(
+    "monolith_sync_duration_seconds",
+    "Time of one sync attempt, successful or not.",
+    _SYNC_LABELS,
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0),
+)
+SYNC_VERSION = prometheus_client.Gauge(
+    "monolith_sync_version", "Training shard version the serving shard is complete up to.", _SYNC_LABELS
+)

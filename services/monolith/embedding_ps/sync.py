@@ -50,13 +50,22 @@ from typing import Iterator
 
 import grpc
 import numpy as np
-import prometheus_client
 
 from monolith.api.embedding_ps.v1 import embedding_ps_pb2 as pb
 from monolith.api.embedding_ps.v1 import embedding_ps_pb2_grpc as pb_grpc
 from monolith.common.errors import MonolithError
 from monolith.common.wire import decode_array
 from monolith.embedding.table import RowBatch
+from monolith.embedding_ps.metrics import (
+    SYNC_DELETIONS,
+    SYNC_DELETIONS_REFUSED,
+    SYNC_DURATION,
+    SYNC_FAILURES,
+    SYNC_FULL_RESYNCS,
+    SYNC_LAG,
+    SYNC_ROWS,
+    SYNC_VERSION,
+)
 from monolith.embedding_ps.shard import ATOMIC_EXPORT_ENTRIES, EmbeddingShard
 
 _LOGGER = logging.getLogger("monolith.embedding_ps.sync")
@@ -72,47 +81,6 @@ _CHANNEL_OPTIONS = (
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 )
-
-_LABELS = ("shard",)
-SYNC_LAG = prometheus_client.Gauge(
-    "monolith_sync_lag_seconds",
-    "Event-time lag of the serving shard: the training shard's data clock (newest update time, at its latest "
-    "Stats) minus its data clock as of the state the serving shard is complete up to (whole seconds of data "
-    "time, not wall-clock time). NaN before the first complete sync.",
-    _LABELS,
-)
-SYNC_ROWS = prometheus_client.Counter(
-    "monolith_sync_rows_total", "Rows upserted into the serving shard by sync.", _LABELS
-)
-SYNC_DELETIONS = prometheus_client.Counter(
-    "monolith_sync_deletions_total",
-    "Rows deleted from the serving shard by sync (expired on training, or absent from a full copy).",
-    _LABELS,
-)
-SYNC_FULL_RESYNCS = prometheus_client.Counter(
-    "monolith_sync_full_resyncs_total",
-    "Full copies from the training shard (first sync, a restarted training shard, or too far behind).",
-    _LABELS,
-)
-SYNC_DELETIONS_REFUSED = prometheus_client.Counter(
-    "monolith_sync_resync_deletions_refused_total",
-    "Rows a full copy would have deleted from the serving shard but did not, because they were more than "
-    "--max-resync-delete-fraction of its rows (an alarm: the training shard lost rows).",
-    _LABELS,
-)
-SYNC_FAILURES = prometheus_client.Counter(
-    "monolith_sync_failures_total", "Sync attempts that failed (retried at the next interval).", _LABELS
-)
-SYNC_DURATION = prometheus_client.Histogram(
-    "monolith_sync_duration_seconds",
-    "Time of one sync attempt, successful or not.",
-    _LABELS,
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0),
-)
-SYNC_VERSION = prometheus_client.Gauge(
-    "monolith_sync_version", "Training shard version the serving shard is complete up to.", _LABELS
-)
-
 
 class SyncError(Exception):
     """The training shard answered, but with something this serving shard cannot follow."""

@@ -26,10 +26,15 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
-import prometheus_client
 
 from monolith.api.joiner.v1 import joiner_pb2
 from monolith.common.errors import InvalidArgument
+from monolith.serving.metrics import (
+    IMPRESSION_PUBLISH_FAILURES,
+    IMPRESSIONS_DROPPED,
+    IMPRESSIONS_PUBLISHED,
+    IMPRESSIONS_QUEUED,
+)
 from monolith.streams.config import EVENTS_STREAM, StreamsConfig, events_subject, partition_of
 from monolith.streams.jetstream import TRANSIENT_ERRORS, BackgroundLoop, connect, ensure_streams
 from monolith.streams.publish import Message, publish_round
@@ -46,28 +51,6 @@ DEFAULT_QUEUE = 10_000
 MAX_MSG_ID_CHARS = 512  # longer ids (or ids a header cannot carry) are replaced by their hash
 _PUBLISH_CHUNK = 1024  # impressions taken off the queue and published (pipelined) together
 _MAX_BACKOFF = 1.0  # seconds between retries while NATS is down: recover quickly once it is back
-
-IMPRESSIONS_PUBLISHED = prometheus_client.Counter(
-    "monolith_serving_impressions_published_total",
-    "Impressions stored on the EVENTS stream (acknowledged by JetStream).",
-)
-IMPRESSIONS_DROPPED = prometheus_client.Counter(
-    "monolith_serving_impressions_dropped_total",
-    "Impressions not published: queue_full (NATS slow or down), shutdown (still queued when the flush "
-    "time ran out), too_large (over NATS's max payload), no_item (an empty item id).",
-    ("reason",),
-)
-IMPRESSIONS_QUEUED = prometheus_client.Gauge(
-    "monolith_serving_impressions_queued",
-    "Impressions waiting to be published or in flight (bounded by --impression-queue).",
-)
-IMPRESSION_PUBLISH_FAILURES = prometheus_client.Counter(
-    "monolith_serving_impression_publish_failures_total",
-    "Impression publishes that failed and were retried (NATS down, slow, or the stream missing).",
-)
-for _reason in ("queue_full", "shutdown", "too_large", "no_item"):
-    IMPRESSIONS_DROPPED.labels(_reason)  # exported at 0 before the first drop
-
 
 # --------------------------------------------------------------------------- request keys
 

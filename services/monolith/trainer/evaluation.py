@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from monolith.data.batch import Batch
-from monolith.trainer.metrics import auc, log_loss
+from monolith.model.quality import auc, log_loss
 from monolith.trainer.progress import Progress
 from monolith.trainer.scoring_copy import ScoringCopy
 from monolith.trainer.worker import TrainerWorker

@@ -1,32 +1,53 @@
-"""Evaluation metrics: AUC and log loss, in numpy."""
+"""Prometheus metrics of the online trainer (module globals: the registry is per process)."""
 
 from __future__ import annotations
 
-import numpy as np
+import prometheus_client
 
-
-def auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve, with tied scores counted as half (Mann-Whitney U).
-
-    Returns NaN when only one class is present.
-    """
-    labels = np.asarray(labels).astype(bool).reshape(-1)
-    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-    n_pos = int(labels.sum())
-    n_neg = labels.shape[0] - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    _, inverse, counts = np.unique(scores[order], return_inverse=True, return_counts=True)
-    # 1-based average rank of each group of tied scores.
-    average_rank = np.cumsum(counts) - (counts - 1) / 2.0
-    ranks = np.empty(scores.shape[0], dtype=np.float64)
-    ranks[order] = average_rank[inverse]
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
-def log_loss(labels: np.ndarray, probabilities: np.ndarray, eps: float = 1e-7) -> float:
-    """Mean binary cross-entropy."""
-    p = np.clip(np.asarray(probabilities, dtype=np.float64), eps, 1 - eps)
-    y = np.asarray(labels, dtype=np.float64)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+EXAMPLES = prometheus_client.Counter(
+    "monolith_trainer_examples_total", "Samples trained on (their step's gradients applied and the samples acked)."
+)
+EXAMPLES_PER_SECOND = prometheus_client.Gauge(
+    "monolith_trainer_examples_per_second", "Samples trained per second over the last few seconds."
+)
+STEPS = prometheus_client.Counter("monolith_trainer_steps_total", "Training steps applied.")
+STEP_SECONDS = prometheus_client.Histogram(
+    "monolith_trainer_step_seconds",
+    "Time of one training step (lookup, dense tower, gradient pushes), retries excluded.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+BAD_SAMPLES = prometheus_client.Counter(
+    "monolith_trainer_bad_samples_total",
+    "Samples that cannot be trained on, terminated on the stream (never redelivered).",
+    ("reason",),
+)
+RETRIES = prometheus_client.Counter(
+    "monolith_trainer_retries_total",
+    "Failed attempts retried after a backoff, by what failed (nats: the stream; ps: a parameter server).",
+    ("dependency",),
+)
+CONSUMER_LAG = prometheus_client.Gauge(
+    "monolith_trainer_consumer_lag",
+    "Samples on the stream not yet delivered to any trainer sharing the consumer (num_pending).",
+)
+CONSUMER_ACK_PENDING = prometheus_client.Gauge(
+    "monolith_trainer_consumer_ack_pending", "Samples delivered to the trainers and not yet acknowledged."
+)
+CONSUMER_ACK_FLOOR = prometheus_client.Gauge(
+    "monolith_trainer_consumer_ack_floor", "Stream sequence up to which every sample is acknowledged (all trainers)."
+)
+LAST_SEQUENCE = prometheus_client.Gauge(
+    "monolith_trainer_last_applied_sequence",
+    "Stream sequence of the newest sample of the last step this trainer applied and acknowledged.",
+)
+NEWEST_EVENT_TIME = prometheus_client.Gauge(
+    "monolith_trainer_newest_event_time_seconds", "Newest event time this trainer has trained on (data time)."
+)
+READY = prometheus_client.Gauge(
+    "monolith_trainer_ready", "1 once the trainer has reached NATS and the parameter servers, else 0."
+)
+SINCE_ROLLBACK = prometheus_client.Gauge(
+    "monolith_trainer_samples_since_rollback",
+    "Samples trained on or terminated as bad since this trainer started or was last rolled back to a checkpoint "
+    "(with the controller's resume position, where the parameter servers are in the stream).",
+)

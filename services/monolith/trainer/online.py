@@ -41,7 +41,7 @@ from monolith.data.batch import Batch
 from monolith.data.samples import SampleDecoder
 from monolith.streams.jetstream import TRANSIENT_ERRORS
 from monolith.streams.pull_consumer import ConsumerState, Delivery
-from monolith.trainer import online_metrics as metrics
+from monolith.trainer import metrics
 from monolith.trainer.pause import StepGate
 from monolith.trainer.worker import TrainerWorker
 

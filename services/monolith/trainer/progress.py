@@ -8,7 +8,7 @@ from collections import deque
 
 import numpy as np
 
-from monolith.trainer.metrics import auc
+from monolith.model.quality import auc
 
 
 class Progress:

@@ -13,7 +13,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import re
 import signal
 import threading
@@ -24,19 +23,17 @@ from monolith.common import metrics as metrics_http
 from monolith.common.config import parse_config, seconds
 from monolith.common.errors import from_rpc_error
 from monolith.common.server import ServerConfig, ServerStartError
-from monolith.data.batch import Batch
 from monolith.data.movielens import load_movielens, split_by_time
 from monolith.data.samples import SampleDecoder, SampleFeature
 from monolith.dense_ps.client import DensePSClient
 from monolith.embedding_ps.client import ShardedEmbeddingClient
 from monolith.model.config import ModelConfig, default_config_path, load_model_config
-from monolith.model.scores import sigmoid
 from monolith.streams.config import SAMPLES_STREAM, add_streams_arguments, streams_config_from_args
 from monolith.streams.pull_consumer import ConsumerSettings, DurableConsumer
 from monolith.trainer.control import build_control_server
 from monolith.trainer.online import OnlineSettings, OnlineTrainer
 from monolith.trainer.pause import StepGate
-from monolith.trainer.progress import Progress
+from monolith.trainer.batch import train_pass
 from monolith.trainer.worker import TrainerWorker
 
 _LOGGER = logging.getLogger("monolith.trainer")
@@ -113,30 +110,6 @@ def run(args: argparse.Namespace) -> int:
             raise from_rpc_error(exc, f"dense-PS at {args.dense_ps}") from None
     print(json.dumps(summary, sort_keys=True))
     return 0
-
-
-def train_pass(worker: TrainerWorker, data: Batch, index: int, count: int, stop: threading.Event) -> dict:
-    """One pass over this worker's share of the batches, until done or `stop` is set."""
-    batches = [b for i, b in enumerate(data.batches(worker.config.training.batch_size)) if i % count == index]
-    progress = Progress(f"trainer {index}/{count}", sum(len(b) for b in batches))
-    loss = math.nan
-    for batch in batches:
-        if stop.is_set():
-            _LOGGER.info("stopping after %d examples", progress.examples)
-            break
-        result = worker.train(batch)
-        loss = result.loss
-        progress.update(len(batch), result.loss, batch.labels, sigmoid(result.logits))
-    progress.close()
-    return {
-        "examples": progress.examples,
-        "steps": worker.steps,
-        "examples_per_s": round(progress.examples_per_s, 1),
-        "last_loss": loss,
-        "running_auc": progress.running_auc(),
-        "dense_version": worker.dense_version,
-    }
-
 
 
 def run_online(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ reports, per function, the share of busy samples in which it was on the stack
 polling thread, a main thread waiting for termination) are not busy and not counted.
 
 A role process is profiled by running it through this module:
-`python -m monolith.bench.sampling OUT.json <monolith args...>` writes the summary to
+`python -m monolith.harness.bench.sampling OUT.json <monolith args...>` writes the summary to
 OUT.json when the role exits (e.g. on SIGTERM); SIGUSR1 forgets what was sampled so far,
 so the summary can cover a load alone, without the start-up.
 """

@@ -30,11 +30,11 @@ from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
 from monolith.api.joiner.v1 import joiner_pb2
-from monolith.replay.bookkeeping import SampleKey
+from monolith.harness.replay.bookkeeping import SampleKey
 from monolith.streams.config import EVENTS_STREAM, SAMPLES_STREAM, StreamsConfig, partition_of
 from monolith.streams.jetstream import BackgroundLoop, connect
 
-_LOGGER = logging.getLogger("monolith.replay.samples")
+_LOGGER = logging.getLogger("monolith.harness.replay.samples")
 TIMEOUT = 10.0  # seconds for one stream request
 MSG_ID = "Nats-Msg-Id"
 IMPRESSION_MSG_ID = "imp/"  # serving's message ids: imp/<request_id>/<item_id>

@@ -38,9 +38,9 @@ import grpc
 import numpy as np
 import yaml
 
-from monolith.bench import echo
-from monolith.bench.measure import interleaved, median, rate
-from monolith.bench.sampling import Sampler, profile_while
+from monolith.harness.bench import echo
+from monolith.harness.bench.measure import interleaved, median, rate
+from monolith.harness.bench.sampling import Sampler, profile_while
 from monolith.common.process import RoleProcess, free_port, start_role, wait_healthy
 from monolith.common.server import tune_gc
 from monolith.embedding.config import TableConfig
@@ -295,7 +295,7 @@ def _start_shards(config: str, workdir: str, procs: list[RoleProcess], profile_d
             out = os.path.join(profile_dir, f"ps{shard}.json")
             proc = RoleProcess(
                 [out, "--log-level", "WARNING", *args, "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0"],
-                log, module="monolith.bench.sampling",
+                log, module="monolith.harness.bench.sampling",
             )  # fmt: skip
             address = f"127.0.0.1:{port}"
         procs.append(proc)

@@ -11,14 +11,14 @@ from monolith.common.tf_startup import quiet_tensorflow_startup
 
 # name -> module with `run(args) -> dict`.
 BENCHMARKS = {
-    "table": "monolith.bench.table",
-    "train": "monolith.bench.train",
-    "serving": "monolith.bench.serving",
-    "online": "monolith.bench.online",
-    "ablations": "monolith.bench.ablations",
-    "sweep": "monolith.bench.sweep",
-    "load": "monolith.bench.load",
-    "recovery": "monolith.bench.recovery",
+    "table": "monolith.harness.bench.table",
+    "train": "monolith.harness.bench.train",
+    "serving": "monolith.harness.bench.serving",
+    "online": "monolith.harness.bench.online",
+    "ablations": "monolith.harness.bench.ablations",
+    "sweep": "monolith.harness.bench.sweep",
+    "load": "monolith.harness.bench.load",
+    "recovery": "monolith.harness.bench.recovery",
 }
 
 

@@ -20,8 +20,8 @@ import sys
 import tempfile
 from typing import Any, Callable
 
-from monolith.replay.runner import ReplayOptions
-from monolith.replay.service import json_ready, replay
+from monolith.harness.replay.runner import ReplayOptions
+from monolith.harness.replay.service import json_ready, replay
 
 # Events/s. Each event is served by a model about speed x (pipeline + sync) events behind
 # training (~0.2 s here), and every event it is behind costs AUC on this data; at 50/s the

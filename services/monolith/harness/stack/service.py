@@ -14,15 +14,15 @@ from types import FrameType
 from monolith.common.config import parse_config, positive_seconds, seconds
 from monolith.common.errors import ConfigError
 from monolith.model.config import default_config_path, load_model_config
-from monolith.stack.manifest import (
+from monolith.harness.stack.manifest import (
     manifest_path,
     remove_manifest,
     running_stack_pid,
     stack_manifest,
     write_manifest,
 )
-from monolith.stack.parts import HOST, Part, StackPorts, StackSettings, allocate_ports, stack_parts
-from monolith.stack.supervisor import PartFailed, Supervisor
+from monolith.harness.stack.parts import HOST, Part, StackPorts, StackSettings, allocate_ports, stack_parts
+from monolith.harness.stack.supervisor import PartFailed, Supervisor
 from monolith.streams.config import StreamsConfig
 from monolith.streams.nats_server import NatsServerError
 

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Protocol, TextIO
 
-from monolith.stack.parts import Part
+from monolith.harness.stack.parts import Part
 from monolith.common.process import terminate
 
 TAIL_LINES = 20

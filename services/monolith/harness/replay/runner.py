@@ -35,8 +35,8 @@ from monolith.common.periodic import PeriodicTask
 from monolith.dense_ps.client import DensePSClient
 from monolith.embedding_ps.client import ShardedEmbeddingClient
 from monolith.model.config import ModelConfig, load_model_config
-from monolith.replay import report
-from monolith.replay.bookkeeping import (
+from monolith.harness.replay import report
+from monolith.harness.replay.bookkeeping import (
     ScoreBook,
     auc_of_scored,
     expected_samples,
@@ -44,19 +44,19 @@ from monolith.replay.bookkeeping import (
     percentile,
     reconcile,
 )
-from monolith.replay.frozen import freeze
-from monolith.replay.launcher import StackInfo
-from monolith.replay.pacing import Pacer, WindowGate
-from monolith.replay.probe import FreshnessProbe
-from monolith.replay.samples import ImpressionWatch, SampleLog, closing_time, watermark_request_ids
-from monolith.replay.traffic import ReplayData, load_replay_data
+from monolith.harness.replay.frozen import freeze
+from monolith.harness.replay.launcher import StackInfo
+from monolith.harness.replay.pacing import Pacer, WindowGate
+from monolith.harness.replay.probe import FreshnessProbe
+from monolith.harness.replay.samples import ImpressionWatch, SampleLog, closing_time, watermark_request_ids
+from monolith.harness.replay.traffic import ReplayData, load_replay_data
 from monolith.streams.config import StreamsConfig, partition_of
 from monolith.trainer.evaluation import running_mean_scores
-from monolith.trainer.service import train_pass
+from monolith.trainer.batch import train_pass
 from monolith.trainer.worker import TrainerWorker
 from monolith_client import MonolithClient
 
-_LOGGER = logging.getLogger("monolith.replay")
+_LOGGER = logging.getLogger("monolith.harness.replay")
 
 ACTION_KIND = "click"
 CATCH_UP_EVENTS = 64  # replayed events compared between serving and the frozen copy before starting

@@ -18,9 +18,9 @@ import sys
 from typing import Any
 
 from monolith.common.config import positive_seconds, seconds
-from monolith.replay.launcher import LocalStack, StackError, StackInfo
-from monolith.replay.report import summary_table
-from monolith.replay.runner import Replay, ReplayOptions
+from monolith.harness.replay.launcher import LocalStack, StackError, StackInfo
+from monolith.harness.replay.report import summary_table
+from monolith.harness.replay.runner import Replay, ReplayOptions
 
 PLOT_FILE = "replay_auc.png"
 # `--up` asks for free ports: the replay reads every address from stack.json, and a fixed

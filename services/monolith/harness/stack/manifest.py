@@ -10,7 +10,7 @@ import json
 import os
 from collections.abc import Sequence
 
-from monolith.stack.parts import (
+from monolith.harness.stack.parts import (
     DENSE_PS,
     JOINER,
     SERVING,

@@ -34,8 +34,8 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from monolith.bench.cluster import start_parameter_servers
-from monolith.bench.measure import ROUNDS, concurrent_calls, interleaved, median
+from monolith.harness.bench.cluster import start_parameter_servers
+from monolith.harness.bench.measure import ROUNDS, concurrent_calls, interleaved, median
 from monolith.common.process import RoleProcess, free_port, start_role, wait_healthy
 from monolith.common.server import tune_gc
 from monolith.data.movielens import raw_feature_values
@@ -138,7 +138,7 @@ def _start_serving(config_path: str, ps: list[str], dense_address: str, log: str
         port = free_port()
         flags = ["--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0"]
         proc = RoleProcess(
-            [profile_out, "--log-level", "WARNING", *args, *flags], log, module="monolith.bench.sampling"
+            [profile_out, "--log-level", "WARNING", *args, *flags], log, module="monolith.harness.bench.sampling"
         )
         address = f"127.0.0.1:{port}"
     wait_healthy(address)

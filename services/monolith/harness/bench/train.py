@@ -40,10 +40,10 @@ import threading
 import time
 from typing import Any, Callable
 
-from monolith.bench.cluster import start_parameter_servers
-from monolith.bench.measure import interleaved, median
-from monolith.bench.peers import run_bias_lr, run_vw
-from monolith.bench.sampling import Sampler
+from monolith.harness.bench.cluster import start_parameter_servers
+from monolith.harness.bench.measure import interleaved, median
+from monolith.harness.bench.peers import run_bias_lr, run_vw
+from monolith.harness.bench.sampling import Sampler
 from monolith.common.process import RoleProcess
 from monolith.common.server import tune_gc
 from monolith.data.batch import Batch

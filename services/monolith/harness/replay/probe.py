@@ -25,10 +25,10 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from monolith.replay.pacing import WindowGate
+from monolith.harness.replay.pacing import WindowGate
 from monolith.streams.config import partition_of
 
-_LOGGER = logging.getLogger("monolith.replay.probe")
+_LOGGER = logging.getLogger("monolith.harness.replay.probe")
 
 # predict(features, request_id, event_time) -> scores; report(request_id, item_id, event_time).
 PredictFn = Callable[[Mapping[str, Any], "str | None", "float | None"], np.ndarray]

@@ -17,7 +17,7 @@ from typing import Iterable
 import numpy as np
 
 from monolith.joiner.config import keeps_negative
-from monolith.trainer.metrics import auc
+from monolith.model.quality import auc
 
 SampleKey = tuple[str, str]  # (request_id, item_id)
 

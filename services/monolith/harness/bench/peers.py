@@ -31,7 +31,7 @@ import numpy as np
 
 from monolith.data.batch import Batch
 from monolith.trainer.evaluation import REPORT_FRACTION, VALIDATION_FRACTION, tuning_data
-from monolith.trainer.metrics import auc
+from monolith.model.quality import auc
 
 ITEM_FEATURES = ("movie_id", "genres")  # the item's side; every other feature is the user's
 LEARNING_RATES = (0.1, 0.3, 0.5)

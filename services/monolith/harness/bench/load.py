@@ -33,9 +33,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from monolith.replay.launcher import LocalStack, StackInfo
+from monolith.harness.replay.launcher import LocalStack, StackInfo
 
-_LOGGER = logging.getLogger("monolith.bench.load")
+_LOGGER = logging.getLogger("monolith.harness.bench.load")
 
 USERS = 20
 SPAWN_RATE = 10.0
@@ -59,7 +59,7 @@ def locustfile() -> Path:
     """clients/locust/locustfile.py: beside the source tree, or where the image puts it ($MONOLITH_LOCUSTFILE wins)."""
     candidates = [
         os.environ.get("MONOLITH_LOCUSTFILE", ""),
-        str(Path(__file__).resolve().parents[3] / "clients" / "locust" / "locustfile.py"),
+        str(Path(__file__).resolve().parents[4] / "clients" / "locust" / "locustfile.py"),
         "/opt/monolith/locust/locustfile.py",
     ]
     for candidate in candidates:

@@ -33,9 +33,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from monolith.api.embedding_ps.v1 import embedding_ps_pb2 as eps_pb
 from monolith.api.embedding_ps.v1 import embedding_ps_pb2_grpc as eps_grpc
-from monolith.stack.health import GrpcHealth, HttpOk
-from monolith.stack.manifest import manifest_path
-from monolith.stack.parts import CONTROLLER, DENSE_PS, JOINER, NATS, SERVING, TRAINER, serving_shard, training_shard
+from monolith.controller.lineage import Lineage
+from monolith.harness.stack.health import GrpcHealth, HttpOk
+from monolith.harness.stack.manifest import manifest_path
+from monolith.harness.stack.parts import CONTROLLER, DENSE_PS, JOINER, NATS, SERVING, TRAINER, serving_shard, training_shard
 from monolith.streams.config import SAMPLES_STREAM, StreamsConfig
 from monolith.streams.pull_consumer import ConsumerAdmin, ConsumerSettings
 
@@ -287,46 +288,6 @@ def inject(manifest: dict[str, Any], part: str, delay: tuple[float, float] = (2.
         int(restores_after - restores_before) if restores_after is not None and restores_before is not None else 0
     )
     return ChaosResult(part, pids[0], new[0] if new else None, killed_at - started, recovery, restores, ratio, examples)
-
-
-@dataclasses.dataclass(frozen=True)
-class Lineage:
-    """Where the parameter servers are in the samples stream, counted two independent ways.
-
-    The controller's resume position R (every sample up to it is in the parameter servers,
-    restored from a cut or adopted, none after it) plus the samples the trainer applied
-    since it resumed there (its own counter, reset at each rollback) is how many samples
-    the parameter servers hold the effect of; the consumer's acknowledgement floor F says
-    how many the stream has seen applied. Drained (nothing pending or unacknowledged),
-    `R + applied == F` means no sample lost and none applied twice; a difference is one or
-    the other. (A count: one lost and one applied twice would cancel. The controller's
-    rollback of every PS to one cut is what rules that out by construction.)
-
-    Attributes:
-        resume_position: R, the controller's monolith_controller_resume_position.
-        applied: the trainer's monolith_trainer_samples_since_rollback.
-        ack_floor: F.
-        pending: samples not yet delivered.
-        ack_pending: samples delivered, not yet acknowledged.
-    """
-
-    resume_position: int
-    applied: int
-    ack_floor: int
-    pending: int
-    ack_pending: int
-
-    @property
-    def drained(self) -> bool:
-        return self.pending == 0 and self.ack_pending == 0
-
-    @property
-    def updates_lost(self) -> int:
-        return max(0, self.ack_floor - self.resume_position - self.applied)
-
-    @property
-    def updates_applied_twice(self) -> int:
-        return max(0, self.resume_position + self.applied - self.ack_floor)
 
 
 def lineage(manifest: dict[str, Any]) -> Lineage | None:

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from monolith.replay.bookkeeping import rolling_auc
+from monolith.harness.replay.bookkeeping import rolling_auc
 
 ROLLING_WINDOW = 2000  # events per rolling-AUC window
 ROLLING_POINTS = 200  # about this many points per curve

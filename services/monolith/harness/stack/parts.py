@@ -17,7 +17,7 @@ import socket
 import sys
 from collections.abc import Iterable, Sequence
 
-from monolith.stack.health import GrpcAnswers, GrpcHealth, HttpOk, Probe
+from monolith.harness.stack.health import GrpcAnswers, GrpcHealth, HttpOk, Probe
 from monolith.streams.nats_server import NatsServer
 
 HOST = "127.0.0.1"

@@ -2,7 +2,7 @@
 
 Two replays of the same MovieLens-100k slice through `monolith up` (the checkpoint
 controller included), one after the other in this run: one undisturbed, one during which
-`monolith.stack.chaos` SIGKILLs training embedding-PS shard 0 at a random moment while the
+`monolith.harness.chaos` SIGKILLs training embedding-PS shard 0 at a random moment while the
 online trainer consumes the stream. Reported:
 
 - `auc_undisturbed`, `auc_with_failure`: the served progressive AUC of each replay;
@@ -10,7 +10,7 @@ online trainer consumes the stream. Reported:
   only once the controller has restored it (every PS rolled back to the last cut);
 - `updates_lost`, `updates_applied_twice`: once the trainer has drained the stream, the
   controller's resume position plus the samples the trainer applied since (its own
-  counter) against the consumer's acknowledgement floor (`chaos.Lineage`);
+  counter) against the consumer's acknowledgement floor (`controller.lineage.Lineage`);
 - `serving_rows_min_ratio`: the fewest rows any serving shard held from the kill until the
   recovery, over its rows just before;
 - checkpoint cost, measured here on a synthetic table of `TABLE_ROWS` rows (the
@@ -43,11 +43,12 @@ import numpy as np
 from monolith.checkpoint.store import CheckpointStore
 from monolith.embedding.config import TableConfig
 from monolith.embedding.table import EmbeddingTable
-from monolith.replay.launcher import LocalStack
-from monolith.replay.runner import Replay, ReplayOptions
-from monolith.replay.service import FREE_PORTS, JOIN_LATENESS, JOIN_WINDOW, SYNC_INTERVAL, json_ready
-from monolith.stack.chaos import ChaosError, ChaosResult, Lineage, inject, lineage
-from monolith.stack.parts import training_shard
+from monolith.harness.replay.launcher import LocalStack
+from monolith.harness.replay.runner import Replay, ReplayOptions
+from monolith.harness.replay.service import FREE_PORTS, JOIN_LATENESS, JOIN_WINDOW, SYNC_INTERVAL, json_ready
+from monolith.controller.lineage import Lineage
+from monolith.harness.chaos import ChaosError, ChaosResult, inject, lineage
+from monolith.harness.stack.parts import training_shard
 
 SPEED = 100.0  # events/s, as `make run`
 KILL_DELAY = (10.0, 60.0)  # seconds after online training starts: a random moment mid-stream
