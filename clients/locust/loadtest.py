@@ -17,7 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from monolith.harness.replay.launcher import LocalStack, StackError, StackInfo
+from monolith.harness.manifest import StackError, StackManifest
+from monolith.harness.replay.launcher import LocalStack
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             info = stack.start(args.up_timeout)
             out = Path(args.out or args.up)
         else:
-            info = StackInfo.load(args.stack)
+            info = StackManifest.load(args.stack)
             out = Path(args.out or os.path.dirname(os.path.abspath(args.stack)))
         out.mkdir(parents=True, exist_ok=True)
         print(f"load test: Predict at {info.serving}, ReportActions at {info.joiner}; reports in {out}", file=sys.stderr)

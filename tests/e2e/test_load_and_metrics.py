@@ -26,7 +26,8 @@ from typing import Any
 import pytest
 import yaml
 
-from monolith.harness.replay.launcher import LocalStack, StackInfo
+from monolith.harness.manifest import StackManifest
+from monolith.harness.replay.launcher import LocalStack
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +46,7 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[StackInfo, Path]]:
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[StackManifest, Path]]:
     data_dir = tmp_path_factory.mktemp("stack")
     local = LocalStack(str(data_dir), ("--serving-port", "0", "--joiner-port", "0", "--nats-port", "0"))
     try:

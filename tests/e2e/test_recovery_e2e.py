@@ -12,7 +12,6 @@ floor), and the serving shards never lost their rows while a shard they follow w
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 
@@ -34,10 +33,9 @@ KILLS = (TRAINER, training_shard(0), DENSE_PS, JOINER)  # the trainer first: its
 def test_kill_9_of_trainer_shard_dense_ps_and_joiner_during_a_replay(tmp_path) -> None:
     local = LocalStack(str(tmp_path / "stack"), up_args=(*FREE_PORTS, "--join-window", "10", "--join-lateness", "10",
                                                           "--sync-interval", "0.2"))  # fmt: skip
-    stack = local.start(300)
+    manifest = local.start(300)
     try:
-        manifest = json.loads((tmp_path / "stack" / "stack.json").read_text())
-        replay = Replay(stack, ReplayOptions(speed=SPEED, limit=LIMIT, probe_interval=0, progress=False))
+        replay = Replay(manifest, ReplayOptions(speed=SPEED, limit=LIMIT, probe_interval=0, progress=False))
         outcome: dict = {}
         replaying = threading.Thread(target=lambda: outcome.update(replay.run()), name="replay")
         replaying.start()

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from monolith.harness.manifest import StackError, StackManifest
 from monolith.harness.stack.health import GrpcHealth, HttpOk
 
 MONOLITH = str(Path(sys.executable).with_name("monolith"))
@@ -62,12 +63,19 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
+def _manifest(path: str) -> StackManifest | None:
+    try:
+        return StackManifest.load(path)
+    except StackError:
+        return None  # not written yet, or the stale one of the SIGKILLed stack
+
+
 @dataclasses.dataclass
 class Stack:
     process: subprocess.Popen[bytes]
     data_dir: Path
     output_path: Path
-    manifest: dict
+    manifest: StackManifest
 
     def output(self) -> str:
         return self.output_path.read_text()
@@ -89,8 +97,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         )
     try:
         deadline = time.monotonic() + START_TIMEOUT
-        manifest_path = data_dir / "stack.json"
-        while (manifest := json.loads(manifest_path.read_text()) if manifest_path.exists() else {}).get("pid") != process.pid:
+        manifest_path = str(data_dir / "stack.json")
+        while (manifest := _manifest(manifest_path)) is None or manifest.pid != process.pid:
             assert process.poll() is None, f"monolith up exited with {process.returncode}:\n{output_path.read_text()}"
             assert time.monotonic() < deadline, f"no stack.json in {START_TIMEOUT:g} s:\n{output_path.read_text()}"
             time.sleep(0.2)
@@ -168,17 +176,17 @@ def test_every_part_answers_where_stack_json_says(stack) -> None:
 
     assert stack.output().startswith("monolith up: starting")  # the stale stack.json did not stop it
     assert not (stack.data_dir / "logs" / "earlier.log").exists()  # --fresh
-    assert m["partitions"] == 8
-    assert m["config"].endswith("movielens.yaml") and os.path.isabs(m["config"])
-    grpc_addresses = [m["serving"], m["joiner"], m["dense_ps"], *m["embedding_ps_training"], *m["embedding_ps_serving"]]
-    assert len(set(grpc_addresses)) == 7
+    assert m.partitions == 8
+    assert m.config.endswith("movielens.yaml") and os.path.isabs(m.config)
+    grpc_addresses = [m.serving, m.joiner, m.dense_ps, m.controller, *m.training_shards, *m.serving_shards]
+    assert len(set(grpc_addresses)) == 8
     for address in grpc_addresses:
         assert GrpcHealth(address).ready(timeout=10), address
-    assert HttpOk(f"{m['nats_monitor']}/healthz?js-enabled-only=true").ready(timeout=10)
-    host, port = m["nats"].removeprefix("nats://").split(":")
+    assert HttpOk(f"{m.nats_monitor}/healthz?js-enabled-only=true").ready(timeout=10)
+    host, port = m.nats.removeprefix("nats://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as nats:
         assert nats.recv(4) == b"INFO"  # the NATS protocol's greeting
-    for name, url in m["metrics"].items():
+    for name, url in m.metrics.items():
         with urllib.request.urlopen(url, timeout=10) as response:
             assert response.status == 200, name
 
@@ -186,14 +194,14 @@ def test_every_part_answers_where_stack_json_says(stack) -> None:
 def test_up_prints_where_each_part_listens_and_logs(stack) -> None:
     m = stack.manifest
     lines = stack.output().splitlines()
-    logs = Path(m["logs"])
+    logs = Path(m.logs)
 
-    for name, metrics in m["metrics"].items():
+    for name, metrics in m.metrics.items():
         line = next(line for line in lines if line.startswith(f"{name} "))
         assert f"metrics {metrics}" in line and f"log {logs / name}.log" in line
         assert (logs / f"{name}.log").exists()
-    assert any(line.startswith("nats ") and m["nats"] in line for line in lines)
-    assert any(f"gRPC {m['serving']}" in line for line in lines if line.startswith("serving "))
+    assert any(line.startswith("nats ") and m.nats in line for line in lines)
+    assert any(f"gRPC {m.serving}" in line for line in lines if line.startswith("serving "))
     assert any(line.startswith("monolith up: ready in") for line in lines)
 
 
@@ -202,11 +210,11 @@ def test_a_second_stack_on_the_same_data_dir_is_refused(stack) -> None:
 
     assert result.returncode == 1
     assert f"a stack is already running from {stack.data_dir} (pid {stack.process.pid})" in result.stderr
-    assert json.loads((stack.data_dir / "stack.json").read_text()) == stack.manifest
+    assert StackManifest.load(str(stack.data_dir / "stack.json")) == stack.manifest
 
 
 def test_a_killed_embedding_ps_is_restarted_on_its_address(stack) -> None:
-    address = stack.manifest["embedding_ps_serving"][0]
+    address = stack.manifest.serving_shards[0]
     port = address.rsplit(":", 1)[1]
 
     def shard_pids() -> list[int]:
@@ -223,7 +231,7 @@ def test_a_killed_embedding_ps_is_restarted_on_its_address(stack) -> None:
 
 
 def test_a_killed_training_shard_is_restored_by_the_controller(stack) -> None:
-    address = stack.manifest["embedding_ps_training"][0]
+    address = stack.manifest.training_shards[0]
     port = address.rsplit(":", 1)[1]
 
     def shard_pids() -> list[int]:
@@ -235,7 +243,7 @@ def test_a_killed_training_shard_is_restored_by_the_controller(stack) -> None:
     wait_for(lambda: shard_pids() not in ([], [old]), 30, "the shard restarted")
     # It comes back awaiting a restore (NOT_SERVING); SERVING means the controller restored it.
     wait_for(lambda: GrpcHealth(address).ready(), 120, "the restarted shard restored and SERVING")
-    log = (Path(stack.manifest["logs"]) / "controller.log").read_text()
+    log = (Path(stack.manifest.logs) / "controller.log").read_text()
     assert "recovering: training shard 0 awaits a restore" in log
     assert stack.process.poll() is None
 

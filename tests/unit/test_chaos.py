@@ -10,21 +10,29 @@ import pytest
 
 from monolith.controller.lineage import Lineage
 from monolith.harness.chaos import ChaosError, target
+from monolith.harness.manifest import StackManifest
 
-MANIFEST = {
-    "pid": os.getpid(),
-    "nats_monitor": "http://127.0.0.1:18222",
-    "serving": "127.0.0.1:18500",
-    "joiner": "127.0.0.1:18600",
-    "dense_ps": "127.0.0.1:18060",
-    "embedding_ps_training": ["127.0.0.1:18051", "127.0.0.1:18052"],
-    "embedding_ps_serving": ["127.0.0.1:18053", "127.0.0.1:18054"],
-    "metrics": {
+MANIFEST = StackManifest(
+    pid=os.getpid(),
+    config="/conf/model.yaml",
+    nats="nats://127.0.0.1:14222",
+    nats_monitor="http://127.0.0.1:18222",
+    partitions=8,
+    sync_interval=1.0,
+    join_window=3600.0,
+    join_lateness=60.0,
+    serving="127.0.0.1:18500",
+    joiner="127.0.0.1:18600",
+    dense_ps="127.0.0.1:18060",
+    training_shards=("127.0.0.1:18051", "127.0.0.1:18052"),
+    serving_shards=("127.0.0.1:18053", "127.0.0.1:18054"),
+    metrics={
         "embedding-ps-training-0": "http://127.0.0.1:19090/metrics",
         "trainer": "http://127.0.0.1:19096/metrics",
         "dense-ps": "http://127.0.0.1:19095/metrics",
     },
-}
+    logs="/tmp/logs",
+)
 
 
 def test_a_part_is_found_among_the_children_by_the_port_on_its_command_line() -> None:

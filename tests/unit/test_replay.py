@@ -3,7 +3,6 @@ bookkeeping, sample reconciliation, the freshness probe's logic, the summary and
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 import time
@@ -21,7 +20,6 @@ from monolith.harness.replay.bookkeeping import (
     reconcile,
     rolling_auc,
 )
-from monolith.harness.replay.launcher import StackError, StackInfo
 from monolith.harness.replay.pacing import Pacer, WindowGate
 from monolith.harness.replay.probe import FreshnessProbe
 from monolith.harness.replay.report import plot_rolling_auc, summary_table
@@ -380,26 +378,7 @@ def test_probe_skips_users_that_already_differ(monkeypatch: pytest.MonkeyPatch) 
     assert probe.probe_once() is None and probe.skipped == 1 and stack.reports == []
 
 
-# ---------------------------------------------------------------- stack.json, summary, plot
-
-
-def test_stack_info_reads_the_manifest(tmp_path) -> None:
-    manifest = {
-        "nats": "nats://127.0.0.1:4222", "partitions": 8, "config": "/m.yaml", "serving": "127.0.0.1:8500",
-        "joiner": "127.0.0.1:8600", "dense_ps": "127.0.0.1:1", "embedding_ps_training": ["127.0.0.1:2", "127.0.0.1:3"],
-        "embedding_ps_serving": ["127.0.0.1:4", "127.0.0.1:5"], "metrics": {"trainer": "http://127.0.0.1:6/metrics"},
-        "logs": "/tmp/logs", "pid": 1,
-    }  # fmt: skip
-    path = tmp_path / "stack.json"
-    path.write_text(json.dumps(manifest))
-    stack = StackInfo.load(str(path))
-    assert stack.training_shards == ("127.0.0.1:2", "127.0.0.1:3") and stack.partitions == 8
-    assert stack.window == 3600.0 and stack.lateness == 60.0 and stack.negative_sample_rate is None
-    path.write_text(json.dumps({**manifest, "partitions": "x"}))
-    with pytest.raises(StackError, match="not a stack manifest"):
-        StackInfo.load(str(path))
-    with pytest.raises(StackError, match="not found"):
-        StackInfo.load(str(tmp_path / "missing.json"))
+# ---------------------------------------------------------------- summary, plot, a missing stack
 
 
 def test_summary_table_and_json_leave_missing_figures_out() -> None:

@@ -24,19 +24,17 @@ import signal
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
-from typing import Any
 
 import grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from monolith.api.embedding_ps.v1 import embedding_ps_pb2 as eps_pb
 from monolith.api.embedding_ps.v1 import embedding_ps_pb2_grpc as eps_grpc
 from monolith.controller.lineage import Lineage
 from monolith.harness.stack.health import GrpcHealth, HttpOk
-from monolith.harness.stack.manifest import manifest_path
+from monolith.harness.manifest import StackError, StackManifest, manifest_path
 from monolith.harness.stack.parts import CONTROLLER, DENSE_PS, JOINER, NATS, SERVING, TRAINER, serving_shard, training_shard
+from monolith.common.scrape import try_scrape
 from monolith.streams.config import SAMPLES_STREAM, StreamsConfig
 from monolith.streams.pull_consumer import ConsumerAdmin, ConsumerSettings
 
@@ -47,20 +45,10 @@ class ChaosError(RuntimeError):
     """The fault could not be injected (no such part, the stack is gone)."""
 
 
-def metric_sum(url: str, name: str, timeout: float = 2.0) -> float | None:
-    """The sum of one metric's samples (`name`, or `name_total` for a counter) at a /metrics URL; None if unreachable."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            text = response.read().decode("utf-8")
-    except OSError:
-        return None
-    total, seen = 0.0, False
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name in (name, f"{name}_total"):
-                total += sample.value
-                seen = True
-    return total if seen else 0.0
+def metric_sum(url: str | None, name: str, timeout: float = 2.0) -> float | None:
+    """The sum of one metric's series at a /metrics URL; None if there is no URL or it does not answer."""
+    page = try_scrape(url, timeout) if url else None
+    return page.sum(name) if page is not None else None
 
 
 def _children(pid: int) -> dict[int, list[str]]:
@@ -106,20 +94,18 @@ class Target:
                 if any(a == self.flag and b == self.value for a, b in itertools.pairwise(argv))]  # fmt: skip
 
 
-def target(manifest: dict[str, Any], name: str) -> Target:
-    """The part `name` of the stack described by `manifest` (the contents of stack.json).
+def target(manifest: StackManifest, name: str) -> Target:
+    """The part `name` of the stack described by `manifest`.
 
     Raises:
         ChaosError: the stack has no such part.
     """
-    metrics = manifest.get("metrics", {})
-    training = list(manifest.get("embedding_ps_training", []))
-    serving = list(manifest.get("embedding_ps_serving", []))
-    addresses = {SERVING: manifest.get("serving"), JOINER: manifest.get("joiner"), DENSE_PS: manifest.get("dense_ps"),
-                 **{training_shard(i): a for i, a in enumerate(training)},
-                 **{serving_shard(i): a for i, a in enumerate(serving)}}  # fmt: skip
+    metrics = manifest.metrics
+    addresses = {SERVING: manifest.serving, JOINER: manifest.joiner, DENSE_PS: manifest.dense_ps,
+                 **{training_shard(i): a for i, a in enumerate(manifest.training_shards)},
+                 **{serving_shard(i): a for i, a in enumerate(manifest.serving_shards)}}  # fmt: skip
     if name == NATS:
-        monitor = str(manifest["nats_monitor"])
+        monitor = manifest.nats_monitor
         return Target(name, "--http_port", _port(monitor), HttpOk(f"{monitor}/healthz?js-enabled-only=true").ready)
     if name not in metrics:
         known = sorted([NATS, *metrics])
@@ -129,7 +115,7 @@ def target(manifest: dict[str, Any], name: str) -> Target:
         ready = GrpcHealth(str(addresses[name])).ready
     elif name == TRAINER:
         ready = lambda: metric_sum(url, "monolith_trainer_ready") == 1.0
-    else:  # the controller: not in stack.json's addresses, its /metrics answers once it runs
+    else:  # the controller: its /metrics answers once it runs (SERVING comes only after a restore)
         ready = HttpOk(url).ready
     return Target(name, "--metrics-port", _port(url), ready)
 
@@ -223,13 +209,13 @@ def _wait(condition: Callable[[], bool], deadline: float, stop: threading.Event 
     return True
 
 
-def inject(manifest: dict[str, Any], part: str, delay: tuple[float, float] = (2.0, 10.0), timeout: float = 180.0,
+def inject(manifest: StackManifest, part: str, delay: tuple[float, float] = (2.0, 10.0), timeout: float = 180.0,
            seed: int | None = None, stop: threading.Event | None = None,
            wait_for_training: bool = True) -> ChaosResult:  # fmt: skip
     """SIGKILLs `part` at a random moment during a replay and waits for the stack to recover.
 
     Args:
-        manifest: the stack's stack.json contents.
+        manifest: the stack's stack.json.
         part: the part's name, e.g. "embedding-ps-training-0", "dense-ps", "trainer", "joiner".
         delay: the kill comes a uniformly random number of seconds in this range after the
             online trainer has trained on the stream (or after the call, without `wait_for_training`).
@@ -243,8 +229,8 @@ def inject(manifest: dict[str, Any], part: str, delay: tuple[float, float] = (2.
     """
     started = time.monotonic()
     chosen = target(manifest, part)
-    up_pid = int(manifest["pid"])
-    metrics = manifest.get("metrics", {})
+    up_pid = manifest.pid
+    metrics = manifest.metrics
     trainer_url = metrics.get(TRAINER)
     controller_url = metrics.get(CONTROLLER)
     if wait_for_training and trainer_url:
@@ -261,7 +247,7 @@ def inject(manifest: dict[str, Any], part: str, delay: tuple[float, float] = (2.
         raise ChaosError(f"found {len(pids)} processes of {part} among the children of monolith up (pid {up_pid})")
     restores_before = metric_sum(controller_url, "monolith_controller_restores") if controller_url else None
     checkins = metric_sum(controller_url, "monolith_controller_trainer_checkins") if controller_url else None
-    rows = ServingRows(list(manifest.get("embedding_ps_serving", []))).start()
+    rows = ServingRows(list(manifest.serving_shards)).start()
     examples = metric_sum(trainer_url, "monolith_trainer_examples") if trainer_url else None
     killed_at = time.monotonic()
     os.kill(pids[0], signal.SIGKILL)
@@ -290,15 +276,12 @@ def inject(manifest: dict[str, Any], part: str, delay: tuple[float, float] = (2.
     return ChaosResult(part, pids[0], new[0] if new else None, killed_at - started, recovery, restores, ratio, examples)
 
 
-def lineage(manifest: dict[str, Any]) -> Lineage | None:
+def lineage(manifest: StackManifest) -> Lineage | None:
     """The stack's `Lineage` now (one trainer), or None if a part does not answer."""
-    metrics = manifest.get("metrics", {})
-    resume = metric_sum(metrics[CONTROLLER], "monolith_controller_resume_position")
-    applied = metric_sum(metrics[TRAINER], "monolith_trainer_samples_since_rollback")
-    streams = StreamsConfig(url=manifest["nats"], partitions=int(manifest["partitions"]))
-    admin = ConsumerAdmin(
-        streams, ConsumerSettings(SAMPLES_STREAM, "samples.>", manifest.get("trainer_consumer", "trainer"))
-    )
+    resume = metric_sum(manifest.metrics_url(CONTROLLER), "monolith_controller_resume_position")
+    applied = metric_sum(manifest.metrics_url(TRAINER), "monolith_trainer_samples_since_rollback")
+    streams = StreamsConfig(url=manifest.nats, partitions=manifest.partitions)
+    admin = ConsumerAdmin(streams, ConsumerSettings(SAMPLES_STREAM, "samples.>", manifest.trainer_consumer))
     try:
         state = admin.position()
     finally:
@@ -333,10 +316,9 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.min_delay <= args.max_delay:
         raise ValueError(f"need 0 <= --min-delay <= --max-delay, got {args.min_delay} and {args.max_delay}")
     try:
-        with open(args.stack, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (OSError, ValueError) as exc:
-        print(f"monolith chaos: cannot read {args.stack}: {exc}", file=sys.stderr)
+        manifest = StackManifest.load(args.stack)
+    except StackError as exc:
+        print(f"monolith chaos: {exc}", file=sys.stderr)
         return 1
     try:
         result = inject(manifest, args.part, (args.min_delay, args.max_delay), args.timeout, args.seed,

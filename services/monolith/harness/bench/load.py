@@ -27,13 +27,14 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from monolith.harness.replay.launcher import LocalStack, StackInfo
+from monolith.common.scrape import scrape
+from monolith.harness.manifest import StackManifest
+from monolith.harness.replay.launcher import LocalStack
 
 _LOGGER = logging.getLogger("monolith.harness.bench.load")
 
@@ -73,13 +74,12 @@ def metric_sum(metrics_url: str, name: str) -> float:
 
     Raises:
         ValueError: the page has no such series.
+        OSError: the page could not be fetched.
     """
-    with urllib.request.urlopen(metrics_url, timeout=5) as response:
-        values = [float(line.rsplit(" ", 1)[1]) for line in response.read().decode().splitlines()
-                  if line.startswith((f"{name} ", f"{name}{{"))]  # fmt: skip
-    if not values:
+    page = scrape(metrics_url)
+    if not page.has(name):
         raise ValueError(f"{metrics_url} has no {name}")
-    return sum(values)
+    return page.sum(name)
 
 
 def resident_bytes(metrics_url: str) -> float:
@@ -87,7 +87,7 @@ def resident_bytes(metrics_url: str) -> float:
     return metric_sum(metrics_url, "process_resident_memory_bytes")
 
 
-def _loop_figures(info: StackInfo) -> dict[str, float]:
+def _loop_figures(info: StackManifest) -> dict[str, float]:
     """How far the loop kept up with the load, from the parts' /metrics: impressions published
     and dropped by model-serving, events the joiner has not read, samples it published, and
     samples the trainers have not been given or trained."""
@@ -210,7 +210,7 @@ class FreshnessUnderLoad:
         return None
 
 
-def _locust(info: StackInfo, out: Path, run_time: float) -> subprocess.Popen[bytes]:
+def _locust(info: StackManifest, out: Path, run_time: float) -> subprocess.Popen[bytes]:
     command = [
         sys.executable, "-m", "locust", "--locustfile", str(locustfile()), "--headless", "--only-summary",
         "--host", info.serving, "--joiner", info.joiner,

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import statistics
 import sys
@@ -48,6 +47,7 @@ from monolith.harness.replay.runner import Replay, ReplayOptions
 from monolith.harness.replay.service import FREE_PORTS, JOIN_LATENESS, JOIN_WINDOW, SYNC_INTERVAL, json_ready
 from monolith.controller.lineage import Lineage
 from monolith.harness.chaos import ChaosError, ChaosResult, inject, lineage
+from monolith.harness.manifest import StackManifest
 from monolith.harness.stack.parts import training_shard
 
 SPEED = 100.0  # events/s, as `make run`
@@ -86,9 +86,7 @@ def _replay(options: ReplayOptions, kill: tuple[float, float] | None, seed: int)
                    "--sync-interval", f"{SYNC_INTERVAL:g}")  # fmt: skip
         local = LocalStack(data_dir, up_args=up_args)
         try:
-            stack = local.start(300)
-            with open(os.path.join(data_dir, "stack.json"), encoding="utf-8") as f:
-                manifest = json.load(f)
+            manifest = local.start(300)
             chaos: dict[str, Any] = {}
             stop = threading.Event()
 
@@ -101,7 +99,7 @@ def _replay(options: ReplayOptions, kill: tuple[float, float] | None, seed: int)
             injector = threading.Thread(target=fault, name="chaos", daemon=True)
             if kill is not None:
                 injector.start()
-            result = Replay(stack, options).run()
+            result = Replay(manifest, options).run()
             if kill is not None:
                 injector.join(timeout=600)
             stop.set()
@@ -113,7 +111,7 @@ def _replay(options: ReplayOptions, kill: tuple[float, float] | None, seed: int)
             local.stop()
 
 
-def _drained(manifest: dict[str, Any]) -> Lineage | None:
+def _drained(manifest: StackManifest) -> Lineage | None:
     """The stack's lineage once the trainer has applied and acknowledged every sample (or at the deadline)."""
     deadline = time.monotonic() + DRAIN_TIMEOUT
     state = lineage(manifest)

@@ -23,15 +23,14 @@ import math
 import sys
 import threading
 import time
-import urllib.request
 import uuid
 from concurrent import futures
 from typing import Any, Mapping
 
 import numpy as np
-from prometheus_client.parser import text_string_to_metric_families
 
 from monolith.common.periodic import PeriodicTask
+from monolith.common.scrape import try_scrape
 from monolith.dense_ps.client import DensePSClient
 from monolith.embedding_ps.client import ShardedEmbeddingClient
 from monolith.model.config import ModelConfig, load_model_config
@@ -45,7 +44,7 @@ from monolith.harness.replay.bookkeeping import (
     reconcile,
 )
 from monolith.harness.replay.frozen import freeze
-from monolith.harness.replay.launcher import StackInfo
+from monolith.harness.manifest import StackManifest
 from monolith.harness.replay.pacing import Pacer, WindowGate
 from monolith.harness.replay.probe import FreshnessProbe
 from monolith.harness.replay.samples import ImpressionWatch, SampleLog, closing_time, watermark_request_ids
@@ -99,7 +98,7 @@ class ReplayOptions:
 class StackClients:
     """The product side: Predict through model-serving, actions through the joiner."""
 
-    def __init__(self, stack: StackInfo, timeout: float = 10.0) -> None:
+    def __init__(self, stack: StackManifest, timeout: float = 10.0) -> None:
         self.client = MonolithClient(stack.serving, joiner_address=stack.joiner, timeout=timeout)
 
     def predict(self, features: Mapping[str, Any], request_id: str | None, event_time: float | None) -> np.ndarray:
@@ -118,21 +117,11 @@ def joiner_outcomes(metrics_url: str, timeout: float = 5.0) -> dict[str, int]:
     Read from its /metrics; empty if unreachable (a figure for the summary only). Counts
     cover the joiner process's life, so other traffic on the same stack is included.
     """
-    try:
-        with urllib.request.urlopen(metrics_url, timeout=timeout) as response:
-            text = response.read().decode("utf-8")
-    except OSError as exc:
-        _LOGGER.debug("joiner metrics at %s unreadable: %s", metrics_url, exc)
+    page = try_scrape(metrics_url, timeout)
+    if page is None:
+        _LOGGER.debug("joiner metrics at %s unreadable", metrics_url)
         return {}
-    outcomes: dict[str, int] = {}
-    for family in text_string_to_metric_families(text):
-        if family.name != "monolith_joiner_events":
-            continue
-        for sample in family.samples:
-            if sample.name.endswith("_total"):
-                outcome = sample.labels.get("outcome", "")
-                outcomes[outcome] = outcomes.get(outcome, 0) + int(sample.value)
-    return dict(sorted(outcomes.items()))
+    return {outcome: int(count) for outcome, count in sorted(page.by_label("monolith_joiner_events", "outcome").items())}
 
 
 def _say(message: str) -> None:
@@ -147,7 +136,7 @@ class Replay:
         options: how to replay.
     """
 
-    def __init__(self, stack: StackInfo, options: ReplayOptions) -> None:
+    def __init__(self, stack: StackManifest, options: ReplayOptions) -> None:
         if options.workers < 1:
             raise ValueError(f"workers must be >= 1, got {options.workers}")
         self.stack = stack
@@ -192,7 +181,7 @@ class Replay:
 
     def _warn_about_the_stack(self, samples: SampleLog) -> None:
         """Says what in the stack will make the figures worse than they should be."""
-        horizon = self.stack.window + self.stack.lateness
+        horizon = self.stack.join_window + self.stack.join_lateness
         if horizon > LONG_WINDOW:
             _say(f"note: the joiner's window + lateness is {horizon:g} s of event time: negatives reach the trainer "
                  f"that long after positives, which costs served AUC on this data (`monolith up --join-window "
@@ -254,7 +243,7 @@ class Replay:
     def _replay(self, clients: StackClients, data: ReplayData, samples: SampleLog) -> dict[str, Any]:
         """Replays every event at the pace; returns the served scores, timing and the probe."""
         book = ScoreBook(data.stream.labels)
-        gate = WindowGate(self.stack.window + self.stack.lateness, stop=self._stop)
+        gate = WindowGate(self.stack.join_window + self.stack.join_lateness, stop=self._stop)
         watch = ImpressionWatch(StreamsConfig(url=self.stack.nats, partitions=self.stack.partitions), self.prefix)
         watch.start()
         expiry = PeriodicTask("replay-impression-expiry", 0.5, watch.expire)
@@ -337,11 +326,11 @@ class Replay:
                probe: FreshnessProbe) -> dict[str, Any]:  # fmt: skip
         """Closes the joiner's windows, then waits until every expected sample is on SAMPLES."""
         last = float(data.stream.timestamps.max())
-        close_at = closing_time(last, self.stack.window, self.stack.lateness)
+        close_at = closing_time(last, self.stack.join_window, self.stack.join_lateness)
         features = data.features([0])
         for request_id in watermark_request_ids(f"{self.prefix}wm-", self.stack.partitions):
             clients.predict(features, request_id, close_at)
-        rate = self.stack.negative_sample_rate or self.config.training.negative_sample_rate
+        rate = self.config.training.negative_sample_rate
         with self._lock:
             sent = list(self._impressions)
         expected = expected_samples(sent + probe.impressions(), rate)

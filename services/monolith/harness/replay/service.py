@@ -18,7 +18,8 @@ import sys
 from typing import Any
 
 from monolith.common.config import positive_seconds, seconds
-from monolith.harness.replay.launcher import LocalStack, StackError, StackInfo
+from monolith.harness.manifest import StackError, StackManifest
+from monolith.harness.replay.launcher import LocalStack
 from monolith.harness.replay.report import summary_table
 from monolith.harness.replay.runner import Replay, ReplayOptions
 
@@ -132,7 +133,7 @@ def replay(options: ReplayOptions, stack_file: str | None = None, data_dir: str 
                   f"logs in {stack.logs}", file=sys.stderr, flush=True)  # fmt: skip
         else:
             assert stack_file is not None
-            stack = StackInfo.load(stack_file)
+            stack = StackManifest.load(stack_file)
         return Replay(stack, options).run()
     finally:
         if local is not None:

@@ -17,6 +17,7 @@ import socket
 import sys
 from collections.abc import Iterable, Sequence
 
+from monolith.harness.manifest import DEFAULT_CONSUMER
 from monolith.harness.stack.health import GrpcAnswers, GrpcHealth, HttpOk, Probe
 from monolith.streams.nats_server import NatsServer
 
@@ -166,6 +167,9 @@ class StackSettings:
         python: the interpreter that runs the roles.
         join_window: the joiner's --window (event-time seconds); None: the joiner's default.
         join_lateness: the joiner's --lateness (event-time seconds); None: the joiner's default.
+        checkpoint_interval: the controller's --interval (seconds between checkpoints).
+        trainer_consumer: the durable consumer the online trainer reads SAMPLES with, and
+            whose position the controller checkpoints.
     """
 
     data_dir: str
@@ -177,6 +181,7 @@ class StackSettings:
     join_window: float | None = None
     join_lateness: float | None = None
     checkpoint_interval: float = 30.0
+    trainer_consumer: str = DEFAULT_CONSUMER
 
     @property
     def nats_dir(self) -> str:
@@ -240,13 +245,14 @@ def stack_parts(settings: StackSettings, ports: StackPorts) -> list[Part]:
         argv = role(
             "controller", "--storage", s.checkpoints_dir, "--interval", f"{s.checkpoint_interval:g}",
             "--embedding-ps", ",".join(e.address for e in ports.training), "--dense-ps", ports.dense_ps.address,
-            "--trainers", f"{HOST}:{ports.trainer_control}", *streams, *server(ports.controller),
+            "--trainers", f"{HOST}:{ports.trainer_control}", "--consumer", s.trainer_consumer, *streams,
+            *server(ports.controller),
         )  # fmt: skip
         # SERVING once it has restored (or adopted) the training shards and the dense-PS.
         parts.append(grpc_part(CONTROLLER, ports.controller, argv, after=[NATS, *training, DENSE_PS]))
     trainer_metrics = Endpoint(0, ports.trainer_metrics).metrics_url
     argv = role(
-        "trainer", "--mode", "online", *streams, "--config", s.config,
+        "trainer", "--mode", "online", *streams, "--consumer", s.trainer_consumer, "--config", s.config,
         "--embedding-ps", ",".join(e.address for e in ports.training), "--dense-ps", ports.dense_ps.address,
         "--host", HOST, "--metrics-port", str(ports.trainer_metrics),
     )  # fmt: skip

@@ -14,13 +14,8 @@ from types import FrameType
 from monolith.common.config import parse_config, positive_seconds, seconds
 from monolith.common.errors import ConfigError
 from monolith.model.config import default_config_path, load_model_config
-from monolith.harness.stack.manifest import (
-    manifest_path,
-    remove_manifest,
-    running_stack_pid,
-    stack_manifest,
-    write_manifest,
-)
+from monolith.harness.manifest import manifest_path, remove_manifest, running_stack_pid
+from monolith.harness.stack.manifest import stack_manifest
 from monolith.harness.stack.parts import HOST, Part, StackPorts, StackSettings, allocate_ports, stack_parts
 from monolith.harness.stack.supervisor import PartFailed, Supervisor
 from monolith.streams.config import StreamsConfig
@@ -173,7 +168,7 @@ def _run_stack(
     print(f"monolith up: starting {len(parts)} parts; data in {settings.data_dir}", flush=True)
     try:
         if supervisor.start(signals, start_timeout):
-            write_manifest(path, stack_manifest(settings, ports, parts, os.getpid()))
+            stack_manifest(settings, ports, parts, os.getpid()).write(path)
             print(f"monolith up: ready in {time.monotonic() - began:.1f} s; addresses in {path}; "
                   "Ctrl-C or SIGTERM stops the stack", flush=True)  # fmt: skip
             supervisor.supervise(signals)
