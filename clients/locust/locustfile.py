@@ -42,6 +42,7 @@ from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2  #
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # noqa: E402
 
 from monolith.api.joiner.v1 import joiner_pb2, joiner_pb2_grpc  # noqa: E402
+from monolith.common.channel import open_channel  # noqa: E402
 
 _LOGGER = logging.getLogger("monolith.locust")
 USER_FEATURES = ("user_id", "age", "gender", "occupation", "zip")
@@ -169,12 +170,12 @@ class GrpcUser(User):
     def __init__(self, environment: Environment) -> None:
         super().__init__(environment)
         interceptor = LocustInterceptor(environment)
-        self.channels = [grpc.insecure_channel(self.host)]
+        self.channels = [open_channel(self.host)]
         self.serving = prediction_service_pb2_grpc.PredictionServiceStub(
             grpc.intercept_channel(self.channels[0], interceptor))
         self.joiner = None
         if environment.parsed_options.joiner:
-            self.channels.append(grpc.insecure_channel(environment.parsed_options.joiner))
+            self.channels.append(open_channel(environment.parsed_options.joiner))
             self.joiner = joiner_pb2_grpc.SampleJoinerStub(grpc.intercept_channel(self.channels[1], interceptor))
 
     def on_stop(self) -> None:

@@ -1,12 +1,15 @@
 """The client: official TF Serving stubs, feature dicts in, scores out; actions to the sample-joiner.
 
 Predict needs no monolith protos. Reporting actions calls the joiner's `SampleJoiner` API,
-whose stubs come with the monolith package: they are imported on the first report, so a
-Predict-only user need not install it.
+whose stubs come with the monolith package: they are imported on the first report.
+Channels come from monolith's channel factory (`monolith.common.channel`, installed with
+this client), like every monolith client's: message limits and keepalive the servers
+accept, and TLS when model-serving serves it (`monolith serving --tls-cert/--tls-key`).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Mapping, Sequence, Union
 
@@ -14,6 +17,8 @@ import grpc
 import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
+
+from monolith.common.channel import ChannelConfig, TlsConfig, open_channel
 
 
 class MonolithClientError(RuntimeError):
@@ -47,12 +52,25 @@ class MonolithClient:
         signature_name: its signature.
         timeout: seconds per call.
         joiner_address: "host:port" of the sample-joiner, for `report_action(s)`; None if
-            this client only scores.
+            this client only scores. The joiner is dialed in plaintext (it serves no TLS).
+        tls: call model-serving over TLS, trusting the system's root certificates (or
+            `tls_ca`); implied by `tls_ca` and `tls_server_name`.
+        tls_ca: PEM file of the certificate(s) to trust for model-serving's certificate;
+            for a self-signed certificate, the certificate itself.
+        tls_server_name: the name model-serving's certificate must carry, when it is not
+            the host in `address` (e.g. "localhost" when dialing 127.0.0.1).
+
+    Raises:
+        ConfigError: `tls_ca` cannot be read.
     """
 
     def __init__(self, address: str, model_name: str = "monolith", signature_name: str = "serving_default",
-                 timeout: float = 5.0, joiner_address: str | None = None) -> None:  # fmt: skip
-        self._channel = grpc.insecure_channel(address)
+                 timeout: float = 5.0, joiner_address: str | None = None, *, tls: bool = False,
+                 tls_ca: str | os.PathLike[str] | None = None, tls_server_name: str | None = None) -> None:  # fmt: skip
+        secure = tls or tls_ca is not None or tls_server_name is not None
+        ca = None if tls_ca is None else os.fspath(tls_ca)
+        config = ChannelConfig(tls=TlsConfig(ca=ca, server_name=tls_server_name) if secure else None)
+        self._channel = open_channel(address, config)
         self._stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
         self.model_name = model_name
         self.signature_name = signature_name
@@ -207,7 +225,7 @@ class MonolithClient:
         except ImportError as exc:
             raise ImportError(f"reporting actions needs the monolith package (its joiner API stubs): {exc}") from exc
         if self._joiner is None:
-            self._joiner_channel = grpc.insecure_channel(self.joiner_address)
+            self._joiner_channel = open_channel(self.joiner_address)
             self._joiner = joiner_pb2_grpc.SampleJoinerStub(self._joiner_channel)
         return self._joiner, joiner_pb2
 

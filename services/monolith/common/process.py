@@ -16,6 +16,8 @@ from typing import Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from monolith.common.channel import open_channel
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free a moment ago (the OS may reuse it; callers bind soon)."""
@@ -31,7 +33,7 @@ def wait_healthy(address: str, timeout: float = 60.0, service: str = "") -> None
         TimeoutError: it did not within `timeout` seconds.
     """
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    with open_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:

@@ -16,6 +16,7 @@ import grpc
 from monolith.api.controller.v1 import controller_pb2 as pb
 from monolith.api.controller.v1 import controller_pb2_grpc as pb_grpc
 from monolith.checkpoint.store import CheckpointStore
+from monolith.common.channel import open_channel
 from monolith.common.errors import from_rpc_error
 from monolith.controller.servicer import checkpoint_info
 
@@ -42,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Runs one action; MonolithErrors become one line and exit 1 in the CLI."""
     if args.action in ("save", "restore"):
-        with grpc.insecure_channel(args.controller) as channel:
+        with open_channel(args.controller) as channel:
             stub = pb_grpc.ControllerStub(channel)
             try:
                 if args.action == "save":

@@ -30,6 +30,7 @@ import grpc
 
 from monolith.api.embedding_ps.v1 import embedding_ps_pb2 as eps_pb
 from monolith.api.embedding_ps.v1 import embedding_ps_pb2_grpc as eps_grpc
+from monolith.common.channel import open_channel
 from monolith.controller.lineage import Lineage
 from monolith.harness.stack.health import GrpcHealth, HttpOk
 from monolith.harness.manifest import StackError, StackManifest, manifest_path
@@ -129,7 +130,7 @@ class ServingRows:
     """
 
     def __init__(self, addresses: list[str], interval: float = 0.2) -> None:
-        self._channels = [grpc.insecure_channel(a) for a in addresses]
+        self._channels = [open_channel(a) for a in addresses]
         self._stubs = [eps_grpc.EmbeddingPSStub(c) for c in self._channels]
         self._interval = interval
         self._stop = threading.Event()

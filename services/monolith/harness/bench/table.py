@@ -41,6 +41,7 @@ import yaml
 from monolith.harness.bench import echo
 from monolith.harness.bench.measure import interleaved, median, rate
 from monolith.harness.bench.sampling import Sampler, profile_while
+from monolith.common.channel import ChannelConfig, open_channel
 from monolith.common.process import RoleProcess, free_port, start_role, wait_healthy
 from monolith.common.server import tune_gc
 from monolith.embedding.config import TableConfig
@@ -330,7 +331,8 @@ def _over_grpc(rows: int, seconds: float, workdir: str, limits: dict[str, list[s
         # The echo calls move what a lookup moves: each shard's share of the ids out,
         # its embeddings back.
         shares = [BATCH // 2, BATCH - BATCH // 2]
-        channels = [grpc.insecure_channel(a) for a in echo_addresses]
+        # The echo server is a bare gRPC server (gRPC's default ping policy): no keepalive.
+        channels = [open_channel(a, ChannelConfig(keepalive_seconds=None)) for a in echo_addresses]
         for channel in channels:
             grpc.channel_ready_future(channel).result(timeout=60)
         echo_stubs = [echo.stub(c) for c in channels]

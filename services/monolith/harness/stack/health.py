@@ -9,6 +9,8 @@ import urllib.request
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from monolith.common.channel import open_channel
+
 
 @dataclasses.dataclass(frozen=True)
 class GrpcHealth:
@@ -21,7 +23,7 @@ class GrpcHealth:
     address: str
 
     def ready(self, timeout: float = 1.0) -> bool:
-        with grpc.insecure_channel(self.address) as channel:
+        with open_channel(self.address) as channel:
             try:
                 response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
             except grpc.RpcError:
@@ -43,7 +45,7 @@ class GrpcAnswers:
     address: str
 
     def ready(self, timeout: float = 1.0) -> bool:
-        with grpc.insecure_channel(self.address) as channel:
+        with open_channel(self.address) as channel:
             try:
                 health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
             except grpc.RpcError:
