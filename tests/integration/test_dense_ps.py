@@ -24,7 +24,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from monolith.api.dense_ps.v1 import dense_ps_pb2 as pb
 from monolith.api.dense_ps.v1 import dense_ps_pb2_grpc as pb_grpc
 from monolith.common.process import free_port, wait_healthy
-from monolith.common.server import MonolithServer, ServerConfig
+from monolith.common.errors import InvalidArgument
+from monolith.common.server import MonolithServer, ServerConfig, Service, build_server
 from monolith.dense_ps.client import DensePSClient
 from monolith.model.config import DenseOptimizerConfig
 from monolith.dense_ps.service import build_dense_ps
@@ -224,7 +225,7 @@ BAD_PUSHES: list[tuple[str, list[pb.Tensor], tuple[str, ...]]] = [
      ("gradient 'dense/kernel': 12 non-finite value(s) (NaN or Inf), first at index (0, 0)",)),
     ("inf", [_bias([1, np.inf, 1])], ("gradient 'dense/bias': 1 non-finite value(s)", "first at index (1,)")),
     ("repeated name", [_bias([1, 1, 1]), _bias([2, 2, 2])],
-     ("gradient 'dense/bias' appears more than once in the request",)),
+     ("gradient 'dense/bias' appears more than once",)),
     ("empty", [], ("push: at least one gradient is required",)),
 ]  # fmt: skip
 
@@ -316,6 +317,24 @@ def test_a_bad_init_leaves_a_fresh_ps_uninitialized(
         assert fragment in info.value.details()
     assert ps.client.stats().version == 0
     assert ps.client.init(initial())[0] == 1  # still serving, and adopts the next good init
+
+
+class _RepeatingDensePS(pb_grpc.DensePSServicer):
+    """A dense-PS that answers every Pull with one tensor twice."""
+
+    def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> pb.PullResponse:  # noqa: N802
+        return pb.PullResponse(version=1, tensors=[tensor("w", np.ones(2)), tensor("w", np.zeros(2))])
+
+
+def test_the_client_refuses_an_answer_naming_a_tensor_twice() -> None:
+    """The client decodes answers with the servicer's codec: a repeated name is refused, not
+    silently resolved to whichever came last."""
+    servicer = _RepeatingDensePS()
+    server = build_server(ServerConfig(host="127.0.0.1", metrics_port=None),
+                          [Service(SERVICE, lambda s: pb_grpc.add_DensePSServicer_to_server(servicer, s))])  # fmt: skip
+    with server, DensePSClient(server.address, timeout=10) as client:
+        with pytest.raises(InvalidArgument, match="dense-PS answer's tensor 'w' appears more than once"):
+            client.pull()
 
 
 def test_pull_and_push_before_init_are_failed_preconditions(make_ps: Callable[..., DensePS]) -> None:

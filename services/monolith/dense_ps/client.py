@@ -1,40 +1,49 @@
-"""A client of the dense-PS, for trainers and model-serving."""
+"""A client of the dense-PS, for trainers, model-serving and the checkpoint controller."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from concurrent import futures
-from typing import Iterable, Mapping, Sequence
+from typing import Any
 
 import grpc
 import numpy as np
 
 from monolith.api.dense_ps.v1 import dense_ps_pb2 as pb
 from monolith.api.dense_ps.v1 import dense_ps_pb2_grpc as pb_grpc
-from monolith.common.wire import decode_array, encode_array
+from monolith.common.channel import DEFAULT, ChannelConfig, open_channel
 from monolith.dense_ps.optimizers import STEP_KEY
 from monolith.dense_ps.store import DenseSnapshot
+from monolith.dense_ps.tensors import decode_tensors, encode_tensors
+
+_ANSWER = "dense-PS answer's tensor"  # names a tensor of a response in errors
 
 
 class DensePSClient:
     """Talks to one dense-PS.
 
     Arrays it returns are read-only views of the response bytes; copy one to change it.
+    Failed calls raise the `grpc.RpcError` of the call; an answer whose tensors do not fit
+    their shapes, or name one tensor twice, raises InvalidArgument.
 
     Args:
         address: "host:port" of the dense-PS.
         timeout: seconds per RPC.
-        max_message_bytes: max gRPC message size on the channel.
-        channel_options: more gRPC channel arguments (e.g. a shorter reconnect backoff).
+        channel: how to dial the dense-PS (message limits, reconnect backoff, TLS).
+        max_message_bytes: the controller's older spelling of the channel's message limits,
+            kept until controller/cut.py passes a `channel` (replaces both limits).
+        channel_options: likewise: raw gRPC channel arguments after the channel's.
+
+    Raises:
+        ConfigError: a TLS file of `channel` cannot be read.
     """
 
-    def __init__(self, address: str, timeout: float = 30.0, max_message_bytes: int = 64 * 1024 * 1024,
-                 channel_options: Sequence[tuple[str, object]] = ()) -> None:  # fmt: skip
-        options = [
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
-            *channel_options,
-        ]
-        self._channel = grpc.insecure_channel(address, options=options)
+    def __init__(self, address: str, timeout: float = 30.0, channel: ChannelConfig = DEFAULT, *,
+                 max_message_bytes: int | None = None, channel_options: Sequence[tuple[str, Any]] = ()) -> None:
+        if max_message_bytes is not None:
+            limits = {"max_send_bytes": max_message_bytes, "max_receive_bytes": max_message_bytes}
+            channel = ChannelConfig.model_validate({**dict(channel), **limits})
+        self._channel = open_channel(address, channel, channel_options)
         self._stub = pb_grpc.DensePSStub(self._channel)
         self._timeout = timeout
 
@@ -44,8 +53,8 @@ class DensePSClient:
         The PS adopts them if it holds none; otherwise (same names and shapes) it answers
         with its own, which the caller should start from.
         """
-        response = self._stub.Init(pb.InitRequest(tensors=_encode(tensors)), timeout=self._timeout)
-        return response.version, _decode(response.tensors)
+        response = self._stub.Init(pb.InitRequest(tensors=encode_tensors(tensors)), timeout=self._timeout)
+        return response.version, decode_tensors(response.tensors, _ANSWER)
 
     def pull(self, if_newer_than: int = 0, names: Sequence[str] = ()) -> tuple[int, dict[str, np.ndarray] | None]:
         """The parameters (all, or `names`) and their version.
@@ -55,7 +64,7 @@ class DensePSClient:
         """
         request = pb.PullRequest(names=names, if_newer_than=if_newer_than)
         response = self._stub.Pull(request, timeout=self._timeout)
-        return response.version, None if response.unchanged else _decode(response.tensors)
+        return response.version, None if response.unchanged else decode_tensors(response.tensors, _ANSWER)
 
     def pull_incarnation(
         self, if_newer_than: int = 0, if_incarnation: str = ""
@@ -67,14 +76,15 @@ class DensePSClient:
         """
         request = pb.PullRequest(if_newer_than=if_newer_than, if_incarnation=if_incarnation)
         response = self._stub.Pull(request, timeout=self._timeout)
-        return response.incarnation, response.version, None if response.unchanged else _decode(response.tensors)
+        tensors = None if response.unchanged else decode_tensors(response.tensors, _ANSWER)
+        return response.incarnation, response.version, tensors
 
     def snapshot(self) -> DenseSnapshot:
         """The parameters, their optimizer state ("step" included) and version, copied at one instant."""
         response = self._stub.Snapshot(pb.SnapshotRequest(), timeout=self._timeout)
-        state = _decode(response.optimizer_state)
+        state = decode_tensors(response.optimizer_state, "dense-PS answer's optimizer state")
         state[STEP_KEY] = np.array(response.optimizer_step, np.int64)
-        return DenseSnapshot(response.version, _decode(response.tensors), state)
+        return DenseSnapshot(response.version, decode_tensors(response.tensors, _ANSWER), state)
 
     def restore(self, snapshot: DenseSnapshot | None) -> str:
         """Replaces the dense-PS's state with a snapshot; None ends its restore wait empty.
@@ -87,13 +97,13 @@ class DensePSClient:
         else:
             state = dict(snapshot.optimizer_state)
             step = int(state.pop(STEP_KEY))
-            request = pb.RestoreRequest(version=snapshot.version, tensors=_encode(snapshot.tensors),
-                                        optimizer_state=_encode(state), optimizer_step=step)  # fmt: skip
+            request = pb.RestoreRequest(version=snapshot.version, tensors=encode_tensors(snapshot.tensors),
+                                        optimizer_state=encode_tensors(state), optimizer_step=step)  # fmt: skip
         return self._stub.Restore(request, timeout=self._timeout).incarnation
 
     def push(self, grads: Mapping[str, np.ndarray]) -> int:
         """Applies gradients of some or all tensors; returns the version after the push."""
-        response = self._stub.Push(pb.PushRequest(gradients=_encode(grads)), timeout=self._timeout)
+        response = self._stub.Push(pb.PushRequest(gradients=encode_tensors(grads)), timeout=self._timeout)
         return response.version
 
     def push_async(self, grads: Mapping[str, np.ndarray]) -> futures.Future[int]:
@@ -101,7 +111,7 @@ class DensePSClient:
 
         Its `result()` raises the `grpc.RpcError` of a rejected push.
         """
-        call = self._stub.Push.future(pb.PushRequest(gradients=_encode(grads)), timeout=self._timeout)
+        call = self._stub.Push.future(pb.PushRequest(gradients=encode_tensors(grads)), timeout=self._timeout)
         out: futures.Future[int] = futures.Future()
 
         def done(c: grpc.Future) -> None:
@@ -126,12 +136,3 @@ class DensePSClient:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-
-def _encode(tensors: Mapping[str, np.ndarray]) -> list[pb.Tensor]:
-    return [
-        pb.Tensor(name=name, shape=np.shape(t), values=encode_array(t, "<f4")) for name, t in tensors.items()
-    ]
-
-
-def _decode(messages: Iterable[pb.Tensor]) -> dict[str, np.ndarray]:
-    return {t.name: decode_array(t.values, "<f4", tuple(t.shape), f"tensor {t.name!r}") for t in messages}

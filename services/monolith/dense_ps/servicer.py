@@ -7,17 +7,15 @@ interceptor.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
-
 import grpc
 import numpy as np
 
 from monolith.api.dense_ps.v1 import dense_ps_pb2 as pb
 from monolith.api.dense_ps.v1 import dense_ps_pb2_grpc as pb_grpc
-from monolith.common.errors import InvalidArgument, shorten
-from monolith.common.wire import decode_array, encode_array
+from monolith.common.errors import InvalidArgument
 from monolith.dense_ps.optimizers import STEP_KEY
 from monolith.dense_ps.store import DenseStore
+from monolith.dense_ps.tensors import decode_tensors, encode_tensors
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DensePS"].full_name
 
@@ -85,26 +83,3 @@ class DensePSServicer(pb_grpc.DensePSServicer):
         self._store.restore(request.version, tensors, state)
         return pb.RestoreResponse(version=self._store.version, incarnation=self._store.incarnation)
 
-
-def decode_tensors(messages: Iterable[pb.Tensor], what: str) -> dict[str, np.ndarray]:
-    """Read-only float32 arrays by name, after checking ranks, sizes and unique names.
-
-    `decode_array` checks the shape (rank, signs, an empty shape numpy could not hold) and
-    compares the byte length with it in Python integers, so an absurd shape fails there
-    instead of allocating anything.
-
-    Raises:
-        InvalidArgument: a repeated name, a shape `check_shape` refuses, or bytes that do
-            not fit the shape.
-    """
-    out: dict[str, np.ndarray] = {}
-    for t in messages:
-        if t.name in out:
-            raise InvalidArgument(f"{what} {shorten(t.name)!r} appears more than once in the request")
-        out[t.name] = decode_array(t.values, "<f4", tuple(t.shape), f"{what} {shorten(t.name)!r}")
-    return out
-
-
-def encode_tensors(tensors: Mapping[str, np.ndarray]) -> list[pb.Tensor]:
-    """Tensor messages, in the mapping's order."""
-    return [pb.Tensor(name=n, shape=t.shape, values=encode_array(t, "<f4")) for n, t in tensors.items()]
