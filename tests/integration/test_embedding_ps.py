@@ -276,10 +276,11 @@ def test_incremental_export_holds_only_changes_since_the_version(make_cluster: C
     chunks = list(cluster.client.export(0, since_version=version))
     nothing = list(cluster.client.export(0, since_version=cluster.shards[0].version))
 
-    exported = {c.table: set(np.frombuffer(c.ids, "<i8").tolist()) for c in chunks}
+    exported = {c.table: set(c.rows.ids.tolist()) for c in chunks}
     assert exported == {"item": set(touched.tolist())}
     assert {c.version for c in chunks} == {version + 1}
-    assert all(c.width == 8 and not c.includes_optimizer_state for c in chunks)
+    assert {c.incarnation for c in chunks} == {cluster.shards[0].incarnation}
+    assert all(c.rows.values.shape[1] == 8 and not c.includes_optimizer_state for c in chunks)
     assert nothing == []
 
 
@@ -314,7 +315,7 @@ def test_serving_shard_serves_what_the_training_shards_export(
     upserted = 0
     for shard in (0, 1):
         chunks = list(source.client.export(shard, include_optimizer_state=False))
-        assert all(c.width == source.shards[0].tables[c.table].dim for c in chunks)
+        assert all(c.rows.values.shape[1] == source.shards[0].tables[c.table].dim for c in chunks)
         for c in source.shards[shard].export(0, include_state=False):
             upserted += serving_shard.shards[0].apply_synced_chunk(c.table, c.rows, c.deleted_ids)[0]
 

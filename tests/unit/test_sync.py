@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import time
-import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -13,7 +12,6 @@ import numpy as np
 import prometheus_client
 import pytest
 
-from monolith.api.embedding_ps.v1 import embedding_ps_pb2 as pb
 from monolith.common.server import MonolithServer, ServerConfig
 from monolith.embedding import change_log
 from monolith.embedding.config import AdmissionConfig, OptimizerConfig, TableConfig
@@ -21,6 +19,7 @@ from monolith.embedding.hashing import stable_hash64
 from monolith.embedding_ps import shard as shard_module
 from monolith.embedding_ps.routing import route_to_shards
 from monolith.embedding_ps.service import build_embedding_ps
+from monolith.embedding_ps.chunks import Chunk
 from monolith.embedding_ps.shard import EmbeddingShard, ShardConfig
 from monolith.embedding_ps.sync import ServingSync, SyncError, SyncResult
 
@@ -336,7 +335,7 @@ def test_sync_lag_is_measured_in_event_time(
     # Training moves 30 s of data time ahead; the serving side sees it (Stats) but cannot copy it.
     training.shard.apply_gradients([("item", ITEMS[:1], np.ones((1, 3), np.float32))], start + 30)
     with monkeypatch.context() as patch:
-        patch.setattr(sync._stub, "Export", _export_cut_off)
+        patch.setattr(sync._source, "export", _export_cut_off)
         assert not sync.sync_once().ok
     assert sync.source_clock == start + 30 and sync.lag_seconds() == 30
     assert metric("monolith_sync_lag_seconds") == 30
@@ -350,7 +349,7 @@ def test_sync_lag_is_measured_in_event_time(
     assert sync.newest_update_time == start - 50 and sync.lag_seconds() == 0
 
 
-def _export_cut_off(*args: object, **kwargs: object) -> Iterator[pb.RowChunk]:
+def _export_cut_off(*args: object, **kwargs: object) -> Iterator[Chunk]:
     raise SyncError("the export stream was cut off")
 
 
@@ -365,14 +364,15 @@ def test_a_shard_of_another_index_is_refused(training: TrainingServers, follow: 
     assert len(serving.tables["item"]) == 0
 
 
-def test_a_training_restart_during_the_sync_aborts_it(training: TrainingServers, follow: Callable[..., Any]) -> None:
+def test_a_training_restart_during_the_sync_aborts_it(
+    training: TrainingServers, follow: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     train(training.shard, 1000.0)
     serving, sync = follow(training.address)
-    stub = sync._stub
     # Stats answered by the old process, Export by its successor.
-    stale = stub.Stats(pb.StatsRequest())
+    stale = sync._source.stats()
     stale.incarnation = "0" * 32
-    sync._stub = types.SimpleNamespace(Stats=lambda *a, **k: stale, Export=stub.Export)
+    monkeypatch.setattr(sync._source, "stats", lambda: stale)
 
     result = sync.sync_once()
 

@@ -1,29 +1,145 @@
-"""A sharded client of the embedding-PS, for trainers and model-serving.
+"""The clients of the embedding-PS: one shard's (`EmbeddingPSClient`) and a whole role's.
 
-Routes each id to its shard by a stable hash of (table, id), dedupes ids within a call
-(sending each id once, with its occurrence count, so admission still sees every
-occurrence), fans out to the shards concurrently, and returns results in input order.
+`EmbeddingPSClient` makes one shard's calls that move rows in bulk (Export, Import,
+Restore) and its Stats, with chunks decoded both ways (`chunks.Chunk`); the train→serve
+sync, the checkpoint controller and the replay use it.
+
+`ShardedEmbeddingClient`, for trainers and model-serving, routes each id to its shard by a
+stable hash of (table, id), dedupes ids within a call (sending each id once, with its
+occurrence count, so admission still sees every occurrence), fans out to the shards
+concurrently, and returns results in input order. It holds one `EmbeddingPSClient` per
+shard, and makes its bulk calls through them.
+
+Both raise `MonolithError`s that keep the shard's status and name the shard; a deadline
+or a lost connection is UNAVAILABLE.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from concurrent import futures
-from typing import Iterator, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import grpc
 import numpy as np
 
 from monolith.api.embedding_ps.v1 import embedding_ps_pb2 as pb
 from monolith.api.embedding_ps.v1 import embedding_ps_pb2_grpc as pb_grpc
+from monolith.common.channel import DEFAULT, ChannelConfig, open_channel
 from monolith.common.errors import MonolithError, from_rpc_error
 from monolith.common.wire import encode_array
 from monolith.embedding.hashing import stable_hash64
+from monolith.embedding.table import RowBatch
 from monolith.embedding.table_kernels import sum_duplicates
+from monolith.embedding_ps.chunks import Chunk, decode_chunk, encode_chunk
 from monolith.embedding_ps.routing import dedupe_and_route, dedupe_and_route_tables, unpack_rows
 
 # Distinct table lists whose salts and dims are kept; callers use one or two.
 _MAX_CACHED_PLANS = 64
+RPC_TIMEOUT = 30.0  # seconds for a call with a small answer (Stats, Lookup, ApplyGradients)
+STREAM_TIMEOUT = 300.0  # seconds a stream of rows (Export, Import, Restore) may take in all
+
+
+class EmbeddingPSClient:
+    """Talks to one embedding-PS shard: its stats, and its rows in bulk.
+
+    Args:
+        address: "host:port" of the shard.
+        timeout: seconds for Stats.
+        stream_timeout: seconds one Export, Import or Restore stream may take in all.
+        channel: how to dial the shard (message limits, reconnect backoff, TLS).
+        name: names the shard in errors; by default "embedding-PS at <address>".
+
+    Attributes:
+        address: where the shard is.
+        name: the shard as errors name it.
+        stub: the generated stub on this client's channel, for the calls this class does
+            not make (the sharded client's Lookup and ApplyGradients fan-out).
+
+    Raises:
+        ConfigError: a TLS file of `channel` cannot be read.
+    """
+
+    def __init__(self, address: str, timeout: float = RPC_TIMEOUT, stream_timeout: float = STREAM_TIMEOUT,
+                 channel: ChannelConfig = DEFAULT, name: str = "") -> None:  # fmt: skip
+        self.address = address
+        self.name = name or f"embedding-PS at {address}"
+        self._channel = open_channel(address, channel)
+        self.stub = pb_grpc.EmbeddingPSStub(self._channel)
+        self._timeout = timeout
+        self._stream_timeout = stream_timeout
+
+    def stats(self) -> pb.StatsResponse:
+        """The shard's identity (index, role, incarnation, version) and its tables' sizes and clocks."""
+        try:
+            return self.stub.Stats(pb.StatsRequest(), timeout=self._timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, f"{self.name} Stats") from None
+
+    def export(self, since_version: int = 0, include_optimizer_state: bool = False, max_rows_per_chunk: int = 0,
+               tables: Sequence[str] = ()) -> Iterator[Chunk]:  # fmt: skip
+        """The rows changed and ids deleted after a version, chunk by chunk, decoded.
+
+        The call starts at the first `next()`; closing the iterator early cancels it. Every
+        chunk carries the version the export is complete up to and the shard's incarnation.
+
+        Args:
+            since_version: 0 for every row; else a version an earlier export was complete up to.
+            include_optimizer_state: rows' values carry optimizer state after the embedding.
+            max_rows_per_chunk: rows per chunk at most; 0 lets the shard choose.
+            tables: the tables to export; empty means all.
+
+        Raises:
+            MonolithError: the shard's status (FAILED_PRECONDITION: it forgot deletions that
+                old, or awaits a restore) or a chunk whose bytes do not fit its sizes
+                (INVALID_ARGUMENT).
+        """
+        request = pb.ExportRequest(since_version=since_version, include_optimizer_state=include_optimizer_state,
+                                   max_rows_per_chunk=max_rows_per_chunk, tables=tables)  # fmt: skip
+        call = self.stub.Export(request, timeout=self._stream_timeout)
+        try:
+            for index, message in enumerate(call):
+                yield decode_chunk(message, f"export chunk {index} of table {message.table!r} from {self.name}")
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, f"{self.name} Export") from None
+        finally:
+            call.cancel()  # a no-op once the stream is complete
+
+    def import_chunks(self, chunks: Iterable[Chunk]) -> pb.ImportResponse:
+        """Streams chunks into a training shard, each applied all or nothing (deletions first).
+
+        Raises:
+            MonolithError: the shard's status; the chunks before the failed one are applied.
+        """
+        try:
+            return self.stub.Import((encode_chunk(c) for c in chunks), timeout=self._stream_timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, f"{self.name} Import") from None
+
+    def restore(self, rows: Iterable[tuple[str, RowBatch]]) -> pb.RestoreResponse:
+        """Replaces every table of a training shard with (table, rows) chunks of a checkpoint.
+
+        The rows carry optimizer state, as a checkpoint holds them. No chunks restores an
+        empty shard. The shard then has a new incarnation (in the response).
+
+        Raises:
+            MonolithError: the shard's status; a refused restore changes nothing.
+        """
+        messages = (encode_chunk(Chunk(table, batch, includes_optimizer_state=True)) for table, batch in rows)
+        try:
+            return self.stub.Restore(messages, timeout=self._stream_timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, f"{self.name} Restore") from None
+
+    def close(self) -> None:
+        """Closes the channel, cancelling calls in flight."""
+        self._channel.close()
+
+    def __enter__(self) -> EmbeddingPSClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,28 +172,28 @@ class ShardedEmbeddingClient:
         addresses: "host:port" of each shard, in shard order.
         table_dims: embedding dimension of each table.
         timeout: seconds per RPC.
-        max_message_bytes: max gRPC message size on the channels.
-        channel_options: more gRPC channel arguments (e.g. a shorter reconnect backoff).
+        channel: how to dial the shards (message limits, reconnect backoff, TLS).
+        stream_timeout: seconds one Export or Import stream may take in all.
+
+    Raises:
+        ConfigError: a TLS file of `channel` cannot be read.
     """
 
     def __init__(
         self,
         addresses: Sequence[str],
         table_dims: Mapping[str, int],
-        timeout: float = 30.0,
-        max_message_bytes: int = 64 * 1024 * 1024,
-        channel_options: Sequence[tuple[str, object]] = (),
+        timeout: float = RPC_TIMEOUT,
+        channel: ChannelConfig = DEFAULT,
+        stream_timeout: float = STREAM_TIMEOUT,
     ) -> None:
         if not addresses:
             raise ValueError("addresses: at least one shard address is required")
-        options = [
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
-            *channel_options,
+        self._shards = [
+            EmbeddingPSClient(a, timeout, stream_timeout, channel, name=f"embedding-PS shard {i} ({a})")
+            for i, a in enumerate(addresses)
         ]
-        self._addresses = list(addresses)
-        self._channels = [grpc.insecure_channel(a, options=options) for a in addresses]
-        self._stubs = [pb_grpc.EmbeddingPSStub(c) for c in self._channels]
+        self._stubs = [s.stub for s in self._shards]
         # Blocking calls on a pool: a sync channel's `.future()` starts a thread per call,
         # which cost more than the RPC itself on loopback. Sized for several callers at once
         # (serving threads), so one caller's shard call never queues behind another's.
@@ -200,29 +316,27 @@ class ShardedEmbeddingClient:
             filtered += response.filtered
         return applied, filtered
 
-    def export(self, shard: int, since_version: int = 0, include_optimizer_state: bool = False,
-               max_rows_per_chunk: int = 0) -> Iterator[pb.RowChunk]:  # fmt: skip
-        """Streams one shard's rows changed since a version."""
-        request = pb.ExportRequest(
-            since_version=since_version,
-            include_optimizer_state=include_optimizer_state,
-            max_rows_per_chunk=max_rows_per_chunk,
-        )
-        return self._stubs[shard].Export(request, timeout=self._timeout)
+    def shard(self, index: int) -> EmbeddingPSClient:
+        """The client of one shard, for its bulk calls (export, import, restore)."""
+        return self._shards[index]
 
-    def import_chunks(self, shard: int, chunks: Iterator[pb.RowChunk]) -> pb.ImportResponse:
-        """Streams chunks into one shard."""
-        return self._stubs[shard].Import(chunks, timeout=self._timeout)
+    def export(self, shard: int, since_version: int = 0, include_optimizer_state: bool = False,
+               max_rows_per_chunk: int = 0) -> Iterator[Chunk]:  # fmt: skip
+        """One shard's rows changed since a version, decoded (see `EmbeddingPSClient.export`)."""
+        return self._shards[shard].export(since_version, include_optimizer_state, max_rows_per_chunk)
+
+    def import_chunks(self, shard: int, chunks: Iterable[Chunk]) -> pb.ImportResponse:
+        """Streams chunks into one shard (see `EmbeddingPSClient.import_chunks`)."""
+        return self._shards[shard].import_chunks(chunks)
 
     def stats(self) -> list[pb.StatsResponse]:
-        """Every shard's stats, in shard order."""
-        requests = {shard: pb.StatsRequest() for shard in range(self.num_shards)}
-        return [response for _, response in self._fan_out("Stats", requests)]
+        """Every shard's stats, in shard order (asked concurrently)."""
+        return list(self._pool.map(EmbeddingPSClient.stats, self._shards))
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-        for channel in self._channels:
-            channel.close()
+        for shard in self._shards:
+            shard.close()
 
     def __enter__(self) -> ShardedEmbeddingClient:
         return self
@@ -266,19 +380,19 @@ class ShardedEmbeddingClient:
         try:
             return getattr(self._stubs[shard], method)(request, timeout=timeout)
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc, f"embedding-PS shard {shard} ({self._addresses[shard]}) {method}") from None
+            raise from_rpc_error(exc, f"{self._shards[shard].name} {method}") from None
 
     def _result(self, shard: int, method: str, call: futures.Future) -> object:
         try:
             return call.result()
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc, f"embedding-PS shard {shard} ({self._addresses[shard]}) {method}") from None
+            raise from_rpc_error(exc, f"{self._shards[shard].name} {method}") from None
 
     def _answered_rows(self, shard: int, response: pb.LookupResponse, asked: list[tuple[str, int, int]]) -> list[bytes]:
         """The values of a shard's answer, block by block, once they match what was asked."""
         if len(response.tables) != len(asked):
             raise MonolithError(
-                f"embedding-PS shard {shard} ({self._addresses[shard]}) answered {len(response.tables)} tables; "
+                f"{self._shards[shard].name} answered {len(response.tables)} tables; "
                 f"{len(asked)} were asked"
             )
         parts = []
@@ -286,7 +400,7 @@ class ShardedEmbeddingClient:
             values = entry.values
             if entry.table != name or entry.num_ids != n or entry.dim != dim or len(values) != 4 * n * dim:
                 raise MonolithError(
-                    f"embedding-PS shard {shard} ({self._addresses[shard]}) answered table {entry.table!r} with "
+                    f"{self._shards[shard].name} answered table {entry.table!r} with "
                     f"{entry.num_ids} x {entry.dim} rows in {len(values)} bytes; asked for {name!r}, {n} x {dim}"
                 )
             parts.append(values)

@@ -16,6 +16,7 @@ from monolith.api.embedding_ps.v1 import embedding_ps_pb2_grpc as pb_grpc
 from monolith.common.errors import InvalidArgument, ResourceExhausted
 from monolith.common.wire import decode_array, encode_array
 from monolith.embedding.table import RowBatch
+from monolith.embedding_ps.chunks import Chunk, decode_chunk, encode_chunk
 from monolith.embedding_ps.shard import EmbeddingShard
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingPS"].full_name
@@ -58,47 +59,38 @@ class EmbeddingPSServicer(pb_grpc.EmbeddingPSServicer):
             request.since_version, request.include_optimizer_state, request.max_rows_per_chunk, list(request.tables)
         )
         for c in chunks:
-            yield pb.RowChunk(
-                table=c.table,
-                num_rows=c.rows.ids.shape[0],
-                width=c.rows.values.shape[1],
+            # The incarnation is read per chunk: a restore midway swaps the tables, and the
+            # chunks after it must say they come from the new ones.
+            yield encode_chunk(Chunk(
+                table=c.table, rows=c.rows, deleted_ids=c.deleted_ids, version=c.version,
+                incarnation=self._shard.incarnation, newest_update_time=c.newest_update_time,
                 includes_optimizer_state=c.includes_optimizer_state,
-                ids=encode_array(c.rows.ids, "<i8"),
-                values=encode_array(c.rows.values, "<f4"),
-                update_times=encode_array(c.rows.update_times, "<u4"),
-                num_deleted=c.deleted_ids.shape[0],
-                deleted_ids=encode_array(c.deleted_ids, "<i8"),
-                version=c.version,
-                incarnation=self._shard.incarnation,
-                newest_update_time=c.newest_update_time,
-            )
+            ))  # fmt: skip
 
     def Import(self, request_iterator: Iterable[pb.RowChunk], context: grpc.ServicerContext) -> pb.ImportResponse:
         upserted = deleted = 0
-        for index, c in enumerate(request_iterator):
-            what = f"import chunk {index} ({upserted} rows, {deleted} deletions applied before it): table {c.table!r}"
-            rows, deleted_ids = self._decode_chunk(c, what)
-            u, d = self._shard.import_chunk(c.table, rows, deleted_ids, what)
+        for index, message in enumerate(request_iterator):
+            table = message.table
+            what = f"import chunk {index} ({upserted} rows, {deleted} deletions applied before it): table {table!r}"
+            c = self._decode_chunk(message, what)
+            u, d = self._shard.import_chunk(c.table, c.rows, c.deleted_ids, what)
             upserted += u
             deleted += d
         return pb.ImportResponse(upserted=upserted, deleted=deleted, version=self._shard.version)
 
     def Restore(self, request_iterator: Iterable[pb.RowChunk], context: grpc.ServicerContext) -> pb.RestoreResponse:
         def chunks() -> Iterator[tuple[str, RowBatch, np.ndarray, str]]:
-            for index, c in enumerate(request_iterator):
-                what = f"restore chunk {index}: table {c.table!r}"
-                yield (c.table, *self._decode_chunk(c, what), what)
+            for index, message in enumerate(request_iterator):
+                what = f"restore chunk {index}: table {message.table!r}"
+                c = self._decode_chunk(message, what)
+                yield c.table, c.rows, c.deleted_ids, what
 
         rows = self._shard.restore(chunks())
         return pb.RestoreResponse(rows=rows, version=self._shard.version, incarnation=self._shard.incarnation)
 
-    def _decode_chunk(self, c: pb.RowChunk, what: str) -> tuple[RowBatch, np.ndarray]:
-        rows = RowBatch(
-            ids=self._ids(c.table, c.num_rows, c.ids, what),
-            values=decode_array(c.values, "<f4", (c.num_rows, c.width), f"{what} values"),
-            update_times=decode_array(c.update_times, "<u4", (c.num_rows,), f"{what} update_times"),
-        )
-        return rows, decode_array(c.deleted_ids, "<i8", (c.num_deleted,), f"{what} deleted_ids")
+    def _decode_chunk(self, message: pb.RowChunk, what: str) -> Chunk:
+        self._check_id_limit(message.num_rows, what)
+        return decode_chunk(message, what)
 
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
         cfg = self._shard.config
@@ -124,12 +116,15 @@ class EmbeddingPSServicer(pb_grpc.EmbeddingPSServicer):
             ],
         )
 
-    def _ids(self, name: str, num_ids: int, data: bytes, what: str = "") -> np.ndarray:
-        what = what or f"table {name!r}"
+    def _ids(self, name: str, num_ids: int, data: bytes) -> np.ndarray:
+        what = f"table {name!r}"
+        self._check_id_limit(num_ids, what)
+        return decode_array(data, "<i8", (num_ids,), f"{what} ids")
+
+    def _check_id_limit(self, num_ids: int, what: str) -> None:
         limit = self._shard.config.max_ids_per_request
         if num_ids > limit:
             raise ResourceExhausted(f"{what}: {num_ids} ids; the limit is max_ids_per_request={limit}")
-        return decode_array(data, "<i8", (num_ids,), f"{what} ids")
 
     @staticmethod
     def _counts(name: str, num_ids: int, data: bytes) -> np.ndarray | None:

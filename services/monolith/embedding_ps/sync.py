@@ -48,14 +48,14 @@ import time
 import weakref
 from typing import Iterator
 
-import grpc
 import numpy as np
 
 from monolith.api.embedding_ps.v1 import embedding_ps_pb2 as pb
-from monolith.api.embedding_ps.v1 import embedding_ps_pb2_grpc as pb_grpc
-from monolith.common.errors import MonolithError
-from monolith.common.wire import decode_array
+from monolith.common.channel import UNLIMITED, ChannelConfig
+from monolith.common.errors import FailedPrecondition, MonolithError, describe
 from monolith.embedding.table import RowBatch
+from monolith.embedding_ps.chunks import Chunk
+from monolith.embedding_ps.client import EmbeddingPSClient
 from monolith.embedding_ps.metrics import (
     SYNC_DELETIONS,
     SYNC_DELETIONS_REFUSED,
@@ -73,14 +73,10 @@ _LOGGER = logging.getLogger("monolith.embedding_ps.sync")
 DEFAULT_MAX_RESYNC_DELETE_FRACTION = 0.1
 STATS_TIMEOUT = 5.0  # seconds; Stats is tiny, a slow answer means the shard is in trouble
 
-# Reconnect quickly after the training shard comes back: gRPC's default backoff grows to
-# 120 s, during which every sync would fail fast although the shard is up again.
-_CHANNEL_OPTIONS = (
-    ("grpc.max_receive_message_length", -1),  # chunk size is bounded by the request below
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-)
+# Reconnect quickly after the training shard comes back (gRPC's default backoff grows to
+# 120 s, during which every sync would fail fast although the shard is up again). Any
+# chunk size is accepted: the export request bounds it.
+_CHANNEL = ChannelConfig(max_receive_bytes=UNLIMITED, fast_reconnect=True)
 
 class SyncError(Exception):
     """The training shard answered, but with something this serving shard cannot follow."""
@@ -173,8 +169,8 @@ class ServingSync:
         # Chunks must pass this shard's own per-request id limit when imported.
         self._chunk_rows = min(shard.config.export_chunk_rows, shard.config.max_ids_per_request)
         self._unit_rows = ATOMIC_EXPORT_ENTRIES
-        self._channel = grpc.insecure_channel(training_address, options=list(_CHANNEL_OPTIONS))
-        self._stub = pb_grpc.EmbeddingPSStub(self._channel)
+        self._source = EmbeddingPSClient(training_address, timeout=STATS_TIMEOUT, stream_timeout=timeout,
+                                         channel=_CHANNEL, name=f"training shard at {training_address}")  # fmt: skip
         self._attempt_lock = threading.Lock()  # one attempt at a time: thread and callers
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="serving-sync", daemon=True)
@@ -211,7 +207,7 @@ class ServingSync:
     def stop(self) -> None:
         """Stops the thread, cancelling an attempt in flight (imports are idempotent). Final."""
         self._stop.set()
-        self._channel.close()
+        self._source.close()
         if self._thread.is_alive():
             self._thread.join()
 
@@ -259,7 +255,7 @@ class ServingSync:
             progress = _Progress()
             try:
                 progress.source_clock = self._sync(progress)
-            except (grpc.RpcError, MonolithError, SyncError) as exc:
+            except (MonolithError, SyncError) as exc:
                 result = self._failed(exc, progress)
             else:
                 result = self._succeeded(progress)
@@ -273,7 +269,7 @@ class ServingSync:
         The export that follows Stats is complete up to a version at least Stats', so
         when it is applied this shard holds every change up to that clock.
         """
-        stats = self._stub.Stats(pb.StatsRequest(), timeout=STATS_TIMEOUT)
+        stats = self._source.stats()
         self._check_source(stats)
         clock = max((t.newest_update_time for t in stats.tables), default=0)
         self.source_clock = clock
@@ -294,7 +290,7 @@ class ServingSync:
             unit_rows = 0
             newest = self.newest_update_time
             for chunk in self._export(since, incarnation):
-                unit.append(self._decode(chunk))
+                unit.append(self._entry(chunk))
                 unit_rows += chunk.num_rows + chunk.num_deleted
                 version = chunk.version
                 newest = max(newest, chunk.newest_update_time)
@@ -303,11 +299,9 @@ class ServingSync:
                     unit, unit_rows = [], 0
             self._apply_unit(unit, progress)
             self.newest_update_time = newest
-        except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
-                raise
+        except FailedPrecondition as exc:
             # The training shard's bounded deletion log no longer reaches back to `since`.
-            _LOGGER.info("sync from %s: %s; copying in full", self.training_address, exc.details())
+            _LOGGER.info("sync from %s: %s; copying in full", self.training_address, exc)
             self._full_copy(incarnation, progress)
             return clock
         # An export with no chunks carries no completeness version, so keep the old one:
@@ -364,10 +358,9 @@ class ServingSync:
             progress.rows, progress.deletions, time.monotonic() - started,
         )  # fmt: skip
 
-    def _export(self, since: int, incarnation: str) -> Iterator[pb.RowChunk]:
+    def _export(self, since: int, incarnation: str) -> Iterator[Chunk]:
         """The training shard's export since a version, checked to come from `incarnation`."""
-        request = pb.ExportRequest(since_version=since, max_rows_per_chunk=self._chunk_rows)
-        for chunk in self._stub.Export(request, timeout=self._timeout):
+        for chunk in self._source.export(since, max_rows_per_chunk=self._chunk_rows):
             if chunk.incarnation != incarnation:
                 # Versions of another incarnation mean nothing against `since`.
                 raise SyncError(
@@ -376,23 +369,16 @@ class ServingSync:
                 )
             yield chunk
 
-    def _decode(self, chunk: pb.RowChunk) -> tuple[str, RowBatch, np.ndarray, str]:
-        """(table, rows, deleted ids, description) of one chunk, lengths checked."""
+    def _entry(self, chunk: Chunk) -> tuple[str, RowBatch, np.ndarray, str]:
+        """(table, rows, deleted ids, description) of one chunk, as the local shard applies it."""
         what = f"chunk of table {chunk.table!r} from {self.training_address}"
-        rows = RowBatch(
-            ids=decode_array(chunk.ids, "<i8", (chunk.num_rows,), f"{what} ids"),
-            values=decode_array(chunk.values, "<f4", (chunk.num_rows, chunk.width), f"{what} values"),
-            update_times=decode_array(chunk.update_times, "<u4", (chunk.num_rows,), f"{what} update_times"),
-        )
-        deleted_ids = decode_array(chunk.deleted_ids, "<i8", (chunk.num_deleted,), f"{what} deleted_ids")
-        return chunk.table, rows, deleted_ids, what
+        return chunk.table, chunk.rows, chunk.deleted_ids, what
 
-    def _apply(self, chunk: pb.RowChunk, progress: _Progress) -> np.ndarray:
+    def _apply(self, chunk: Chunk, progress: _Progress) -> np.ndarray:
         """Imports one chunk into the local shard; returns the ids of its rows."""
-        name, rows, deleted_ids, what = self._decode(chunk)
-        upserted, deleted = self._shard.apply_synced_chunk(name, rows, deleted_ids, what)
+        upserted, deleted = self._shard.apply_synced_chunk(*self._entry(chunk))
         self._count(progress, upserted, deleted)
-        return rows.ids
+        return chunk.rows.ids
 
     def _apply_unit(self, chunks: list[tuple[str, RowBatch, np.ndarray, str]], progress: _Progress) -> None:
         """Imports chunks into the local shard as one unit (see `apply_synced_chunks`)."""
@@ -453,7 +439,7 @@ class ServingSync:
         return SyncResult(True, progress.full_resync, progress.rows, progress.deletions, self.acknowledged)
 
     def _failed(self, exc: Exception, progress: _Progress) -> SyncResult:
-        error = _describe(exc)
+        error = describe(exc)
         self._failures_metric.inc()
         # One WARNING per outage (or when its cause changes), not one per interval.
         kind = error.split(":", 1)[0]
@@ -468,15 +454,6 @@ class ServingSync:
             )  # fmt: skip
         self._outage = kind
         return SyncResult(False, progress.full_resync, progress.rows, progress.deletions, self.acknowledged, error)
-
-
-def _describe(exc: Exception) -> str:
-    """A one-line cause, starting with a stable kind (the status code, or the error class)."""
-    if isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call):
-        return f"{exc.code().name}: {exc.details()}"
-    if isinstance(exc, MonolithError):
-        return f"{exc.code}: {exc}"
-    return f"{type(exc).__name__}: {exc}"
 
 
 def _no_rows(shard: EmbeddingShard, name: str) -> RowBatch:

@@ -20,6 +20,7 @@ import threading
 import grpc
 
 from monolith.common import metrics as metrics_http
+from monolith.common.channel import ChannelConfig
 from monolith.common.config import parse_config, seconds
 from monolith.common.errors import from_rpc_error
 from monolith.common.server import ServerConfig, ServerStartError
@@ -41,11 +42,7 @@ PARTS = ("train", "stream", "all")
 ONLINE_METRICS_PORT = 9108
 # Back on a restarted parameter server within a second: gRPC's default reconnect backoff
 # grows to 120 s, during which every retry would fail fast although the server is up.
-_RECONNECT_OPTIONS = (
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-)
+_ONLINE_CHANNEL = ChannelConfig(fast_reconnect=True)
 _CONSUMER_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
@@ -137,8 +134,8 @@ def run_online(args: argparse.Namespace) -> int:
     consumer = DurableConsumer(streams, ConsumerSettings(SAMPLES_STREAM, "samples.>", args.consumer),
                                client_name=f"trainer/{args.consumer}")  # fmt: skip
     try:
-        with ShardedEmbeddingClient(addresses, config.table_dims(), timeout=10, channel_options=_RECONNECT_OPTIONS) \
-                as sparse, DensePSClient(args.dense_ps, timeout=10, channel_options=_RECONNECT_OPTIONS) as dense:  # fmt: skip
+        with ShardedEmbeddingClient(addresses, config.table_dims(), timeout=10, channel=_ONLINE_CHANNEL) as sparse, \
+                DensePSClient(args.dense_ps, timeout=10, channel=_ONLINE_CHANNEL) as dense:  # fmt: skip
             trainer = OnlineTrainer(consumer, lambda: TrainerWorker(config, sparse, dense), sample_decoder(config),
                                     settings, stop, StepGate(start_paused=args.start_paused))  # fmt: skip
             control = None

@@ -29,18 +29,17 @@ import tempfile
 import time
 from typing import Any, Callable
 
-import grpc
 import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from monolith.harness.bench.cluster import start_parameter_servers
 from monolith.harness.bench.measure import ROUNDS, concurrent_calls, interleaved, median
+from monolith.common.channel import open_channel
 from monolith.common.process import RoleProcess, free_port, start_role, wait_healthy
 from monolith.common.server import tune_gc
 from monolith.data.movielens import raw_feature_values
 from monolith.dense_ps.client import DensePSClient
-from monolith.embedding.table import RowBatch
 from monolith.embedding_ps.client import ShardedEmbeddingClient
 from monolith.model.config import default_config_path, load_model_config
 from monolith.serving.model import ServingModel
@@ -94,10 +93,7 @@ def _load_local_copy(config, ps: list[str], dense_address: str) -> ServingModel:
     with ShardedEmbeddingClient(ps, config.table_dims()) as client:
         for shard in range(len(ps)):
             for chunk in client.export(shard, include_optimizer_state=False):
-                ids = np.frombuffer(chunk.ids, "<i8")
-                values = np.frombuffer(chunk.values, "<f4").reshape(chunk.num_rows, chunk.width)
-                times = np.frombuffer(chunk.update_times, "<u4")
-                local.tables[chunk.table].upsert(RowBatch(ids, values, times), version=1)
+                local.tables[chunk.table].upsert(chunk.rows, version=1)
     with DensePSClient(dense_address) as dense:
         _, params = dense.pull()
     store = LocalDense(config.model.optimizer)
@@ -159,7 +155,7 @@ def _throughput(config_path: str, workdir: str, seconds: float, limits: dict[str
         requests = _requests(200, rng)
         protos = [_to_proto(r) for r in requests]
         local = _load_local_copy(config, ps, dense_address)
-        channel = grpc.insecure_channel(serving_address)
+        channel = open_channel(serving_address)
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
 
         def inprocess(i: int) -> None:
@@ -208,7 +204,7 @@ def _profile_serving(config_path: str, ps: list[str], dense_address: str, protos
     out = os.path.join(workdir, "serving-profile.json")
     proc, address = _start_serving(config_path, ps, dense_address, os.path.join(workdir, "serving-profiled.log"), out)
     try:
-        with grpc.insecure_channel(address) as channel:
+        with open_channel(address) as channel:
             stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
             predict = lambda i: stub.Predict(protos[i % len(protos)], timeout=30)  # noqa: E731
             concurrent_calls(predict, CONCURRENCY, seconds / 2)  # warm-up

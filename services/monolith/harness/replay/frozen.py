@@ -13,10 +13,8 @@ import dataclasses
 
 import numpy as np
 
-from monolith.common.wire import decode_array
 from monolith.data.batch import Batch
 from monolith.dense_ps.client import DensePSClient
-from monolith.embedding.table import RowBatch
 from monolith.embedding_ps.client import ShardedEmbeddingClient
 from monolith.model.config import ModelConfig
 from monolith.serving.model import ServingModel
@@ -56,14 +54,7 @@ def freeze(config: ModelConfig, sparse: ShardedEmbeddingClient, dense: DensePSCl
     rows = {name: 0 for name in tables.tables}
     for shard in range(sparse.num_shards):
         for chunk in sparse.export(shard, since_version=0):
-            table = tables.tables[chunk.table]
-            what = f"export of table {chunk.table!r} from training shard {shard}"
-            batch = RowBatch(
-                ids=decode_array(chunk.ids, "<i8", (chunk.num_rows,), f"{what}: ids"),
-                values=decode_array(chunk.values, "<f4", (chunk.num_rows, chunk.width), f"{what}: values"),
-                update_times=decode_array(chunk.update_times, "<u4", (chunk.num_rows,), f"{what}: update_times"),
-            )
-            table.upsert(batch, _IMPORT_VERSION)
+            tables.tables[chunk.table].upsert(chunk.rows, _IMPORT_VERSION)
             rows[chunk.table] += chunk.num_rows
     version, params = dense.pull(0)
     if params is None:
