@@ -7,15 +7,16 @@ and the sample-joiner (its ReportActions API and the join). The client is the sh
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
 import pytest
 import yaml
 
+from helpers.streams import MSG_ID_HEADER, read_stream
+from helpers.waiting import wait_for
 from monolith.api.joiner.v1 import joiner_pb2 as pb
 from monolith.common.server import MonolithServer, ServerConfig
 from monolith.data.movielens import load_movielens
@@ -28,7 +29,6 @@ from monolith.serving.model import ServingModel
 from monolith.serving.service import build_serving
 from monolith.serving.servicer import SignatureConfig
 from monolith.streams.config import EVENTS_STREAM, SAMPLES_STREAM, StreamsConfig, events_subject, partition_of
-from monolith.streams.jetstream import connect
 from monolith.streams.nats_server import NatsServer
 from monolith.trainer.backends import LocalDense, LocalEmbeddings
 from monolith.trainer.worker import TrainerWorker
@@ -54,7 +54,7 @@ class Stack:
         TrainerWorker(config, sparse, dense).train(next(load_movielens(limit=256).batches(256)))
         model = ServingModel(config, sparse, dense)
         assert model.refresh_dense()
-        self.impressions = ImpressionLog(self.streams, "movie_id").start()
+        self.impressions = ImpressionLog(self.streams).start()
         self.serving: MonolithServer = build_serving(model, SignatureConfig(), _loopback(), self.impressions)
         self.serving.start()
         self.joiner_runtime = JoinerRuntime(self.streams, JoinerConfig(window=100.0, lateness=0.0), range(PARTITIONS))
@@ -87,21 +87,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 def read(streams: StreamsConfig, stream: str) -> list[tuple[str, str, bytes]]:
     """Every message of `stream` as (subject, message id, data)."""
-
-    async def main() -> list[tuple[str, str, bytes]]:
-        nc = await connect(streams, "test-reader")
-        js = nc.jetstream()
-        out = []
-        try:
-            info = await js.stream_info(stream)
-            for seq in range(info.state.first_seq, info.state.last_seq + 1) if info.state.messages else ():
-                message = await js.get_msg(stream, seq)
-                out.append((message.subject, (message.headers or {}).get("Nats-Msg-Id", ""), message.data))
-        finally:
-            await nc.close()
-        return out
-
-    return asyncio.run(main())
+    return [(m.subject, m.headers.get(MSG_ID_HEADER, ""), m.data) for m in read_stream(streams, stream)]
 
 
 def events(stack: Stack, request_id: str) -> list[tuple[str, str, pb.Event]]:
@@ -112,17 +98,6 @@ def events(stack: Stack, request_id: str) -> list[tuple[str, str, pb.Event]]:
 def samples(stack: Stack, request_id: str) -> list[pb.Sample]:
     decoded = [pb.Sample.FromString(data) for _, _, data in read(stack.streams, SAMPLES_STREAM)]
     return [s for s in decoded if s.request_id == request_id]
-
-
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.05)
 
 
 # --------------------------------------------------------------------------- tests
@@ -141,6 +116,39 @@ def test_score_then_report_action_makes_a_positive_sample(stack: Stack) -> None:
     logged = {e.impression.item_id: e.impression for _, _, e in events(stack, "loop-1") if e.HasField("impression")}
     assert sorted(logged) == ["242", "302", "377"]
     assert logged["302"].score == pytest.approx(float(scores[1]), abs=1e-7)
+
+
+def test_a_request_id_reused_with_other_candidates_logs_and_joins_every_key(stack: Stack) -> None:
+    first = {"movie_id": [242, 302], "genres": [["Comedy"], ["Crime"]]}
+    second = {"movie_id": [377, 51], "genres": [["Children's"], ["Drama"]]}
+    with stack.client() as client:
+        client.score(USER, first, request_id="again", event_time=T0)
+        client.score(USER, second, request_id="again", event_time=T0 + 1)
+        client.report_actions([("again", 302, "click", 1.0, T0 + 5), ("again", 377, "click", 1.0, T0 + 6)])
+
+    joined = wait_for(lambda: len(found := samples(stack, "again")) == 2 and found, "both calls' positives")
+    impressions = wait_for(
+        lambda: len(found := [e for _, _, e in events(stack, "again") if e.HasField("impression")]) == 4 and found,
+        "both calls' impressions",
+    )
+
+    assert sorted((s.item_id, s.label, s.event_time) for s in joined) == [("302", 1.0, T0), ("377", 1.0, T0 + 1)]
+    assert sorted(e.impression.item_id for e in impressions) == ["242", "302", "377", "51"]
+
+
+def test_keys_whose_bare_ids_would_read_alike_are_logged_and_joined_apart(stack: Stack) -> None:
+    """("slash/a", "c") and ("slash", "a/c") would both be imp/slash/a/c unencoded: one dropped as a repeat."""
+    with stack.client() as client:
+        client.score(USER, {"movie_id": ["c"], "genres": [["Comedy"]]}, request_id="slash/a", event_time=T0)
+        client.score(USER, {"movie_id": ["a/c"], "genres": [["Drama"]]}, request_id="slash", event_time=T0)
+        client.report_actions([("slash/a", "c", "click", 1.0, T0 + 1), ("slash", "a/c", "click", 1.0, T0 + 1)])
+
+    joined = wait_for(lambda: (found := samples(stack, "slash/a") + samples(stack, "slash")) and len(found) == 2
+                      and found, "both keys' positives")  # fmt: skip
+
+    assert sorted((s.request_id, s.item_id) for s in joined) == [("slash", "a/c"), ("slash/a", "c")]
+    logged = {m for r in ("slash/a", "slash") for _, m, e in events(stack, r) if e.HasField("impression")}
+    assert logged == {"imp/slash%2Fa/c", "imp/slash/a%2Fc"}
 
 
 def test_report_actions_takes_dicts_and_tuples(stack: Stack) -> None:

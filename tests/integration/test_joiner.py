@@ -6,24 +6,25 @@ message id `imp/<request_id>/<item_id>`); actions go through the ReportActions A
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections import Counter
 from collections.abc import Iterator
 
 import grpc
 import pytest
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from helpers.streams import event_message, publish, read_stream
+from helpers.streams import read_samples as read_samples_with_messages
+from helpers.waiting import wait_for
 from monolith.api.joiner.v1 import joiner_pb2 as pb
 from monolith.api.joiner.v1 import joiner_pb2_grpc as pb_grpc
 from monolith.common.process import RoleProcess, start_role, wait_healthy
-from monolith.joiner.actions import action_message_id
+from monolith.joiner import metrics
 from monolith.joiner.config import JoinerConfig
+from monolith.joiner.runtime import JoinerRuntime
 from monolith.joiner.window import PartitionJoin
-from monolith.streams.config import EVENTS_STREAM, SAMPLES_STREAM, StreamsConfig, events_subject, partition_of
-from monolith.streams.jetstream import connect, ensure_streams
+from monolith.streams.config import EVENTS_STREAM, StreamsConfig, events_subject, partition_of, samples_subject
 from monolith.streams.nats_server import NatsServer
+from monolith.streams.publish import Message
 
 PARTITIONS = 4
 WINDOW = 1000.0
@@ -57,100 +58,23 @@ def streams(nats: NatsServer) -> StreamsConfig:
 
 def publish_events(nats: NatsServer, events: list[pb.Event]) -> None:
     """Stores events as their producers do: impressions as model-serving, actions as ReportActions."""
-
-    async def main() -> None:
-        nc = await connect(streams(nats), "test-producer")
-        js = nc.jetstream()
-        await ensure_streams(js, streams(nats))
-        for event in events:
-            if event.HasField("impression"):
-                request_id, msg_id = event.impression.request_id, f"imp/{event.impression.request_id}/{event.impression.item_id}"
-            else:
-                request_id, msg_id = event.action.request_id, action_message_id(event.action)
-            await js.publish(
-                events_subject(partition_of(request_id, PARTITIONS)),
-                event.SerializeToString(),
-                headers={"Nats-Msg-Id": msg_id},
-            )
-        await nc.close()
-
-    asyncio.run(main())
-
-
-def stored_events(nats: NatsServer) -> list[tuple[str, int, bytes]]:
-    """Every event on EVENTS: (subject, stream sequence, data)."""
-
-    async def main() -> list[tuple[str, int, bytes]]:
-        nc = await connect(streams(nats), "test-events")
-        js = nc.jetstream()
-        total = (await js.stream_info(EVENTS_STREAM)).state.messages
-        sub = await js.pull_subscribe(
-            "events.*", durable=None, stream=EVENTS_STREAM,
-            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE),
-        )  # fmt: skip
-        out: list[tuple[str, int, bytes]] = []
-        while len(out) < total:
-            out.extend((m.subject, m.metadata.sequence.stream, m.data) for m in await sub.fetch(1000, timeout=5))
-        await nc.close()
-        return out
-
-    return asyncio.run(main())
+    publish(streams(nats), [event_message(event, PARTITIONS) for event in events])
 
 
 def samples_by_subject(nats: NatsServer) -> dict[str, list[bytes]]:
     """SAMPLES as stored: subject -> serialized samples in stream order (re-serialized deterministically)."""
     out: dict[str, list[bytes]] = {}
-    for subject, sample in read_samples(nats, with_subjects=True):
-        out.setdefault(subject, []).append(sample.SerializeToString(deterministic=True))
+    for message, sample in read_samples_with_messages(streams(nats)):
+        out.setdefault(message.subject, []).append(sample.SerializeToString(deterministic=True))
     return out
 
 
-def read_samples(nats: NatsServer, with_subjects: bool = False):  # type: ignore[no-untyped-def]
-    async def main() -> list:
-        nc = await connect(streams(nats), "test-reader")
-        js = nc.jetstream()
-        try:
-            info = await js.stream_info(SAMPLES_STREAM)
-        except Exception:  # noqa: BLE001 - no stream yet: no samples
-            await nc.close()
-            return []
-        total = info.state.messages
-        out: list = []
-        if total:
-            sub = await js.pull_subscribe(
-                "samples.*", durable=None, stream=SAMPLES_STREAM,
-                config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE),
-            )  # fmt: skip
-            while len(out) < total:
-                for m in await sub.fetch(1000, timeout=5):
-                    sample = pb.Sample.FromString(m.data)
-                    out.append((m.subject, sample) if with_subjects else sample)
-            await sub.unsubscribe()
-        await nc.close()
-        return out
-
-    return asyncio.run(main())
+def read_samples(nats: NatsServer) -> list[pb.Sample]:
+    return [sample for _, sample in read_samples_with_messages(streams(nats))]
 
 
 def events_count(nats: NatsServer) -> int:
-    async def main() -> int:
-        nc = await connect(streams(nats), "test-count")
-        info = await nc.jetstream().stream_info(EVENTS_STREAM)
-        await nc.close()
-        return info.state.messages
-
-    return asyncio.run(main())
-
-
-def wait_for(condition, timeout: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.05)
+    return len(read_stream(streams(nats), EVENTS_STREAM))
 
 
 def make_impression(i: int) -> pb.Impression:
@@ -197,15 +121,15 @@ def test_sigkill_of_the_joiner_mid_stream_yields_every_sample_exactly_once(nats:
     port = int(address.rsplit(":", 1)[1])
     # Kill it while it works through the backlog; restart; then kill it again while the
     # flush (one far-ahead impression per partition) closes every window at once.
-    killed_at = [len(wait_for(lambda: read_samples(nats), 60, "the first samples"))]
+    killed_at = [len(wait_for(lambda: read_samples(nats), "the first samples", 60))]
     joiner.kill()
     joiner, _ = start_joiner(nats, str(tmp_path / "joiner.log"), port=port)
-    before_flush = len(wait_for(lambda: (s := read_samples(nats)) and len(s) >= len(positives) and s, 60, "positives"))
+    before_flush = len(wait_for(lambda: (s := read_samples(nats)) and len(s) >= len(positives) and s, "positives", 60))
     publish_events(nats, [pb.Event(impression=imp) for imp in flush_impressions(T0 + n)])
-    killed_at.append(len(wait_for(lambda: (s := read_samples(nats)) and len(s) > before_flush and s, 60, "negatives")))
+    killed_at.append(len(wait_for(lambda: (s := read_samples(nats)) and len(s) > before_flush and s, "negatives", 60)))
     joiner.kill()
     joiner, _ = start_joiner(nats, str(tmp_path / "joiner.log"), port=port)
-    samples = wait_for(lambda: (s := read_samples(nats)) and len(s) >= n and s, 120, f"{n} samples")
+    samples = wait_for(lambda: (s := read_samples(nats)) and len(s) >= n and s, f"{n} samples", 120)
     joiner.stop()
     assert killed_at[0] < n, f"the first kill came after the joiner had finished: {killed_at}"
 
@@ -223,10 +147,11 @@ def test_sigkill_of_the_joiner_mid_stream_yields_every_sample_exactly_once(nats:
     # The stream holds exactly what one undisturbed join of the stored events decides, in order.
     joins: dict[str, PartitionJoin] = {}
     undisturbed: dict[str, list[bytes]] = {}
-    for subject, seq, data in stored_events(nats):
-        join = joins.setdefault(subject, PartitionJoin(JoinerConfig(window=WINDOW, lateness=0.0)))
-        out = undisturbed.setdefault(subject.replace("events", "samples"), [])
-        out.extend(e.sample.SerializeToString(deterministic=True) for e in join.add(seq, pb.Event.FromString(data)))
+    for stored in read_stream(streams(nats), EVENTS_STREAM):
+        join = joins.setdefault(stored.subject, PartitionJoin(JoinerConfig(window=WINDOW, lateness=0.0)))
+        out = undisturbed.setdefault(stored.subject.replace("events", "samples"), [])
+        emitted = join.add(stored.sequence, pb.Event.FromString(stored.data))
+        out.extend(e.sample.SerializeToString(deterministic=True) for e in emitted)
     assert samples_by_subject(nats) == undisturbed
 
 
@@ -289,7 +214,60 @@ def test_report_actions_is_unavailable_while_nats_is_down_and_recovers(nats: Nat
                 except grpc.RpcError:
                     return False
 
-            wait_for(stored, 60, "ReportActions to work again after NATS restarted")
+            wait_for(stored, "ReportActions to work again after NATS restarted", 60)
             assert joiner.process.poll() is None
     finally:
         joiner.stop()
+
+
+def hostile_messages(partition: int, batch: int) -> list[Message]:
+    """Events no API stores, published straight onto `events.<partition>` (an older release, a
+    direct NATS client): ids with CR/LF, LF, NUL, C1, 64 KiB, empty; bytes that are no event;
+    a string field that is not UTF-8."""
+    bad_ids = ["r\r\nNats-Msg-Id: x", "r\n", "r\x00", "r\x85", "r" * 65536, ""]
+    events = [pb.Event(impression=pb.Impression(request_id=bad, item_id="m", event_time=T0)) for bad in bad_ids]
+    events += [pb.Event(impression=pb.Impression(request_id="hostile", item_id=bad, event_time=T0)) for bad in bad_ids]
+    events += [pb.Event(action=pb.Action(request_id=bad, item_id="m", kind="click", label=1, event_time=T0))
+               for bad in bad_ids]  # fmt: skip
+    payloads = [event.SerializeToString() for event in events]
+    not_utf8 = pb.Event(impression=pb.Impression(request_id="@@", item_id="m", event_time=T0)).SerializeToString()
+    payloads += [b"\xff\xff no event", not_utf8.replace(b"@@", b"\xff\xfe")]
+    return [Message(events_subject(partition), data, f"hostile-{batch}-{i}") for i, data in enumerate(payloads)]
+
+
+def test_hostile_events_are_skipped_and_the_clean_traffic_behind_them_still_becomes_samples(
+    nats: NatsServer,
+) -> None:
+    config = streams(nats)
+    partition = 1
+    clean = [r for r in (f"clean-{k}" for k in range(1000)) if partition_of(r, PARTITIONS) == partition][:12]
+
+    def traffic(request_ids: list[str]) -> list[Message]:
+        events = [pb.Event(impression=make_impression(0)) for _ in request_ids]
+        for event, request_id in zip(events, request_ids):
+            event.impression.request_id = request_id
+        events += [pb.Event(action=pb.Action(request_id=r, item_id="m0", kind="click", label=1, event_time=T0 + 1))
+                   for r in request_ids]  # fmt: skip
+        return [event_message(event, PARTITIONS) for event in events]
+
+    def positives() -> list[str]:
+        return sorted(s.request_id for _, s in read_samples_with_messages(config, samples_subject(partition)))
+
+    label = str(partition)
+    bad_before, restarts_before = metrics.BAD_EVENTS.labels(label)._value.get(), metrics.RESTARTS.labels(label)._value.get()
+    # The hostile events first, then clean traffic behind them, while the joiner is down...
+    publish(config, hostile_messages(partition, 1) + traffic(clean[:6]))
+    runtime = JoinerRuntime(config, JoinerConfig(window=WINDOW, lateness=0.0), range(PARTITIONS))
+    runtime.start(on_ready=lambda: None)
+    try:
+        wait_for(lambda: positives() == sorted(clean[:6]), "the clean positives behind the hostile events", 60)
+        # ...and while it runs: the partition keeps joining.
+        publish(config, hostile_messages(partition, 2) + traffic(clean[6:]))
+        wait_for(lambda: positives() == sorted(clean), "the clean positives published after more hostile events", 60)
+        reader = next(r for r in runtime.readers if r.partition == partition)
+        assert reader.restarts == 0 and metrics.RESTARTS.labels(label)._value.get() == restarts_before
+        assert metrics.BAD_EVENTS.labels(label)._value.get() - bad_before == 2 * len(hostile_messages(partition, 0))
+    finally:
+        runtime.stop()
+    for message, sample in read_samples_with_messages(config):
+        assert message.headers["Nats-Msg-Id"] == f"smp/{sample.request_id}/{sample.item_id}"

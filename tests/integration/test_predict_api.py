@@ -296,6 +296,25 @@ def _tensor(values: Any, shape: list[int] | None = None, **fields: Any) -> Any:
     return tensor
 
 
+def _item_at(index: int, value: str | bytes) -> Callable[[predict_pb2.PredictRequest], None]:
+    """The movie ids sent as strings, the one at `index` replaced by `value`."""
+
+    def change(request: predict_pb2.PredictRequest) -> None:
+        movies: list[bytes] = [str(m).encode() for m in tf.make_ndarray(request.inputs["movie_id"]).tolist()]
+        movies[index] = value if isinstance(value, bytes) else value.encode()
+        request.inputs["movie_id"].CopyFrom(tf.make_tensor_proto(np.array(movies, dtype=object)))
+
+    return change
+
+
+# Ids that could reach a stream header: Predict refuses them before scoring or logging.
+HOSTILE_IDS = {
+    "CR/LF": ("r\r\nNats-Msg-Id: x", "control characters are not allowed (U+000D at character 1)"),
+    "LF": ("r\n", "control characters are not allowed (U+000A at character 1)"),
+    "NUL": ("r\x00", "control characters are not allowed (U+0000 at character 1)"),
+    "64 KiB": ("r" * 65536, "65536 bytes; at most 256"),
+}
+
 BAD_REQUESTS = {
     "empty model name": (_set(name=""), CODE.INVALID_ARGUMENT, "Missing ModelSpec name"),
     "unknown model": (_set(name="ranker"), CODE.NOT_FOUND, "Servable not found for request: Latest(ranker)"),
@@ -386,6 +405,20 @@ BAD_REQUESTS = {
     "float request_id": (
         _input("request_id", tf.make_tensor_proto([0.5])), CODE.INVALID_ARGUMENT, "input 'request_id'"
     ),
+    **{f"request_id with {name}": (
+        _input("request_id", tf.make_tensor_proto(np.array(["ok", value] * 16, dtype=object))),
+        CODE.INVALID_ARGUMENT,
+        f"input 'request_id': example 1: {problem}",
+    ) for name, (value, problem) in HOSTILE_IDS.items()},
+    "request_id not UTF-8": (
+        _input("request_id", tf.make_tensor_proto([b"r\xff\xfe"])),
+        CODE.INVALID_ARGUMENT,
+        "input 'request_id': string values must be UTF-8",
+    ),
+    **{f"item id with {name}": (
+        _item_at(3, value), CODE.INVALID_ARGUMENT, f"input 'movie_id': example 3: {problem}"
+    ) for name, (value, problem) in HOSTILE_IDS.items()},
+    "item id not UTF-8": (_item_at(3, b"\xc3("), CODE.INVALID_ARGUMENT, "input 'movie_id': string values must be UTF-8"),
 }
 
 

@@ -8,8 +8,6 @@ and store.
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -20,6 +18,8 @@ import tensorflow as tf
 import yaml
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
+from helpers.streams import MSG_ID_HEADER, read_events
+from helpers.waiting import wait_for
 from monolith.api.joiner.v1 import joiner_pb2 as pb
 from monolith.common.server import MonolithServer, ServerConfig
 from monolith.data.movielens import load_movielens
@@ -29,8 +29,7 @@ from monolith.serving.metrics import IMPRESSIONS_DROPPED, IMPRESSIONS_PUBLISHED
 from monolith.serving.model import ServingModel
 from monolith.serving.service import build_serving
 from monolith.serving.servicer import SignatureConfig
-from monolith.streams.config import EVENTS_STREAM, StreamsConfig, events_subject, partition_of
-from monolith.streams.jetstream import connect
+from monolith.streams.config import StreamsConfig, events_subject, partition_of
 from monolith.streams.nats_server import NatsServer
 from monolith.trainer.backends import LocalDense, LocalEmbeddings
 from monolith.trainer.worker import TrainerWorker
@@ -68,7 +67,7 @@ class Serving:
     def __init__(self, model: ServingModel, nats: NatsServer, capacity: int) -> None:
         self.nats = nats
         self.streams = StreamsConfig(url=nats.url, partitions=PARTITIONS, timeout=1.0)
-        self.log = ImpressionLog(self.streams, "movie_id", capacity).start()
+        self.log = ImpressionLog(self.streams, capacity).start()
         self.server: MonolithServer = build_serving(
             model, SignatureConfig(), ServerConfig(host="127.0.0.1", port=0, metrics_port=None), self.log
         )
@@ -105,48 +104,14 @@ def serve(model: ServingModel, tmp_path: Any) -> Iterator[Callable[..., Serving]
         serving.nats.stop()
 
 
-def read_events(streams: StreamsConfig) -> list[tuple[str, str, pb.Event]]:
-    """Every EVENTS message as (subject, message id, event); [] before the stream exists."""
-
-    async def main() -> list[tuple[str, str, pb.Event]]:
-        nc = await connect(streams, "test-reader")
-        js = nc.jetstream()
-        out = []
-        try:
-            info = await js.stream_info(EVENTS_STREAM)
-            for seq in range(info.state.first_seq, info.state.last_seq + 1) if info.state.messages else ():
-                message = await js.get_msg(EVENTS_STREAM, seq)
-                headers = message.headers or {}
-                out.append((message.subject, headers.get("Nats-Msg-Id", ""), pb.Event.FromString(message.data)))
-        except Exception as exc:  # noqa: BLE001 - no stream yet: nothing published
-            if "stream not found" not in str(exc).lower() and type(exc).__name__ != "NotFoundError":
-                raise
-        finally:
-            await nc.close()
-        return out
-
-    return asyncio.run(main())
-
-
 def impressions_by_id(streams: StreamsConfig) -> dict[tuple[str, str], tuple[str, str, pb.Impression]]:
     out = {}
-    for subject, msg_id, event in read_events(streams):
+    for message, event in read_events(streams):
         assert event.WhichOneof("event") == "impression"
         key = (event.impression.request_id, event.impression.item_id)
         assert key not in out, f"impression {key} stored twice"
-        out[key] = (subject, msg_id, event.impression)
+        out[key] = (message.subject, message.headers.get(MSG_ID_HEADER, ""), event.impression)
     return out
-
-
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def counter(metric: Any) -> float:
@@ -241,3 +206,37 @@ def test_a_bad_event_time_is_invalid_argument(serve: Callable[..., Serving]) -> 
 
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "input 'event_time'" in raised.value.details() and detail in raised.value.details()
+
+
+HOSTILE_IDS = {
+    "crlf": ("r\r\nNats-Msg-Id: x", "control characters are not allowed"),
+    "lf": ("r\nx", "control characters are not allowed"),
+    "nul": ("r\x00", "control characters are not allowed"),
+    "64KiB": ("r" * 65536, "65536 bytes; at most 256"),
+    "not-utf8": (b"r\xff\xfe", "string values must be UTF-8"),
+}
+
+
+@pytest.mark.parametrize("where", ["request_id", "movie_id"])
+def test_ids_that_break_the_id_rule_are_invalid_argument_and_log_nothing(
+    serve: Callable[..., Serving], where: str
+) -> None:
+    serving = serve()
+    movies = candidates(3, first=40)
+    for value, problem in HOSTILE_IDS.values():
+        if where == "request_id":
+            call = {**movies, "request_id": np.array(["ok", "ok", value], dtype=object)}
+        else:
+            call = {**movies, "request_id": ["ok"], "movie_id": np.array(["40", value, "42"], dtype=object)}
+        with pytest.raises(grpc.RpcError) as raised:
+            serving.predict({**USER, **call})
+
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"input '{where}'" in raised.value.details() and problem in raised.value.details()
+        assert len(raised.value.details()) < 600  # the value is echoed shortened
+    # A call after them is logged; nothing of the refused calls was (the log is in call order).
+    serving.predict({**USER, **candidates(2, first=50)}, request_id=["marker"])
+
+    stored = wait_for(lambda: impressions_by_id(serving.streams), "the marker's impressions")
+
+    assert sorted(stored) == [("marker", "50"), ("marker", "51")]

@@ -27,7 +27,6 @@ from monolith.serving.impressions import (
     ScoredRequest,
     feature_texts,
     impression_messages,
-    impression_msg_id,
     request_keys,
 )
 from monolith.serving.limits import RequestLimits
@@ -66,7 +65,9 @@ class Parsed:
         self.inputs = decode_inputs(protos, RequestLimits(), numeric=(EVENT_TIME,))
         request_id, event_time = self.inputs.pop(REQUEST_ID, None), self.inputs.pop(EVENT_TIME, None)
         self.ids, self.row_splits, self.batch = model.parse(self.inputs)
-        self.keys = request_keys(request_id, event_time, self.batch)
+        item = model.config.item_feature
+        assert item is not None
+        self.keys = request_keys(request_id, event_time, (item, self.inputs[item]), self.batch)
 
     def scored(self, version: int = 7, received_at: float = 1_000.0) -> ScoredRequest:
         assert self.keys is not None
@@ -81,9 +82,9 @@ def ranking_call(**extra: Any) -> dict[str, Any]:
     return {**USER, **CANDIDATES, **extra}
 
 
-def impressions_of(scored: ScoredRequest, item_feature: str = "movie_id") -> list[joiner_pb2.Impression]:
+def impressions_of(scored: ScoredRequest) -> list[joiner_pb2.Impression]:
     """The impressions the messages carry, as the joiner reads them."""
-    events = [joiner_pb2.Event.FromString(m.payload) for m in impression_messages(scored, item_feature, 8)]
+    events = [joiner_pb2.Event.FromString(m.payload) for m in impression_messages(scored, 8)]
     assert all(e.WhichOneof("event") == "impression" for e in events)
     return [e.impression for e in events]
 
@@ -220,10 +221,11 @@ def test_shapes_other_than_scalar_one_or_batch_are_refused(
 
 
 def test_request_keys_broadcast_to_the_batch() -> None:
-    keys = request_keys(np.array("r", dtype=object), np.array([2.5]), 4)
+    keys = request_keys(np.array("r", dtype=object), np.array([2.5]), ("movie_id", np.array([7, 8, 9, 10])), 4)
 
     assert isinstance(keys, RequestKeys)
     assert keys.request_ids.tolist() == ["r"] * 4
+    assert keys.item_ids == ["7", "8", "9", "10"]
     assert keys.event_times is not None and keys.event_times.tolist() == [2.5] * 4
 
 
@@ -234,7 +236,7 @@ def test_each_message_goes_to_its_request_ids_partition_under_its_id(model: Serv
     request_ids = ["req-1", "req-2", "req-3"]
     call = Parsed(model, ranking_call(request_id=request_ids))
 
-    messages = impression_messages(call.scored(), "movie_id", partitions=8)
+    messages = impression_messages(call.scored(), partitions=8)
 
     assert [m.subject for m in messages] == [events_subject(partition_of(r, 8)) for r in request_ids]
     assert [m.msg_id for m in messages] == ["imp/req-1/242", "imp/req-2/302", "imp/req-3/377"]
@@ -247,17 +249,76 @@ def test_a_message_parses_to_the_impression_built_field_by_field(model: ServingM
                          "genres": ["Crime", "Film-Noir", "Thriller"]}.items():  # fmt: skip
         expected.features[name].values.extend(values)
 
-    message = impression_messages(call.scored(version=7), "movie_id", partitions=8)[1]
+    message = impression_messages(call.scored(version=7), partitions=8)[1]
 
     assert joiner_pb2.Event.FromString(message.payload) == joiner_pb2.Event(impression=expected)
 
 
-def test_ids_a_header_cannot_carry_get_a_stable_hash() -> None:
-    crlf = impression_msg_id("a\r\nNats-Msg-Id: x", "1")
-    long = impression_msg_id("r" * 1000, "1")
+def test_message_ids_encode_each_id_so_that_no_two_keys_share_one(model: ServingModel) -> None:
+    call = Parsed(model, ranking_call(request_id=["a/b", "a", "Zürich 1"], movie_id=["c", "b/c", "x%"]))
 
-    assert crlf.startswith("imp#") and crlf.isprintable() and crlf == impression_msg_id("a\r\nNats-Msg-Id: x", "1")
-    assert long.startswith("imp#") and long != impression_msg_id("r" * 1000, "2")
+    ids = [m.msg_id for m in impression_messages(call.scored(), partitions=8)]
+
+    assert ids == ["imp/a%2Fb/c", "imp/a/b%2Fc", "imp/Z%C3%BCrich%201/x%25"]
+
+
+HOSTILE_IDS = {
+    "crlf": ("r\r\nNats-Msg-Id: x", "control characters are not allowed (U+000D at character 1)"),
+    "lf": ("r\nx", "control characters are not allowed (U+000A"),
+    "nul": ("r\x00", "control characters are not allowed (U+0000"),
+    "del": ("r\x7f", "control characters are not allowed (U+007F"),
+    "c1": ("r\x85", "control characters are not allowed (U+0085"),
+    "64KiB": ("r" * 65536, "65536 bytes; at most 256"),
+    "257 bytes": ("é" * 128 + "r", "257 bytes; at most 256"),
+}
+
+
+@pytest.mark.parametrize(("value", "problem"), HOSTILE_IDS.values(), ids=HOSTILE_IDS.keys())
+def test_a_request_id_that_breaks_the_id_rule_is_refused_naming_the_example(
+    model: ServingModel, value: str, problem: str
+) -> None:
+    with pytest.raises(InvalidArgument) as raised:
+        Parsed(model, ranking_call(request_id=["ok", "fine", value]))
+
+    assert str(raised.value).startswith("input 'request_id': example 2: ")
+    assert problem in str(raised.value)
+    assert len(str(raised.value)) < 400  # the value is echoed shortened
+
+
+@pytest.mark.parametrize(("value", "problem"), HOSTILE_IDS.values(), ids=HOSTILE_IDS.keys())
+def test_an_item_id_that_breaks_the_id_rule_is_refused_naming_the_example(
+    model: ServingModel, value: str, problem: str
+) -> None:
+    with pytest.raises(InvalidArgument) as raised:
+        Parsed(model, ranking_call(request_id=["r"], movie_id=["242", value, "377"]))
+
+    assert str(raised.value).startswith("input 'movie_id': example 1: ")
+    assert problem in str(raised.value)
+
+
+def test_ids_are_checked_only_where_an_impression_would_be_logged(model: ServingModel) -> None:
+    hostile = "m\r\n"
+    # No request_id: nothing is logged, the ids are features like any other.
+    assert Parsed(model, ranking_call(movie_id=["242", hostile, "377"])).keys is None
+    # An example without a request_id logs nothing either.
+    call = Parsed(model, ranking_call(request_id=["a", "", "c"], movie_id=["242", hostile, "377"]))
+
+    assert [(i.request_id, i.item_id) for i in impressions_of(call.scored())] == [("a", "242"), ("c", "377")]
+
+
+def test_a_request_id_that_is_not_utf8_is_refused_naming_the_input(model: ServingModel) -> None:
+    with pytest.raises(InvalidArgument, match=r"input 'request_id': string values must be UTF-8"):
+        Parsed(model, ranking_call(request_id=np.array([b"ok", b"\xff\xfe", b"ok"], dtype=object)))
+    with pytest.raises(InvalidArgument, match=r"input 'movie_id': string values must be UTF-8"):
+        Parsed(model, ranking_call(request_id=["r"], movie_id=np.array([b"242", b"\xc3(", b"377"], dtype=object)))
+
+
+def test_request_keys_check_ids_given_as_bytes_too() -> None:
+    keys = request_keys(np.array([b"r-1"], dtype=object), None, ("movie_id", np.array(["m"], dtype=object)), 1)
+    assert keys is not None and keys.request_ids.tolist() == ["r-1"]
+
+    with pytest.raises(InvalidArgument, match=r"input 'request_id': example 0: must be valid UTF-8"):
+        request_keys(np.array([b"\xff"], dtype=object), None, None, 1)
 
 
 # --------------------------------------------------------------------------- the bounded queue
@@ -275,7 +336,7 @@ def dropped(reason: str) -> float:
 
 def test_with_nats_unreachable_the_queue_fills_then_drops_are_counted(model: ServingModel) -> None:
     streams = StreamsConfig(url=f"nats://127.0.0.1:{closed_port()}")
-    log = ImpressionLog(streams, "movie_id", capacity=7).start()
+    log = ImpressionLog(streams, capacity=7).start()
     scored = Parsed(model, ranking_call(request_id=["r"])).scored()  # 3 impressions
     full_before, shutdown_before = dropped("queue_full"), dropped("shutdown")
     try:
@@ -295,4 +356,4 @@ def test_with_nats_unreachable_the_queue_fills_then_drops_are_counted(model: Ser
 
 def test_capacity_must_be_positive() -> None:
     with pytest.raises(ValueError, match="capacity must be >= 1"):
-        ImpressionLog(StreamsConfig(), "movie_id", capacity=0)
+        ImpressionLog(StreamsConfig(), capacity=0)

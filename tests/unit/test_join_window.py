@@ -130,6 +130,33 @@ def test_bad_events_are_refused_and_change_nothing() -> None:
     assert join.remembered == 0 and join.newest_time == -math.inf
 
 
+HOSTILE = ["r\r\nNats-Msg-Id: x", "r\n", "r\x00", "r" * 65536, "", "r\x85"]
+
+
+@pytest.mark.parametrize("bad", HOSTILE, ids=["crlf", "lf", "nul", "64KiB", "empty", "c1"])
+def test_events_whose_ids_break_the_id_rule_are_refused_and_change_nothing(bad: str) -> None:
+    join = PartitionJoin(config())
+    feed(join, [impression("r1", 1000.0)])
+    before = join.snapshot()
+    for seq, event in enumerate([impression(bad, 1001.0), impression("r2", 1001.0, item=bad),
+                                 action(bad, 1001.0), action("r1", 1001.0, item=bad)], start=2):  # fmt: skip
+        with pytest.raises(ValueError, match=r"(request_id|item_id): "):
+            join.add(seq, event)
+    assert join.remembered == 1 and join.newest_time == before.newest_time and join.counts["actions"] == 0
+
+
+def test_a_snapshot_key_whose_ids_break_the_rule_is_not_restored() -> None:
+    """A snapshot of a release that took any id: such a key could never be published."""
+    join = PartitionJoin(config())
+    feed(join, [impression("r1", 1000.0), impression("r2", 1000.0)])
+    state = join.snapshot()
+    state.keys[1].request_id = "r2\r\n"
+    restored = PartitionJoin.restore(config(), state)
+    assert restored.remembered == 1
+    emitted = feed(restored, [impression("end", 5000.0)], first_seq=3)
+    assert [e.sample.request_id for e in emitted] == ["r1"]
+
+
 # ------------------------------------------------------------ restart equivalence
 
 @st.composite
@@ -185,6 +212,30 @@ def test_a_restart_from_a_snapshot_and_the_last_published_sample_publishes_exact
     assert got == want
     positions = [e.position for e in full]
     assert positions == sorted(set(positions))  # strictly increasing: the resume point is well defined
+
+
+@settings(max_examples=200, deadline=None)
+@given(events=event_streams(), hostile=st.lists(st.tuples(st.integers(0, 60), st.sampled_from(HOSTILE)), max_size=8))
+def test_hostile_events_are_skipped_by_the_event_alone(events: list[pb.Event], hostile: list[tuple[int, str]]) -> None:
+    """Events with bad ids among clean ones: the samples are those of the clean events
+    alone at the same sequences, so a restart that re-reads them decides the same."""
+    mixed: list[tuple[pb.Event, bool]] = [(e, True) for e in events]
+    for at, bad in sorted(hostile, reverse=True):
+        mixed.insert(min(at, len(mixed)), (impression(bad, 1000.0) if at % 2 else action("r1", 1000.0, item=bad), False))
+    with_hostile, clean_only = PartitionJoin(config()), PartitionJoin(config())
+    got: list[Emitted] = []
+    want: list[Emitted] = []
+    for seq, (event, clean) in enumerate(mixed, start=1):
+        try:
+            got.extend(with_hostile.add(seq, event))
+        except ValueError:
+            assert not clean
+        if clean:
+            want.extend(clean_only.add(seq, event))
+    assert [(e.position, e.sample) for e in got] == [(e.position, e.sample) for e in want]
+    expected = clean_only.snapshot()
+    expected.last_seq = len(mixed)  # a refused event is read all the same
+    assert with_hostile.snapshot() == expected
 
 
 def test_a_snapshot_restores_every_key_and_the_clock() -> None:

@@ -1,4 +1,4 @@
-"""Checking reported actions, and the form they take on the EVENTS stream."""
+"""Checking reported actions before they are stored on EVENTS (ids by the one id rule, monolith.streams.ids)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from monolith.api.joiner.v1 import joiner_pb2 as pb
 from monolith.common.errors import InvalidArgument, shorten
 from monolith.joiner.config import JoinerConfig
+from monolith.streams.ids import check_id
 
 
 def check_actions(actions: Sequence[pb.Action], config: JoinerConfig, now: float) -> None:
@@ -27,8 +28,8 @@ def check_actions(actions: Sequence[pb.Action], config: JoinerConfig, now: float
         )
     for i, action in enumerate(actions):
         where = f"actions[{i}]"
-        check_id(f"{where}.request_id", action.request_id, config.max_id_bytes)
-        check_id(f"{where}.item_id", action.item_id, config.max_id_bytes)
+        check_id(f"{where}.request_id", action.request_id)
+        check_id(f"{where}.item_id", action.item_id)
         if action.kind not in config.action_kinds:
             raise InvalidArgument(
                 f"{where}.kind: unknown action kind {shorten(repr(action.kind))}; accepted: "
@@ -37,17 +38,6 @@ def check_actions(actions: Sequence[pb.Action], config: JoinerConfig, now: float
         if not (math.isfinite(action.label) and 0.0 <= action.label <= 1.0):
             raise InvalidArgument(f"{where}.label: must be in [0, 1], got {action.label}")
         check_event_time(f"{where}.event_time", action.event_time, now, config.max_time_ahead)
-
-
-def check_id(what: str, value: str, max_bytes: int) -> None:
-    """A request_id, item_id: non-empty, bounded, no control characters (they travel in headers)."""
-    if not value:
-        raise InvalidArgument(f"{what}: is required")
-    size = len(value.encode("utf-8"))
-    if size > max_bytes:
-        raise InvalidArgument(f"{what}: {size} bytes; at most {max_bytes}")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
-        raise InvalidArgument(f"{what}: control characters are not allowed, got {shorten(repr(value))}")
 
 
 def check_event_time(what: str, value: float, now: float, max_ahead: float) -> None:
@@ -59,7 +49,3 @@ def check_event_time(what: str, value: float, now: float, max_ahead: float) -> N
             f"{what}: {value:.0f} is more than {max_ahead:g} s ahead of this server's clock ({now:.0f})"
         )
 
-
-def action_message_id(action: pb.Action) -> str:
-    """Re-reporting the same action within the duplicate window stores it once."""
-    return f"act/{action.request_id}/{action.item_id}/{action.kind}"

@@ -25,7 +25,6 @@ class JoinerConfig(ConfigModel):
             request_id and item, so a replay keeps the same ones); written on each sample.
         action_kinds: the action kinds ReportActions accepts.
         max_actions_per_request: actions one ReportActions call may carry.
-        max_id_bytes: bytes of a request_id, item_id or kind.
         max_time_ahead: seconds an action's event time may be ahead of this process's
             clock (a sanity bound against garbage; it moves no clock).
     """
@@ -36,7 +35,6 @@ class JoinerConfig(ConfigModel):
     action_kinds: Annotated[tuple[Annotated[str, Field(min_length=1, max_length=64)], ...], LIST_AS_TUPLE,
                             Field(min_length=1)] = ("click",)  # fmt: skip
     max_actions_per_request: Annotated[int, Field(ge=1)] = 10_000
-    max_id_bytes: Annotated[int, Field(ge=1, le=4096)] = 256
     max_time_ahead: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 86_400.0
 
 

@@ -21,20 +21,21 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Mapping
 
-import nats.errors
-import nats.js.errors
 from google.protobuf.message import DecodeError
-from nats.js import JetStreamContext
-from nats.js.object_store import ObjectStore
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, ObjectStoreConfig, StorageType
 
 from monolith.api.joiner.v1 import joiner_pb2 as pb
+from monolith.common.errors import describe
 from monolith.joiner import metrics
 from monolith.joiner.config import JoinerConfig
 from monolith.joiner.window import Emitted, PartitionJoin
 from monolith.streams.config import EVENTS_STREAM, SAMPLES_STREAM, StreamsConfig, events_subject, samples_subject
-from monolith.streams.jetstream import TRANSIENT_ERRORS
+from monolith.streams.ids import sample_message_id
+from monolith.streams.jetstream import TRANSIENT_ERRORS, JetStream
+from monolith.streams.publish import Message, publish
+from monolith.streams.reader import DeliveryGap, OrderedReader, last_message
+from monolith.streams.state_store import StateStore
 
 _LOGGER = logging.getLogger("monolith.joiner")
 FETCH_BATCH = 512
@@ -46,31 +47,23 @@ STATE_BUCKET = "JOINER_STATE"
 SNAPSHOT_SECONDS = 2.0  # wall seconds between snapshots while events flow (restart cost, not correctness)
 
 
-async def ensure_state_store(js: JetStreamContext, replicas: int) -> None:
+async def ensure_state_store(js: JetStream, replicas: int) -> None:
     """Creates the object store that holds the joins' snapshots, if missing."""
-    try:
-        await js.object_store(STATE_BUCKET)
-    except nats.js.errors.NotFoundError:
-        await js.create_object_store(
-            STATE_BUCKET, config=ObjectStoreConfig(description="sample-joiner state, one object per partition",
-                                                   replicas=replicas, storage=StorageType.FILE),  # fmt: skip
-        )
+    await StateStore.ensure(js, STATE_BUCKET, "sample-joiner state, one object per partition", replicas)
 
 
-class DeliveryGap(RuntimeError):
-    """The consumer skipped a message (lost in flight): re-read from the last sample."""
-
-
-def sample_headers(emitted: Emitted) -> dict[str, str]:
+def sample_message(partition: int, emitted: Emitted) -> Message:
+    """The SAMPLES message of a decided sample, its position in the headers."""
     sample = emitted.sample
-    return {
-        "Nats-Msg-Id": f"smp/{sample.request_id}/{sample.item_id}",
-        SRC_SEQ: str(emitted.src_seq),
-        WIN_SEQ: str(emitted.win_seq),
-    }
+    return Message(
+        samples_subject(partition),
+        sample.SerializeToString(),
+        sample_message_id(sample.request_id, sample.item_id),
+        {SRC_SEQ: str(emitted.src_seq), WIN_SEQ: str(emitted.win_seq)},
+    )
 
 
-def sample_position(headers: dict[str, str] | None) -> tuple[int, int]:
+def sample_position(headers: Mapping[str, str] | None) -> tuple[int, int]:
     """(src_seq, win_seq) of a published sample, from its headers.
 
     Raises:
@@ -93,7 +86,7 @@ class PartitionReader:
         streams: stream names and timeouts.
     """
 
-    def __init__(self, js: JetStreamContext, partition: int, config: JoinerConfig, streams: StreamsConfig) -> None:
+    def __init__(self, js: JetStream, partition: int, config: JoinerConfig, streams: StreamsConfig) -> None:
         self.js = js
         self.partition = partition
         self.config = config
@@ -117,7 +110,7 @@ class PartitionReader:
                 self.restarts += 1
                 metrics.RESTARTS.labels(self._label).inc()
                 if not failing:
-                    _LOGGER.warning("partition %d: %s; restarting from the last sample", self.partition, _describe(exc))
+                    _LOGGER.warning("partition %d: %s; restarting from the last sample", self.partition, describe(exc))
                 failing = True
                 try:
                     await asyncio.wait_for(stop.wait(), backoff)
@@ -127,75 +120,45 @@ class PartitionReader:
             else:
                 failing, backoff = False, 0.1
 
-    async def _restore(self, store: ObjectStore) -> PartitionJoin:
+    async def _restore(self, store: StateStore) -> PartitionJoin:
         """The last snapshot of this partition's join, or a fresh join if there is none."""
-        try:
-            data = (await store.get(self._snapshot_name)).data
-        except nats.js.errors.ObjectNotFoundError:
+        data = await store.get(self._snapshot_name)
+        if data is None:
             return PartitionJoin(self.config)
-        return PartitionJoin.restore(self.config, pb.JoinState.FromString(data or b""))
+        return PartitionJoin.restore(self.config, pb.JoinState.FromString(data))
 
     async def _last_published(self) -> tuple[int, int]:
         """The position of the last sample on `samples.<p>`; (0, 0) if none."""
-        try:
-            last = await self.js.get_last_msg(SAMPLES_STREAM, samples_subject(self.partition))
-        except nats.js.errors.NotFoundError:
-            return (0, 0)
-        return sample_position(last.headers)
+        last = await last_message(self.js, SAMPLES_STREAM, samples_subject(self.partition))
+        return (0, 0) if last is None else sample_position(last.headers)
 
     async def _join(self, stop: asyncio.Event) -> None:
-        store = await self.js.object_store(STATE_BUCKET)
+        store = await StateStore.open(self.js, STATE_BUCKET)
         join = self.join = await self._restore(store)
         after = await self._last_published()
-        subscription = await self.js.pull_subscribe(
-            events_subject(self.partition),
-            durable=None,
-            stream=EVENTS_STREAM,
-            config=ConsumerConfig(
-                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                opt_start_seq=join.last_seq + 1,
-                ack_policy=AckPolicy.NONE,
-                inactive_threshold=60.0,
-            ),
-        )
+        events = await OrderedReader.open(self.js, EVENTS_STREAM, events_subject(self.partition), join.last_seq + 1)
         _LOGGER.info(
             "partition %d: reading events after sequence %d, publishing after %s",
             self.partition, join.last_seq, after,
         )  # fmt: skip
         saved_seq, saved_at = join.last_seq, time.monotonic()
         try:
-            delivered = 0
-            pending = 0
             while not stop.is_set():
-                try:
-                    # A fetch that finds nothing waits for its whole batch (or the timeout):
-                    # when caught up, ask for one message so the next event is joined at once.
-                    messages = await subscription.fetch(FETCH_BATCH if pending else 1, timeout=1.0)
-                except (nats.errors.TimeoutError, asyncio.TimeoutError):  # nothing new within the second
-                    metrics.CONSUMER_LAG.labels(self._label).set(0)
-                    messages = []
+                # When caught up, ask for one message so the next event is joined at once.
+                messages = await events.fetch(FETCH_BATCH if events.pending else 1, timeout=1.0)
                 for message in messages:
-                    meta = message.metadata
-                    delivered += 1
-                    if meta.sequence.consumer != delivered:
-                        raise DeliveryGap(f"delivery {meta.sequence.consumer} arrived, expected {delivered}")
-                    for emitted in self._add(join, meta.sequence.stream, message.data):
+                    for emitted in self._add(join, message.sequence, message.data):
                         if emitted.position > after:
                             await self._publish(emitted)
                             after = emitted.position
-                if messages:
-                    pending = messages[-1].metadata.num_pending
-                    metrics.CONSUMER_LAG.labels(self._label).set(pending)
+                metrics.CONSUMER_LAG.labels(self._label).set(events.pending)
                 # Every sample of the events read so far is published: the state may be saved.
                 if join.last_seq != saved_seq and (stop.is_set() or time.monotonic() - saved_at > SNAPSHOT_SECONDS):
                     await store.put(self._snapshot_name, join.snapshot().SerializeToString())
                     saved_seq, saved_at = join.last_seq, time.monotonic()
                     metrics.OPEN_WINDOWS.labels(self._label).set(join.open_windows)
         finally:
-            try:
-                await subscription.unsubscribe()
-            except TRANSIENT_ERRORS:
-                pass  # the server drops the consumer after its inactive threshold
+            await events.close()
 
     def _add(self, join: PartitionJoin, seq: int, data: bytes) -> list[Emitted]:
         before = Counter(join.counts)
@@ -215,19 +178,9 @@ class PartitionReader:
 
     async def _publish(self, emitted: Emitted) -> None:
         try:
-            await self.js.publish(
-                samples_subject(self.partition),
-                emitted.sample.SerializeToString(),
-                timeout=self.streams.timeout,
-                stream=SAMPLES_STREAM,
-                headers=sample_headers(emitted),
-            )
+            await publish(self.js, sample_message(self.partition, emitted), SAMPLES_STREAM, self.streams.timeout)
         except TRANSIENT_ERRORS:
             metrics.PUBLISH_FAILURES.labels(self._label).inc()
             raise
         self.published += 1
         metrics.SAMPLES.labels(self._label, "positive" if emitted.sample.label else "negative").inc()
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -12,10 +12,11 @@ from collections.abc import Callable, Sequence
 from monolith.api.joiner.v1 import joiner_pb2 as pb
 from monolith.common.errors import Unavailable
 from monolith.joiner import metrics
-from monolith.joiner.actions import action_message_id, check_actions
+from monolith.joiner.actions import check_actions
 from monolith.joiner.config import JoinerConfig
 from monolith.joiner.partition import PartitionReader, ensure_state_store
 from monolith.streams.config import EVENTS_STREAM, StreamsConfig, events_subject, partition_of
+from monolith.streams.ids import action_message_id
 from monolith.streams.jetstream import TRANSIENT_ERRORS, BackgroundLoop, connect, ensure_streams
 from monolith.streams.publish import Message, publish_round
 
@@ -101,7 +102,7 @@ class JoinerRuntime:
             Message(
                 events_subject(partition_of(action.request_id, self.streams.partitions)),
                 pb.Event(action=action).SerializeToString(),
-                action_message_id(action),
+                action_message_id(action.request_id, action.item_id, action.kind),
             )
             for action in actions
         ]

@@ -17,6 +17,11 @@ Semantics, per (request_id, item_id) key:
   while the key is remembered, the two are joined late.
 - After closing, a key is remembered for one more window, so a late action or a repeated
   impression is recognized and dropped; then it is forgotten.
+- An event whose request_id or item_id breaks the id rule (`monolith.streams.ids`: empty,
+  too long, not UTF-8, control characters) is refused like an undecodable one. Predict
+  and ReportActions never store such an event, but another producer (an older release, a
+  direct NATS client) may have; refusing it here, by the event alone, keeps it out of the
+  keys, the snapshots and the samples' headers, and a restart decides the same.
 
 Restart: `snapshot()` captures the whole state after some event; `restore` rebuilds it.
 A restarted joiner restores its last snapshot, re-reads the events after it, decides the
@@ -34,6 +39,7 @@ from collections import Counter
 
 from monolith.api.joiner.v1 import joiner_pb2 as pb
 from monolith.joiner.config import JoinerConfig, keeps_negative
+from monolith.streams.ids import id_problem
 
 POSITIVE_LABEL = 0.5
 
@@ -99,8 +105,9 @@ class PartitionJoin:
         """Feeds the event at stream sequence `seq`; returns the samples it decides.
 
         Raises:
-            ValueError: `seq` is not after the previous event's, or the event is empty or
-                has a time that is not finite (nothing changes).
+            ValueError: `seq` is not after the previous event's, or the event is empty, has
+                a time that is not finite or an id that breaks the id rule (nothing changes
+                but the sequence read).
         """
         if seq <= self.last_seq:
             raise ValueError(f"event sequence {seq} is not after {self.last_seq}")
@@ -109,9 +116,14 @@ class PartitionJoin:
         kind = event.WhichOneof("event")
         if kind is None:
             raise ValueError(f"event {seq} holds neither an impression nor an action")
-        event_time = getattr(event, kind).event_time
+        body = getattr(event, kind)
+        event_time = body.event_time
         if not math.isfinite(event_time):
             raise ValueError(f"event {seq}: event_time {event_time} is not finite")
+        for field in ("request_id", "item_id"):
+            problem = id_problem(getattr(body, field))
+            if problem is not None:
+                raise ValueError(f"event {seq}: {kind}.{field}: {problem}")
         if kind == "impression":
             self._impression(seq, event.impression, decided)
         else:
@@ -143,6 +155,8 @@ class PartitionJoin:
         join = cls(config, newest_time=state.newest_time)
         join.last_seq = state.last_seq
         for saved in state.keys:
+            if id_problem(saved.request_id) or id_problem(saved.item_id):
+                continue  # saved by a release that took any id: its sample could not be published
             key = (saved.request_id, saved.item_id)
             join._keys[key] = _Key(
                 first_seq=saved.first_seq,

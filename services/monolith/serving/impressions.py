@@ -6,11 +6,16 @@ feature values the model scored (as the text `monolith.data.feature_ids` hashes,
 computed from a training sample equal the ids serving computed), the event time, the
 dense version and the served probability.
 
+The ids are checked before the call is scored (`request_keys`): every request_id and the
+item id of every candidate that would be logged must pass the one id rule of
+`monolith.streams.ids` (bounded UTF-8, no control characters), or the call is
+INVALID_ARGUMENT and nothing is logged; ids end up in stream headers and samples.
+
 Logging never slows or fails Predict. The call hands its scored request to a bounded
 queue without blocking (`ImpressionLog.log`); a background asyncio loop builds the
 `Event` messages and publishes them to `events.<partition of the request_id>` with the
-message id `imp/<request_id>/<item_id>`, so a re-publish after a lost acknowledgement is
-de-duplicated by the stream. While NATS is down the publisher retries and the queue fills;
+message id `imp/<request_id>/<item_id>` (`streams.ids.impression_message_id`), so a
+re-publish after a lost acknowledgement is de-duplicated by the stream. While NATS is down the publisher retries and the queue fills;
 past its capacity impressions are dropped and counted, never waited for.
 """
 
@@ -19,11 +24,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import hashlib
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -36,19 +39,15 @@ from monolith.serving.metrics import (
     IMPRESSIONS_QUEUED,
 )
 from monolith.streams.config import EVENTS_STREAM, StreamsConfig, events_subject, partition_of
-from monolith.streams.jetstream import TRANSIENT_ERRORS, BackgroundLoop, connect, ensure_streams
+from monolith.streams.ids import check_id, impression_message_id
+from monolith.streams.jetstream import TRANSIENT_ERRORS, BackgroundLoop, Connection, JetStream, connect, ensure_streams
 from monolith.streams.publish import Message, publish_round
-
-if TYPE_CHECKING:
-    from nats.aio.client import Client
-    from nats.js import JetStreamContext
 
 _LOGGER = logging.getLogger("monolith.serving.impressions")
 
 REQUEST_ID = "request_id"
 EVENT_TIME = "event_time"
 DEFAULT_QUEUE = 10_000
-MAX_MSG_ID_CHARS = 512  # longer ids (or ids a header cannot carry) are replaced by their hash
 _PUBLISH_CHUNK = 1024  # impressions taken off the queue and published (pipelined) together
 _MAX_BACKOFF = 1.0  # seconds between retries while NATS is down: recover quickly once it is back
 
@@ -62,30 +61,40 @@ class RequestKeys:
     Attributes:
         request_ids: object [batch] of str; "" means the example has no request_id (no
             impression is logged for it).
+        item_ids: the candidate of each example with a request_id (the first value of its
+            item feature, as text; "" if it has none or the model names no item feature);
+            "" means no impression either (counted as `no_item`).
         event_times: float64 [batch] seconds since the epoch, or None: the call sent no
             `event_time`, so impressions carry the serving clock at the call.
     """
 
     request_ids: np.ndarray
+    item_ids: list[str]
     event_times: np.ndarray | None
 
 
-def request_keys(request_id: np.ndarray | None, event_time: np.ndarray | None, batch: int) -> RequestKeys | None:
-    """Checks the optional `request_id` and `event_time` inputs against the batch.
+def request_keys(
+    request_id: np.ndarray | None, event_time: np.ndarray | None, items: tuple[str, np.ndarray] | None, batch: int
+) -> RequestKeys | None:
+    """Checks the optional `request_id` and `event_time` inputs, and the ids to be logged.
 
-    Each may have shape [] or [1] (one value for every example) or [batch].
+    `request_id` and `event_time` may each have shape [] or [1] (one value for every
+    example) or [batch]. Every request_id and the item id of every example with a
+    request_id must pass the id rule (`monolith.streams.ids`); "" in either means no
+    impression for that example.
 
     Args:
         request_id: the decoded `request_id` input (strings, or ints taken as their text).
         event_time: the decoded `event_time` input (float64 seconds since the epoch).
+        items: (name, decoded input) of the model's item feature; None if it has none.
         batch: the examples in the request.
 
     Returns:
         The keys broadcast to the batch; None if the call sent no request_id (nothing to log).
 
     Raises:
-        InvalidArgument: a shape other than those, or an event_time that is not finite or
-            is negative.
+        InvalidArgument: a shape other than those, an event_time that is not finite or is
+            negative, or an id that breaks the rule (`input '<name>': example <i>: ...`).
     """
     times = None
     if event_time is not None:
@@ -99,10 +108,34 @@ def request_keys(request_id: np.ndarray | None, event_time: np.ndarray | None, b
             )
     if request_id is None:
         return None
-    ids = _broadcast(request_id, REQUEST_ID, batch)
-    if ids.dtype != object:
-        ids = np.array([str(v) for v in ids.tolist()], dtype=object)  # int ids are their decimal text
-    return RequestKeys(ids, times)
+    # Int ids are their decimal text.
+    sent = [v if isinstance(v, (str, bytes)) else str(v) for v in _broadcast(request_id, REQUEST_ID, batch).tolist()]
+    request_ids = _checked_ids(REQUEST_ID, sent)
+    if items is None:
+        item_ids = [""] * batch
+    else:
+        name, array = items
+        rows = feature_texts(array)
+        firsts = [row[0] if row else "" for row in (rows * batch if len(rows) == 1 else rows)]
+        # Only the candidates that would be logged: an example without a request_id has none.
+        item_ids = _checked_ids(name, [item if request else "" for request, item in zip(request_ids, firsts)])
+    return RequestKeys(np.array(request_ids, dtype=object), item_ids, times)
+
+
+def _checked_ids(name: str, values: list[str | bytes]) -> list[str]:
+    """The values as text, each non-empty one checked by the id rule.
+
+    Raises:
+        InvalidArgument: `input '<name>': example <i>: <what is wrong>`, for the first bad one.
+    """
+    checked: dict[str | bytes, str] = {"": "", b"": ""}  # a broadcast id repeats: check it once
+    out = []
+    for i, value in enumerate(values):
+        text = checked.get(value)
+        if text is None:
+            text = checked[value] = check_id(f"input {name!r}: example {i}", value, required=False)
+        out.append(text)
+    return out
 
 
 def _broadcast(array: np.ndarray, name: str, batch: int) -> np.ndarray:
@@ -174,7 +207,7 @@ def _varint(value: int) -> bytes:
 _EVENT_IMPRESSION_TAG = _varint(joiner_pb2.Event.DESCRIPTOR.fields_by_name["impression"].number << 3 | 2)
 
 
-def impression_messages(scored: ScoredRequest, item_feature: str, partitions: int) -> list[Message]:
+def impression_messages(scored: ScoredRequest, partitions: int) -> list[Message]:
     """The EVENTS messages of a scored call: one `Event(impression=...)` per candidate.
 
     Examples with an empty request_id or item id have none (see `ImpressionLog` for the
@@ -185,7 +218,6 @@ def impression_messages(scored: ScoredRequest, item_feature: str, partitions: in
 
     Args:
         scored: the scored call.
-        item_feature: the input naming the candidate (`ModelConfig.item_feature`).
         partitions: P, for the subject `events.<partition_of(request_id, P)>`.
 
     Returns:
@@ -198,14 +230,11 @@ def impression_messages(scored: ScoredRequest, item_feature: str, partitions: in
             shared.features[name].values.extend(rows[0])
     shared_bytes = shared.SerializeToString()
     own_features = [(name, rows) for name, rows in texts.items() if len(rows) > 1]
-    items = texts[item_feature]
     times = scored.keys.event_times
     scores = scored.scores.tolist()
     subjects: dict[str, str] = {}  # most calls have one request_id: hash it once
     out = []
-    for i, request_id in enumerate(scored.keys.request_ids.tolist()):
-        item = items[i if len(items) > 1 else 0]
-        item_id = item[0] if item else ""
+    for i, (request_id, item_id) in enumerate(zip(scored.keys.request_ids.tolist(), scored.keys.item_ids)):
         if not request_id or not item_id:
             continue
         own = joiner_pb2.Impression(
@@ -222,21 +251,8 @@ def impression_messages(scored: ScoredRequest, item_feature: str, partitions: in
         if subject is None:
             subject = subjects[request_id] = events_subject(partition_of(request_id, partitions))
         payload = b"".join((_EVENT_IMPRESSION_TAG, _varint(len(impression)), impression))
-        out.append(Message(subject, payload, impression_msg_id(request_id, item_id)))
+        out.append(Message(subject, payload, impression_message_id(request_id, item_id)))
     return out
-
-
-def impression_msg_id(request_id: str, item_id: str) -> str:
-    """`imp/<request_id>/<item_id>`; its hash instead if a header line cannot carry it.
-
-    A header value must not hold CR or LF (it would end the header early), and a long one
-    only costs bytes: such ids get `imp#<blake2b hex>`, still one id per (request, item).
-    """
-    msg_id = f"imp/{request_id}/{item_id}"
-    if len(msg_id) <= MAX_MSG_ID_CHARS and msg_id.isprintable():
-        return msg_id
-    digest = hashlib.blake2b(f"{request_id}\x1f{item_id}".encode(), digest_size=16).hexdigest()
-    return f"imp#{digest}"
 
 
 # --------------------------------------------------------------------------- the log
@@ -252,15 +268,13 @@ class ImpressionLog:
 
     Args:
         streams: where NATS is and the number of partitions.
-        item_feature: the input naming the candidate.
         capacity: impressions queued or in flight at most.
     """
 
-    def __init__(self, streams: StreamsConfig, item_feature: str, capacity: int = DEFAULT_QUEUE) -> None:
+    def __init__(self, streams: StreamsConfig, capacity: int = DEFAULT_QUEUE) -> None:
         if capacity < 1:
             raise ValueError(f"impression queue capacity must be >= 1, got {capacity}")
         self._streams = streams
-        self._item_feature = item_feature
         self._capacity = capacity
         self._lock = threading.Lock()
         self._queue: collections.deque[ScoredRequest] = collections.deque()
@@ -271,7 +285,7 @@ class ImpressionLog:
         self._loop: BackgroundLoop | None = None
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Future[None] | None = None
-        self._nc: Client | None = None
+        self._nc: Connection | None = None
 
     def start(self) -> ImpressionLog:
         """Starts the background loop and the publisher (which connects on its own)."""
@@ -387,7 +401,7 @@ class ImpressionLog:
         messages = []
         skipped = {"no_item": 0, "too_large": 0}
         for scored in taken:
-            built = impression_messages(scored, self._item_feature, self._streams.partitions)
+            built = impression_messages(scored, self._streams.partitions)
             skipped["no_item"] += int(np.count_nonzero(scored.keys.request_ids != "")) - len(built)
             for message in built:
                 # Headers travel in the payload's budget too; 64 bytes cover the rest of them.
@@ -397,7 +411,7 @@ class ImpressionLog:
                     messages.append(message)
         return messages, {reason: count for reason, count in skipped.items() if count}
 
-    async def _publish(self, js: JetStreamContext, messages: list[Message]) -> None:
+    async def _publish(self, js: JetStream, messages: list[Message]) -> None:
         """Publishes every message, pipelined, retrying the failed ones until none fail."""
         backoff = 0.05
         pending = messages

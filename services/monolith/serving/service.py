@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         if args.impression_queue < 1:
             raise ValueError(f"--impression-queue must be >= 1, got {args.impression_queue}")
         streams = streams_config_from_args(args)
-        impressions = ImpressionLog(streams, config.item_feature, args.impression_queue)
+        impressions = ImpressionLog(streams, args.impression_queue)
     server = build_serving(
         model,
         SignatureConfig(args.model_name, args.signature_name),

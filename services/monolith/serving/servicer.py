@@ -12,7 +12,9 @@ holds the latest parameters; a request pinned to another version is NOT_FOUND.
 Besides the features, a call may send `request_id` (string) and `event_time` (seconds
 since the epoch: double, float or int64), each of shape [], [1] or [batch]. A call with a
 request_id is logged as impressions (one per candidate) when the server has an
-`ImpressionLog`; `event_time` stamps them (else the server's clock does).
+`ImpressionLog`; `event_time` stamps them (else the server's clock does). Its request ids
+and the item ids of its candidates must pass the id rule (`monolith.streams.ids`), or the
+call is INVALID_ARGUMENT before anything is scored or logged.
 """
 
 from __future__ import annotations
@@ -76,7 +78,8 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         request_id, event_time = inputs.pop(REQUEST_ID, None), inputs.pop(EVENT_TIME, None)
         deadline.check("before parsing the features")
         ids, row_splits, batch = self._model.parse(inputs)
-        keys = request_keys(request_id, event_time, batch)
+        item = self._model.config.item_feature
+        keys = request_keys(request_id, event_time, (item, inputs[item]) if item else None, batch)
         scores, version = self._model.score_versioned(ids, row_splits, batch, deadline)
         if keys is not None and self._impressions is not None:
             self._impressions.log(ScoredRequest(keys, inputs, scores, version, received_at))

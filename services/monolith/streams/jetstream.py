@@ -25,6 +25,10 @@ from monolith.streams.config import EVENTS_STREAM, SAMPLES_STREAM, StreamsConfig
 _LOGGER = logging.getLogger("monolith.streams")
 T = TypeVar("T")
 
+# The client's types, named here for annotations outside this package (which imports no nats).
+Connection = Client
+JetStream = JetStreamContext
+
 # What a lost connection, a server restart or a slow stream raise: retry later.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     nats.errors.Error,

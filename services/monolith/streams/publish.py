@@ -1,4 +1,5 @@
-"""Pipelined JetStream publishing: many messages in flight, each with a message id.
+"""JetStream publishing, each message with a message id: one at a time (`publish`), or many
+in flight (`publish_round`).
 
 Waiting for each acknowledgement before sending the next caps a publisher at one round
 trip per message (a few thousand a second at best, far less on a loaded machine). Here a
@@ -12,13 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import nats.js.errors
-from nats.js import JetStreamContext
 
-from monolith.streams.jetstream import TRANSIENT_ERRORS
+from monolith.streams.jetstream import TRANSIENT_ERRORS, JetStream
 
 MSG_ID_HEADER = "Nats-Msg-Id"
 
@@ -29,12 +29,19 @@ class Message(NamedTuple):
     Attributes:
         subject: where it goes (e.g. "events.3").
         payload: the serialized message.
-        msg_id: its `Nats-Msg-Id`, unique per logical message (JetStream drops repeats).
+        msg_id: its `Nats-Msg-Id`, unique per logical message (JetStream drops repeats);
+            built by `monolith.streams.ids`.
+        headers: further headers (e.g. the position a sample was decided at).
     """
 
     subject: str
     payload: bytes
     msg_id: str
+    headers: Mapping[str, str] | None = None
+
+    def all_headers(self) -> dict[str, str]:
+        """The headers it is published with: its own and the message id."""
+        return {**(self.headers or {}), MSG_ID_HEADER: self.msg_id}
 
 
 class Round(NamedTuple):
@@ -49,7 +56,19 @@ class Round(NamedTuple):
     stream_missing: bool
 
 
-async def publish_round(js: JetStreamContext, messages: Sequence[Message], stream: str, timeout: float) -> Round:
+async def publish(js: JetStream, message: Message, stream: str, timeout: float) -> None:
+    """Publishes one message and waits for its acknowledgement.
+
+    For a publisher whose next message may only be stored once this one is (the joiner:
+    a later sample stored before an earlier one would make a restart skip the earlier).
+
+    Raises:
+        One of TRANSIENT_ERRORS: not stored (or not confirmed) within `timeout`.
+    """
+    await js.publish(message.subject, message.payload, timeout=timeout, stream=stream, headers=message.all_headers())
+
+
+async def publish_round(js: JetStream, messages: Sequence[Message], stream: str, timeout: float) -> Round:
     """Sends all `messages`, then waits (`timeout` s in all) for their acknowledgements.
 
     Args:
@@ -69,7 +88,7 @@ async def publish_round(js: JetStreamContext, messages: Sequence[Message], strea
         try:
             future = await js.publish_async(
                 message.subject, message.payload, wait_stall=max(0.0, deadline - time.monotonic()), stream=stream,
-                headers={MSG_ID_HEADER: message.msg_id},
+                headers=message.all_headers(),
             )  # fmt: skip
         except TRANSIENT_ERRORS:
             failed.append(message)

@@ -140,7 +140,7 @@ class ConsumerAdmin:
             info = await js.consumer_info(self.settings.stream, self.settings.durable)
         except nats.js.errors.NotFoundError:
             return None
-        return _state(info)
+        return state_of(info)
 
     def rewind(self, after_sequence: int) -> None:
         """Recreates the consumer so that it delivers every message after `after_sequence`.
@@ -168,7 +168,8 @@ class ConsumerAdmin:
         self._loop.close()
 
 
-def _state(info: object) -> ConsumerState:
+def state_of(info: object) -> ConsumerState:
+    """The state in the server's consumer info."""
     return ConsumerState(
         pending=int(info.num_pending or 0),  # type: ignore[attr-defined]
         ack_pending=int(info.num_ack_pending or 0),  # type: ignore[attr-defined]
@@ -313,7 +314,7 @@ class DurableConsumer:
         if js is None:
             raise nats.errors.ConnectionClosedError
         info = await js.consumer_info(self.settings.stream, self.settings.durable, timeout=self.streams.timeout)
-        return _state(info)
+        return state_of(info)
 
     def close(self) -> None:
         """Closes the connection and the loop (acks are flushed when they are sent)."""

@@ -7,11 +7,12 @@ one more impression per partition (`watermark_request_ids`), far enough ahead in
 that every window of the replay closes. Those impressions are the replay's own and left out
 of every count (their windows stay open).
 
-`SampleLog` reads SAMPLES from the start with an ordered consumer (no state on the server
-beyond the subscription) and keeps the samples whose request_id carries this run's prefix,
-so earlier runs on the same stack do not count.
+`SampleLog` follows SAMPLES from the start (`monolith.streams.watch`: an ordered consumer,
+no state on the server beyond the subscription) and keeps the samples whose request_id
+carries this run's prefix, so earlier runs on the same stack do not count.
 
-`ImpressionWatch` tells when an impression is stored on EVENTS. model-serving publishes
+`ImpressionWatch` tells when an impression is stored on EVENTS, from the message ids
+alone (`monolith.streams.ids` reads the request_id back). model-serving publishes
 impressions asynchronously after Predict returns, while ReportActions stores an action
 before it returns; the replay's window gate (`pacing.WindowGate`) lets an event go only
 once the events it could overtake have both on the stream.
@@ -19,25 +20,22 @@ once the events it could overtake have both on the stream.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import threading
 import time
 from typing import Callable
 
-from nats.aio.msg import Msg
-from nats.js.api import DeliverPolicy
-
 from monolith.api.joiner.v1 import joiner_pb2
 from monolith.harness.replay.bookkeeping import SampleKey
 from monolith.streams.config import EVENTS_STREAM, SAMPLES_STREAM, StreamsConfig, partition_of
-from monolith.streams.jetstream import BackgroundLoop, connect
+from monolith.streams.ids import IMPRESSION, parse_message_id
+from monolith.streams.publish import MSG_ID_HEADER
+from monolith.streams.reader import StoredMessage
+from monolith.streams.watch import StreamWatch
 
 _LOGGER = logging.getLogger("monolith.harness.replay.samples")
 TIMEOUT = 10.0  # seconds for one stream request
-MSG_ID = "Nats-Msg-Id"
-IMPRESSION_MSG_ID = "imp/"  # serving's message ids: imp/<request_id>/<item_id>
 
 
 def watermark_request_ids(prefix: str, partitions: int) -> list[str]:
@@ -66,15 +64,12 @@ class SampleLog:
     """
 
     def __init__(self, config: StreamsConfig, prefix: str) -> None:
-        self._config = config
         self._prefix = prefix
-        self._loop = BackgroundLoop("replay-samples")
+        self._watch = StreamWatch(config, "monolith-replay", TIMEOUT)
         self._lock = threading.Lock()
         self._samples: list[tuple[SampleKey, float]] = []
         self._positives = 0
         self._sequence = 0  # the newest stream sequence delivered
-        self._nc = None
-        self._js = None
 
     def start(self) -> None:
         """Connects and subscribes (from the first message of the stream).
@@ -82,20 +77,12 @@ class SampleLog:
         Raises:
             Unavailable: NATS did not answer.
         """
-        self._loop.run(self._start(), TIMEOUT * 3)
+        self._watch.follow(SAMPLES_STREAM, "samples.*", self._on_message, from_start=True)
 
-    async def _start(self) -> None:
-        self._nc = await connect(self._config, "monolith-replay", attempts=10)
-        self._js = self._nc.jetstream(timeout=TIMEOUT)
-        await self._js.subscribe(
-            "samples.*", stream=SAMPLES_STREAM, cb=self._on_message, ordered_consumer=True,
-            deliver_policy=DeliverPolicy.ALL,
-        )  # fmt: skip
-
-    async def _on_message(self, msg: Msg) -> None:
-        sample = joiner_pb2.Sample.FromString(msg.data)
+    def _on_message(self, message: StoredMessage) -> None:
+        sample = joiner_pb2.Sample.FromString(message.data)
         with self._lock:
-            self._sequence = max(self._sequence, msg.metadata.sequence.stream)
+            self._sequence = max(self._sequence, message.sequence)
             if sample.request_id.startswith(self._prefix):
                 self._samples.append(((sample.request_id, sample.item_id), sample.label))
                 self._positives += sample.label >= 0.5
@@ -112,47 +99,32 @@ class SampleLog:
 
     def caught_up(self) -> bool:
         """Whether every message the stream holds now has been read."""
-        return self._loop.run(self._caught_up(), TIMEOUT)
-
-    async def _caught_up(self) -> bool:
-        info = await self._js.stream_info(SAMPLES_STREAM)
+        last = self._watch.stream_state(SAMPLES_STREAM).last_sequence
         with self._lock:
-            return self._sequence >= info.state.last_seq
+            return self._sequence >= last
 
     def events_stored(self) -> int:
         """Messages on EVENTS now (impressions and actions of earlier traffic)."""
-        return self._loop.run(self._events_stored(), TIMEOUT)
-
-    async def _events_stored(self) -> int:
-        info = await self._js.stream_info(EVENTS_STREAM)
-        return int(info.state.messages)
+        return self._watch.stream_state(EVENTS_STREAM).messages
 
     def consumer_lag(self, durable: str) -> int | None:
         """Samples the durable consumer (the online trainers) has not acknowledged; None if unknown."""
         try:
-            return self._loop.run(self._consumer_lag(durable), TIMEOUT)
+            state = self._watch.consumer_state(SAMPLES_STREAM, durable)
         except Exception as exc:  # noqa: BLE001 - a figure for the progress line only
             _LOGGER.debug("consumer lag of %s unknown: %s", durable, exc)
             return None
-
-    async def _consumer_lag(self, durable: str) -> int:
-        info = await self._js.consumer_info(SAMPLES_STREAM, durable)
-        return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+        return None if state is None else state.pending + state.ack_pending
 
     def close(self) -> None:
-        if self._nc is not None:
-            try:
-                self._loop.run(self._nc.close(), TIMEOUT)
-            except (TimeoutError, asyncio.CancelledError, Exception) as exc:  # noqa: BLE001 - closing anyway
-                _LOGGER.debug("closing NATS: %s", exc)
-        self._loop.close()
+        self._watch.close()
 
 
 class ImpressionWatch:
     """Which of this run's impressions are stored on EVENTS, from the message ids alone.
 
     A headers-only ordered consumer of EVENTS from the moment it starts: no payload is
-    sent, the `Nats-Msg-Id` header names the impression (`imp/<request_id>/<item_id>`).
+    sent, the `Nats-Msg-Id` header names the impression (`streams.ids.impression_message_id`).
 
     Args:
         config: where NATS is.
@@ -165,11 +137,10 @@ class ImpressionWatch:
     def __init__(self, config: StreamsConfig, prefix: str, timeout: float = 10.0,
                  clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
         self._config = config
-        self._marker = f"{IMPRESSION_MSG_ID}{prefix}"
+        self._prefix = prefix
         self.timeout = timeout
         self._clock = clock
-        self._loop: BackgroundLoop | None = None
-        self._nc = None
+        self._watch: StreamWatch | None = None
         self._lock = threading.Lock()
         self._stored: set[str] = set()
         self._waiting: dict[str, list[tuple[float, Callable[[], None]]]] = {}
@@ -181,21 +152,13 @@ class ImpressionWatch:
         Raises:
             Unavailable: NATS did not answer.
         """
-        self._loop = BackgroundLoop("replay-impressions")
-        self._loop.run(self._start(), TIMEOUT * 3)
+        self._watch = StreamWatch(self._config, "monolith-replay-impressions", TIMEOUT)
+        self._watch.follow(EVENTS_STREAM, "events.*", self._on_message, from_start=False, headers_only=True)
 
-    async def _start(self) -> None:
-        self._nc = await connect(self._config, "monolith-replay-impressions", attempts=10)
-        js = self._nc.jetstream(timeout=TIMEOUT)
-        await js.subscribe(
-            "events.*", stream=EVENTS_STREAM, cb=self._on_message, ordered_consumer=True,
-            deliver_policy=DeliverPolicy.NEW, headers_only=True,
-        )  # fmt: skip
-
-    async def _on_message(self, msg: Msg) -> None:
-        msg_id = (msg.headers or {}).get(MSG_ID, "")
-        if msg_id.startswith(self._marker):
-            self.stored(msg_id[len(IMPRESSION_MSG_ID) :].rsplit("/", 1)[0])
+    def _on_message(self, message: StoredMessage) -> None:
+        key = parse_message_id(message.headers.get(MSG_ID_HEADER, ""))
+        if key is not None and key.kind == IMPRESSION and key.request_id.startswith(self._prefix):
+            self.stored(key.request_id)
 
     def stored(self, request_id: str) -> None:
         """Records that the impression of `request_id` is on the stream; runs what waited for it."""
@@ -229,13 +192,8 @@ class ImpressionWatch:
 
     def close(self) -> None:
         """Unsubscribes; callbacks still waiting run now."""
-        if self._loop is not None:
-            if self._nc is not None:
-                try:
-                    self._loop.run(self._nc.close(), TIMEOUT)
-                except (TimeoutError, asyncio.CancelledError, Exception) as exc:  # noqa: BLE001 - closing anyway
-                    _LOGGER.debug("closing NATS: %s", exc)
-            self._loop.close()
+        if self._watch is not None:
+            self._watch.close()
         with self._lock:
             due = [callback for waiting in self._waiting.values() for _, callback in waiting]
             self._waiting.clear()
