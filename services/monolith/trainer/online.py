@@ -35,7 +35,7 @@ import grpc
 from pydantic import Field
 
 from monolith.common.config import ConfigModel
-from monolith.common.errors import FailedPrecondition, InvalidArgument, MonolithError, from_rpc_error
+from monolith.common.errors import FailedPrecondition, InvalidArgument, MonolithError, describe, from_rpc_error
 from monolith.common.periodic import PeriodicTask
 from monolith.data.batch import Batch
 from monolith.data.samples import SampleDecoder
@@ -230,7 +230,7 @@ class OnlineTrainer:
                 worker = self._make_worker()
                 self._ps.succeeded()
             except (MonolithError, grpc.RpcError) as exc:
-                self._ps.failed(_describe(exc, "dense-PS"))
+                self._ps.failed(describe(_ps_error(exc)))
         if worker is not None:
             self.ready = True
             metrics.READY.set(1)
@@ -264,11 +264,11 @@ class OnlineTrainer:
                 self._ps.succeeded()
                 break
             except (MonolithError, grpc.RpcError) as exc:
-                error = from_rpc_error(exc, "dense-PS") if isinstance(exc, grpc.RpcError) else exc
+                error = _ps_error(exc)
                 if isinstance(error, FailedPrecondition):
                     initialized = False  # no parameters there: offer initial ones, as at start
                     continue
-                self._ps.failed(_describe(error, "dense-PS"))
+                self._ps.failed(describe(error))
         _LOGGER.info("rolled back to a checkpoint: resuming from the consumer's position, dense version %d",
                      worker.dense_version)  # fmt: skip
         return worker
@@ -278,7 +278,7 @@ class OnlineTrainer:
         try:
             self._consumer.open()
         except NATS_ERRORS as exc:
-            self._nats.failed(_describe(exc, "NATS"))
+            self._nats.failed(describe(exc, "NATS"))
             return False
         self._must_open = False
         self._nats.succeeded()
@@ -293,7 +293,7 @@ class OnlineTrainer:
         except NATS_ERRORS as exc:
             # The consumer may be gone (a server on an empty store): set it up again first.
             self._must_open = True
-            self._nats.failed(_describe(exc, "NATS"))
+            self._nats.failed(describe(exc, "NATS"))
             return []
         if deliveries or self._consumer.connected:
             self._nats.succeeded()
@@ -359,12 +359,11 @@ class OnlineTrainer:
             try:
                 call()
             except (MonolithError, grpc.RpcError) as exc:
-                # The sharded client names its shard in its errors; a raw gRPC error is the dense-PS's.
-                error = from_rpc_error(exc, "dense-PS") if isinstance(exc, grpc.RpcError) else exc
+                error = _ps_error(exc)
                 if isinstance(error, InvalidArgument):
                     self._ps.succeeded()
                     raise error from None
-                if not self._ps.failed(_describe(error, "PS")):
+                if not self._ps.failed(describe(error)):
                     self._reply(self._consumer.nak, deliveries, "hand back")
                     return False
                 if self.gate.pause_requested():
@@ -401,7 +400,7 @@ class OnlineTrainer:
         try:
             reply(deliveries)
         except NATS_ERRORS as exc:
-            self._nats.failed(_describe(exc, f"NATS ({what})"), wait=False)
+            self._nats.failed(describe(exc, f"NATS ({what})"), wait=False)
             return False
         return True
 
@@ -422,10 +421,11 @@ class OnlineTrainer:
         metrics.CONSUMER_ACK_FLOOR.set(state.ack_floor)
 
 
-def _describe(exc: BaseException, what: str) -> str:
-    """One line, "KIND: ...", the kind first: one log line per kind of outage."""
-    if isinstance(exc, grpc.RpcError):
-        exc = from_rpc_error(exc, what)
-    kind = exc.code if isinstance(exc, MonolithError) else type(exc).__name__
-    message = " ".join(str(exc).split()) or type(exc).__name__
-    return f"{kind}: {message}" if isinstance(exc, MonolithError) else f"{kind}: {what}: {message}"
+def _ps_error(exc: MonolithError | grpc.RpcError) -> MonolithError:
+    """A parameter server's failure as one of our errors, naming the server.
+
+    The sharded embedding client names its shard in its own errors; a raw gRPC error is the
+    dense-PS's. A deadline or a lost connection becomes UNAVAILABLE either way, so one
+    outage is one kind of failure (logged once).
+    """
+    return from_rpc_error(exc, "dense-PS") if isinstance(exc, grpc.RpcError) else exc
