@@ -313,14 +313,6 @@ def test_a_request_id_that_is_not_utf8_is_refused_naming_the_input(model: Servin
         Parsed(model, ranking_call(request_id=["r"], movie_id=np.array([b"242", b"\xc3(", b"377"], dtype=object)))
 
 
-def test_request_keys_check_ids_given_as_bytes_too() -> None:
-    keys = request_keys(np.array([b"r-1"], dtype=object), None, ("movie_id", np.array(["m"], dtype=object)), 1)
-    assert keys is not None and keys.request_ids.tolist() == ["r-1"]
-
-    with pytest.raises(InvalidArgument, match=r"input 'request_id': example 0: must be valid UTF-8"):
-        request_keys(np.array([b"\xff"], dtype=object), None, None, 1)
-
-
 # --------------------------------------------------------------------------- the bounded queue
 
 

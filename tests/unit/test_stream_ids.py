@@ -15,6 +15,7 @@ from monolith.streams.ids import (
     MessageKey,
     action_message_id,
     check_id,
+    first_id_problem,
     id_problem,
     impression_message_id,
     parse_message_id,
@@ -57,6 +58,13 @@ def test_ids_within_the_rule_pass_and_come_back_as_text() -> None:
     assert check_id("request_id", "Zürich".encode()) == "Zürich"
     assert check_id("request_id", "", required=False) == ""
     assert id_problem("", required=False) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=st.lists(st.text(max_size=8) | st.sampled_from(["", "x" * 257, "é" * 129, "ok"]), max_size=12))
+def test_a_batch_is_checked_by_the_same_rule_as_each_id(values: list[str]) -> None:
+    each = [(i, p) for i, v in enumerate(values) if (p := id_problem(v, required=False)) is not None]
+    assert first_id_problem(values) == (each[0] if each else None)
 
 
 def test_a_long_control_id_is_echoed_shortened() -> None:

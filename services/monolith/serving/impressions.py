@@ -39,7 +39,7 @@ from monolith.serving.metrics import (
     IMPRESSIONS_QUEUED,
 )
 from monolith.streams.config import EVENTS_STREAM, StreamsConfig, events_subject, partition_of
-from monolith.streams.ids import check_id, impression_message_id
+from monolith.streams.ids import first_id_problem, impression_message_id
 from monolith.streams.jetstream import TRANSIENT_ERRORS, BackgroundLoop, Connection, JetStream, connect, ensure_streams
 from monolith.streams.publish import Message, publish_round
 
@@ -84,9 +84,11 @@ def request_keys(
     impression for that example.
 
     Args:
-        request_id: the decoded `request_id` input (strings, or ints taken as their text).
+        request_id: the `request_id` input as `decode_inputs` gives it (str, or ints taken
+            as their text).
         event_time: the decoded `event_time` input (float64 seconds since the epoch).
-        items: (name, decoded input) of the model's item feature; None if it has none.
+        items: (name, input as `decode_inputs` gives it) of the model's item feature; None
+            if the model has none.
         batch: the examples in the request.
 
     Returns:
@@ -108,9 +110,11 @@ def request_keys(
             )
     if request_id is None:
         return None
-    # Int ids are their decimal text.
-    sent = [v if isinstance(v, (str, bytes)) else str(v) for v in _broadcast(request_id, REQUEST_ID, batch).tolist()]
-    request_ids = _checked_ids(REQUEST_ID, sent)
+    ids = _broadcast(request_id, REQUEST_ID, batch)
+    if ids.dtype != object:
+        ids = np.array([str(v) for v in ids.tolist()], dtype=object)  # int ids are their decimal text
+    request_ids = ids.tolist()
+    _check_ids(REQUEST_ID, request_ids)
     if items is None:
         item_ids = [""] * batch
     else:
@@ -118,24 +122,17 @@ def request_keys(
         rows = feature_texts(array)
         firsts = [row[0] if row else "" for row in (rows * batch if len(rows) == 1 else rows)]
         # Only the candidates that would be logged: an example without a request_id has none.
-        item_ids = _checked_ids(name, [item if request else "" for request, item in zip(request_ids, firsts)])
-    return RequestKeys(np.array(request_ids, dtype=object), item_ids, times)
+        item_ids = [item if request else "" for request, item in zip(request_ids, firsts)]
+        if array.dtype.kind not in "iu":  # int ids are decimal digits, always within the rule
+            _check_ids(name, item_ids)
+    return RequestKeys(ids, item_ids, times)
 
 
-def _checked_ids(name: str, values: list[str | bytes]) -> list[str]:
-    """The values as text, each non-empty one checked by the id rule.
-
-    Raises:
-        InvalidArgument: `input '<name>': example <i>: <what is wrong>`, for the first bad one.
-    """
-    checked: dict[str | bytes, str] = {"": "", b"": ""}  # a broadcast id repeats: check it once
-    out = []
-    for i, value in enumerate(values):
-        text = checked.get(value)
-        if text is None:
-            text = checked[value] = check_id(f"input {name!r}: example {i}", value, required=False)
-        out.append(text)
-    return out
+def _check_ids(name: str, values: list[str]) -> None:
+    """Raises InvalidArgument `input '<name>': example <i>: <what is wrong>` for the first bad id."""
+    found = first_id_problem(values)
+    if found is not None:
+        raise InvalidArgument(f"input {name!r}: example {found[0]}: {found[1]}")
 
 
 def _broadcast(array: np.ndarray, name: str, batch: int) -> np.ndarray:

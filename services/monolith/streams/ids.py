@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import re
 import urllib.parse
+from collections.abc import Sequence
 from typing import NamedTuple
 
 from monolith.common.errors import InvalidArgument, shorten
@@ -61,6 +62,22 @@ def id_problem(value: str | bytes, required: bool = True) -> str | None:
             f"control characters are not allowed (U+{ord(found.group()):04X} at character {found.start()}), "
             f"got {shorten(repr(text))}"
         )
+    return None
+
+
+def first_id_problem(values: Sequence[str]) -> tuple[int, str] | None:
+    """The first of `values` that breaks the rule and what is wrong with it; None if none does.
+
+    `id_problem` for a batch of text ids where "" means none (Predict checks every
+    candidate): when they are all ASCII, one scan of their concatenation decides.
+    """
+    joined = "".join(values)
+    if joined.isascii() and _CONTROL.search(joined) is None and max(map(len, values), default=0) <= MAX_ID_BYTES:
+        return None
+    for i, value in enumerate(values):
+        problem = id_problem(value, required=False)
+        if problem is not None:
+            return i, problem
     return None
 
 
