@@ -16,7 +16,8 @@ from conftest import start_cluster
 from monolith.checkpoint.store import CheckpointStore
 from monolith.common.process import RoleProcess, free_port
 from monolith.common.server import ServerConfig
-from monolith.controller.cut import CheckpointController, ControllerSettings
+from monolith.controller.controller import CheckpointController
+from monolith.controller.settings import ControllerSettings
 from monolith.embedding_ps.service import build_embedding_ps
 from monolith.embedding_ps.shard import EmbeddingShard, ShardConfig
 from monolith.model.config import ModelConfig

@@ -12,7 +12,8 @@ from monolith.checkpoint.store import CheckpointStore
 from monolith.common.config import parse_config, positive_seconds
 from monolith.common.server import Service, add_server_arguments, build_server, server_config_from_args
 from monolith.controller.cluster import ClusterView, LocalView
-from monolith.controller.cut import CheckpointController, ControllerSettings
+from monolith.controller.controller import CheckpointController
+from monolith.controller.settings import ControllerSettings
 from monolith.controller.kube import KubeSettings, KubeView, api_client
 from monolith.controller.servicer import SERVICE_NAME, ControllerServicer
 from monolith.streams.config import SAMPLES_STREAM, add_streams_arguments, streams_config_from_args

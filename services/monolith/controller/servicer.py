@@ -9,7 +9,7 @@ import grpc
 from monolith.api.controller.v1 import controller_pb2 as pb
 from monolith.api.controller.v1 import controller_pb2_grpc as pb_grpc
 from monolith.checkpoint.manifest import Manifest
-from monolith.controller.cut import CheckpointController
+from monolith.controller.controller import CheckpointController
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Controller"].full_name
 
