@@ -198,9 +198,9 @@ def test_serving_keeps_its_rows_until_the_restarted_shard_is_restored(training: 
         sync.stop()
 
 
-@pytest.mark.parametrize("fraction, deleted", [(0.1, False), (0.9, True)])
-def test_one_full_copy_deletes_at_most_a_fraction_of_the_rows(
-    training: Training, caplog: pytest.LogCaptureFixture, fraction: float, deleted: bool
+@pytest.mark.parametrize("fraction, alarmed", [(0.1, True), (0.9, False)])
+def test_a_training_shard_that_lost_rows_never_shrinks_serving_and_past_the_fraction_is_alarmed(
+    training: Training, caplog: pytest.LogCaptureFixture, fraction: float, alarmed: bool
 ) -> None:
     train(training.shard)
     serving = make_shard("serving")
@@ -210,7 +210,7 @@ def test_one_full_copy_deletes_at_most_a_fraction_of_the_rows(
     try:
         assert sync.sync_once().ok
         rows = len(USERS) + len(ITEMS)
-        # Restarted without a restore, holding half the rows: a copy would delete the other half.
+        # Restarted without a restore, holding half the rows: the other half stays served.
         restarted = make_shard()
         train(restarted, USERS[:20], ITEMS[:30])
         training.serve(restarted)
@@ -218,11 +218,10 @@ def test_one_full_copy_deletes_at_most_a_fraction_of_the_rows(
             result = sync_until(sync, ok=True)
         held = sum(len(t) for t in serving.tables.values())
         refused = metric("monolith_sync_resync_deletions_refused_total", labels) - refused_before
-        if deleted:
-            assert (result.deletions, held, refused) == (50, 50, 0)
-        else:
-            assert (result.deletions, held, refused) == (0, rows, 50)
-            assert any("deleting none of them" in r.getMessage() for r in caplog.records)
+        assert (result.deletions, held, len(sync.retained)) == (0, rows, 50)
+        assert metric("monolith_sync_retained_rows", labels) == 50
+        assert refused == (50 if alarmed else 0)
+        assert any("restarted without being restored" in r.getMessage() for r in caplog.records) == alarmed
     finally:
         sync.stop()
 

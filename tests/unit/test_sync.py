@@ -252,15 +252,14 @@ def test_forgotten_deletions_fall_back_to_a_full_copy(
     assert_mirrors(serving, training.shard)
 
 
-def test_restarted_training_shard_is_copied_in_full_and_its_missing_rows_deleted(
+def test_a_rolled_back_training_shard_never_shrinks_serving(
     training: TrainingServers, follow: Callable[..., Any]
 ) -> None:
     train(training.shard, 1000.0)
-    # The cap on what one full copy may delete is off here: this is the copy mechanism
-    # (test_restore_gate.py covers the cap).
-    serving, sync = follow(training.address, max_resync_delete_fraction=1.0)
+    serving, sync = follow(training.address)
     sync.sync_once()
     old_incarnation = training.shard.incarnation
+    before = {name: rows_of(serving, name) for name in serving.tables}
 
     restarted = training.restart()
     # Versions restart from 0 and may pass the acknowledged one: only the incarnation tells.
@@ -269,11 +268,29 @@ def test_restarted_training_shard_is_copied_in_full_and_its_missing_rows_deleted
     assert restarted.version > sync.acknowledged[1]
     result = sync_until_ok(sync)
 
+    # The new incarnation is copied in full; what it lacks (users 10..19, items 0..9, every
+    # tag) stays served as it was, and is retained.
     assert restarted.incarnation != old_incarnation
-    assert result.ok and result.full_resync, result.error
-    assert result.deletions == 15 - 5 + 10 + 10  # users 10..19, items 0..9 and every tag
+    assert result.ok and result.full_resync and result.deletions == 0, result
     assert sync.acknowledged == (restarted.incarnation, restarted.version)
-    assert_mirrors(serving, restarted)
+    assert len(sync.retained) == 15 - 5 + 10 + 10
+    assert rows_of(serving, "tag") == before["tag"]
+    held_items = dict(zip(rows_of(serving, "item")[0], rows_of(serving, "item")[2]))
+    assert set(held_items) == set(ITEMS.tolist())
+    assert all(held_items[i] == 2000 for i in ITEMS[10:].tolist())  # the new incarnation's rows
+
+    # Training re-creates items 0..9 and a tag (the replay after the cut): they follow training
+    # again. The tag moves the tag table's clock to 2100, so the other tags (last updated at
+    # 1000, expire_after 100) expire as training would have expired them.
+    restarted.lookup([("item", ITEMS[:10], None), ("tag", TAGS[:1], None)], True, 2100.0)
+    result = sync_until_ok(sync)
+
+    assert result.ok and not result.full_resync and result.deletions == 9, result
+    assert rows_of(serving, "item") == rows_of(restarted, "item")
+    assert rows_of(serving, "tag") == rows_of(restarted, "tag")
+    assert sorted(sync.retained.ids("user").tolist()) == sorted(USERS[10:].tolist()) and len(sync.retained) == 10
+    users = set(rows_of(serving, "user")[0])
+    assert users == set(rows_of(restarted, "user")[0]) | set(USERS[10:].tolist())
 
 
 def test_restarted_serving_shard_starts_with_a_full_copy(training: TrainingServers, follow: Callable[..., Any]) -> None:

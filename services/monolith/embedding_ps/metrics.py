@@ -96,8 +96,9 @@ SYNC_FULL_RESYNCS = prometheus_client.Counter(
 )
 SYNC_DELETIONS_REFUSED = prometheus_client.Counter(
     "monolith_sync_resync_deletions_refused_total",
-    "Rows a full copy would have deleted from the serving shard but did not, because they were more than "
-    "--max-resync-delete-fraction of its rows (an alarm: the training shard lost rows).",
+    "Rows a full copy of a new training incarnation lacked, counted when they were more than "
+    "--max-resync-delete-fraction of the serving shard's rows (an alarm: the training shard lost rows); they "
+    "stay served.",
     _SYNC_LABELS,
 )
 SYNC_FAILURES = prometheus_client.Counter(
@@ -111,4 +112,10 @@ SYNC_DURATION = prometheus_client.Histogram(
 )
 SYNC_VERSION = prometheus_client.Gauge(
     "monolith_sync_version", "Training shard version the serving shard is complete up to.", _SYNC_LABELS
+)
+SYNC_RETAINED = prometheus_client.Gauge(
+    "monolith_sync_retained_rows",
+    "Rows the serving shard keeps serving although its training shard lacks them (rolled back to a cut): each "
+    "until training re-creates or deletes its id, or it expires.",
+    _SYNC_LABELS,
 )

@@ -81,8 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--max-resync-delete-fraction", type=float, default=DEFAULT_MAX_RESYNC_DELETE_FRACTION,
-        help="(serving) the most of its rows one full copy from the training shard may delete; past it nothing is "
-        "deleted, and it is logged and counted (default 0.1)",
+        help="(serving) a full copy of a new training incarnation that lacks more than this fraction of the "
+        "serving shard's rows is logged as an error and counted (a training shard restarted without a restore?); "
+        "the rows stay served either way (default 0.1)",
     )  # fmt: skip
 
 

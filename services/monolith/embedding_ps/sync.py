@@ -11,18 +11,22 @@ then both restarts resume with no extra state:
 - A serving process that starts empty remembers nothing, so its first sync is a full
   copy (`since_version=0`).
 - A restarted training shard starts a new incarnation whose versions restart from 0, so
-  the serving side sees a different incarnation and copies it in full, then deletes
-  every row the copy did not contain (rows the new training shard does not have). It
-  never clears its tables first: lookups keep answering throughout.
+  the serving side sees a different incarnation and copies it in full. It never clears its
+  tables first: lookups keep answering throughout. **A rollback never shrinks serving**:
+  rows this shard holds that the new incarnation lacks (created after the cut the
+  controller restored, or lost by a shard restarted without a restore) are kept and served
+  as they were (`retained.RetainedRows`) until training re-creates them (the replay after
+  the cut), deletes them, or they expire by the table's `expire_after` on the training
+  table's data clock.
 - While the training shard is unreachable, or restarted and waiting to be restored from a
   checkpoint (it reports `awaiting_restore` and refuses exports), the serving shard keeps
   answering with the rows it has (stale) and the sync retries every interval. Once the
   shard is restored (a new incarnation) it is copied in full.
-- One full copy of a new incarnation may delete at most `max_resync_delete_fraction` of
-  the serving shard's rows. A copy that would delete more deletes none of them: a training shard that lost
-  most of its rows (restarted empty without a restore, say) must not empty serving with
-  it. That is logged as an error and counted (`monolith_sync_resync_deletions_refused_total`);
-  the rows stay until a later full copy deletes them within the cap.
+- A full copy of a new incarnation that lacks more than `max_resync_delete_fraction` of
+  this shard's rows is an alarm (a training shard restarted empty without a restore,
+  say): logged as an error and counted (`monolith_sync_resync_deletions_refused_total`).
+  A full copy of the same incarnation (its deletion log no longer reached back) deletes
+  what it lacks, except retained rows: those ids expired on training while unfollowed.
 
 The sync lag is measured in data (event) time, never against the wall clock: the training
 shard's data clock (the newest update time its tables have seen, from Stats) now, minus
@@ -63,9 +67,11 @@ from monolith.embedding_ps.metrics import (
     SYNC_FAILURES,
     SYNC_FULL_RESYNCS,
     SYNC_LAG,
+    SYNC_RETAINED,
     SYNC_ROWS,
     SYNC_VERSION,
 )
+from monolith.embedding_ps.retained import RetainedRows
 from monolith.embedding_ps.shard import ATOMIC_EXPORT_ENTRIES, EmbeddingShard
 
 _LOGGER = logging.getLogger("monolith.embedding_ps.sync")
@@ -179,6 +185,7 @@ class ServingSync:
         self._outage_started = 0.0
         self._copies = 0
         self._last_result: SyncResult | None = None
+        self.retained = RetainedRows()
 
         label = str(shard.config.shard)
         self._rows_metric = SYNC_ROWS.labels(label)
@@ -188,6 +195,7 @@ class ServingSync:
         self._failures_metric = SYNC_FAILURES.labels(label)
         self._duration_metric = SYNC_DURATION.labels(label)
         self._version_metric = SYNC_VERSION.labels(label)
+        self._retained_metric = SYNC_RETAINED.labels(label)
         # Computed at scrape time, so the lag keeps growing while syncs fail or hang. A weak
         # reference: the registry is global and must not keep a stopped sync alive.
         this = weakref.ref(self)
@@ -275,6 +283,7 @@ class ServingSync:
         self.source_clock = clock
         if self.acknowledged is None or self.acknowledged[0] != stats.incarnation:
             self._full_copy(stats.incarnation, progress)
+            self._expire_retained(stats, progress)
             return clock
         incarnation, since = self.acknowledged
         if stats.version <= since:
@@ -303,14 +312,16 @@ class ServingSync:
             # The training shard's bounded deletion log no longer reaches back to `since`.
             _LOGGER.info("sync from %s: %s; copying in full", self.training_address, exc)
             self._full_copy(incarnation, progress)
+            self._expire_retained(stats, progress)
             return clock
         # An export with no chunks carries no completeness version, so keep the old one:
         # asking again since it is correct, and costs only the (absent) changes.
         self._acknowledge(incarnation, version)
+        self._expire_retained(stats, progress)
         return clock
 
     def _full_copy(self, incarnation: str, progress: _Progress) -> None:
-        """Imports every row of the training shard, then deletes the rows it lacks."""
+        """Imports every row of the training shard; what it lacks is retained (a new incarnation) or deleted."""
         started = time.monotonic()
         progress.full_resync = True
         rows_before = sum(len(table) for table in self._shard.tables.values())
@@ -324,39 +335,68 @@ class ServingSync:
             newest = max(newest, chunk.newest_update_time)
         # Rows deleted on the training side while this shard was not following (or rows
         # of a previous training incarnation) were never sent as deletions: only the
-        # complete copy tells which local rows are stale.
-        stale = {name: self._local_ids_missing_from(name, parts) for name, parts in received.items()}
-        total_stale = sum(ids.shape[0] for ids in stale.values())
-        cap = int(self._max_delete_fraction * rows_before)
-        # The same incarnation copied again (its deletion log no longer reached back) lost
-        # nothing: what it lacks expired. Only a new incarnation can have lost rows.
-        new_incarnation = previous is None or previous[0] != incarnation
-        if total_stale > cap and new_incarnation:
-            self._refused_metric.inc(total_stale)
-            _LOGGER.error(
-                "sync from %s: the full copy of incarnation %s lacks %d of this shard's %d rows, more than "
-                "--max-resync-delete-fraction=%g allows (%d); deleting none of them. Was the training shard "
-                "restarted without being restored from a checkpoint?",
-                self.training_address, incarnation[:8], total_stale, rows_before, self._max_delete_fraction, cap,
-            )  # fmt: skip
-            stale = {}
-        for name, ids in stale.items():
-            for start in range(0, ids.shape[0], self._chunk_rows):
-                _, deleted = self._shard.apply_synced_chunk(name, _no_rows(self._shard, name),
-                                                            ids[start : start + self._chunk_rows])  # fmt: skip
-                progress.deletions += deleted
-                self._deletions_metric.inc(deleted)
-        # What this shard holds is now exactly this incarnation's copy, however old.
+        # complete copy tells which local rows it lacks.
+        missing = {name: self._local_rows_missing_from(name, parts) for name, parts in received.items()}
+        total_missing = sum(ids.shape[0] for ids, _ in missing.values())
+        retained = 0
+        if previous is None or previous[0] != incarnation:
+            # A new incarnation: a restore to the last cut (or a restart that lost rows).
+            # Serving keeps what it has; training's own changes decide each id from now on.
+            cap = int(self._max_delete_fraction * rows_before)
+            if total_missing > cap:
+                self._refused_metric.inc(total_missing)
+                _LOGGER.error(
+                    "sync from %s: the full copy of incarnation %s lacks %d of this shard's %d rows, more than "
+                    "--max-resync-delete-fraction=%g (%d). Was the training shard restarted without being restored "
+                    "from a checkpoint? Keeping them all",
+                    self.training_address, incarnation[:8], total_missing, rows_before, self._max_delete_fraction,
+                    cap,
+                )  # fmt: skip
+            for name, parts in received.items():
+                if parts:
+                    self.retained.forget(name, np.concatenate(parts))  # re-created by the new incarnation
+                self.retained.retain(name, *missing[name])
+                retained += missing[name][0].shape[0]
+        else:
+            # The same incarnation copied again (its deletion log no longer reached back) lost
+            # nothing: what it lacks expired while unfollowed, except what this shard retains.
+            for name, (ids, _) in missing.items():
+                self._delete(name, ids[~np.isin(ids, self.retained.ids(name))], progress)
+        self._retained_metric.set(len(self.retained))
+        # What this shard holds is now this incarnation's copy, plus the rows it retains.
         self.newest_update_time = newest
         self._acknowledge(incarnation, version)
         self._full_metric.inc()
         self._copies += 1
         _LOGGER.info(
             "sync from %s: %s full copy of incarnation %s complete up to version %d: %d rows upserted, "
-            "%d stale rows deleted in %.2f s",
+            "%d deleted, %d kept that it lacks (%d retained in all) in %.2f s",
             self.training_address, "first" if self._copies == 1 else "new", incarnation[:8], version,
-            progress.rows, progress.deletions, time.monotonic() - started,
+            progress.rows, progress.deletions, retained, len(self.retained), time.monotonic() - started,
         )  # fmt: skip
+
+    def _expire_retained(self, stats: pb.StatsResponse, progress: _Progress) -> None:
+        """Deletes the retained rows training would have expired by its tables' data clocks now."""
+        if not len(self.retained):
+            return
+        clocks = {t.table: t.newest_update_time for t in stats.tables}
+        for name, table in self._shard.tables.items():
+            expire_after = table.config.expire_after
+            if expire_after is None:
+                continue
+            due = self.retained.expired(name, clocks.get(name, 0), expire_after)
+            if due.shape[0]:
+                self._delete(name, due, progress)
+                self.retained.forget(name, due)
+        self._retained_metric.set(len(self.retained))
+
+    def _delete(self, name: str, ids: np.ndarray, progress: _Progress) -> None:
+        """Deletes local rows, a chunk at a time."""
+        for start in range(0, ids.shape[0], self._chunk_rows):
+            _, deleted = self._shard.apply_synced_chunk(name, _no_rows(self._shard, name),
+                                                        ids[start : start + self._chunk_rows])  # fmt: skip
+            progress.deletions += deleted
+            self._deletions_metric.inc(deleted)
 
     def _export(self, since: int, incarnation: str) -> Iterator[Chunk]:
         """The training shard's export since a version, checked to come from `incarnation`."""
@@ -384,6 +424,11 @@ class ServingSync:
         """Imports chunks into the local shard as one unit (see `apply_synced_chunks`)."""
         if chunks:
             self._count(progress, *self._shard.apply_synced_chunks(chunks))
+        if len(self.retained):
+            for name, rows, deleted_ids, _ in chunks:  # training re-created or deleted these ids
+                self.retained.forget(name, rows.ids)
+                self.retained.forget(name, deleted_ids)
+            self._retained_metric.set(len(self.retained))
 
     def _count(self, progress: _Progress, upserted: int, deleted: int) -> None:
         progress.rows += upserted
@@ -391,14 +436,17 @@ class ServingSync:
         self._rows_metric.inc(upserted)
         self._deletions_metric.inc(deleted)
 
-    def _local_ids_missing_from(self, name: str, received: list[np.ndarray]) -> np.ndarray:
-        local = [chunk.rows.ids for chunk in self._shard.export(0, False, self._chunk_rows, [name])]
+    def _local_rows_missing_from(self, name: str, received: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, update times) of this shard's rows of `name` that are not among `received`."""
+        local = [chunk.rows for chunk in self._shard.export(0, False, self._chunk_rows, [name])]
         if not local:
-            return np.zeros(0, np.int64)
-        local_ids = np.concatenate(local)
+            return np.zeros(0, np.int64), np.zeros(0, np.uint32)
+        ids = np.concatenate([rows.ids for rows in local])
+        times = np.concatenate([rows.update_times for rows in local])
         if not received:
-            return local_ids
-        return local_ids[~np.isin(local_ids, np.concatenate(received))]
+            return ids, times
+        missing = ~np.isin(ids, np.concatenate(received))
+        return ids[missing], times[missing]
 
     def _check_source(self, stats: pb.StatsResponse) -> None:
         """Refuses to follow a shard whose rows this shard could not hold."""
