@@ -97,19 +97,23 @@ class PartitionReader:
         self._counted_through = 0  # events at or before this sequence are re-reads: not counted again
         self._label = str(partition)
         self._snapshot_name = f"partition-{partition}"
+        self._reading = False  # the current attempt got as far as reading events
 
     async def run(self, stop: asyncio.Event) -> None:
         """Joins until `stop` is set; failures restart from the last published sample."""
         backoff = 0.1
         failing = False
         while not stop.is_set():
+            self._reading = False
             try:
                 await self._join(stop)
                 return
             except (*TRANSIENT_ERRORS, DeliveryGap) as exc:
+                if self._reading:  # it had recovered and was reading: this is a new outage
+                    failing, backoff = False, 0.1
                 self.restarts += 1
                 metrics.RESTARTS.labels(self._label).inc()
-                if not failing:
+                if not failing:  # one warning per outage, not one per attempt
                     _LOGGER.warning("partition %d: %s; restarting from the last sample", self.partition, describe(exc))
                 failing = True
                 try:
@@ -117,8 +121,6 @@ class PartitionReader:
                 except asyncio.TimeoutError:
                     pass
                 backoff = min(backoff * 2, MAX_BACKOFF)
-            else:
-                failing, backoff = False, 0.1
 
     async def _restore(self, store: StateStore) -> PartitionJoin:
         """The last snapshot of this partition's join, or a fresh join if there is none."""
@@ -142,6 +144,7 @@ class PartitionReader:
             self.partition, join.last_seq, after,
         )  # fmt: skip
         saved_seq, saved_at = join.last_seq, time.monotonic()
+        self._reading = True
         try:
             while not stop.is_set():
                 # When caught up, ask for one message so the next event is joined at once.

@@ -137,15 +137,6 @@ async def ensure_streams(js: JetStreamContext, config: StreamsConfig) -> None:
         await js.update_stream(wanted)
 
 
-async def last_sequence(js: JetStreamContext, stream: str, subject: str) -> int:
-    """The stream sequence of the last message on `subject` (0: none)."""
-    info = await js.stream_info(stream, subjects_filter=subject)
-    if not info.state.subjects or subject not in info.state.subjects:
-        return 0
-    message = await js.get_last_msg(stream, subject)
-    return int(message.seq or 0)
-
-
 class BackgroundLoop:
     """An asyncio event loop on a daemon thread, for synchronous callers.
 
