@@ -1,0 +1,238 @@
+"""Online training against a real nats-server: the parts the online-trainer and checkpoint tests share.
+
+`OnlineStack` is a nats-server, embedding-PS shards and a dense-PS in this process, the
+test's own NATS connection (`Stream`), and the `monolith trainer --mode online` processes
+(`Trainer`) a test starts; `samples` builds the joined samples they train on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+from typing import Protocol
+
+import yaml
+from nats.js import JetStreamContext
+
+from helpers.metrics import metrics_url, poll_metrics
+from helpers.processes import Role
+from monolith.api.joiner.v1 import joiner_pb2
+from monolith.common.process import free_port
+from monolith.common.scrape import Scrape
+from monolith.common.server import MonolithServer, ServerConfig
+from monolith.dense_ps.service import build_dense_ps
+from monolith.dense_ps.store import DenseStore
+from monolith.model.config import ModelConfig, default_config_path, model_config_from_dict
+from monolith.streams.config import SAMPLES_STREAM, StreamsConfig, partition_of, samples_subject
+from monolith.streams.jetstream import BackgroundLoop, connect, ensure_streams
+from monolith.streams.nats_server import NatsServer
+
+PARTITIONS = 4
+START = 880_000_000  # event times from MovieLens' months (1997-1998)
+DEADLINE = 90.0  # seconds to wait for the trainers; a trainer's start (TensorFlow import) is most of it
+
+
+def small_model(directory: Path) -> tuple[ModelConfig, str]:
+    """The MovieLens model with one small hidden layer, and its YAML (written in `directory`) for the trainers."""
+    with open(default_config_path(), encoding="utf-8") as f:
+        raw = yaml.safe_load(f)
+    raw["model"]["hidden_units"] = [16]
+    path = directory / "model.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return model_config_from_dict(raw), str(path)
+
+
+def samples(first: int, count: int) -> list[tuple[str, bytes]]:
+    """(request_id, serialized Sample): 40 users x 25 movies, one event per second of 1997 time."""
+    out = []
+    for i in range(first, first + count):
+        sample = joiner_pb2.Sample(request_id=f"req-{i}", item_id=str(i % 25), label=float(i % 3 == 0),
+                                   event_time=START + i + 0.25, sample_rate=1.0)  # fmt: skip
+        values = {"user_id": [str(i % 40)], "movie_id": [str(i % 25)], "age": ["25-34"], "gender": ["MF"[i % 2]],
+                  "occupation": ["writer"], "zip": ["554"], "genres": ["Comedy", "Drama"][: 1 + i % 2]}  # fmt: skip
+        for name, texts in values.items():
+            sample.features[name].values.extend(texts)
+        out.append((sample.request_id, sample.SerializeToString()))
+    return out
+
+
+class Stream:
+    """A test's own NATS connection: publishes samples and reads the trainers' consumer."""
+
+    def __init__(self, url: str) -> None:
+        self.config = StreamsConfig(url=url, partitions=PARTITIONS)
+        self._loop = BackgroundLoop("test-nats")
+        self._js: JetStreamContext | None = None
+        self._nc = None
+
+    def _context(self) -> JetStreamContext:
+        if self._js is None:
+            self._nc = self._loop.run(connect(self.config, "test", attempts=20), timeout=30)
+            self._js = self._nc.jetstream()
+            self._loop.run(ensure_streams(self._js, self.config), timeout=30)
+        return self._js
+
+    def publish(self, payloads: list[tuple[str, bytes]]) -> int:
+        """Publishes (request_id, payload) pairs on their partitions; returns the last stream sequence."""
+        js = self._context()
+
+        async def publish_all() -> int:
+            last = 0
+            for request_id, payload in payloads:
+                subject = samples_subject(partition_of(request_id, PARTITIONS))
+                ack = await js.publish(subject, payload, headers={"Nats-Msg-Id": f"smp/{request_id}"})
+                last = ack.seq
+            return last
+
+        return self._loop.run(publish_all(), timeout=60)
+
+    def consumer(self, name: str) -> tuple[int, int, int]:
+        """(ack floor stream sequence, pending, ack pending) of a durable consumer; zeros before it exists."""
+        js = self._context()
+
+        async def info() -> tuple[int, int, int]:
+            try:
+                state = await js.consumer_info(SAMPLES_STREAM, name, timeout=2)
+            except Exception:  # noqa: BLE001 - not there yet, or NATS restarting: ask again
+                return 0, 0, 0
+            return int(state.ack_floor.stream_seq), int(state.num_pending), int(state.num_ack_pending)
+
+        return self._loop.run(info(), timeout=10)
+
+    def all_acked(self, last: int, consumer: str = "trainer") -> bool:
+        """Whether `consumer` has acknowledged every sample up to stream sequence `last`, and holds none."""
+        floor, pending, ack_pending = self.consumer(consumer)
+        return floor >= last and pending == 0 and ack_pending == 0
+
+    def close(self) -> None:
+        if self._nc is not None:
+            try:
+                self._loop.run(self._nc.close(), timeout=5)
+            except (TimeoutError, asyncio.TimeoutError):
+                pass
+        self._loop.close()
+
+
+class DensePS:
+    """A dense-PS in this process; a restart keeps its store (parameters) and its port."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.store = DenseStore(config.model.optimizer)
+        self.port = 0
+        self.server: MonolithServer | None = None
+        self.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.server = build_dense_ps(self.store, ServerConfig(host="127.0.0.1", port=self.port, metrics_port=None))
+        self.server.start()
+        self.port = self.server.port
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop(grace=0)
+            self.server = None
+
+
+class Trainer:
+    """`monolith trainer --mode online` as a process, with its /metrics (and its TrainerControl port, if asked)."""
+
+    def __init__(self, logs: Path, name: str, config_path: str, shards: list[str], dense: str, nats: str,
+                 consumer: str = "trainer", control: bool = False) -> None:  # fmt: skip
+        self.metrics_port = free_port()
+        self.control_port = free_port() if control else None
+        args = ["trainer", "--mode", "online", "--config", config_path, "--embedding-ps", ",".join(shards),
+                "--dense-ps", dense, "--nats", nats, "--partitions", str(PARTITIONS), "--consumer", consumer,
+                "--host", "127.0.0.1", "--metrics-port", str(self.metrics_port)]  # fmt: skip
+        if self.control_port is not None:
+            args += ["--control-port", str(self.control_port)]
+        self.role = Role(logs, name, args)
+
+    @property
+    def control(self) -> str:
+        """Its TrainerControl address."""
+        assert self.control_port is not None, "started without control=True"
+        return f"127.0.0.1:{self.control_port}"
+
+    def log(self) -> str:
+        return self.role.log()
+
+    def metrics(self) -> Scrape:
+        """Its /metrics page (empty while it does not answer: every sum 0)."""
+        return poll_metrics(metrics_url(self.metrics_port))
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of one metric's series with those labels (0 while it does not answer)."""
+        return self.metrics().sum(name, **labels)
+
+    def alive(self) -> bool:
+        return self.role.alive()
+
+    def stop(self, timeout: float = 30.0) -> tuple[int, dict]:
+        """SIGTERM (then SIGKILL after `timeout`); returns (exit code, the JSON summary it printed last)."""
+        code = self.role.stop(timeout)
+        lines = [line for line in self.log().splitlines() if line.startswith("{")]
+        return code, (json.loads(lines[-1]) if lines else {})
+
+    def kill(self) -> int:
+        """SIGKILL at once (kill -9); the exit code."""
+        return self.role.kill()
+
+
+class Shards(Protocol):
+    """Embedding-PS shards a test started (conftest's `start_cluster`)."""
+
+    @property
+    def addresses(self) -> list[str]: ...
+
+    def stop(self) -> None: ...
+
+
+class OnlineStack:
+    """A nats-server, the test's embedding-PS shards, a dense-PS and a NATS connection; the trainers it starts.
+
+    Args:
+        tmp: the test's directory (NATS' store, the logs).
+        model: the model and its YAML path (`small_model`).
+        shards: the embedding-PS shards, stopped with the rest by `close`.
+    """
+
+    def __init__(self, tmp: Path, model: tuple[ModelConfig, str], shards: Shards) -> None:
+        self.tmp = tmp
+        self.config, self.config_path = model
+        self.nats = NatsServer(str(tmp / "nats"), log_path=str(tmp / "nats.log")).start()
+        self.cluster = shards
+        self.dense = DensePS(self.config)
+        self.stream = Stream(self.nats.url)
+        self.trainers: list[Trainer] = []
+
+    def trainer(self, name: str = "trainer", consumer: str = "trainer", control: bool = False) -> Trainer:
+        """Starts an online trainer (its log `<name>.log` in the test's directory)."""
+        trainer = Trainer(self.tmp, name, self.config_path, self.cluster.addresses, self.dense.address,
+                          self.nats.url, consumer, control)  # fmt: skip
+        self.trainers.append(trainer)
+        return trainer
+
+    def all_acked(self, last: int, consumer: str = "trainer") -> bool:
+        """Whether the trainers' consumer has acknowledged every sample up to `last`, and holds none."""
+        return self.stream.all_acked(last, consumer)
+
+    def restart_nats(self) -> None:
+        """Stops NATS (if it runs) and starts it again on the same port and store."""
+        down = self.nats
+        down.stop()
+        self.nats = NatsServer(down.data_dir, down.port, down.monitor_port, down.log_path).start()
+
+    def close(self) -> None:
+        for trainer in self.trainers:
+            trainer.role.stop(timeout=5)
+        self.stream.close()
+        self.nats.stop()
+        self.dense.stop()
+        self.cluster.stop()
+        shutil.rmtree(self.tmp / "nats", ignore_errors=True)
