@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from helpers.processes import MONOLITH
 from monolith.common.server import MonolithServer, ServerConfig
 from monolith.dense_ps.service import build_dense_ps
 from monolith.dense_ps.store import DenseStore
 from monolith.model.config import default_config_path, load_model_config
 
-MONOLITH = str(Path(sys.executable).with_name("monolith"))
 TABLES = "features:\n  - name: user\n    dim: 8\n"
 
 

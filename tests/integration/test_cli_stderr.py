@@ -11,16 +11,14 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from monolith.common.process import RoleProcess, free_port, wait_healthy
+from helpers.processes import MONOLITH, ParameterServers
 from monolith.model.config import default_config_path
 
-MONOLITH = os.path.join(os.path.dirname(sys.executable), "monolith")
 # What TensorFlow's start-up output looks like: any absl/glog-prefixed native line (the
 # services log through Python's logging, which never prints this prefix), or the words of
 # the known start-up lines.
@@ -52,34 +50,24 @@ def test_help_of_a_role_that_imports_tensorflow_is_quiet(command: str) -> None:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[tuple[str, str, Path]]:
-    """One embedding-PS shard and a dense-PS as processes; yields their addresses and the logs folder."""
-    config = default_config_path()
-    shard, dense = free_port(), free_port()
-    common = ["--config", config, "--host", "127.0.0.1", "--metrics-port", "0"]
-    roles = [
-        RoleProcess(["embedding-ps", "--shard", "0", "--num-shards", "1", "--port", str(shard), *common],
-                    log_path=str(tmp_path / "embedding-ps.log")),
-        RoleProcess(["dense-ps", "--port", str(dense), *common], log_path=str(tmp_path / "dense-ps.log")),
-    ]  # fmt: skip
+def cluster(tmp_path: Path) -> Iterator[ParameterServers]:
+    """One embedding-PS shard and a dense-PS as processes."""
+    servers = ParameterServers.start(tmp_path, default_config_path(), num_shards=1)
     try:
-        for address in (f"127.0.0.1:{shard}", f"127.0.0.1:{dense}"):
-            wait_healthy(address, timeout=60)
-        yield f"127.0.0.1:{shard}", f"127.0.0.1:{dense}", tmp_path
+        servers.wait_healthy(timeout=60)
+        yield servers
     finally:
-        for role in roles:
-            role.stop()
+        servers.stop()
 
 
-def test_a_training_run_is_quiet(cluster: tuple[str, str, Path]) -> None:
-    shard, dense, logs = cluster
+def test_a_training_run_is_quiet(cluster: ParameterServers) -> None:
     done = subprocess.run(
-        [MONOLITH, "trainer", "--config", default_config_path(), "--embedding-ps", shard, "--dense-ps", dense,
-         "--limit", "1000"],
+        [MONOLITH, "trainer", "--config", default_config_path(), "--embedding-ps", cluster.shards[0],
+         "--dense-ps", cluster.dense, "--limit", "1000"],
         check=False, capture_output=True, text=True, timeout=180, env=_environment(),
     )  # fmt: skip
 
     assert done.returncode == 0, done.stderr[-3000:]
     _assert_quiet("monolith trainer", done.stderr)
-    for name in ("embedding-ps.log", "dense-ps.log"):
-        _assert_quiet(name, (logs / name).read_text(errors="replace"))
+    for role in cluster.roles:
+        _assert_quiet(role.log_path.name, role.log())

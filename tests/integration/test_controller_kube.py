@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from helpers.waiting import wait_for
 from monolith.controller.cluster import NORMAL, WARNING
 from monolith.controller.kube import EventRecorder, KubeSettings, KubeView, LeaseElection, PodWatch, api_client
 
@@ -32,6 +33,7 @@ SELECTOR = "app.kubernetes.io/instance=rel"
 LEASES = f"/apis/coordination.k8s.io/v1/namespaces/{NAMESPACE}/leases"
 PODS = f"/api/v1/namespaces/{NAMESPACE}/pods"
 EVENTS = f"/api/v1/namespaces/{NAMESPACE}/events"
+DEADLINE = 20.0  # seconds to wait for what the views' threads do
 
 
 def _status(code: int, reason: str, message: str) -> dict[str, Any]:
@@ -66,6 +68,8 @@ class FakeApiServer:
         self.watches: list[dict[str, str]] = []  # the query of every watch request
         self.lists = 0
         self.before_next_put: Callable[[], None] | None = None
+        self.open_watches = 0
+        self.closed = False
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -178,8 +182,14 @@ class FakeApiServer:
             self.compacted = self.rv + 1
 
     def close(self) -> None:
+        """Ends every open watch, so no handler thread outlives the test, then stops serving."""
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+            ended = self.cond.wait_for(lambda: self.open_watches == 0, timeout=10)
         self.server.shutdown()
         self.server.server_close()
+        assert ended, f"{self.open_watches} watch(es) still open"
 
     # --- the API
     def _matches(self, body: dict, selector: str) -> bool:
@@ -194,6 +204,18 @@ class FakeApiServer:
                     "items": items}  # fmt: skip
 
     def _watch(self, handler: BaseHTTPRequestHandler, query: dict[str, str]) -> None:
+        with self.cond:
+            self.open_watches += 1
+        try:
+            self._stream_watch(handler, query)
+        except (BrokenPipeError, ConnectionResetError):
+            handler.close_connection = True  # the client went away: its watch ends, as on a real API server
+        finally:
+            with self.cond:
+                self.open_watches -= 1
+                self.cond.notify_all()
+
+    def _stream_watch(self, handler: BaseHTTPRequestHandler, query: dict[str, str]) -> None:
         self.watches.append(query)
         handler.send_response(200)
         handler.send_header("Content-Type", "application/json")
@@ -220,7 +242,7 @@ class FakeApiServer:
                         line({"type": kind, "object": body})
                 since = self.rv
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 or self.closed:
                     break
                 if not self.cond.wait(min(remaining, 0.3)) and query.get("allowWatchBookmarks") == "true":
                     # Idle: a bookmark moves the client's resourceVersion past changes it does not watch.
@@ -234,13 +256,6 @@ def api() -> Iterator[FakeApiServer]:
     server = FakeApiServer()
     yield server
     server.close()
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def test_pod_watch_lists_then_watches_with_bookmarks_and_lists_again_after_410(api: FakeApiServer) -> None:
@@ -351,12 +366,13 @@ def test_two_views_elect_one_leader_find_trainers_and_wake_on_a_pod_failure(api:
     for view in views:
         view.start()
     try:
-        wait_until(lambda: any(v.is_leader() for v in views), "a leader")
+        wait_for(lambda: any(v.is_leader() for v in views), "a leader", timeout=DEADLINE, interval=0.02)
         leader = next(v for v in views if v.is_leader())
         for _ in range(5):  # never two, through renewals (a slow renewal may leave none for a moment)
             assert sum(v.is_leader() for v in views) <= 1
             time.sleep(0.1)
-        wait_until(lambda: leader.trainers() == ["10.0.0.5:8710"], "the trainer pod discovered")
+        wait_for(lambda: leader.trainers() == ["10.0.0.5:8710"], "the trainer pod discovered", timeout=DEADLINE,
+                 interval=0.02)
 
         # A pod restart wakes the controller's wait at once and is recorded by the leader only.
         stop = threading.Event()
@@ -367,13 +383,14 @@ def test_two_views_elect_one_leader_find_trainers_and_wake_on_a_pod_failure(api:
         api.put_pod(pod("rel-dense-ps-0", "dense-ps", "10.0.0.8", restarts=1))
         waiter.join(timeout=20)
         assert woke and woke[0] - started < 20
-        wait_until(lambda: [e["reason"] for e in api.events] == ["PodFailed"], "the failure's event")
+        wait_for(lambda: [e["reason"] for e in api.events] == ["PodFailed"], "the failure's event", timeout=DEADLINE,
+                 interval=0.02)
         assert api.events[0]["involvedObject"]["name"] == "rel-dense-ps-0" and api.events[0]["type"] == "Warning"
 
         # The leader goes away: the other takes the lease over once it expires.
         leader.close()
         other = next(v for v in views if v is not leader)
-        wait_until(other.is_leader, "the other replica to take over", timeout=30)
+        wait_for(other.is_leader, "the other replica to take over", timeout=30, interval=0.02)
         assert api.leases["monolith-controller"]["spec"]["holderIdentity"] == other.settings.holder
     finally:
         for view in views:

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import grpc
@@ -14,9 +9,11 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from helpers.processes import MONOLITH, Command
+from helpers.waiting import wait_for
+from monolith.common.process import free_port
 from monolith.embedding_ps.client import ShardedEmbeddingClient
 
-MONOLITH = str(Path(sys.executable).with_name("monolith"))
 SERVICE = "monolith.api.embedding_ps.v1.EmbeddingPS"
 CONFIG = """\
 features:
@@ -30,12 +27,6 @@ features:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _serving(channel: grpc.Channel) -> bool:
     request = health_pb2.HealthCheckRequest(service=SERVICE)
     try:
@@ -45,40 +36,37 @@ def _serving(channel: grpc.Channel) -> bool:
     return status == health_pb2.HealthCheckResponse.SERVING
 
 
-def _run(tmp_path: Path, config: str, *flags: str) -> subprocess.Popen[str]:
+def _run(tmp_path: Path, config: str, *flags: str) -> Command:
     path = tmp_path / "model.yaml"
     path.write_text(config)
     command = [MONOLITH, "embedding-ps", "--config", str(path), "--host", "127.0.0.1", "--metrics-port", "0", *flags]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return Command(command, tmp_path)
 
 
 def test_serves_a_lookup_then_exits_0_on_sigterm(tmp_path: Path) -> None:
-    port = _free_port()
-    proc = _run(tmp_path, CONFIG, "--shard", "0", "--num-shards", "1", "--port", str(port))
-    try:
+    port = free_port()
+    with _run(tmp_path, CONFIG, "--shard", "0", "--num-shards", "1", "--port", str(port)) as proc:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            deadline = time.monotonic() + 20
-            while not _serving(channel):
-                assert proc.poll() is None, proc.communicate()[1]
-                assert time.monotonic() < deadline, "not SERVING within 20 s"
-                time.sleep(0.05)
+
+            def serving() -> bool:
+                assert proc.alive(), proc.describe()
+                return _serving(channel)
+
+            wait_for(serving, "SERVING", timeout=20)
         with ShardedEmbeddingClient([f"127.0.0.1:{port}"], {"user": 8, "item": 8}, timeout=10) as client:
             trained = client.lookup({"user": np.array([5, 5, 6]), "item": np.array([7])}, training=True)
             served = client.lookup({"user": np.array([6, 5]), "item": np.array([7])})
             (stats,) = client.stats()
 
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=15)
-    finally:
-        proc.kill()
+        exited = proc.stop(timeout=15)  # SIGTERM; a SIGKILL after 15 s would exit with -9
 
     assert trained["user"][0].any() and not trained["user"][2].any()  # 2 sightings admit, 1 does not
     np.testing.assert_array_equal(served["user"], np.stack([trained["user"][2], trained["user"][0]]))
     np.testing.assert_array_equal(served["item"], trained["item"])
     assert [(s.table, s.rows, s.pending_ids) for s in stats.tables] == [("user", 1, 1), ("item", 1, 0)]
     assert (stats.shard, stats.num_shards, stats.role) == (0, 1, "training")
-    assert proc.returncode == 0, stderr
-    assert "received SIGTERM" in stderr
+    assert exited.code == 0, exited.stderr
+    assert "received SIGTERM" in exited.stderr
 
 
 @pytest.mark.parametrize(
@@ -94,12 +82,8 @@ def test_serves_a_lookup_then_exits_0_on_sigterm(tmp_path: Path) -> None:
 )
 def test_bad_config_exits_2_naming_the_field(tmp_path: Path, config: str, flags: tuple[str, ...], message: str) -> None:
     flags = flags or ("--shard", "0", "--num-shards", "1")
-    proc = _run(tmp_path, config, *flags, "--port", str(_free_port()))
-    try:
-        stdout, stderr = proc.communicate(timeout=15)
-    finally:
-        proc.kill()
+    exited = _run(tmp_path, config, *flags, "--port", str(free_port())).wait(timeout=15)
 
-    assert proc.returncode == 2, stderr
-    assert message in stderr
-    assert stderr.strip().startswith("monolith embedding-ps:")
+    assert exited.code == 2, exited.stderr
+    assert message in exited.stderr
+    assert exited.stderr.strip().startswith("monolith embedding-ps:")

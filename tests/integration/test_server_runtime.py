@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import logging
-import signal
-import subprocess
 import sys
 import threading
-import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -16,8 +14,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
-from prometheus_client.parser import text_string_to_metric_families
 
+from helpers.metrics import metrics_url, read_metrics
+from helpers.processes import Command
 from monolith.common.errors import InvalidArgument, Unavailable
 from monolith.common.process import wait_healthy
 from monolith.common.server import MonolithServer, Service, ServerConfig, build_server
@@ -189,23 +188,13 @@ def test_reflection_lists_services(channel: grpc.Channel) -> None:
     assert "grpc.reflection.v1alpha.ServerReflection" in services
 
 
-def _sample(text: str, name: str, **labels: str) -> float | None:
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and labels.items() <= sample.labels.items():
-                return sample.value
-    return None
-
-
 def test_metrics_endpoint_counts_by_code(server: MonolithServer, channel: grpc.Channel) -> None:
     _unary(channel, "Echo")
     for method in ("Invalid", "Crash", "Abort"):
         with pytest.raises(grpc.RpcError):
             _unary(channel, method)
 
-    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
+    page = read_metrics(metrics_url(server.metrics_port), timeout=10)
 
     handled = "grpc_server_handled_total"
     for method, code in [
@@ -215,12 +204,11 @@ def test_metrics_endpoint_counts_by_code(server: MonolithServer, channel: grpc.C
         ("Abort", "NOT_FOUND"),
     ]:
         labels = {"grpc_type": "unary", "grpc_service": SERVICE, "grpc_method": method}
-        assert _sample(text, handled, **labels, grpc_code=code) >= 1, method
-        assert _sample(text, "grpc_server_started_total", **labels) >= 1, method
-    assert _sample(text, "grpc_server_handling_seconds_count", grpc_method="Echo") >= 1
+        assert page.sum(handled, **labels, grpc_code=code) >= 1, method
+        assert page.sum("grpc_server_started_total", **labels) >= 1, method
+    assert page.sum("grpc_server_handling_seconds_count", grpc_method="Echo") >= 1
     # Sub-millisecond buckets exist: PS lookups live there.
-    bucket = {"grpc_method": "Echo", "le": "0.0001"}
-    assert _sample(text, "grpc_server_handling_seconds_bucket", **bucket) is not None
+    assert page.has("grpc_server_handling_seconds_bucket", grpc_method="Echo", le="0.0001")
 
 
 def test_concurrency_limit_sheds_load() -> None:
@@ -269,17 +257,11 @@ server.run_until_signal(on_shutdown=lambda: print("flushed", flush=True))
 """
 
 
-def test_run_until_signal_drains_and_flushes_on_sigterm() -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _SIGNAL_SCRIPT], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        port = int(proc.stdout.readline())
+def test_run_until_signal_drains_and_flushes_on_sigterm(tmp_path: Path) -> None:
+    with Command([sys.executable, "-c", _SIGNAL_SCRIPT], tmp_path) as proc:
+        port = int(proc.first_line(timeout=30))  # after its imports
         wait_healthy(f"127.0.0.1:{port}", timeout=10)  # Handlers are in place by then.
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=15)
-    finally:
-        proc.kill()
+        exited = proc.stop(timeout=15)  # SIGTERM; a SIGKILL after 15 s would exit with -9
 
-    assert proc.returncode == 0
-    assert out.splitlines()[-1:] == ["flushed"]
+    assert exited.code == 0, exited.stderr
+    assert exited.stdout.splitlines()[-1:] == ["flushed"]

@@ -11,7 +11,6 @@ import dataclasses
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +19,9 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from monolith.common.process import RoleProcess, free_port, wait_healthy
+from helpers.processes import Command, Exited, ParameterServers, Role, run
+from helpers.waiting import wait_for
+from monolith.common.process import free_port, wait_healthy
 from monolith.model.config import default_config_path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -30,13 +31,12 @@ SERVICE = "tensorflow.serving.PredictionService"
 
 @dataclasses.dataclass
 class Processes:
-    serving: RoleProcess
+    serving: Role
     address: str
-    logs: Path
     not_serving_before_training: int  # health status seen before the dense-PS had parameters
     predict_before_training: tuple[grpc.StatusCode, str]
-    trainer: tuple[int, str, str]  # exit code, stdout, stderr
-    refused: tuple[int, str, str]  # `monolith serving --dense-sync-interval 0`
+    trainer: Exited
+    refused: Exited  # `monolith serving --dense-sync-interval 0`
 
 
 def _health(address: str, service: str = "") -> int | None:
@@ -64,65 +64,37 @@ def _predict_status(address: str) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.OK, ""
 
 
-def _log(logs: Path, name: str) -> str:
-    path = logs / name
-    return path.read_text(errors="replace")[-3000:] if path.exists() else ""
-
-
 @pytest.fixture(scope="module")
 def processes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Processes]:
     logs = tmp_path_factory.mktemp("serving-cli")
     config = default_config_path()
-    shards = [f"127.0.0.1:{free_port()}" for _ in range(2)]
-    dense = f"127.0.0.1:{free_port()}"
+    servers = ParameterServers.start(logs, config)
     address = f"127.0.0.1:{free_port()}"
-    common = ["--config", config, "--host", "127.0.0.1", "--metrics-port", "0"]
-    roles = [
-        RoleProcess(["embedding-ps", "--shard", str(i), "--num-shards", "2", "--port", a.split(":")[1], *common],
-                    log_path=str(logs / f"embedding-ps-{i}.log"))
-        for i, a in enumerate(shards)
-    ]  # fmt: skip
-    roles.append(RoleProcess(["dense-ps", "--port", dense.split(":")[1], *common], log_path=str(logs / "dense.log")))
-    serving_args = ["serving", "--embedding-ps", ",".join(shards), "--dense-ps", dense, "--host", "127.0.0.1"]
-    serving = RoleProcess(
-        [*serving_args, "--port", address.split(":")[1], "--metrics-port", "0", "--dense-sync-interval", "1"],
-        log_path=str(logs / "serving.log"),
-    )
+    serving_args = ["serving", "--embedding-ps", ",".join(servers.shards), "--dense-ps", servers.dense,
+                    "--host", "127.0.0.1"]  # fmt: skip
+    serving = Role(logs, "serving", [*serving_args, "--port", address.split(":")[1], "--metrics-port", "0",
+                                     "--dense-sync-interval", "1"])  # fmt: skip
     # Started alongside, to overlap its TensorFlow import with the others'.
-    bad = subprocess.Popen(
-        [sys.executable, "-m", "monolith.cli", *serving_args, "--port", str(free_port()), "--metrics-port", "0",
-         "--dense-sync-interval", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    trainer = None
+    bad = Command([sys.executable, "-m", "monolith.cli", *serving_args, "--port", str(free_port()), "--metrics-port",
+                   "0", "--dense-sync-interval", "0"], logs)  # fmt: skip
     try:
-        for a in (*shards, dense):
-            wait_healthy(a, timeout=60)
-        deadline = time.monotonic() + 60
-        while (status := _health(address)) is None:
-            assert serving.process.poll() is None, _log(logs, "serving.log")
-            assert time.monotonic() < deadline, "serving did not answer health checks within 60 s"
-            time.sleep(0.1)
+        servers.wait_healthy(timeout=60)
+
+        def answering() -> int | None:
+            assert serving.alive(), serving.describe()
+            return _health(address)
+
+        status = wait_for(answering, "serving to answer health checks", timeout=60)
         predict_before = _predict_status(address)
 
-        trainer = subprocess.Popen(
-            [sys.executable, "-m", "monolith.cli", "trainer", "--config", config, "--embedding-ps", ",".join(shards),
-             "--dense-ps", dense, "--limit", "3000"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        trainer_out, trainer_err = trainer.communicate(timeout=120)
-        bad_out, bad_err = bad.communicate(timeout=60)
-        yield Processes(
-            serving, address, logs, status, predict_before,
-            (trainer.returncode, trainer_out, trainer_err), (bad.returncode, bad_out, bad_err),
-        )  # fmt: skip
+        trainer = run([sys.executable, "-m", "monolith.cli", "trainer", "--config", config, "--embedding-ps",
+                       ",".join(servers.shards), "--dense-ps", servers.dense, "--limit", "3000"],
+                      logs, timeout=120)  # fmt: skip
+        yield Processes(serving, address, status, predict_before, trainer, bad.wait(timeout=60))
     finally:
-        for proc in (trainer, bad):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
+        bad.stop()
         serving.stop()
-        for role in roles:
-            role.stop()
+        servers.stop()
 
 
 def test_serving_is_not_serving_until_the_dense_ps_has_parameters(processes: Processes) -> None:
@@ -133,12 +105,11 @@ def test_serving_is_not_serving_until_the_dense_ps_has_parameters(processes: Pro
 
 
 def test_serving_becomes_serving_once_trained(processes: Processes) -> None:
-    code, _, stderr = processes.trainer
-    assert code == 0, stderr[-3000:]
+    assert processes.trainer.code == 0, processes.trainer.stderr[-3000:]
 
     wait_healthy(processes.address, timeout=30)
     wait_healthy(processes.address, timeout=5, service=SERVICE)
-    assert processes.serving.process.poll() is None
+    assert processes.serving.alive()
 
 
 def test_the_example_client_prints_three_scores(processes: Processes) -> None:
@@ -172,19 +143,21 @@ def test_the_example_client_prints_three_scores(processes: Processes) -> None:
 
 
 def test_a_sync_interval_of_0_is_refused_with_exit_2(processes: Processes) -> None:
-    code, stdout, stderr = processes.refused
+    refused = processes.refused
 
-    assert code == 2, stderr[-3000:]
-    assert stdout == ""
-    assert "monolith serving: error: argument --dense-sync-interval: must be a number of seconds > 0, got '0'" in stderr
+    assert refused.code == 2, refused.stderr[-3000:]
+    assert refused.stdout == ""
+    assert "monolith serving: error: argument --dense-sync-interval: must be a number of seconds > 0, got '0'" in (
+        refused.stderr
+    )
 
 
 def test_sigterm_stops_serving_with_exit_0(processes: Processes) -> None:
     # Last in the module: it ends the shared serving process.
-    assert processes.serving.process.poll() is None, _log(processes.logs, "serving.log")
+    assert processes.serving.alive(), processes.serving.describe()
 
     code = processes.serving.stop(timeout=20)
 
-    assert code == 0, _log(processes.logs, "serving.log")
-    assert "received SIGTERM, shutting down" in _log(processes.logs, "serving.log")
+    assert code == 0, processes.serving.describe()
+    assert "received SIGTERM, shutting down" in processes.serving.log()
     assert _health(processes.address) is None  # nothing listens any more

@@ -9,7 +9,7 @@ user's scores while a trainer trains on that user.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import grpc
 import numpy as np
@@ -19,6 +19,7 @@ import yaml
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from conftest import Cluster, start_cluster
+from helpers.waiting import wait_for
 from monolith.common.server import MonolithServer, ServerConfig
 from monolith.data.batch import Batch
 from monolith.data.feature_ids import feature_id
@@ -35,6 +36,7 @@ from monolith.serving.servicer import SignatureConfig
 from monolith.trainer.worker import TrainerWorker
 
 SYNC_INTERVAL = 0.2
+DEADLINE = 10.0  # seconds to wait for the syncs (50 intervals)
 
 
 class Stack:
@@ -119,13 +121,6 @@ def _positives_of(data: Batch, user_id: int, count: int) -> Batch:
     return Batch(batch.ids, batch.row_splits, np.ones(count, np.float32), batch.timestamps)
 
 
-def _wait_until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} within {timeout:.0f} s"
-        time.sleep(0.02)
-
-
 def _wait_synced(stack: Stack) -> None:
     """Until every serving shard has acknowledged its training shard's current version."""
     targets = [(shard.incarnation, shard.version) for shard in stack.training.shards]
@@ -137,16 +132,15 @@ def _wait_synced(stack: Stack) -> None:
                 return False
         return True
 
-    _wait_until(synced, "serving shards acknowledge the training shards' versions")
+    wait_for(synced, "serving shards acknowledge the training shards' versions", timeout=DEADLINE, interval=0.02)
 
 
 def _wait_for_change(stack: Stack, request: predict_pb2.PredictRequest, before: np.ndarray) -> float:
+    """Seconds until the served scores differ from `before`."""
     start = time.monotonic()
-    while time.monotonic() - start < 10:
-        if not np.allclose(_scores(stack, request), before, atol=1e-6):
-            return time.monotonic() - start
-        time.sleep(0.02)
-    raise AssertionError("served scores did not change within 10 s")
+    wait_for(lambda: not np.allclose(_scores(stack, request), before, atol=1e-6), "served scores to change",
+             timeout=DEADLINE, interval=0.02)  # fmt: skip
+    return time.monotonic() - start
 
 
 def test_training_on_a_user_reaches_served_scores_within_the_sync_interval(stack: Stack) -> None:
@@ -181,9 +175,11 @@ def test_serving_keeps_answering_while_the_training_shards_are_down(stack: Stack
         server.stop(grace=0)
     # Every sync thread has met the outage: its latest attempt failed (those before the
     # stop succeeded).
-    _wait_until(
+    wait_for(
         lambda: all(s.last_result is not None and not s.last_result.ok for s in stack.syncs),
         "a failed sync attempt on every serving shard",
+        timeout=DEADLINE,
+        interval=0.02,
     )
 
     after = _scores(stack, request)

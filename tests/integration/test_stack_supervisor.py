@@ -9,16 +9,16 @@ from __future__ import annotations
 import io
 import os
 import signal
-import subprocess
 import sys
 import textwrap
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from helpers.processes import Command, pid_alive
+from helpers.waiting import wait_for
 from monolith.common.process import free_port
 from monolith.harness.stack.health import HttpOk
 from monolith.harness.stack.parts import Part
@@ -100,27 +100,6 @@ def supervise(tmp_path: Path) -> Iterator[Callable[..., tuple[Supervisor, io.Str
         supervisor.stop()
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie keeps its pid until it is reaped, but it is gone as a process.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, step: Callable[[], None] = lambda: None) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        step()
-        time.sleep(0.05)
-
-
 def test_parts_start_after_what_they_wait_for_and_stop_last_first(make_part, supervise) -> None:
     first = make_part("first", "--delay", "0.5")  # a slow start: the second must wait for it
     second = make_part("second", after=(first,))
@@ -135,7 +114,7 @@ def test_parts_start_after_what_they_wait_for_and_stop_last_first(make_part, sup
     supervisor.stop()
     stops = out.getvalue().splitlines()[2:]
     assert stops == ["second stopped (code 0)", "first stopped (code 0)"]
-    assert not any(alive(pid) for pid in pids)
+    assert not any(pid_alive(pid) for pid in pids)
 
 
 def test_a_part_that_exits_at_start_fails_naming_it_with_its_log(make_part, supervise) -> None:
@@ -176,7 +155,8 @@ def test_a_killed_part_is_restarted_on_its_port_with_its_log_appended(make_part,
     assert old is not None
 
     os.kill(old, signal.SIGKILL)
-    wait_for(lambda: supervisor.restarts("server") == 1 and supervisor.ready("server"), 30, supervisor.check)
+    wait_for(lambda: supervisor.restarts("server") == 1 and supervisor.ready("server"), "the part restarted and ready",
+             timeout=30, step=supervisor.check)
 
     assert supervisor.pid("server") not in (None, old)
     assert part.probe.ready()
@@ -195,7 +175,7 @@ def test_a_part_that_ignores_sigterm_is_killed_after_the_timeout(make_part, supe
     supervisor.stop()
 
     assert "stubborn stopped (signal SIGKILL)" in out.getvalue()
-    assert pid is not None and not alive(pid)
+    assert pid is not None and not pid_alive(pid)
 
 
 DIES_WITH_PARENT = textwrap.dedent(
@@ -216,17 +196,12 @@ DIES_WITH_PARENT = textwrap.dedent(
 
 def test_parts_die_when_the_supervisor_is_killed(tmp_path) -> None:
     (tmp_path / "part.py").write_text(SERVER)
-    parent = subprocess.Popen(
-        [sys.executable, "-c", DIES_WITH_PARENT, str(tmp_path / "part.py"), str(free_port()), str(tmp_path / "logs")],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    parent = Command([sys.executable, "-c", DIES_WITH_PARENT, str(tmp_path / "part.py"), str(free_port()),
+                      str(tmp_path / "logs")], tmp_path)  # fmt: skip
     try:
-        assert parent.stdout is not None
-        child = int(parent.stdout.readline())
-        assert alive(child)
+        child = int(parent.first_line(timeout=60))  # its supervisor gives the part 30 s to start
+        assert pid_alive(child)
     finally:
         parent.kill()
-        parent.wait()
 
-    wait_for(lambda: not alive(child), timeout=10)
+    wait_for(lambda: not pid_alive(child), "the part to die with its supervisor", timeout=10)

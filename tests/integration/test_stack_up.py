@@ -14,18 +14,17 @@ import os
 import signal
 import socket
 import subprocess
-import sys
-import time
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from helpers.metrics import read_metrics
+from helpers.processes import MONOLITH, Command, pid_alive
+from helpers.waiting import wait_for
 from monolith.harness.manifest import StackError, StackManifest
 from monolith.harness.stack.health import GrpcHealth, HttpOk
 
-MONOLITH = str(Path(sys.executable).with_name("monolith"))
 START_TIMEOUT = 300.0  # nine processes importing TensorFlow and gRPC on a loaded 2-core machine
 FREE_PORTS = ("--serving-port", "0", "--joiner-port", "0", "--nats-port", "0")
 
@@ -48,21 +47,6 @@ def children(pid: int) -> dict[int, str]:
     return found
 
 
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout:g} s"
-        time.sleep(0.2)
-
-
 def _manifest(path: str) -> StackManifest | None:
     try:
         return StackManifest.load(path)
@@ -72,13 +56,13 @@ def _manifest(path: str) -> StackManifest | None:
 
 @dataclasses.dataclass
 class Stack:
-    process: subprocess.Popen[bytes]
+    up: Command
     data_dir: Path
-    output_path: Path
     manifest: StackManifest
 
     def output(self) -> str:
-        return self.output_path.read_text()
+        """What `monolith up` printed on stdout: its own lines and its supervisor's reports."""
+        return self.up.stdout()
 
 
 @pytest.fixture(scope="module")
@@ -90,27 +74,20 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     (data_dir / "stack.json").write_text(json.dumps({"pid": dead.pid}))
     (data_dir / "logs").mkdir()
     (data_dir / "logs" / "earlier.log").write_text("from an earlier stack\n")
-    output_path = data_dir / "up.out"
-    with open(output_path, "wb") as out:
-        process = subprocess.Popen(
-            [MONOLITH, "up", "--data-dir", str(data_dir), "--fresh", *FREE_PORTS], stdout=out, stderr=subprocess.STDOUT
-        )
+    up = Command([MONOLITH, "up", "--data-dir", str(data_dir), "--fresh", *FREE_PORTS], tmp_path_factory.mktemp("up"))
     try:
-        deadline = time.monotonic() + START_TIMEOUT
         manifest_path = str(data_dir / "stack.json")
-        while (manifest := _manifest(manifest_path)) is None or manifest.pid != process.pid:
-            assert process.poll() is None, f"monolith up exited with {process.returncode}:\n{output_path.read_text()}"
-            assert time.monotonic() < deadline, f"no stack.json in {START_TIMEOUT:g} s:\n{output_path.read_text()}"
-            time.sleep(0.2)
-        yield Stack(process, data_dir, output_path, manifest)
+
+        def written() -> StackManifest | None:
+            assert up.alive(), f"monolith up exited with {up.process.returncode}: {up.describe()}"
+            manifest = _manifest(manifest_path)
+            return manifest if manifest is not None and manifest.pid == up.pid else None
+
+        manifest = wait_for(written, f"stack.json (monolith up's output: {up.stdout_path})", timeout=START_TIMEOUT,
+                            interval=0.2)  # fmt: skip
+        yield Stack(up, data_dir, manifest)
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(120)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        up.stop(timeout=120)
 
 
 def _run_up(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -186,9 +163,8 @@ def test_every_part_answers_where_stack_json_says(stack) -> None:
     host, port = m.nats.removeprefix("nats://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as nats:
         assert nats.recv(4) == b"INFO"  # the NATS protocol's greeting
-    for name, url in m.metrics.items():
-        with urllib.request.urlopen(url, timeout=10) as response:
-            assert response.status == 200, name
+    for url in m.metrics.values():
+        read_metrics(url, timeout=10)  # answers, with a page Prometheus can parse
 
 
 def test_up_prints_where_each_part_listens_and_logs(stack) -> None:
@@ -209,7 +185,7 @@ def test_a_second_stack_on_the_same_data_dir_is_refused(stack) -> None:
     result = _run_up("--data-dir", str(stack.data_dir), *FREE_PORTS)
 
     assert result.returncode == 1
-    assert f"a stack is already running from {stack.data_dir} (pid {stack.process.pid})" in result.stderr
+    assert f"a stack is already running from {stack.data_dir} (pid {stack.up.pid})" in result.stderr
     assert StackManifest.load(str(stack.data_dir / "stack.json")) == stack.manifest
 
 
@@ -218,16 +194,17 @@ def test_a_killed_embedding_ps_is_restarted_on_its_address(stack) -> None:
     port = address.rsplit(":", 1)[1]
 
     def shard_pids() -> list[int]:
-        return [pid for pid, cmd in children(stack.process.pid).items() if "embedding-ps" in cmd and f"--port {port}" in cmd]
+        return [pid for pid, cmd in children(stack.up.pid).items() if "embedding-ps" in cmd and f"--port {port}" in cmd]
 
     [old] = shard_pids()
     os.kill(old, signal.SIGKILL)
 
-    wait_for(lambda: shard_pids() not in ([], [old]), 30, "the shard restarted")
-    wait_for(lambda: GrpcHealth(address).ready(), 120, "the restarted shard SERVING")
-    wait_for(lambda: "embedding-ps-serving-0 ready again after restart 1" in stack.output(), 30, "reported")
+    wait_for(lambda: shard_pids() not in ([], [old]), "the shard restarted", timeout=30, interval=0.2)
+    wait_for(lambda: GrpcHealth(address).ready(), "the restarted shard SERVING", timeout=120, interval=0.2)
+    wait_for(lambda: "embedding-ps-serving-0 ready again after restart 1" in stack.output(), "reported", timeout=30,
+             interval=0.2)
     assert "embedding-ps-serving-0 exited with signal SIGKILL; restart 1 in" in stack.output()
-    assert stack.process.poll() is None
+    assert stack.up.alive()
 
 
 def test_a_killed_training_shard_is_restored_by_the_controller(stack) -> None:
@@ -235,28 +212,29 @@ def test_a_killed_training_shard_is_restored_by_the_controller(stack) -> None:
     port = address.rsplit(":", 1)[1]
 
     def shard_pids() -> list[int]:
-        return [pid for pid, cmd in children(stack.process.pid).items() if "embedding-ps" in cmd and f"--port {port}" in cmd]
+        return [pid for pid, cmd in children(stack.up.pid).items() if "embedding-ps" in cmd and f"--port {port}" in cmd]
 
     [old] = shard_pids()
     os.kill(old, signal.SIGKILL)
 
-    wait_for(lambda: shard_pids() not in ([], [old]), 30, "the shard restarted")
+    wait_for(lambda: shard_pids() not in ([], [old]), "the shard restarted", timeout=30, interval=0.2)
     # It comes back awaiting a restore (NOT_SERVING); SERVING means the controller restored it.
-    wait_for(lambda: GrpcHealth(address).ready(), 120, "the restarted shard restored and SERVING")
+    wait_for(lambda: GrpcHealth(address).ready(), "the restarted shard restored and SERVING", timeout=120,
+             interval=0.2)
     log = (Path(stack.manifest.logs) / "controller.log").read_text()
     assert "recovering: training shard 0 awaits a restore" in log
-    assert stack.process.poll() is None
+    assert stack.up.alive()
 
 
 def test_sigterm_stops_every_part_last_started_first_and_removes_stack_json(stack) -> None:
-    parts = children(stack.process.pid)
+    parts = children(stack.up.pid)
     assert len(parts) == 10, parts  # nats, 4 shards, dense-PS, joiner, controller, trainer, serving
 
-    stack.process.send_signal(signal.SIGTERM)
+    code = stack.up.stop(timeout=120).code  # SIGTERM; a SIGKILL after 120 s would exit with -9
 
-    assert stack.process.wait(120) == 0, stack.output()
+    assert code == 0, stack.up.describe()
     assert not (stack.data_dir / "stack.json").exists()
-    assert not [pid for pid in parts if alive(pid)]
+    assert not [pid for pid in parts if pid_alive(pid)]
     stops = [line.split()[0] for line in stack.output().splitlines() if " stopped (" in line]
     assert stops[0] == "serving" and stops[-1] == "nats", stops
     assert stack.output().splitlines()[-1] == "monolith up: stopped"

@@ -8,10 +8,8 @@ import dataclasses
 import json
 import math
 import shutil
-import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,10 +21,11 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import Cluster, decode_export, start_cluster
+from helpers.processes import Command, Exited, ParameterServers, Role
+from helpers.waiting import wait_for
 from monolith.api.embedding_ps.v1 import embedding_ps_pb2 as pb
 from monolith.api.embedding_ps.v1 import embedding_ps_pb2_grpc as pb_grpc
 from monolith.common.errors import MonolithError
-from monolith.common.process import RoleProcess, free_port, wait_healthy
 from monolith.common.server import MonolithServer, ServerConfig
 from monolith.data.batch import Batch
 from monolith.data.movielens import load_movielens
@@ -145,10 +144,16 @@ def test_two_asynchronous_trainers_lower_the_held_out_loss(in_process: InProcess
 @dataclasses.dataclass
 class Processes:
     config_path: str
-    shards: list[str]
-    dense: str
-    roles: list[RoleProcess]
+    servers: ParameterServers
     logs: Path
+
+    @property
+    def shards(self) -> list[str]:
+        return self.servers.shards
+
+    @property
+    def dense(self) -> str:
+        return self.servers.dense
 
     def trainer_command(self, *flags: str) -> list[str]:
         return ["trainer", "--config", self.config_path, "--embedding-ps", ",".join(self.shards),
@@ -161,31 +166,17 @@ def processes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Processes]:
     tmp = tmp_path_factory.mktemp("cluster")
     config_path = str(tmp / "model.yaml")
     shutil.copyfile(default_config_path(), config_path)
-    shards = [f"127.0.0.1:{free_port()}" for _ in range(2)]
-    dense = f"127.0.0.1:{free_port()}"
-    common = ["--config", config_path, "--host", "127.0.0.1", "--metrics-port", "0"]
-    roles = [
-        RoleProcess(["embedding-ps", "--shard", str(i), "--num-shards", "2", "--port", a.split(":")[1], *common],
-                    log_path=str(tmp / f"embedding-ps-{i}.log"))
-        for i, a in enumerate(shards)
-    ]  # fmt: skip
-    roles.append(RoleProcess(["dense-ps", "--port", dense.split(":")[1], *common], log_path=str(tmp / "dense-ps.log")))
+    servers = ParameterServers.start(tmp, config_path)
     try:
-        for address in (*shards, dense):
-            wait_healthy(address, timeout=60)
-        yield Processes(config_path, shards, dense, roles, tmp)
+        servers.wait_healthy(timeout=60)
+        yield Processes(config_path, servers, tmp)
     finally:
-        codes = [role.stop() for role in roles]
+        codes = servers.stop()
     assert codes == [0, 0, 0], codes
 
 
-def _log(processes: Processes, name: str) -> str:
-    path = processes.logs / name
-    return path.read_text(errors="replace")[-3000:] if path.exists() else ""
-
-
 def test_a_trainer_killed_mid_run_leaves_the_servers_consistent(processes: Processes, data: Batch) -> None:
-    trainer = RoleProcess(processes.trainer_command("--limit", "20000"), log_path=str(processes.logs / "trainer.log"))
+    trainer = Role(processes.logs, "trainer", processes.trainer_command("--limit", "20000"))
     config = load_model_config(processes.config_path)
     try:
         # Kill it once it has pushed to the dense-PS and to both shards (small batches may
@@ -193,22 +184,21 @@ def test_a_trainer_killed_mid_run_leaves_the_servers_consistent(processes: Proce
         with DensePSClient(processes.dense, timeout=10) as dense, ShardedEmbeddingClient(
             processes.shards, config.table_dims(), timeout=10
         ) as sparse:
-            deadline = time.monotonic() + 60
-            while True:
-                assert trainer.process.poll() is None, _log(processes, "trainer.log")
+
+            def pushed_to_every_server() -> bool:
+                assert trainer.alive(), trainer.describe()
                 try:
-                    if dense.stats().version > 1 and all(
+                    return dense.stats().version > 1 and all(
                         next(t.rows for t in shard.tables if t.table == "user_id") > 0 for shard in sparse.stats()
-                    ):
-                        break
+                    )
                 except (grpc.RpcError, MonolithError):
-                    pass
-                assert time.monotonic() < deadline, "the trainer pushed nothing to every server within 60 s"
-                time.sleep(0.02)
-        assert trainer.process.poll() is None  # still training
+                    return False
+
+            wait_for(pushed_to_every_server, "the trainer to push to every server", timeout=60, interval=0.02)
+        assert trainer.alive()  # still training
     finally:
-        trainer.kill()
-    assert trainer.process.returncode == -9
+        code = trainer.kill()
+    assert code == -9
 
     for address in processes.shards:
         assert check_health(address, EMBEDDING_SERVICE) == health_pb2.HealthCheckResponse.SERVING
@@ -259,20 +249,15 @@ def test_a_trainer_killed_mid_run_leaves_the_servers_consistent(processes: Proce
     assert stats_after.rejected_pushes == 0
 
 
-def _trainer_cli(*args: str) -> subprocess.Popen[str]:
-    command = [sys.executable, "-m", "monolith.cli", *args]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _trainer_cli(args: list[str], output_dir: Path) -> Command:
+    return Command([sys.executable, "-m", "monolith.cli", *args], output_dir)
 
 
-def test_a_trainer_run_exits_0_and_prints_a_json_summary_last(processes: Processes) -> None:
-    proc = _trainer_cli(*processes.trainer_command("--limit", "3000"))
-    try:
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
+def test_a_trainer_run_exits_0_and_prints_a_json_summary_last(processes: Processes, tmp_path: Path) -> None:
+    done = _trainer_cli(processes.trainer_command("--limit", "3000"), tmp_path).wait(timeout=120)
 
-    assert proc.returncode == 0, stderr[-3000:]
-    summary: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
+    assert done.code == 0, done.stderr[-3000:]
+    summary: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     assert set(summary) == {"examples", "steps", "examples_per_s", "last_loss", "running_auc", "dense_version"}
     batch_size = load_model_config(processes.config_path).training.batch_size
     assert (summary["examples"], summary["steps"]) == (2400, math.ceil(2400 / batch_size))  # the first 80%
@@ -280,11 +265,11 @@ def test_a_trainer_run_exits_0_and_prints_a_json_summary_last(processes: Process
     assert math.isfinite(summary["last_loss"]) and 0 < summary["last_loss"] < 1
     assert 0.5 < summary["running_auc"] < 1
     assert summary["examples_per_s"] > 0
-    assert "[trainer 0/1] 2400/2400 examples" in stderr
+    assert "[trainer 0/1] 2400/2400 examples" in done.stderr
 
 
 @pytest.fixture(scope="module")
-def refused() -> dict[str, tuple[int, str, str]]:
+def refused(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Exited]:
     """Runs the refused trainer command lines concurrently (each imports TensorFlow)."""
     # Nothing listens at these addresses: a refusal must come before any connection.
     commands = {
@@ -294,36 +279,34 @@ def refused() -> dict[str, tuple[int, str, str]]:
         "index": ["trainer", "--embedding-ps", "127.0.0.1:1", "--dense-ps", "127.0.0.1:1",
                   "--worker-index", "3", "--num-workers", "2"],
     }  # fmt: skip
-    procs = {name: _trainer_cli(*command) for name, command in commands.items()}
-    out = {}
-    for name, proc in procs.items():
-        try:
-            stdout, stderr = proc.communicate(timeout=60)
-        finally:
-            proc.kill()
-        out[name] = (proc.returncode, stdout, stderr)
-    return out
+    output_dir = tmp_path_factory.mktemp("refused")
+    procs = {name: _trainer_cli(command, output_dir) for name, command in commands.items()}
+    try:
+        return {name: proc.wait(timeout=60) for name, proc in procs.items()}
+    finally:
+        for proc in procs.values():
+            proc.stop()
 
 
-def test_online_mode_without_nats_is_refused_with_exit_2(refused: dict[str, tuple[int, str, str]]) -> None:
-    code, stdout, stderr = refused["online"]
+def test_online_mode_without_nats_is_refused_with_exit_2(refused: dict[str, Exited]) -> None:
+    refusal = refused["online"]
 
-    assert code == 2, stderr
-    assert stdout == ""
-    assert "monolith trainer: --nats is required with --mode online" in stderr
-
-
-def test_a_consumer_name_nats_cannot_hold_is_refused_with_exit_2(refused: dict[str, tuple[int, str, str]]) -> None:
-    code, stdout, stderr = refused["consumer"]
-
-    assert code == 2, stderr
-    assert stdout == ""
-    assert "monolith trainer: --consumer must be 1-64 letters" in stderr
+    assert refusal.code == 2, refusal.stderr
+    assert refusal.stdout == ""
+    assert "monolith trainer: --nats is required with --mode online" in refusal.stderr
 
 
-def test_a_worker_index_out_of_range_is_refused_with_exit_2(refused: dict[str, tuple[int, str, str]]) -> None:
-    code, stdout, stderr = refused["index"]
+def test_a_consumer_name_nats_cannot_hold_is_refused_with_exit_2(refused: dict[str, Exited]) -> None:
+    refusal = refused["consumer"]
 
-    assert code == 2, stderr
-    assert stdout == ""
-    assert "monolith trainer: --worker-index must be in 0..1, got 3" in stderr
+    assert refusal.code == 2, refusal.stderr
+    assert refusal.stdout == ""
+    assert "monolith trainer: --consumer must be 1-64 letters" in refusal.stderr
+
+
+def test_a_worker_index_out_of_range_is_refused_with_exit_2(refused: dict[str, Exited]) -> None:
+    refusal = refused["index"]
+
+    assert refusal.code == 2, refusal.stderr
+    assert refusal.stdout == ""
+    assert "monolith trainer: --worker-index must be in 0..1, got 3" in refusal.stderr

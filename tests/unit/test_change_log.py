@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 from unittest import mock
 
 import numpy as np
@@ -14,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers.waiting import wait_for
 from monolith.common.errors import FailedPrecondition
 from monolith.embedding import change_log as change_log_module
 from monolith.embedding import table as table_module
@@ -394,13 +394,6 @@ def sgd_tables() -> tuple[TableConfig, ...]:
     return tuple(TableConfig(name=name, dim=2, optimizer=sgd, initializer=zeros) for name in ("a", "b", "c"))
 
 
-def wait_for(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.001)
-
-
 def test_an_export_holds_a_push_to_several_entriesentirely_or_not_at_all() -> None:
     shard = EmbeddingShard(ShardConfig(shard=0, num_shards=1, role="training", tables=sgd_tables()))
     ids = np.arange(5, dtype=np.int64)
@@ -423,7 +416,8 @@ def test_an_export_holds_a_push_to_several_entriesentirely_or_not_at_all() -> No
         assert halfway.wait(DEADLINE)
         exporter = threading.Thread(target=lambda: chunks.extend(shard.export(since, False)))
         exporter.start()
-        wait_for(lambda: shard._gate.waiting_writers == 1 or not exporter.is_alive(), "the exporter")
+        wait_for(lambda: shard._gate.waiting_writers == 1 or not exporter.is_alive(), "the exporter", timeout=DEADLINE,
+                 interval=0.001)
         resume.set()
         pusher.join(DEADLINE)
         exporter.join(DEADLINE)

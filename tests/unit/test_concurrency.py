@@ -3,19 +3,11 @@
 from __future__ import annotations
 
 import threading
-import time
-from typing import Callable
 
+from helpers.waiting import wait_for
 from monolith.embedding.concurrency import ReadWriteLock
 
 DEADLINE = 30.0
-
-
-def wait_for(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.001)
 
 
 def test_readers_share_the_lock() -> None:
@@ -45,7 +37,7 @@ def test_a_waiting_writer_blocks_new_readers() -> None:
 
         writer = threading.Thread(target=write)
         writer.start()
-        wait_for(lambda: lock.waiting_writers == 1, "the writer to queue")
+        wait_for(lambda: lock.waiting_writers == 1, "the writer to queue", timeout=DEADLINE, interval=0.001)
 
         def read() -> None:
             with lock.read():
@@ -53,7 +45,7 @@ def test_a_waiting_writer_blocks_new_readers() -> None:
 
         reader = threading.Thread(target=read)
         reader.start()
-        wait_for(lambda: lock.waiting_readers == 1, "the reader to queue")
+        wait_for(lambda: lock.waiting_readers == 1, "the reader to queue", timeout=DEADLINE, interval=0.001)
     writer.join(DEADLINE)
     reader.join(DEADLINE)
 
@@ -74,7 +66,7 @@ def test_a_reader_waiting_when_a_writer_finishes_goes_before_its_next_turn() -> 
     with lock.write():
         order.append("write 1")
         reader.start()
-        wait_for(lambda: lock.waiting_readers == 1, "the reader to queue")
+        wait_for(lambda: lock.waiting_readers == 1, "the reader to queue", timeout=DEADLINE, interval=0.001)
     with lock.write():
         order.append("write 2")
     reader.join(DEADLINE)
