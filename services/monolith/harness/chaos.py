@@ -130,13 +130,14 @@ class ServingRows:
     """
 
     def __init__(self, addresses: list[str], interval: float = 0.2) -> None:
+        self._addresses = list(addresses)
         self._channels = [open_channel(a) for a in addresses]
         self._stubs = [eps_grpc.EmbeddingPSStub(c) for c in self._channels]
         self._interval = interval
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self.before: list[int | None] = [None] * len(addresses)
-        self.fewest: list[int | None] = [None] * len(addresses)
+        self.before: list[int] = []
+        self.fewest: list[int] = []
         self._thread = threading.Thread(target=self._run, name="serving-rows", daemon=True)
 
     def rows(self) -> list[int | None]:
@@ -149,8 +150,25 @@ class ServingRows:
                 out.append(None)  # restarting: it answers nothing, so from no table either
         return out
 
-    def start(self) -> ServingRows:
-        self.before = self.rows()
+    def start(self, timeout: float = 30.0) -> ServingRows:
+        """Reads every shard's rows (the ratio's denominators), then polls in the background.
+
+        A shard that does not answer at once (a first connection on a loaded machine, a
+        Stats call over its 2 s) is asked again until it does, so each ratio is measured.
+
+        Raises:
+            ChaosError: a serving shard did not answer within `timeout` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        before = self.rows()
+        while None in before:
+            if time.monotonic() > deadline:
+                silent = [a for a, n in zip(self._addresses, before) if n is None]
+                self.stop()
+                raise ChaosError(f"serving shard(s) {', '.join(silent)} did not answer Stats within {timeout:g} s")
+            time.sleep(POLL)
+            before = [n if n is not None else again for n, again in zip(before, self.rows())]
+        self.before = [int(n) for n in before if n is not None]
         self.fewest = list(self.before)
         self._thread.start()
         return self
@@ -159,17 +177,19 @@ class ServingRows:
         while not self._stop.wait(self._interval):
             now = self.rows()
             with self._lock:
-                self.fewest = [n if f is None else (f if n is None else min(f, n)) for f, n in zip(self.fewest, now)]
+                self.fewest = [f if n is None else min(f, n) for f, n in zip(self.fewest, now)]
 
-    def stop(self) -> float | None:
-        """Stops polling; the fewest rows any serving shard held over its rows at the start (None: unknown)."""
+    def stop(self) -> float:
+        """Stops polling; the fewest rows any serving shard held over its rows at the start.
+
+        A shard that held no rows at the start had none to lose: its ratio is 1.
+        """
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
         for channel in self._channels:
             channel.close()
-        ratios = [f / b for b, f in zip(self.before, self.fewest) if b and f is not None]
-        return min(ratios) if ratios else None
+        return min((f / b if b else 1.0 for b, f in zip(self.before, self.fewest)), default=1.0)
 
 
 @dataclasses.dataclass
@@ -194,7 +214,7 @@ class ChaosResult:
     waited_s: float
     recovery_s: float | None
     restores: int
-    serving_rows_min_ratio: float | None
+    serving_rows_min_ratio: float
     trainer_examples_at_kill: float | None
 
     @property
@@ -335,5 +355,4 @@ def run(args: argparse.Namespace) -> int:
               + (f"ready again in {result.recovery_s:.2f} s (pid {result.new_pid})" if result.recovered
                  else f"not ready again within {args.timeout:g} s")
               + f"; {result.restores} restore(s); serving rows min ratio {result.serving_rows_min_ratio}")  # fmt: skip
-    kept_rows = result.serving_rows_min_ratio is None or result.serving_rows_min_ratio >= 0.99
-    return 0 if result.recovered and kept_rows else 1
+    return 0 if result.recovered and result.serving_rows_min_ratio >= 0.99 else 1
