@@ -8,7 +8,6 @@ TLS when the server serves it. Callers say what they need in a `ChannelConfig` a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Annotated, Any
 
 import grpc
@@ -145,9 +144,7 @@ DEFAULT = ChannelConfig()
 """Plaintext, 64 MiB messages, keepalive, gRPC's own reconnect backoff."""
 
 
-def open_channel(
-    address: str, config: ChannelConfig = DEFAULT, extra_options: Sequence[tuple[str, Any]] = ()
-) -> grpc.Channel:
+def open_channel(address: str, config: ChannelConfig = DEFAULT) -> grpc.Channel:
     """A channel to `address` ("host:port") as `config` says; close it (or use `with`) when done.
 
     gRPC connects lazily: opening a channel to a server that is down succeeds, and the
@@ -156,12 +153,11 @@ def open_channel(
     Args:
         address: where the server listens.
         config: limits, keepalive, reconnect backoff and TLS.
-        extra_options: more gRPC channel arguments, after the config's.
 
     Raises:
         ConfigError: a TLS file cannot be read.
     """
-    options = [*config.options(), *extra_options]
+    options = config.options()
     if config.tls is None:
         return grpc.insecure_channel(address, options=options)
     return grpc.secure_channel(address, config.tls.credentials(), options=options)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from concurrent import futures
-from typing import Any
 
 import grpc
 import numpy as np
@@ -30,20 +29,13 @@ class DensePSClient:
         address: "host:port" of the dense-PS.
         timeout: seconds per RPC.
         channel: how to dial the dense-PS (message limits, reconnect backoff, TLS).
-        max_message_bytes: the controller's older spelling of the channel's message limits,
-            kept until controller/cut.py passes a `channel` (replaces both limits).
-        channel_options: likewise: raw gRPC channel arguments after the channel's.
 
     Raises:
         ConfigError: a TLS file of `channel` cannot be read.
     """
 
-    def __init__(self, address: str, timeout: float = 30.0, channel: ChannelConfig = DEFAULT, *,
-                 max_message_bytes: int | None = None, channel_options: Sequence[tuple[str, Any]] = ()) -> None:
-        if max_message_bytes is not None:
-            limits = {"max_send_bytes": max_message_bytes, "max_receive_bytes": max_message_bytes}
-            channel = ChannelConfig.model_validate({**dict(channel), **limits})
-        self._channel = open_channel(address, channel, channel_options)
+    def __init__(self, address: str, timeout: float = 30.0, channel: ChannelConfig = DEFAULT) -> None:
+        self._channel = open_channel(address, channel)
         self._stub = pb_grpc.DensePSStub(self._channel)
         self._timeout = timeout
 
