@@ -8,16 +8,15 @@ training learns exactly what the in-process run learns, serving sees trained row
 from __future__ import annotations
 
 import json
-import os
+import math
 import subprocess
-import sys
 
 import pytest
 
+from helpers.processes import MONOLITH
+
 # Minutes each: `make test-fast` (pytest -m "not slow") leaves them out, `make test` runs them.
 pytestmark = pytest.mark.slow
-
-MONOLITH = os.path.join(os.path.dirname(sys.executable), "monolith")
 
 
 def _bench(name: str, timeout: float) -> dict:
@@ -121,9 +120,14 @@ def test_serving_benchmark() -> None:
 def test_online_benchmark() -> None:
     result = _bench("online", 900)
 
-    # The closed loop on a slice: 1,000 replayed events through `monolith up`.
+    # The closed loop on a slice: 1,000 replayed events through `monolith up`. Every model
+    # ranks them better than chance: the copy frozen after batch training on 4,000 ratings,
+    # what serving answered while the online trainer went on, and the running means. (Trained
+    # in one process, this slice gives frozen 0.61, progressive 0.67, baseline 0.65; over
+    # 1,000 events, 570 positive, an AUC's standard error is about 0.02.) Served above frozen
+    # is a bar, met on the full replay; on 1,000 events the gap is within the noise.
     for key in ("served_progressive_auc", "frozen_auc", "running_mean_baseline_auc"):
-        assert 0.0 < result[key] < 1.0, key
+        assert 0.5 < result[key] < 1.0, key
     assert result["events_per_s"] > 0 and result["actions"] > 0
     assert result["impressions"] == result["events"] + result["probe_impressions"] >= 1_000
     # Exactly once holds on any machine: every impression became one sample.
@@ -153,7 +157,10 @@ def test_recovery_benchmark() -> None:
     assert result["incremental_rows"] == result["changed_rows"] == 10_000
     assert result["row_bytes"] == 8 + 4 * (16 + 16) + 4
     assert result["full_write_mb_per_s"] > 0 and result["disk_write_mb_per_s"] > 0
-    assert result["checkpoints"] >= 1 and result["max_training_pause_s"] >= 0
+    # The controller cut while training, and each cut's pause was measured: positive and finite.
+    assert result["checkpoints"] == len(result["training_pauses_s"]) >= 1
+    assert 0 < result["max_training_pause_s"] < math.inf
+    assert result["max_training_pause_s"] == pytest.approx(max(result["training_pauses_s"]), abs=1e-4)
     assert set(result["bars_met"]) == {
         "abs(auc_with_failure-auc_undisturbed)<=0.005", "updates_lost==0", "updates_applied_twice==0",
         "serving_rows_min_ratio>=0.99", "full_write_mb_per_s>=0.5*disk_write_mb_per_s",

@@ -13,19 +13,19 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 
+from helpers.processes import Command
+from helpers.waiting import wait_for
+from monolith.common.process import free_port
 from monolith.harness.manifest import StackManifest
 from monolith.harness.replay.launcher import LocalStack
 
@@ -34,15 +34,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "deploy" / "helm" / "monolith" / "files" / "prometheus" / "rules.yaml"
 LOADTEST = REPO / "clients" / "locust" / "loadtest.py"
-
-
-def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Polls `condition` until it returns something truthy; fails after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"{what}: not within {timeout:g} s"
-        time.sleep(0.5)
-    return value
+POLL = 0.5  # seconds between questions to Prometheus
 
 
 @pytest.fixture(scope="module")
@@ -74,12 +66,6 @@ def test_locust_run_has_no_errors_and_writes_reports(stack, tmp_path: Path) -> N
     assert (tmp_path / "locust.html").stat().st_size > 10_000
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _query(port: int, expression: str) -> list[dict]:
     url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expression})
     with urllib.request.urlopen(url, timeout=5) as response:
@@ -104,20 +90,13 @@ def prometheus(stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]
         "scrape_configs": [{"job_name": "monolith", "static_configs": targets}],
     }
     (directory / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = _free_port()
-    with open(directory / "prometheus.log", "wb") as log:
-        process = subprocess.Popen(
-            [binary, f"--config.file={directory / 'prometheus.yml'}", f"--storage.tsdb.path={directory / 'data'}",
-             f"--web.listen-address=127.0.0.1:{port}"],
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    try:
-        wait_for(lambda: process.poll() is not None or _ready(port), 60, "Prometheus ready")
-        assert process.poll() is None, (directory / "prometheus.log").read_text()[-2000:]
+    port = free_port()
+    with Command([binary, f"--config.file={directory / 'prometheus.yml'}", f"--storage.tsdb.path={directory / 'data'}",
+                  f"--web.listen-address=127.0.0.1:{port}"], directory) as prometheus:  # fmt: skip
+        wait_for(lambda: not prometheus.alive() or _ready(port), "Prometheus ready", timeout=60, interval=POLL)
+        assert prometheus.alive(), prometheus.describe()
         yield port
-    finally:
-        process.terminate()
-        process.wait(30)
+        prometheus.stop(timeout=30)
 
 
 def _ready(port: int) -> bool:
@@ -139,7 +118,7 @@ def test_prometheus_scrapes_every_part_and_finds_the_key_series(stack, prometheu
                          {"movie_id": [242, 302], "genres": [["Comedy"], ["Crime", "Thriller"]]}, request_id=f"scrape-{i}")  # fmt: skip
         client.report_action("scrape-0", 242)
     up = wait_for(lambda: (r := _query(prometheus, "up")) and len(r) == len(info.metrics) and all(s["value"][1] == "1" for s in r) and r,
-                  60, "every part scraped and up")  # fmt: skip
+                  "every part scraped and up", timeout=60, interval=POLL)  # fmt: skip
     assert {s["metric"]["job"] for s in up} == set(info.metrics)
     expected = {
         'grpc_server_handled_total{grpc_method="Predict",grpc_code="OK"}': "serving",
@@ -154,7 +133,7 @@ def test_prometheus_scrapes_every_part_and_finds_the_key_series(stack, prometheu
         "monolith_dense_version": "dense-ps",
     }
     for expression, job in expected.items():
-        series = wait_for(lambda e=expression: _query(prometheus, e), 60, f"series {expression}")
+        series = wait_for(lambda e=expression: _query(prometheus, e), f"series {expression}", timeout=60, interval=POLL)
         if job:
             assert {s["metric"]["job"] for s in series} == {job}, expression
 
@@ -166,8 +145,8 @@ def test_chart_rules_load_and_evaluate_on_real_series(prometheus) -> None:
         return [rule for group in groups for rule in group["rules"]]
 
     loaded = wait_for(lambda: (r := rules()) and all(x.get("lastEvaluation", "").startswith("20") for x in r) and r,
-                      60, "every rule evaluated once")  # fmt: skip
+                      "every rule evaluated once", timeout=60, interval=POLL)  # fmt: skip
     assert len(loaded) == sum(len(g["rules"]) for g in yaml.safe_load(RULES.read_text())["groups"])
     assert all(rule["health"] == "ok" for rule in loaded), [r for r in loaded if r["health"] != "ok"]
     for record in ("monolith:sync_lag_seconds:max", "monolith:trainer_consumer_lag:max", "monolith:grpc_server_handled:rate5m"):
-        wait_for(lambda r=record: _query(prometheus, r), 60, f"recording rule {record}")
+        wait_for(lambda r=record: _query(prometheus, r), f"recording rule {record}", timeout=60, interval=POLL)

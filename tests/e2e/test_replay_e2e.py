@@ -10,11 +10,10 @@ the freshness probe measured, and the stack was stopped afterwards.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
-MONOLITH = os.path.join(os.path.dirname(sys.executable), "monolith")
+from helpers.processes import MONOLITH
+
 LIMIT = 3000  # 2,400 ratings trained in batch, 600 replayed
 
 
@@ -43,8 +42,13 @@ def test_replay_closes_the_loop(tmp_path) -> None:
     assert result["frozen_matched_serving"] is True
     assert result["served_differs_from_frozen"] > 0.5
     assert result["freshness_probes"] >= 1 and result["freshness_p50_s"] is not None
+    # Every model ranks the 600 events better than chance: the copy frozen after batch training
+    # on 2,400 ratings, what serving answered, and the running means. (Trained in one process,
+    # this slice gives frozen 0.65, progressive 0.68, baseline 0.70; over 600 events, 375
+    # positive, an AUC's standard error is about 0.02.) Served above frozen is within the noise
+    # on 600 events; that online training reached serving is `served_differs_from_frozen` above.
     for key in ("served_progressive_auc", "frozen_auc", "running_mean_baseline_auc"):
-        assert 0.0 < result[key] < 1.0, key
+        assert 0.5 < result[key] < 1.0, key
     assert result["events_per_s"] > 0 and result["actions"] > 0
     # The summary table and the plot.
     assert "samples joined" in done.stdout and f"plot: {plot}" in done.stdout
