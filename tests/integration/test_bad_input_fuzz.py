@@ -36,7 +36,7 @@ from tensorflow_serving.apis import (
     regression_pb2,
 )
 
-from conftest import Cluster, start_cluster
+from helpers.cluster import Cluster, start_cluster
 from monolith.api.dense_ps.v1 import dense_ps_pb2 as dpb
 from monolith.api.embedding_ps.v1 import embedding_ps_pb2 as epb
 from monolith.common.server import MonolithServer, ServerConfig

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import start_cluster
+from helpers.cluster import start_cluster
 from helpers.online import DEADLINE, OnlineStack, Trainer, samples, small_model
 from helpers.tables import exported_rows
 from helpers.waiting import wait_for

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from monolith.api.embedding_ps.v1 import embedding_ps_pb2 as pb
 
 if TYPE_CHECKING:
-    from conftest import Cluster
+    from helpers.cluster import Cluster
 
 SERVICE = "monolith.api.embedding_ps.v1.EmbeddingPS"
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1

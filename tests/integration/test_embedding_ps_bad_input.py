@@ -22,7 +22,7 @@ from monolith.api.embedding_ps.v1 import embedding_ps_pb2 as pb
 from monolith.embedding.table import RowBatch
 
 if TYPE_CHECKING:
-    from conftest import Cluster
+    from helpers.cluster import Cluster
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED

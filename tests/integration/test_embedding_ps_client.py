@@ -7,7 +7,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from conftest import Cluster
+from helpers.cluster import Cluster
 from monolith.common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from monolith.common.process import free_port
 from monolith.embedding.table import RowBatch

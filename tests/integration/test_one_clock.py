@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import Cluster, start_cluster
+from helpers.cluster import Cluster, start_cluster
 from monolith.api.joiner.v1 import joiner_pb2
 from monolith.data.batch import Batch
 from monolith.data.movielens import load_movielens

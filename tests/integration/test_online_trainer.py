@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import start_cluster
+from helpers.cluster import start_cluster
 from helpers.online import DEADLINE, START, OnlineStack, samples, small_model
 from helpers.waiting import wait_for
 from monolith.api.joiner.v1 import joiner_pb2

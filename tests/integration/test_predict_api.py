@@ -31,7 +31,7 @@ from tensorflow_serving.apis import (
     regression_pb2,
 )
 
-from conftest import Cluster, start_cluster
+from helpers.cluster import Cluster, start_cluster
 from monolith.common.errors import DeadlineExceeded
 from monolith.common.server import MonolithServer, ServerConfig
 from monolith.data.batch import Batch

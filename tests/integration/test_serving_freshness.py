@@ -18,7 +18,7 @@ import tensorflow as tf
 import yaml
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from conftest import Cluster, start_cluster
+from helpers.cluster import Cluster, start_cluster
 from helpers.waiting import wait_for
 from monolith.common.server import MonolithServer, ServerConfig
 from monolith.data.batch import Batch

@@ -6,20 +6,17 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import Row, decode_export
-from monolith.api.embedding_ps.v1 import embedding_ps_pb2 as pb
-from monolith.api.embedding_ps.v1 import embedding_ps_pb2_grpc as pb_grpc
+from helpers.cluster import Row, exported_rows
+from helpers.metrics import read_metrics
+from helpers.waiting import wait_for
 from monolith.common.process import RoleProcess, free_port, wait_healthy
-from monolith.embedding_ps.client import ShardedEmbeddingClient
+from monolith.embedding_ps.client import EmbeddingPSClient, ShardedEmbeddingClient
 
 CONFIG = """\
 features:
@@ -71,18 +68,13 @@ class Node:
 
     def rows(self) -> dict[str, dict[int, Row]]:
         """Every row's embedding and update time, as a full export shows them."""
-        with grpc.insecure_channel(self.address) as channel:
-            chunks = pb_grpc.EmbeddingPSStub(channel).Export(pb.ExportRequest(), timeout=10)
-            return decode_export(chunks)
+        with EmbeddingPSClient(self.address, timeout=10) as client:
+            return exported_rows(client.export())
 
     def metric(self, name: str) -> float:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
-            text = response.read().decode()
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name:
-                    return sample.value
-        raise KeyError(name)
+        page = read_metrics(f"http://127.0.0.1:{self.metrics_port}/metrics")
+        assert page.has(name), f"{self.address} has no metric {name}"
+        return page.sum(name)
 
 
 @pytest.fixture
@@ -109,13 +101,6 @@ def train(node: Node, offset: int) -> dict[str, np.ndarray]:
     return ids
 
 
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = CONVERGE_SECONDS) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} within {timeout:.0f} s"
-        time.sleep(0.05)
-
-
 def served(node: Node, ids: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     with ShardedEmbeddingClient([node.address], DIMS, timeout=10) as client:
         return client.lookup(ids)
@@ -123,37 +108,49 @@ def served(node: Node, ids: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def test_serving_follows_training_through_kills_of_either_side(nodes: Callable[..., Node]) -> None:
     training = nodes("training", "--role", "training").start()
-    # No cap on what a full copy deletes: the training shard here restarts empty on purpose
-    # (with --restore-required and a controller it would wait to be restored instead).
-    serving = nodes("serving", "--role", "serving", "--sync-from", training.address, "--sync-interval", "0.05",
-                    "--max-resync-delete-fraction", "1")  # fmt: skip
+    # The training shard here restarts empty on purpose (with --restore-required and a
+    # controller it would wait to be restored instead).
+    serving = nodes("serving", "--role", "serving", "--sync-from", training.address, "--sync-interval", "0.05")
     serving.start()
 
     first = train(training, offset=0)
-    wait_until(lambda: serving.rows() == training.rows(), "serving mirrors training")
+    wait_for(lambda: serving.rows() == training.rows(), "serving mirrors training", timeout=CONVERGE_SECONDS)
     np.testing.assert_array_equal(served(serving, first)["item"], served(training, first)["item"])
     assert "first full copy" in serving.log()
 
     # A serving process restarted empty gets a full copy again.
     serving.kill()
     serving.start()
-    wait_until(lambda: serving.rows() == training.rows(), "a restarted serving shard mirrors training")
+    wait_for(lambda: serving.rows() == training.rows(),
+             "a restarted serving shard mirrors training", timeout=CONVERGE_SECONDS)
 
     # The training process dies: serving keeps answering with what it has.
     before = served(serving, first)
     training.kill()
-    wait_until(lambda: serving.metric("monolith_sync_failures_total") >= 3, "failed syncs counted")
+    wait_for(lambda: serving.metric("monolith_sync_failures_total") >= 3,
+             "failed syncs counted", timeout=CONVERGE_SECONDS)
     during = served(serving, first)
     for name in first:
         np.testing.assert_array_equal(during[name], before[name])
 
-    # A new, empty training process (new incarnation) trained on other ids: serving
-    # converges to it, dropping the rows only the dead process had.
+    # A new, empty training process (new incarnation) trained on other ids: serving follows
+    # it, and keeps serving the rows only the dead process had (a lost or rolled-back
+    # training shard never shrinks serving), alarmed as a shard that lost its rows.
+    old = serving.rows()
     training.start()
     second = train(training, offset=10_000)
-    wait_until(lambda: serving.rows() == training.rows(), "serving mirrors the restarted training shard")
-    assert not served(serving, first)["user"].any()
+
+    def follows_and_keeps() -> bool:
+        now, new = serving.rows(), training.rows()
+        return all(now[t] == {**old.get(t, {}), **new.get(t, {})} for t in {*old, *new})
+
+    wait_for(follows_and_keeps, "serving follows the restarted training shard and keeps the old rows",
+             timeout=CONVERGE_SECONDS)
+    np.testing.assert_array_equal(served(serving, first)["user"], before["user"])
     np.testing.assert_array_equal(served(serving, second)["user"], served(training, second)["user"])
+    assert serving.metric("monolith_sync_retained_rows") == sum(len(rows) for rows in old.values())
+    assert serving.metric("monolith_sync_resync_deletions_refused_total") > 0
+    assert "restarted without being restored" in serving.log()
     assert serving.metric("monolith_sync_full_resyncs_total") >= 2
     assert serving.metric("monolith_sync_rows_total") >= 300
     assert 0 <= serving.metric("monolith_sync_lag_seconds") < 60

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import Cluster, decode_export, start_cluster
+from helpers.cluster import Cluster, decode_export, start_cluster
 from helpers.processes import Command, Exited, ParameterServers, Role
 from helpers.waiting import wait_for
 from monolith.api.embedding_ps.v1 import embedding_ps_pb2 as pb
