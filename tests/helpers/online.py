@@ -7,18 +7,18 @@ test's own NATS connection (`Stream`), and the `monolith trainer --mode online` 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 from pathlib import Path
 from typing import Protocol
 
 import yaml
-from nats.js import JetStreamContext
 
 from helpers.metrics import metrics_url, poll_metrics
 from helpers.processes import Role
+from helpers.streams import publish
 from monolith.api.joiner.v1 import joiner_pb2
+from monolith.common.errors import Unavailable
 from monolith.common.process import free_port
 from monolith.common.scrape import Scrape
 from monolith.common.server import MonolithServer, ServerConfig
@@ -26,8 +26,10 @@ from monolith.dense_ps.service import build_dense_ps
 from monolith.dense_ps.store import DenseStore
 from monolith.model.config import ModelConfig, default_config_path, model_config_from_dict
 from monolith.streams.config import SAMPLES_STREAM, StreamsConfig, partition_of, samples_subject
-from monolith.streams.jetstream import BackgroundLoop, connect, ensure_streams
+from monolith.streams.jetstream import TRANSIENT_ERRORS
 from monolith.streams.nats_server import NatsServer
+from monolith.streams.publish import Message
+from monolith.streams.watch import StreamWatch
 
 PARTITIONS = 4
 START = 880_000_000  # event times from MovieLens' months (1997-1998)
@@ -59,47 +61,34 @@ def samples(first: int, count: int) -> list[tuple[str, bytes]]:
 
 
 class Stream:
-    """A test's own NATS connection: publishes samples and reads the trainers' consumer."""
+    """The test's own view of NATS: publishes samples and reads the trainers' consumer.
+
+    Publishing is `helpers.streams.publish`; the questions (how far the stream goes, where a
+    consumer is) go through one `StreamWatch`, connected on first use, that reconnects
+    across a NATS restart.
+    """
 
     def __init__(self, url: str) -> None:
         self.config = StreamsConfig(url=url, partitions=PARTITIONS)
-        self._loop = BackgroundLoop("test-nats")
-        self._js: JetStreamContext | None = None
-        self._nc = None
-
-    def _context(self) -> JetStreamContext:
-        if self._js is None:
-            self._nc = self._loop.run(connect(self.config, "test", attempts=20), timeout=30)
-            self._js = self._nc.jetstream()
-            self._loop.run(ensure_streams(self._js, self.config), timeout=30)
-        return self._js
+        self._watch = StreamWatch(self.config, "test")
 
     def publish(self, payloads: list[tuple[str, bytes]]) -> int:
-        """Publishes (request_id, payload) pairs on their partitions; returns the last stream sequence."""
-        js = self._context()
+        """Publishes (request_id, payload) pairs on their partitions; returns the stream's last sequence.
 
-        async def publish_all() -> int:
-            last = 0
-            for request_id, payload in payloads:
-                subject = samples_subject(partition_of(request_id, PARTITIONS))
-                ack = await js.publish(subject, payload, headers={"Nats-Msg-Id": f"smp/{request_id}"})
-                last = ack.seq
-            return last
-
-        return self._loop.run(publish_all(), timeout=60)
+        The test is the only publisher on SAMPLES, so that is the sequence of its last sample.
+        """
+        messages = [Message(samples_subject(partition_of(request_id, PARTITIONS)), payload, f"smp/{request_id}")
+                    for request_id, payload in payloads]  # fmt: skip
+        publish(self.config, messages, SAMPLES_STREAM)
+        return self._watch.stream_state(SAMPLES_STREAM).last_sequence
 
     def consumer(self, name: str) -> tuple[int, int, int]:
         """(ack floor stream sequence, pending, ack pending) of a durable consumer; zeros before it exists."""
-        js = self._context()
-
-        async def info() -> tuple[int, int, int]:
-            try:
-                state = await js.consumer_info(SAMPLES_STREAM, name, timeout=2)
-            except Exception:  # noqa: BLE001 - not there yet, or NATS restarting: ask again
-                return 0, 0, 0
-            return int(state.ack_floor.stream_seq), int(state.num_pending), int(state.num_ack_pending)
-
-        return self._loop.run(info(), timeout=10)
+        try:
+            state = self._watch.consumer_state(SAMPLES_STREAM, name)
+        except (TimeoutError, Unavailable, *TRANSIENT_ERRORS):  # NATS restarting: ask again
+            return 0, 0, 0
+        return (0, 0, 0) if state is None else (state.ack_floor, state.pending, state.ack_pending)
 
     def all_acked(self, last: int, consumer: str = "trainer") -> bool:
         """Whether `consumer` has acknowledged every sample up to stream sequence `last`, and holds none."""
@@ -107,12 +96,7 @@ class Stream:
         return floor >= last and pending == 0 and ack_pending == 0
 
     def close(self) -> None:
-        if self._nc is not None:
-            try:
-                self._loop.run(self._nc.close(), timeout=5)
-            except (TimeoutError, asyncio.TimeoutError):
-                pass
-        self._loop.close()
+        self._watch.close()
 
 
 class DensePS:

@@ -8,19 +8,16 @@ before and still answers.
 from __future__ import annotations
 
 import dataclasses
-import signal
-import subprocess
-import sys
 import threading
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from helpers.metrics import metrics_url, read_metrics
+from helpers.processes import MONOLITH, Command
 from monolith.api.dense_ps.v1 import dense_ps_pb2 as pb
 from monolith.api.dense_ps.v1 import dense_ps_pb2_grpc as pb_grpc
 from monolith.common.process import free_port, wait_healthy
@@ -34,7 +31,6 @@ from monolith.dense_ps.store import DenseStore
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
 SERVICE = "monolith.api.dense_ps.v1.DensePS"
-MONOLITH = str(Path(sys.executable).with_name("monolith"))
 LR = 0.125  # a power of two: SGD steps are exact in float32
 
 
@@ -172,14 +168,13 @@ def test_metrics_show_the_version_and_counters(make_ps: Callable[..., DensePS]) 
     ps.store.restore(4242, snapshot.tensors, snapshot.optimizer_state)  # a version no other store has
     ps.client.push({"dense/bias": np.ones(3, np.float32)})
 
-    with urllib.request.urlopen(f"http://127.0.0.1:{ps.server.metrics_port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    samples = [(s.name, s.value) for f in text_string_to_metric_families(text) for s in f.samples]
+    page = read_metrics(metrics_url(ps.server.metrics_port), timeout=10)
 
-    assert ("monolith_dense_version", 4243) in samples
+    # Every store in this process is a series of its own: this one is found by its version.
+    assert 4243 in [s.value for s in page.matching("monolith_dense_version")]
     for name in ("monolith_dense_parameters", "monolith_dense_bytes", "monolith_dense_pushes_total",
                  "monolith_dense_rejected_pushes_total"):  # fmt: skip
-        assert any(n == name for n, _ in samples), name
+        assert page.has(name), name
 
 
 # --------------------------------------------------------------------------- bad input
@@ -352,35 +347,31 @@ def test_pull_and_push_before_init_are_failed_preconditions(make_ps: Callable[..
 # --------------------------------------------------------------------------- the CLI
 
 
-def _run(tmp_path: Path, config: str, port: int) -> subprocess.Popen[str]:
+def _run(tmp_path: Path, config: str, port: int) -> Command:
     path = tmp_path / "model.yaml"
     path.write_text(config)
     command = [MONOLITH, "dense-ps", "--config", str(path), "--host", "127.0.0.1", "--port", str(port),
                "--metrics-port", "0"]  # fmt: skip
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return Command(command, tmp_path)
 
 
 def test_cli_serves_with_the_configured_optimizer_then_exits_0_on_sigterm(tmp_path: Path) -> None:
     port = free_port()
     config = "features:\n  - name: user\nmodel:\n  hidden_units: [64, 32]\n  optimizer: {kind: sgd, learning_rate: 0.5}\n"
-    proc = _run(tmp_path, config, port)
-    try:
+    with _run(tmp_path, config, port) as proc:
         wait_healthy(f"127.0.0.1:{port}", timeout=30, service=SERVICE)
         with DensePSClient(f"127.0.0.1:{port}", timeout=10) as client:
             client.init({"w": np.ones(2, np.float32)})
             version = client.push({"w": np.ones(2, np.float32)})
             _, tensors = client.pull()
             stats = client.stats()
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=15)
-    finally:
-        proc.kill()
+        exited = proc.stop(timeout=15)  # SIGTERM; a SIGKILL after 15 s would exit with -9
 
     assert version == 2
     assert_tensors(tensors, {"w": np.full(2, 0.5, np.float32)})
     assert stats.optimizer == "sgd"
-    assert proc.returncode == 0, stderr
-    assert "received SIGTERM" in stderr
+    assert exited.code == 0, exited.stderr
+    assert "received SIGTERM" in exited.stderr
 
 
 @pytest.mark.parametrize(
@@ -395,12 +386,8 @@ def test_cli_serves_with_the_configured_optimizer_then_exits_0_on_sigterm(tmp_pa
     ids=["unknown kind", "negative learning rate", "unknown key", "model not a mapping", "not yaml"],
 )
 def test_cli_with_a_bad_config_exits_2_naming_the_field(tmp_path: Path, config: str, message: str) -> None:
-    proc = _run(tmp_path, "features: [{name: user}]\n" + config, free_port())
-    try:
-        _, stderr = proc.communicate(timeout=15)
-    finally:
-        proc.kill()
+    exited = _run(tmp_path, "features: [{name: user}]\n" + config, free_port()).wait(timeout=15)
 
-    assert proc.returncode == 2, stderr
-    assert message in stderr
-    assert stderr.strip().startswith("monolith dense-ps: invalid config:")
+    assert exited.code == 2, exited.stderr
+    assert message in exited.stderr
+    assert exited.stderr.strip().startswith("monolith dense-ps: invalid config:")

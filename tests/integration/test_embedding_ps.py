@@ -6,15 +6,15 @@ digit), and assert on what their own ids do or on before/after differences.
 
 from __future__ import annotations
 
-import urllib.request
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from helpers.metrics import metrics_url, read_metrics
 from monolith.api.embedding_ps.v1 import embedding_ps_pb2 as pb
+from monolith.common.scrape import Scrape
 
 if TYPE_CHECKING:
     from helpers.cluster import Cluster
@@ -358,18 +358,18 @@ def test_stats_report_each_shard_and_table(make_cluster: Callable[..., Cluster])
     assert all(s.bytes > 0 for shard in stats for s in shard.tables)
 
 
-def _scrape(port: int) -> list[tuple[str, dict[str, str], float]]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return [(s.name, s.labels, s.value) for f in text_string_to_metric_families(text) for s in f.samples]
+def _scrape(port: int) -> Scrape:
+    return read_metrics(metrics_url(port), timeout=10)
 
 
-def _values(samples: list[tuple[str, dict[str, str], float]], name: str, **labels: str) -> list[float]:
-    return [v for n, l, v in samples if n == name and labels.items() <= l.items()]
+def _values(page: Scrape, name: str, **labels: str) -> list[float]:
+    """Every series of `name` with those labels: the shards of earlier tests' clusters may still be collected, and
+    carry the same labels, until they are garbage-collected."""
+    return [s.value for s in page.matching(name, **labels)]
 
 
-def _handled(samples: list[tuple[str, dict[str, str], float]], method: str) -> float:
-    return sum(_values(samples, "grpc_server_handling_seconds_count", grpc_service=SERVICE, grpc_method=method))
+def _handled(page: Scrape, method: str) -> float:
+    return page.sum("grpc_server_handling_seconds_count", grpc_service=SERVICE, grpc_method=method)
 
 
 def test_metrics_endpoint_shows_entriesand_rpc_latencies(ps_cluster: Cluster) -> None:

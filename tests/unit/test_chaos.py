@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from helpers.processes import Command
 from monolith.controller.lineage import Lineage
 from monolith.harness.chaos import ChaosError, target
 from monolith.harness.manifest import StackManifest
@@ -35,19 +36,16 @@ MANIFEST = StackManifest(
 )
 
 
-def test_a_part_is_found_among_the_children_by_the_port_on_its_command_line() -> None:
+def test_a_part_is_found_among_the_children_by_the_port_on_its_command_line(tmp_path: Path) -> None:
     sleeper = [sys.executable, "-c", "import sys, time; time.sleep(60)"]
-    shard = subprocess.Popen([*sleeper, "embedding-ps", "--port", "18051", "--metrics-port", "19090"])
-    other = subprocess.Popen([*sleeper, "dense-ps", "--port", "18060", "--metrics-port", "19095"])
-    try:
+    with (
+        Command([*sleeper, "embedding-ps", "--port", "18051", "--metrics-port", "19090"], tmp_path) as shard,
+        Command([*sleeper, "dense-ps", "--port", "18060", "--metrics-port", "19095"], tmp_path) as other,
+    ):
         assert target(MANIFEST, "embedding-ps-training-0").pids(os.getpid()) == [shard.pid]
         assert target(MANIFEST, "dense-ps").pids(os.getpid()) == [other.pid]
         assert target(MANIFEST, "trainer").pids(os.getpid()) == []  # not running
         assert target(MANIFEST, "nats").flag == "--http_port" and target(MANIFEST, "nats").value == "18222"
-    finally:
-        for process in (shard, other):
-            process.kill()
-            process.wait()
 
 
 def test_an_unknown_part_is_refused_with_the_stacks_parts() -> None:

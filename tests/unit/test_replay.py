@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 
 import numpy as np
 import pytest
 
+from helpers.waiting import wait_for
 from monolith.joiner.config import keeps_negative
 from monolith.model.config import default_config_path, load_model_config
 from monolith.harness.replay.bookkeeping import (
@@ -129,9 +129,8 @@ def test_window_gate_holds_an_event_that_could_close_an_in_flight_window() -> No
 
     thread = threading.Thread(target=later)
     thread.start()
-    deadline = time.monotonic() + 10.0
-    while gate.waiting == 0 and time.monotonic() < deadline:  # held back while 1000 is in flight
-        time.sleep(0.01)
+    # Held back while 1000 is in flight (an enter that went through at once fails the assert below, not a timeout).
+    wait_for(lambda: gate.waiting or entered.is_set(), "the later enter to be held back", timeout=10.0, interval=0.01)
     assert gate.waiting == 1 and not entered.is_set()
     gate.leave(1000.0, partition=3)
     assert entered.wait(10.0)
@@ -148,9 +147,7 @@ def test_window_gate_enter_newest_takes_the_newest_time_and_waits_like_enter() -
     done = []
     thread = threading.Thread(target=lambda: done.append(gate.enter_newest(0)))
     thread.start()  # 200 would close the window of 100, in flight in partition 0
-    deadline = time.monotonic() + 10.0
-    while gate.waiting == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: gate.waiting or done, "enter_newest to be held back or done", timeout=10.0, interval=0.01)
     gate.leave(100.0, 0)
     thread.join(10.0)
     assert done == [200.0] and gate.blocked_by(211.0, 0) == [200.0]

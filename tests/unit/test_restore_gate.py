@@ -9,13 +9,15 @@ a new dense-PS incarnation and keeps its parameters until that one is restored.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterator
 
 import numpy as np
-import prometheus_client
 import pytest
 
+from helpers.metrics import registry_value
+from helpers.sync import sync_until
+from helpers.tables import exported_rows
+from helpers.waiting import wait_for
 from monolith.common.errors import Unavailable
 from monolith.common.server import MonolithServer, ServerConfig
 from monolith.dense_ps.client import DensePSClient
@@ -61,19 +63,6 @@ def checkpoint_of(shard: EmbeddingShard) -> list[tuple[str, RowBatch, np.ndarray
     return [(c.table, c.rows, c.deleted_ids, "") for c in shard.export(0, True)]
 
 
-def rows_of(shard: EmbeddingShard) -> dict[str, dict[int, bytes]]:
-    out: dict[str, dict[int, bytes]] = {}
-    for c in shard.export(0, True):
-        table = out.setdefault(c.table, {})
-        for i, row_id in enumerate(c.rows.ids.tolist()):
-            table[row_id] = c.rows.values[i].tobytes() + c.rows.update_times[i].tobytes()
-    return out
-
-
-def metric(name: str, labels: dict[str, str]) -> float:
-    return prometheus_client.REGISTRY.get_sample_value(name, labels) or 0.0
-
-
 # ------------------------------------------------------------ the training shard
 
 
@@ -100,7 +89,7 @@ def test_a_shard_awaiting_restore_refuses_work_until_restored() -> None:
 
     assert held == len(USERS) + len(ITEMS) and restored_calls == [True]
     assert not restarted.awaiting_restore and restarted.incarnation != old_incarnation
-    assert rows_of(restarted) == rows_of(live)  # embeddings, optimizer state and update times
+    assert exported_rows([restarted]) == exported_rows([live])  # embeddings, optimizer state and update times
     train(restarted)  # writes are accepted again
 
 
@@ -120,10 +109,10 @@ def test_a_restore_replaces_a_live_shard_and_rolls_it_back() -> None:
     shard = make_shard()
     train(shard, USERS[:10], ITEMS[:10])
     cut = checkpoint_of(shard)
-    expected = rows_of(shard)
+    expected = exported_rows([shard])
     train(shard)  # changes after the cut: new rows and updates
     shard.restore(cut)
-    assert rows_of(shard) == expected
+    assert exported_rows([shard]) == expected
 
 
 def test_serving_refuses_to_be_restore_required() -> None:
@@ -163,37 +152,28 @@ def training() -> Iterator[Training]:
     t.server.stop(grace=0)
 
 
-def sync_until(sync: ServingSync, ok: bool, timeout: float = 5.0):  # noqa: ANN201 - a SyncResult
-    """Syncs until an attempt's `ok` is as wanted (a restarted server's channel may be backing off)."""
-    deadline = time.monotonic() + timeout
-    while (result := sync.sync_once()).ok != ok:
-        assert time.monotonic() < deadline, result.error
-        time.sleep(0.05)
-    return result
-
-
 def test_serving_keeps_its_rows_until_the_restarted_shard_is_restored(training: Training) -> None:
     train(training.shard)
     serving = make_shard("serving")
     sync = ServingSync(serving, training.address)
     try:
         assert sync.sync_once().ok
-        before = rows_of(serving)
+        before = exported_rows([serving])
         cut = checkpoint_of(training.shard)
 
         training.serve(make_shard(restore_required=True))  # SIGKILLed and restarted, awaiting its restore
         waiting = sync_until(sync, ok=False)
         assert "waiting to be restored" in waiting.error
-        assert rows_of(serving) == before  # nothing deleted, nothing copied
+        assert exported_rows([serving]) == before  # nothing deleted, nothing copied
 
         training.shard.restore(cut)
         copied = sync_until(sync, ok=True)
         assert copied.full_resync and copied.deletions == 0
         assert sync.acknowledged is not None and sync.acknowledged[0] == training.shard.incarnation
         embeddings = {t: {i: r[: 4 * TABLES[k].dim] for i, r in rows.items()}
-                      for k, (t, rows) in enumerate(rows_of(training.shard).items())}  # fmt: skip
+                      for k, (t, rows) in enumerate(exported_rows([training.shard]).items())}  # fmt: skip
         assert {t: {i: r[: 4 * TABLES[k].dim] for i, r in rows.items()}
-                for k, (t, rows) in enumerate(rows_of(serving).items())} == embeddings  # fmt: skip
+                for k, (t, rows) in enumerate(exported_rows([serving]).items())} == embeddings  # fmt: skip
     finally:
         sync.stop()
 
@@ -205,8 +185,7 @@ def test_a_training_shard_that_lost_rows_never_shrinks_serving_and_past_the_frac
     train(training.shard)
     serving = make_shard("serving")
     sync = ServingSync(serving, training.address, max_resync_delete_fraction=fraction)
-    labels = {"shard": "0"}
-    refused_before = metric("monolith_sync_resync_deletions_refused_total", labels)
+    refused_before = registry_value("monolith_sync_resync_deletions_refused_total", shard="0")
     try:
         assert sync.sync_once().ok
         rows = len(USERS) + len(ITEMS)
@@ -217,9 +196,9 @@ def test_a_training_shard_that_lost_rows_never_shrinks_serving_and_past_the_frac
         with caplog.at_level(logging.ERROR, logger="monolith.embedding_ps.sync"):
             result = sync_until(sync, ok=True)
         held = sum(len(t) for t in serving.tables.values())
-        refused = metric("monolith_sync_resync_deletions_refused_total", labels) - refused_before
+        refused = registry_value("monolith_sync_resync_deletions_refused_total", shard="0") - refused_before
         assert (result.deletions, held, len(sync.retained)) == (0, rows, 50)
-        assert metric("monolith_sync_retained_rows", labels) == 50
+        assert registry_value("monolith_sync_retained_rows", shard="0") == 50
         assert refused == (50 if alarmed else 0)
         assert any("restarted without being restored" in r.getMessage() for r in caplog.records) == alarmed
     finally:
@@ -285,10 +264,8 @@ def test_model_serving_keeps_its_dense_parameters_until_a_new_incarnation_is_res
         held = model._dense_state
 
         restarted = dense.serve(DenseStore(config.model.optimizer, restore_required=True))
-        deadline = time.monotonic() + 5
-        while "waiting to be restored" not in (error := _refresh_error(model)):  # the channel reconnects first
-            assert time.monotonic() < deadline, error
-            time.sleep(0.05)
+        wait_for(lambda: "waiting to be restored" in _refresh_error(model),  # the channel reconnects first
+                 "a dense refresh refused by the restarted dense-PS, waiting to be restored", timeout=5)
         assert model._dense_state is held  # still serving the parameters it had
 
         # Restored to an older cut (version 3 < 6): taken because the incarnation is new.

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
 
+from helpers.processes import Command
 from monolith.harness.manifest import StackError, StackManifest, remove_manifest, running_stack_pid
 from monolith.harness.stack.manifest import stack_manifest
 from monolith.harness.stack.parts import StackSettings, allocate_ports, stack_parts
@@ -85,11 +85,7 @@ def test_a_stack_counts_as_running_only_while_its_process_lives(tmp_path) -> Non
     _manifest(tmp_path, pid=os.getpid()).write(path)
     assert running_stack_pid(path) is None  # ours: a leftover of this very process
 
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
+    with Command([sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "child") as child:
         _manifest(tmp_path, pid=child.pid).write(path)
         assert running_stack_pid(path) == child.pid
-    finally:
-        child.kill()
-        child.wait()
-    assert running_stack_pid(path) is None  # stale: its `up` is gone
+    assert running_stack_pid(path) is None  # stale: its `up` is gone (stopped and reaped)

@@ -4,14 +4,15 @@ restarts on either side, outages, freshness."""
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
-import prometheus_client
 import pytest
 
+from helpers.metrics import registry_value
+from helpers.sync import sync_until
+from helpers.waiting import wait_for
 from monolith.common.server import MonolithServer, ServerConfig
 from monolith.embedding import change_log
 from monolith.embedding.config import AdmissionConfig, OptimizerConfig, TableConfig
@@ -21,7 +22,7 @@ from monolith.embedding_ps.routing import route_to_shards
 from monolith.embedding_ps.service import build_embedding_ps
 from monolith.embedding_ps.chunks import Chunk
 from monolith.embedding_ps.shard import EmbeddingShard, ShardConfig
-from monolith.embedding_ps.sync import ServingSync, SyncError, SyncResult
+from monolith.embedding_ps.sync import ServingSync, SyncError
 
 TABLES = (
     TableConfig(name="user", dim=4, optimizer=OptimizerConfig(kind="adagrad"), admission=AdmissionConfig(filter="counting", threshold=2)),
@@ -127,17 +128,8 @@ def follow() -> Iterator[Callable[..., tuple[EmbeddingShard, ServingSync]]]:
         sync.stop()
 
 
-def sync_until_ok(sync: ServingSync, timeout: float = 5.0) -> SyncResult:
-    """Retries until an attempt succeeds: the channel may still be backing off from an outage."""
-    deadline = time.monotonic() + timeout
-    while not (result := sync.sync_once()).ok:
-        assert time.monotonic() < deadline, result.error
-        time.sleep(0.05)
-    return result
-
-
 def metric(name: str) -> float:
-    return prometheus_client.REGISTRY.get_sample_value(name, {"shard": "0"}) or 0.0
+    return registry_value(name, shard="0")
 
 
 def test_first_sync_copies_the_training_shard_in_full(training: TrainingServers, follow: Callable[..., Any]) -> None:
@@ -266,7 +258,7 @@ def test_a_rolled_back_training_shard_never_shrinks_serving(
     for _ in range(3):
         train(restarted, 2000.0, users=USERS[:10], items=ITEMS[10:], tags=TAGS[:0])
     assert restarted.version > sync.acknowledged[1]
-    result = sync_until_ok(sync)
+    result = sync_until(sync)
 
     # The new incarnation is copied in full; what it lacks (users 10..19, items 0..9, every
     # tag) stays served as it was, and is retained.
@@ -283,7 +275,7 @@ def test_a_rolled_back_training_shard_never_shrinks_serving(
     # again. The tag moves the tag table's clock to 2100, so the other tags (last updated at
     # 1000, expire_after 100) expire as training would have expired them.
     restarted.lookup([("item", ITEMS[:10], None), ("tag", TAGS[:1], None)], True, 2100.0)
-    result = sync_until_ok(sync)
+    result = sync_until(sync)
 
     assert result.ok and not result.full_resync and result.deletions == 9, result
     assert rows_of(serving, "item") == rows_of(restarted, "item")
@@ -321,7 +313,7 @@ def test_training_shard_down_keeps_serving_and_resumes_incrementally(
         failed = [sync.sync_once() for _ in range(3)]
         during = serving.lookup([("item", ITEMS, None)], False)[0]
         training.serve(training.shard)  # the same process is reachable again
-        recovered = sync_until_ok(sync)
+        recovered = sync_until(sync)
 
     assert [r.ok for r in failed] == [False] * 3
     assert all(r.error.startswith("UNAVAILABLE") for r in failed), failed[0].error
@@ -362,7 +354,7 @@ def test_sync_lag_is_measured_in_event_time(
 
     # A training shard restarted on older data: copied in full, so in step again.
     train(training.restart(), start - 50)
-    sync_until_ok(sync)
+    sync_until(sync)
     assert sync.newest_update_time == start - 50 and sync.lag_seconds() == 0
 
 
@@ -402,10 +394,7 @@ def test_the_thread_keeps_serving_in_step(training: TrainingServers, follow: Cal
     sync.start()
     train(training.shard, 1000.0)
     target = (training.shard.incarnation, training.shard.version)
-    deadline = time.monotonic() + 5
-    while sync.acknowledged != target:
-        assert time.monotonic() < deadline, f"acknowledged {sync.acknowledged}, not {target}, within 5 s"
-        time.sleep(0.02)
+    wait_for(lambda: sync.acknowledged == target, f"the sync thread to acknowledge {target}", timeout=5, interval=0.02)
     sync.stop()
 
     assert_mirrors(serving, training.shard)
