@@ -13,6 +13,7 @@ import json
 import subprocess
 
 from helpers.processes import MONOLITH
+from monolith.checkpoint.store import CheckpointStore
 
 LIMIT = 3000  # 2,400 ratings trained in batch, 600 replayed
 
@@ -53,5 +54,10 @@ def test_replay_closes_the_loop(tmp_path) -> None:
     # The summary table and the plot.
     assert "samples joined" in done.stdout and f"plot: {plot}" in done.stdout
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The batch stage trained the parameter servers outside the stream, so the replay had the
+    # controller take a cut right after it (before any sample): a rollback keeps it.
+    assert "of the batch stage taken" in done.stderr
+    cuts = CheckpointStore(str(data_dir / "checkpoints")).list()
+    assert any(m.stream.get("ack_floor") == 0 and sum(s.rows for s in m.shards) > 0 for m in cuts), cuts
     # The stack was stopped: `monolith up` removes its stack.json on the way out.
     assert not (data_dir / "stack.json").exists()

@@ -11,13 +11,9 @@ import argparse
 import datetime
 import json
 
-import grpc
-
 from monolith.api.controller.v1 import controller_pb2 as pb
-from monolith.api.controller.v1 import controller_pb2_grpc as pb_grpc
 from monolith.checkpoint.store import CheckpointStore
-from monolith.common.channel import open_channel
-from monolith.common.errors import from_rpc_error
+from monolith.controller.client import ControllerClient
 from monolith.controller.servicer import checkpoint_info
 
 
@@ -43,17 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Runs one action; MonolithErrors become one line and exit 1 in the CLI."""
     if args.action in ("save", "restore"):
-        with open_channel(args.controller) as channel:
-            stub = pb_grpc.ControllerStub(channel)
-            try:
-                if args.action == "save":
-                    info = stub.Checkpoint(pb.CheckpointRequest(full=args.full), timeout=args.timeout).checkpoint
-                    _print([info], args.json)
-                else:
-                    response = stub.Restore(pb.RestoreRequest(id=args.id), timeout=args.timeout)
-                    _print([response.checkpoint], args.json, f"restored in {response.seconds:.2f} s")
-            except grpc.RpcError as exc:
-                raise from_rpc_error(exc, f"controller at {args.controller}") from None
+        with ControllerClient(args.controller, timeout=args.timeout) as controller:
+            if args.action == "save":
+                _print([controller.checkpoint(full=args.full)], args.json)
+            else:
+                response = controller.restore(args.id)
+                _print([response.checkpoint], args.json, f"restored in {response.seconds:.2f} s")
         return 0
     store = CheckpointStore(args.storage)
     if args.action == "list":

@@ -31,6 +31,7 @@ import numpy as np
 
 from monolith.common.periodic import PeriodicTask
 from monolith.common.scrape import try_scrape
+from monolith.controller.client import ControllerClient
 from monolith.dense_ps.client import DensePSClient
 from monolith.embedding_ps.client import ShardedEmbeddingClient
 from monolith.model.config import ModelConfig, load_model_config
@@ -208,12 +209,27 @@ class Replay:
             copy = freeze(self.config, sparse, dense)
         _say(f"batch stage done in {seconds:.1f} s; frozen copy: {sum(copy.rows.values()):,} rows, "
              f"dense version {copy.dense_version}")  # fmt: skip
+        if self.stack.controller is not None:
+            self._checkpoint_batch_stage()
         return {
             "batch_examples": summary["examples"],
             "batch_seconds": seconds,
             "batch_examples_per_s": summary["examples_per_s"],
             "frozen_scores": copy.score(data.stream).astype(np.float64),
         }
+
+    def _checkpoint_batch_stage(self) -> None:
+        """Has the controller take a checkpoint of what the batch stage trained.
+
+        The batch stage trains the parameter servers directly, not through the samples
+        stream, so no replay of the stream can redo it: a rollback to a cut taken before it
+        (the controller's first is taken as the stack comes up) would undo the whole batch
+        stage. A cut right after it makes every later rollback keep it.
+        """
+        assert self.stack.controller is not None
+        with ControllerClient(self.stack.controller, timeout=120.0) as controller:
+            info = controller.checkpoint()
+        _say(f"checkpoint {info.id} ({info.kind}, {info.rows:,} rows) of the batch stage taken")
 
     def _wait_for_serving(self, clients: StackClients, data: ReplayData, frozen_scores: np.ndarray) -> bool:
         """Waits until model-serving scores the first replayed events as the frozen copy does; whether it did.
