@@ -450,7 +450,7 @@ def test_serving_autoscales_and_tls_mounts_its_secret(helm) -> None:
         ({"nats": {"external": {"url": "http://nats:4222"}}}, "/nats/external/url"),
         ({"streams": {"partitions": 0}}, "/streams/partitions"),
         ({"joiner": {"negativeSampleRate": 1.5}}, "/joiner/negativeSampleRate"),
-        ({"trainer": {"maxWait": 0.001}}, "/trainer/maxWait"),
+        ({"trainer": {"maxBatch": 0}}, "/trainer/maxBatch"),
         ({"checkpoints": {"url": "not a url"}}, "/checkpoints/url"),
         ({"loadgenerator": {"runTime": "ten minutes"}}, "/loadgenerator/runTime"),
         ({"controller": {"enabled": "yes"}}, "/controller/enabled"),

@@ -14,10 +14,16 @@ from typing import Protocol
 
 import yaml
 
+from helpers.cluster import Cluster, start_cluster
 from helpers.metrics import metrics_url, poll_metrics
 from helpers.processes import Role
 from helpers.streams import publish
 from monolith.api.joiner.v1 import joiner_pb2
+from monolith.checkpoint.store import CheckpointStore
+from monolith.controller.controller import CheckpointController
+from monolith.controller.settings import ControllerSettings
+from monolith.embedding_ps.service import build_embedding_ps
+from monolith.embedding_ps.shard import EmbeddingShard, ShardConfig
 from monolith.common.errors import Unavailable
 from monolith.common.process import free_port
 from monolith.common.scrape import Scrape
@@ -29,6 +35,7 @@ from monolith.streams.config import SAMPLES_STREAM, StreamsConfig, partition_of,
 from monolith.streams.jetstream import TRANSIENT_ERRORS
 from monolith.streams.nats_server import NatsServer
 from monolith.streams.publish import Message
+from monolith.streams.pull_consumer import ConsumerAdmin, ConsumerSettings
 from monolith.streams.watch import StreamWatch
 
 PARTITIONS = 4
@@ -220,3 +227,32 @@ class OnlineStack:
         self.dense.stop()
         self.cluster.stop()
         shutil.rmtree(self.tmp / "nats", ignore_errors=True)
+
+
+class ControlledStack(OnlineStack):
+    """`OnlineStack` with two in-process training shards, a checkpoint store and a controller of trainers with a TrainerControl port."""
+
+    cluster: Cluster
+
+    def __init__(self, tmp: Path, model: tuple[ModelConfig, str]) -> None:
+        super().__init__(tmp, model, start_cluster(num_shards=2, tables=model[0].tables()))
+        self.store = CheckpointStore(str(tmp / "checkpoints"))
+
+    def controller(self, *trainers: Trainer) -> CheckpointController:
+        """A controller of the shards, the dense-PS, the trainers and their consumer (the caller closes it)."""
+        admin = ConsumerAdmin(self.stream.config, ConsumerSettings(SAMPLES_STREAM, "samples.>", "trainer"))
+        return CheckpointController(self.store, self.cluster.addresses, self.dense.address,
+                                    [t.control for t in trainers], admin, ControllerSettings(full_every=5))  # fmt: skip
+
+    def restart_shard(self, index: int) -> EmbeddingShard:
+        """SIGKILL and restart of a training shard: empty, awaiting a restore, on the same port."""
+        old = self.cluster.servers[index]
+        port = old.port
+        old.stop(grace=0)
+        shard = EmbeddingShard(ShardConfig(shard=index, num_shards=2, role="training", tables=self.config.tables(),
+                                           restore_required=True))  # fmt: skip
+        server = build_embedding_ps(shard, ServerConfig(host="127.0.0.1", port=port, metrics_port=None))
+        shard.on_restored = lambda: server.set_serving(True)
+        server.start(serving=False)
+        self.cluster.servers[index], self.cluster.shards[index] = server, shard
+        return shard

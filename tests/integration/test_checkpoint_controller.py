@@ -11,45 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers.cluster import start_cluster
-from helpers.online import DEADLINE, OnlineStack, Trainer, samples, small_model
+from helpers.online import DEADLINE, ControlledStack, samples, small_model
 from helpers.tables import exported_rows
 from helpers.waiting import wait_for
-from monolith.checkpoint.store import CheckpointStore
-from monolith.common.server import ServerConfig
-from monolith.controller.controller import CheckpointController
-from monolith.controller.settings import ControllerSettings
-from monolith.embedding_ps.service import build_embedding_ps
-from monolith.embedding_ps.shard import EmbeddingShard, ShardConfig
 from monolith.model.config import ModelConfig
-from monolith.streams.config import SAMPLES_STREAM
-from monolith.streams.pull_consumer import ConsumerAdmin, ConsumerSettings
-
-
-class Setup(OnlineStack):
-    """The online stack with a checkpoint store, trainers with their TrainerControl port, and a controller."""
-
-    def __init__(self, tmp: Path, model: tuple[ModelConfig, str]) -> None:
-        super().__init__(tmp, model, start_cluster(num_shards=2, tables=model[0].tables()))
-        self.store = CheckpointStore(str(tmp / "checkpoints"))
-
-    def controller(self, trainer: Trainer) -> CheckpointController:
-        admin = ConsumerAdmin(self.stream.config, ConsumerSettings(SAMPLES_STREAM, "samples.>", "trainer"))
-        return CheckpointController(self.store, self.cluster.addresses, self.dense.address, [trainer.control],
-                                    admin, ControllerSettings(full_every=5))  # fmt: skip
-
-    def restart_shard(self, index: int) -> EmbeddingShard:
-        """SIGKILL and restart of a training shard: empty, awaiting a restore, on the same port."""
-        old = self.cluster.servers[index]
-        port = old.port
-        old.stop(grace=0)
-        shard = EmbeddingShard(ShardConfig(shard=index, num_shards=2, role="training", tables=self.config.tables(),
-                                           restore_required=True))  # fmt: skip
-        server = build_embedding_ps(shard, ServerConfig(host="127.0.0.1", port=port, metrics_port=None))
-        shard.on_restored = lambda: server.set_serving(True)
-        server.start(serving=False)
-        self.cluster.servers[index], self.cluster.shards[index] = server, shard
-        return shard
 
 
 @pytest.fixture(scope="module")
@@ -58,13 +23,13 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModelConfig, str]:
 
 
 @pytest.fixture
-def setup(tmp_path: Path, model: tuple[ModelConfig, str]) -> Iterator[Setup]:
-    made = Setup(tmp_path, model)
+def setup(tmp_path: Path, model: tuple[ModelConfig, str]) -> Iterator[ControlledStack]:
+    made = ControlledStack(tmp_path, model)
     yield made
     made.close()
 
 
-def test_cuts_while_training_and_recovery_from_a_killed_shard_apply_every_sample_once(setup: Setup) -> None:
+def test_cuts_while_training_and_recovery_from_a_killed_shard_apply_every_sample_once(setup: ControlledStack) -> None:
     trainer = setup.trainer("trainer-1", control=True)
     controller = setup.controller(trainer)
     try:

@@ -15,6 +15,9 @@ import pytest
 from helpers.metrics import metrics_url, read_metrics
 from monolith.api.embedding_ps.v1 import embedding_ps_pb2 as pb
 from monolith.common.scrape import Scrape
+from monolith.embedding.config import OptimizerConfig, TableConfig
+from monolith.embedding_ps.client import ShardedEmbeddingClient
+from monolith.trainer.backends import LocalEmbeddings
 
 if TYPE_CHECKING:
     from helpers.cluster import Cluster
@@ -401,3 +404,40 @@ def test_metrics_endpoint_shows_entriesand_rpc_latencies(ps_cluster: Cluster) ->
 def test_client_rejects_a_table_it_does_not_know_before_calling(ps_cluster: Cluster) -> None:
     with pytest.raises(ValueError, match=r"unknown table 'nope'"):
         ps_cluster.client.lookup({"item": np.array([1]), "nope": np.array([1])})
+
+
+# ------------------------------------------------------------- gradient accumulation
+
+
+def test_per_occurrence_squares_travel_only_for_tables_that_accumulate_them(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    """Ids repeated in one push: the sharded client sends the sum of squares for a table whose
+    Adagrad accumulates occurrences, so its shards end with the rows in-process training
+    (LocalEmbeddings) computes; a table accumulating sums gets the square of the sum."""
+    adagrad = OptimizerConfig(kind="adagrad", learning_rate=0.2, initial_accumulator=0.1)
+    tables = (TableConfig(name="occ", dim=4, optimizer=adagrad.model_copy(update={"accumulate": "occurrences"})),
+              TableConfig(name="sums", dim=4, optimizer=adagrad))  # fmt: skip
+    cluster = make_cluster(num_shards=2, tables=tables)
+    local = LocalEmbeddings(tables)
+    # The "occ" table as it would be if it accumulated sums.
+    all_sums = LocalEmbeddings(tuple(t.model_copy(update={"optimizer": adagrad}) for t in tables))
+    client = ShardedEmbeddingClient(cluster.addresses, {t.name: t.dim for t in tables}, timeout=10,
+                                    occurrence_tables={"occ"})  # fmt: skip
+    try:
+        ids = np.array([5, 9, 5, 5, 11, 9], np.int64)
+        grads = np.random.default_rng(3).normal(0, 1, (len(ids), 4)).astype(np.float32)
+        for backend in (client, local, all_sums):
+            backend.lookup({"occ": ids, "sums": ids}, training=True, update_time=10.0)
+            backend.apply_gradients({"occ": (ids, grads), "sums": (ids, grads)}, update_time=11.0)
+
+        unique = np.array([5, 9, 11], np.int64)
+        served = client.lookup({"occ": unique, "sums": unique})
+        expected = local.lookup({"occ": unique, "sums": unique})
+        for name in ("occ", "sums"):
+            np.testing.assert_allclose(served[name], expected[name], rtol=1e-6, atol=1e-7)
+        # The two rules differ for the repeated ids (5 three times, 9 twice), not for 11.
+        moved = np.abs(served["occ"] - all_sums.lookup({"occ": unique})["occ"]).sum(axis=1)
+        assert moved[0] > 1e-4 and moved[1] > 1e-4 and moved[2] < 1e-7, moved
+    finally:
+        client.close()

@@ -47,8 +47,9 @@ def _ids(
 
 
 def _grads(
-    name: str, ids: Sequence[int] | np.ndarray, grads: np.ndarray, num_ids: int | None = None, dim: int | None = None
-) -> pb.TableGradients:
+    name: str, ids: Sequence[int] | np.ndarray, grads: np.ndarray, num_ids: int | None = None, dim: int | None = None,
+    squares: np.ndarray | None = None,
+) -> pb.TableGradients:  # fmt: skip
     grads = np.asarray(grads, "<f4")
     return pb.TableGradients(
         table=name,
@@ -56,6 +57,7 @@ def _grads(
         ids=_id_bytes(ids),
         dim=grads.shape[-1] if dim is None else dim,
         gradients=grads.tobytes(),
+        squared_gradients=b"" if squares is None else np.asarray(squares, "<f4").tobytes(),
     )
 
 
@@ -259,6 +261,15 @@ BAD_SLOT_GRADIENTS: list[tuple[str, Callable[[Ids], pb.TableGradients], grpc.Sta
      ("table 'tag' gradients", "1 non-finite value(s)", "first at index (0, 2)")),
     ("-Inf gradient", lambda i: _grads("tag", i.known["tag"][:2], _with(np.ones((2, 4)), (1, 0), -np.inf)), INVALID,
      ("table 'tag' gradients", "1 non-finite value(s)", "first at index (1, 0)")),
+    ("squares shorter than ids x dim", lambda i: _grads("item", i.known["item"][:2], np.ones((2, 8)),
+                                                        squares=np.ones((1, 8))),
+     INVALID, ("table 'item' squared_gradients", "expected 64 bytes", "got 32")),
+    ("NaN square", lambda i: _grads("item", i.known["item"][:2], np.ones((2, 8)),
+                                    squares=_with(np.ones((2, 8)), (0, 1), np.nan)),
+     INVALID, ("table 'item' squared_gradients", "1 non-finite value(s)", "first at index (0, 1)")),
+    ("negative square", lambda i: _grads("item", i.known["item"][:2], np.ones((2, 8)),
+                                         squares=_with(np.ones((2, 8)), (1, 1), -1.0)),
+     INVALID, ("table 'item'", "squared_gradients must be >= 0")),
 ]  # fmt: skip
 
 

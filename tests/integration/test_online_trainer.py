@@ -59,7 +59,9 @@ def test_every_sample_is_trained_and_acknowledged_and_bad_ones_are_dropped(setup
     assert metrics.sum("monolith_trainer_bad_samples", reason="invalid") == 2  # a missing and an unknown feature
     assert metrics.sum("monolith_trainer_last_applied_sequence") == last
     assert metrics.sum("monolith_trainer_newest_event_time_seconds") == START + 299
-    assert metrics.sum("monolith_trainer_steps") >= 300 / setup.config.training.online_batch_size
+    # The 153 messages waiting when the trainer started went in one step (micro-batching takes
+    # what is there); the other 150 came while it started or ran, in one step or more.
+    assert 1 <= metrics.sum("monolith_trainer_steps") <= 1 + 150
     assert metrics.sum("monolith_trainer_ready") == 1
     log = trainer.log()
     assert "bad sample at stream sequence" in log and "not a Sample" in log and "shoe_size" in log

@@ -184,6 +184,18 @@ def test_push_applies_sgd_once_and_bumps_the_version() -> None:
     assert_equal(store.pull()[1], expected)
 
 
+def test_push_pull_answers_with_the_parameters_its_push_left() -> None:
+    store = make_store()
+
+    version, params = store.push_pull({"b": np.ones(2, np.float32)})
+
+    assert version == 2
+    expected = {"w": initial()["w"], "b": initial()["b"] - 0.125}
+    assert_equal(params, expected)
+    params["b"][:] = 0.0  # a copy: the store keeps its own
+    assert_equal(store.pull()[1], expected)
+
+
 def test_a_push_may_carry_a_subset_of_the_tensors() -> None:
     store = make_store()
 

@@ -26,8 +26,13 @@ def impression(request_id: str, t: float, item: str = "i") -> pb.Event:
     return pb.Event(impression=imp)
 
 
-def action(request_id: str, t: float, item: str = "i", label: float = 1.0) -> pb.Event:
-    return pb.Event(action=pb.Action(request_id=request_id, item_id=item, kind="click", label=label, event_time=t))
+def action(request_id: str, t: float, item: str = "i", label: float = 1.0, kind: str = "click") -> pb.Event:
+    return pb.Event(action=pb.Action(request_id=request_id, item_id=item, kind=kind, label=label, event_time=t))
+
+
+def dislike(request_id: str, t: float, item: str = "i") -> pb.Event:
+    """An explicit negative: an action of one of the config's negative kinds."""
+    return action(request_id, t, item, label=0.0, kind="dislike")
 
 
 def feed(join: PartitionJoin, events: list[pb.Event], first_seq: int = 1) -> list[Emitted]:
@@ -89,6 +94,58 @@ def test_an_impression_after_its_action_gave_up_waiting_is_joined_late() -> None
     [emitted] = join.add(3, impression("r1", 1002.0))
     assert (emitted.sample.request_id, emitted.sample.label, emitted.win_seq) == ("r1", 1.0, 1)
     assert join.counts["late_impressions"] == 1
+
+
+def test_an_explicit_negative_decides_its_key_at_once_and_closes_it() -> None:
+    join = PartitionJoin(config())
+    feed(join, [impression("r1", 1000.0)])
+    [negative] = join.add(2, dislike("r1", 1001.0))
+    assert (negative.sample.request_id, negative.sample.label, negative.sample.sample_rate) == ("r1", 0.0, 1.0)
+    assert (negative.src_seq, negative.win_seq) == (2, 1)
+    assert negative.sample.event_time == 1000.0 and list(negative.sample.features["genres"].values) == ["Comedy", "Drama"]
+    # Closed: the window passing emits nothing more, a later positive is late.
+    assert feed(join, [action("r1", 1002.0), impression("x", 5000.0)], first_seq=3) == []
+    assert join.counts["negative_actions"] == 1 and join.counts["late_actions"] == 1
+
+
+def test_an_explicit_negative_before_its_impression_is_decided_when_the_impression_comes() -> None:
+    join = PartitionJoin(config())
+    assert join.add(1, dislike("r1", 1000.0)) == []
+    [negative] = join.add(2, impression("r1", 999.0))
+    assert (negative.sample.label, negative.src_seq, negative.win_seq) == (0.0, 2, 1)
+    assert join.counts["early_actions"] == 1
+
+
+def test_the_first_decision_stands_and_duplicates_are_counted() -> None:
+    # A positive, then a dislike: the positive stands (the window is still open).
+    join = PartitionJoin(config())
+    emitted = feed(join, [impression("r1", 1000.0), action("r1", 1001.0), dislike("r1", 1002.0)])
+    assert keys(emitted) == [("r1", 1.0)] and join.counts["conflicting_actions"] == 1
+    # A dislike before the impression, then a positive before it too: the dislike stands.
+    join = PartitionJoin(config())
+    emitted = feed(join, [dislike("r2", 1000.0), action("r2", 1001.0), dislike("r2", 1001.0), impression("r2", 1002.0)])
+    assert keys(emitted) == [("r2", 0.0)]
+    assert join.counts["conflicting_actions"] == 1 and join.counts["duplicate_actions"] == 1
+    # A dislike after the window closed (the impression became a negative already): late.
+    join = PartitionJoin(config())
+    closes = 1000.0 + WINDOW + LATENESS + 1  # past r3's window, before it is forgotten
+    emitted = feed(join, [impression("r3", 1000.0), impression("x", closes), dislike("r3", closes)])
+    assert keys(emitted) == [("r3", 0.0)] and join.counts["late_actions"] == 1
+
+
+def test_explicit_negatives_are_sampled_as_any_negative() -> None:
+    rate = 0.3
+    join = PartitionJoin(config(negative_sample_rate=rate))
+    ids = [f"r{i}" for i in range(200)]
+    events = [e for r in ids for e in (impression(r, 1000.0), dislike(r, 1000.5))]
+    kept = {e.sample.request_id for e in feed(join, events)}
+    assert kept == {r for r in ids if keeps_negative(r, "i", rate)}
+    assert join.counts["negatives_sampled_out"] == len(ids) - len(kept)
+
+
+def test_negative_kinds_must_be_action_kinds() -> None:
+    with pytest.raises(ValueError, match="negative_kinds: skip not among action_kinds"):
+        config(action_kinds=("click",), negative_kinds=("skip",))
 
 
 def test_negatives_are_kept_by_a_stable_hash_and_carry_the_rate() -> None:
@@ -161,7 +218,7 @@ def test_a_snapshot_key_whose_ids_break_the_rule_is_not_restored() -> None:
 
 @st.composite
 def event_streams(draw: st.DrawFn) -> list[pb.Event]:
-    """Impressions, positive and negative actions, duplicates, out of order within lateness and beyond."""
+    """Impressions, positive actions, actions labelled 0, explicit negatives, duplicates, out of order within lateness and beyond."""
     n = draw(st.integers(1, 60))
     events = []
     t = 1000.0
@@ -172,6 +229,8 @@ def event_streams(draw: st.DrawFn) -> list[pb.Event]:
         jitter = draw(st.sampled_from([0.0, -5.0, -20.0, -300.0]))
         if draw(st.booleans()):
             events.append(impression(request, t + jitter, item))
+        elif draw(st.integers(0, 3)) == 0:
+            events.append(dislike(request, t + jitter, item))
         else:
             events.append(action(request, t + jitter, item, label=draw(st.sampled_from([1.0, 1.0, 0.0]))))
     return events

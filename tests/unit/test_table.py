@@ -304,22 +304,28 @@ def test_zeros_initializer() -> None:
 # ------------------------------------------------------------------ optimizers
 
 
-def reference_steps(kind: str, opt: OptimizerConfig, row: np.ndarray, grads: list[np.ndarray], dim: int) -> np.ndarray:
-    """The textbook update of one full row (embedding + state), in float64."""
+def reference_steps(kind: str, opt: OptimizerConfig, row: np.ndarray, grads: list[np.ndarray], dim: int,
+                    squares: list[np.ndarray] | None = None) -> np.ndarray:  # fmt: skip
+    """The textbook update of one full row (embedding + state), in float64.
+
+    `squares[k]`, when given, is what step k adds to Adagrad's and FTRL's accumulators
+    instead of its gradient's square.
+    """
     row = row.astype(np.float64).copy()
     w = row[:dim]
     lr = opt.learning_rate
-    for g in grads:
+    for k, g in enumerate(grads):
         g = g.astype(np.float64)
+        sq = g * g if squares is None else squares[k].astype(np.float64)
         if kind == "sgd":
             w -= lr * g
         elif kind == "adagrad":
             acc = row[dim : 2 * dim]
-            acc += g * g
+            acc += sq
             w -= lr * g / (np.sqrt(acc) + opt.epsilon)
         elif kind == "ftrl":
             z, n = row[dim : 2 * dim], row[2 * dim : 3 * dim]
-            n_new = n + g * g
+            n_new = n + sq
             sigma = (np.sqrt(n_new) - np.sqrt(n)) / lr
             z += g - sigma * w
             n[:] = n_new
@@ -338,8 +344,10 @@ def reference_steps(kind: str, opt: OptimizerConfig, row: np.ndarray, grads: lis
 
 OPTIMIZERS = {
     "sgd": OptimizerConfig(kind="sgd", learning_rate=0.3),
-    "adagrad": OptimizerConfig(kind="adagrad", learning_rate=0.2, initial_accumulator=0.1, epsilon=1e-3),
-    "ftrl": OptimizerConfig(kind="ftrl", learning_rate=0.5, initial_accumulator=0.2, l1=0.05, l2=0.3, beta=0.7),
+    "adagrad": OptimizerConfig(kind="adagrad", learning_rate=0.2, initial_accumulator=0.1, epsilon=1e-3,
+                               accumulate="occurrences"),
+    "ftrl": OptimizerConfig(kind="ftrl", learning_rate=0.5, initial_accumulator=0.2, l1=0.05, l2=0.3, beta=0.7,
+                            accumulate="occurrences"),
     "adam": OptimizerConfig(kind="adam", learning_rate=0.01, beta1=0.8, beta2=0.95, epsilon=1e-4),
 }
 
@@ -424,7 +432,7 @@ def test_adam_is_lazy_per_row() -> None:
 
 
 @pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
-def test_duplicate_ids_take_one_step_with_the_summed_gradient(kind: str) -> None:
+def test_duplicate_ids_take_one_step_with_the_summed_gradient_and_their_squares(kind: str) -> None:
     opt = OPTIMIZERS[kind]
     summed = make_table(dim=3, optimizer=opt, seed=5)
     separate = make_table(dim=3, optimizer=opt, seed=5)
@@ -433,13 +441,61 @@ def test_duplicate_ids_take_one_step_with_the_summed_gradient(kind: str) -> None
     for table in (summed, separate):
         table.lookup_train(ids_of(4, 9), None, 1.0, 1)
     initial = state_of(summed, 4)
+    occurrences = grads[[0, 2, 3]]  # id 4's three rows: one per occurrence
 
     assert summed.apply_gradients(ids, grads, 2.0, 2) == (2, 0)
-    separate.apply_gradients(ids_of(4, 9), np.stack([grads[[0, 2, 3]].sum(axis=0), grads[1]]), 2.0, 2)
+    separate.apply_gradients(ids_of(4, 9), np.stack([occurrences.sum(axis=0), grads[1]]), 2.0, 2,
+                             squares=np.stack([(occurrences**2).sum(axis=0), grads[1] ** 2]))  # fmt: skip
 
     assert_same_rows(full_export(summed), full_export(separate))
-    one_step = reference_steps(kind, opt, initial, [grads[[0, 2, 3]].sum(axis=0)], 3)
+    # One step with the summed gradient; Adagrad and FTRL (accumulating occurrences here, not
+    # the default sums) accumulate the occurrences' squares.
+    one_step = reference_steps(kind, opt, initial, [occurrences.sum(axis=0)], 3, [(occurrences**2).sum(axis=0)])
     np.testing.assert_allclose(state_of(summed, 4), one_step, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("kind", ["adagrad", "ftrl"])
+def test_an_optimizer_that_accumulates_sums_ignores_the_squares(kind: str) -> None:
+    opt = OPTIMIZERS[kind].model_copy(update={"accumulate": "sums"})
+    given = make_table(dim=3, optimizer=opt, seed=5)
+    summed = make_table(dim=3, optimizer=opt, seed=5)
+    for table in (given, summed):
+        table.lookup_train(ids_of(4), None, 1.0, 1)
+    initial = state_of(given, 4)
+    g = np.array([0.3, -0.2, 0.1], np.float32)
+
+    given.apply_gradients(ids_of(4), (3 * g)[None], 2.0, 2, squares=(3 * g * g)[None])
+    summed.apply_gradients(ids_of(4, 4, 4), np.tile(g, (3, 1)), 2.0, 2)
+
+    # Both take one step on the summed gradient and accumulate its square.
+    one_step = reference_steps(kind, opt, initial, [3 * g], 3)
+    np.testing.assert_allclose(state_of(given, 4), one_step, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(state_of(summed, 4), one_step, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("kind", ["adagrad", "ftrl"])
+def test_per_occurrence_squares_accumulate_as_sequential_steps_do(kind: str) -> None:
+    """An id a large batch holds n times: its accumulator grows as n steps would grow it, so
+    the one summed step moves it about as far as they would (the square of the sum would
+    grow the accumulator n times as much and slow the id by about sqrt(n))."""
+    opt, n, dim = OPTIMIZERS[kind], 64, 3
+    g = np.array([0.3, -0.2, 0.1], np.float32)
+    tables = {name: make_table(dim=dim, optimizer=opt, seed=5) for name in ("sequential", "occurrences", "sum")}
+    for table in tables.values():
+        table.lookup_train(ids_of(4), None, 1.0, 1)
+    initial = state_of(tables["sequential"], 4)
+
+    for step in range(n):
+        tables["sequential"].apply_gradients(ids_of(4), g[None], 2.0, 2 + step)
+    tables["occurrences"].apply_gradients(ids_of(*[4] * n), np.tile(g, (n, 1)), 2.0, 2)
+    tables["sum"].apply_gradients(ids_of(4), (n * g)[None], 2.0, 2)  # the square of the sum
+
+    sequential, occurrences, square_of_sum = (state_of(tables[k], 4) for k in ("sequential", "occurrences", "sum"))
+    accumulator = slice(dim, 2 * dim) if kind == "adagrad" else slice(2 * dim, 3 * dim)
+    np.testing.assert_allclose(occurrences[accumulator], sequential[accumulator], rtol=1e-5)
+    moved = {name: np.abs(state[:dim] - initial[:dim]).sum() for name, state in
+             (("sequential", sequential), ("occurrences", occurrences), ("sum", square_of_sum))}  # fmt: skip
+    assert abs(moved["occurrences"] - moved["sequential"]) < abs(moved["sum"] - moved["sequential"]) / 2, moved
 
 
 def test_flat_gradients_are_reshaped_per_row() -> None:

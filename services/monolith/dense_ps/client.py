@@ -98,6 +98,16 @@ class DensePSClient:
         response = self._stub.Push(pb.PushRequest(gradients=encode_tensors(grads)), timeout=self._timeout)
         return response.version
 
+    def push_pull(self, grads: Mapping[str, np.ndarray]) -> tuple[int, dict[str, np.ndarray]]:
+        """Applies gradients and answers with every parameter as that push left them (one call, not two).
+
+        Returns:
+            (the version after the push, the parameters by name).
+        """
+        request = pb.PushRequest(gradients=encode_tensors(grads), return_parameters=True)
+        response = self._stub.Push(request, timeout=self._timeout)
+        return response.version, decode_tensors(response.tensors, _ANSWER)
+
     def push_async(self, grads: Mapping[str, np.ndarray]) -> futures.Future[int]:
         """Sends gradients without waiting; the future's result is the version after the push.
 

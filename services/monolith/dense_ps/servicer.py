@@ -46,6 +46,9 @@ class DensePSServicer(pb_grpc.DensePSServicer):
             # rejected-pushes metric sees every rejection.
             self._store.count_rejected_push()
             raise
+        if request.return_parameters:
+            version, params = self._store.push_pull(grads)
+            return pb.PushResponse(version=version, tensors=encode_tensors(params))
         return pb.PushResponse(version=self._store.push(grads))
 
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:

@@ -196,6 +196,19 @@ class DenseStore:
                 nothing is applied.
             FailedPrecondition: before init.
         """
+        return self._push(grads, return_parameters=False)[0]
+
+    def push_pull(self, grads: Mapping[str, np.ndarray]) -> tuple[int, dict[str, np.ndarray]]:
+        """`push`, then every parameter as this push left them, read under the same lock.
+
+        Returns:
+            (the version after this push, copies of the parameters by name).
+        """
+        version, params = self._push(grads, return_parameters=True)
+        assert params is not None
+        return version, params
+
+    def _push(self, grads: Mapping[str, np.ndarray], return_parameters: bool) -> tuple[int, dict[str, np.ndarray] | None]:
         try:
             if not grads:
                 raise InvalidArgument("push: at least one gradient is required")
@@ -212,7 +225,7 @@ class DenseStore:
                 self._optimizer.apply(self._params, grads)
                 self._version += 1
                 self._pushes += 1
-                return self._version
+                return self._version, self._copies(list(self._params)) if return_parameters else None
         except MonolithError:
             self.count_rejected_push()
             raise

@@ -44,6 +44,10 @@ class OptimizerConfig(ConfigModel):
         l1: ftrl's L1 strength (>= 0).
         l2: ftrl's L2 strength (>= 0).
         beta: ftrl's beta (>= 0), added to sqrt(n) in the denominator.
+        accumulate: what adagrad's and ftrl's squared-gradient accumulators add when one
+            step applies an id's gradients summed over its occurrences in a batch:
+            "occurrences", the sum of their squares (as a step per occurrence would add);
+            "sums", the square of their sum (the summed gradient taken as one).
     """
 
     kind: Literal["sgd", "adagrad", "ftrl", "adam"] = "adagrad"
@@ -55,6 +59,12 @@ class OptimizerConfig(ConfigModel):
     l1: NonNegative = 0.0
     l2: NonNegative = 0.0
     beta: NonNegative = 1.0
+    accumulate: Literal["occurrences", "sums"] = "sums"
+
+    @property
+    def uses_occurrence_squares(self) -> bool:
+        """Whether a step needs the sum of an id's squared per-occurrence gradients."""
+        return self.kind in ("adagrad", "ftrl") and self.accumulate == "occurrences"
 
     @property
     def state_width_per_dim(self) -> int:

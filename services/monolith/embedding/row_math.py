@@ -26,7 +26,7 @@ OPTIMIZER_CODES = {"sgd": SGD, "adagrad": ADAGRAD, "ftrl": FTRL, "adam": ADAM}
 ZEROS, UNIFORM, NORMAL = 0, 1, 2
 INITIALIZER_CODES = {"zeros": ZEROS, "uniform": UNIFORM, "normal": NORMAL}
 
-HP_LR, HP_INIT_ACC, HP_EPS, HP_BETA1, HP_BETA2, HP_L1, HP_L2, HP_BETA = range(8)
+HP_LR, HP_INIT_ACC, HP_EPS, HP_BETA1, HP_BETA2, HP_L1, HP_L2, HP_BETA, HP_OCCURRENCES = range(9)
 
 
 class TableParams(NamedTuple):
@@ -58,7 +58,8 @@ class TableParams(NamedTuple):
 def hyper_parameters(opt: OptimizerConfig) -> np.ndarray:
     """The optimizer's hyper-parameters as the float64 array the kernels read."""
     return np.array(
-        [opt.learning_rate, opt.initial_accumulator, opt.epsilon, opt.beta1, opt.beta2, opt.l1, opt.l2, opt.beta],
+        [opt.learning_rate, opt.initial_accumulator, opt.epsilon, opt.beta1, opt.beta2, opt.l1, opt.l2, opt.beta,
+         1.0 if opt.accumulate == "occurrences" else 0.0],
         dtype=np.float64,
     )
 
@@ -117,9 +118,17 @@ def init_state(values: np.ndarray, row: np.int64, p: TableParams) -> None:
 
 
 @numba.njit(inline="always", nogil=True, cache=True)
-def apply_gradient(values: np.ndarray, row: np.int64, grads: np.ndarray, i: np.int64, p: TableParams) -> None:
-    """One optimizer step on `values[row]` with gradient `grads[i]`, computed in float64."""
+def apply_gradient(
+    values: np.ndarray, row: np.int64, grads: np.ndarray, squares: np.ndarray, i: np.int64, p: TableParams
+) -> None:
+    """One optimizer step on `values[row]` with gradient `grads[i]`, computed in float64.
+
+    `squares[i]` (when `squares` has rows) is the sum of the squares of the per-occurrence
+    gradients summed into `grads[i]`; Adagrad and FTRL add it to their squared-gradient
+    accumulators instead of `grads[i] ** 2` when the optimizer accumulates "occurrences".
+    """
     dim, kind, hp = p.dim, p.opt_kind, p.hp
+    per_occurrence = squares.shape[0] > 0 and hp[HP_OCCURRENCES] > 0
     lr = hp[HP_LR]
     if kind == SGD:
         for j in range(dim):
@@ -128,7 +137,7 @@ def apply_gradient(values: np.ndarray, row: np.int64, grads: np.ndarray, i: np.i
         eps = hp[HP_EPS]
         for j in range(dim):
             g = np.float64(grads[i, j])
-            acc = values[row, dim + j] + g * g
+            acc = values[row, dim + j] + (np.float64(squares[i, j]) if per_occurrence else g * g)
             values[row, dim + j] = acc
             values[row, j] -= lr * g / (math.sqrt(acc) + eps)
     elif kind == FTRL:
@@ -137,7 +146,7 @@ def apply_gradient(values: np.ndarray, row: np.int64, grads: np.ndarray, i: np.i
             g = np.float64(grads[i, j])
             w = np.float64(values[row, j])
             n = np.float64(values[row, 2 * dim + j])
-            n_new = n + g * g
+            n_new = n + (np.float64(squares[i, j]) if per_occurrence else g * g)
             sigma = (math.sqrt(n_new) - math.sqrt(n)) / lr
             z = values[row, dim + j] + g - sigma * w
             values[row, dim + j] = z

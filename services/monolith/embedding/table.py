@@ -197,25 +197,45 @@ class EmbeddingTable:
             table_kernels.gather(self._t.values, rows, out)
         return out
 
-    def apply_gradients(self, ids: np.ndarray, grads: np.ndarray, now: float, version: int) -> tuple[int, int]:
+    def apply_gradients(self, ids: np.ndarray, grads: np.ndarray, now: float, version: int,
+                        squares: np.ndarray | None = None) -> tuple[int, int]:  # fmt: skip
         """Applies gradients with the table's optimizer; duplicate ids have theirs summed.
 
         Updated rows are stamped with `now` (data time; 0 stamps the table's clock, as in
         `lookup_train`).
+
+        Args:
+            ids: int64 [n] ids, duplicates allowed.
+            grads: float32 [n, dim] a gradient per id.
+            now: the data time stamped on updated rows.
+            version: the shard version of this mutation.
+            squares: float32 [n, dim], per id the sum of the squares of the per-occurrence
+                gradients summed into its gradient; Adagrad and FTRL accumulate these, as
+                a step per occurrence would. None: they accumulate each (summed)
+                gradient's square.
 
         Returns:
             (rows updated, gradients dropped because their id has no row).
         """
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         grads = np.ascontiguousarray(grads, dtype=np.float32).reshape(ids.shape[0], self.dim)
+        if squares is not None:
+            squares = np.ascontiguousarray(squares, dtype=np.float32).reshape(ids.shape[0], self.dim)
         unique, inverse = np.unique(ids, return_inverse=True)
         if unique.shape[0] != ids.shape[0]:
-            grads = table_kernels.sum_duplicates(inverse.astype(np.int64), grads, unique.shape[0])
+            inverse = inverse.astype(np.int64)
+            if squares is None:  # each row is one occurrence
+                grads, squares = table_kernels.sum_duplicates_and_squares(inverse, grads, unique.shape[0])
+            else:
+                grads = table_kernels.sum_duplicates(inverse, grads, unique.shape[0])
+                squares = table_kernels.sum_duplicates(inverse, squares, unique.shape[0])
             ids = unique
+        if squares is None:
+            squares = np.zeros((0, self.dim), np.float32)
         stamp = self._stamp(now)
         with self._lock.write():
             self._begin_mutation(version, 0, log_entries=ids.shape[0])
-            missing = table_kernels.apply_gradients(self._t, self._params, ids, grads, stamp)
+            missing = table_kernels.apply_gradients(self._t, self._params, ids, grads, squares, stamp)
             self._filtered += missing
         return ids.shape[0] - missing, missing
 

@@ -176,15 +176,20 @@ def lookup_or_create(t: TableArrays, p: TableParams, pending: PendingArrays, ids
 
 
 @numba.njit(nogil=True, cache=True)
-def apply_gradients(t: TableArrays, p: TableParams, ids: np.ndarray, grads: np.ndarray, now: np.uint32) -> int:
-    """Applies one gradient per id (ids unique); returns how many ids had no row."""
+def apply_gradients(t: TableArrays, p: TableParams, ids: np.ndarray, grads: np.ndarray, squares: np.ndarray,
+                    now: np.uint32) -> int:  # fmt: skip
+    """Applies one gradient per id (ids unique); returns how many ids had no row.
+
+    `squares` is [ids, dim] per-occurrence squared-gradient sums (see row_math.apply_gradient),
+    or [0, dim]: accumulate the square of each gradient.
+    """
     missing = 0
     for i in range(ids.shape[0]):
         row = id_map.find(t, ids[i])
         if row < 0:
             missing += 1
             continue
-        apply_gradient(t.values, row, grads, i, p)
+        apply_gradient(t.values, row, grads, squares, i, p)
         t.update_time[row] = now
         _log_change(t, row)
     return missing
@@ -198,6 +203,23 @@ def sum_duplicates(inverse: np.ndarray, grads: np.ndarray, num_unique: int) -> n
         for j in range(grads.shape[1]):
             out[inverse[i], j] += grads[i, j]
     return out
+
+
+@numba.njit(nogil=True, cache=True)
+def sum_duplicates_and_squares(inverse: np.ndarray, grads: np.ndarray, num_unique: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per id, the sum of its gradient rows and the sum of their squares (inverse from np.unique).
+
+    The squares are what Adagrad and FTRL accumulate when one step applies an id's summed
+    gradient: as much as one step per occurrence would have.
+    """
+    sums = np.zeros((num_unique, grads.shape[1]), dtype=np.float32)
+    squares = np.zeros((num_unique, grads.shape[1]), dtype=np.float32)
+    for i in range(inverse.shape[0]):
+        for j in range(grads.shape[1]):
+            g = grads[i, j]
+            sums[inverse[i], j] += g
+            squares[inverse[i], j] += g * g
+    return sums, squares
 
 
 @numba.njit(nogil=True, cache=True)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from concurrent import futures
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Collection, Iterable, Iterator, Mapping, Sequence
 
 import grpc
 import numpy as np
@@ -30,7 +30,7 @@ from monolith.common.errors import MonolithError, from_rpc_error
 from monolith.common.wire import encode_array
 from monolith.embedding.hashing import stable_hash64
 from monolith.embedding.table import RowBatch
-from monolith.embedding.table_kernels import sum_duplicates
+from monolith.embedding.table_kernels import sum_duplicates, sum_duplicates_and_squares
 from monolith.embedding_ps.chunks import Chunk, decode_chunk, encode_chunk
 from monolith.embedding_ps.routing import dedupe_and_route, dedupe_and_route_tables, unpack_rows
 
@@ -186,6 +186,7 @@ class ShardedEmbeddingClient:
         timeout: float = RPC_TIMEOUT,
         channel: ChannelConfig = DEFAULT,
         stream_timeout: float = STREAM_TIMEOUT,
+        occurrence_tables: Collection[str] = (),
     ) -> None:
         if not addresses:
             raise ValueError("addresses: at least one shard address is required")
@@ -199,6 +200,7 @@ class ShardedEmbeddingClient:
         # (serving threads), so one caller's shard call never queues behind another's.
         self._pool = futures.ThreadPoolExecutor(max_workers=8 * len(addresses), thread_name_prefix="ps-client")
         self._dims = dict(table_dims)
+        self._occurrence_tables = frozenset(occurrence_tables)
         self._salts = {name: stable_hash64(name) for name in self._dims}
         self._timeout = timeout
         self._plans: dict[tuple[str, ...], _Tables] = {}
@@ -283,6 +285,11 @@ class ShardedEmbeddingClient:
     ) -> tuple[int, int]:
         """Pushes per-id gradients; duplicates of an id are summed before sending.
 
+        Each row of a table's gradients is one occurrence of its id. For the tables in
+        `occurrence_tables` (an optimizer accumulating "occurrences"), where an id occurs
+        more than once, the sum of the squares of its rows travels with their sum, so
+        Adagrad and FTRL accumulate as a step per occurrence would.
+
         Args:
             gradients: per table, (int64 ids [n], float32 gradients [n, dim]).
             update_time: data (event) time in seconds stamped on updated rows; 0 as in `lookup`.
@@ -290,11 +297,15 @@ class ShardedEmbeddingClient:
         Returns:
             (rows updated, gradients dropped because their id had no row), over all shards.
         """
-        summed: dict[str, tuple[_Routed, np.ndarray]] = {}
+        summed: dict[str, tuple[_Routed, np.ndarray, np.ndarray | None]] = {}
         for name, (ids, grads) in gradients.items():
             r = self._route(name, ids)
             g = np.ascontiguousarray(grads, dtype=np.float32).reshape(len(r.inverse), -1)
-            summed[name] = (r, sum_duplicates(r.inverse, g, len(r.unique)))
+            if name not in self._occurrence_tables or len(r.unique) == len(r.inverse):
+                # Not needed, or no id twice: the shard squares each summed gradient itself.
+                summed[name] = (r, sum_duplicates(r.inverse, g, len(r.unique)), None)
+            else:
+                summed[name] = (r, *sum_duplicates_and_squares(r.inverse, g, len(r.unique)))
         requests = {}
         for shard in range(self.num_shards):
             entries = [
@@ -304,8 +315,9 @@ class ShardedEmbeddingClient:
                     ids=encode_array(r.unique[r.part(shard)], "<i8"),
                     dim=g.shape[1],
                     gradients=encode_array(g[r.part(shard)], "<f4"),
+                    squared_gradients=b"" if sq is None else encode_array(sq[r.part(shard)], "<f4"),
                 )
-                for name, (r, g) in summed.items()
+                for name, (r, g, sq) in summed.items()
                 if r.bounds[shard + 1] > r.bounds[shard]
             ]
             if entries:

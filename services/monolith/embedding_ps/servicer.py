@@ -17,7 +17,7 @@ from monolith.common.errors import InvalidArgument, ResourceExhausted
 from monolith.common.wire import decode_array, encode_array
 from monolith.embedding.table import RowBatch
 from monolith.embedding_ps.chunks import Chunk, decode_chunk, encode_chunk
-from monolith.embedding_ps.shard import EmbeddingShard
+from monolith.embedding_ps.shard import EmbeddingShard, Gradients
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingPS"].full_name
 
@@ -50,7 +50,11 @@ class EmbeddingPSServicer(pb_grpc.EmbeddingPSServicer):
         for s in request.tables:
             ids = self._ids(s.table, s.num_ids, s.ids)
             grads = decode_array(s.gradients, "<f4", (s.num_ids, s.dim), f"table {s.table!r} gradients")
-            requests.append((s.table, ids, grads))
+            squares = None
+            if s.squared_gradients:
+                squares = decode_array(s.squared_gradients, "<f4", (s.num_ids, s.dim),
+                                       f"table {s.table!r} squared_gradients")  # fmt: skip
+            requests.append(Gradients(s.table, ids, grads, squares))
         applied, filtered = self._shard.apply_gradients(requests, request.update_time)
         return pb.ApplyGradientsResponse(applied=applied, filtered=filtered, version=self._shard.version)
 

@@ -13,7 +13,7 @@ import dataclasses
 import time
 import uuid
 import threading
-from typing import Annotated, Callable, Iterable, Iterator, Literal, Sequence
+from typing import Annotated, Callable, Iterable, Iterator, Literal, NamedTuple, Sequence
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -34,6 +34,24 @@ ROLES: tuple[str, ...] = Role.__args__  # type: ignore[attr-defined]
 # it holds each mutation whole. The bound also caps how long the copy holds the gate, and
 # how long a serving shard holds its own gate applying one such export as a unit.
 ATOMIC_EXPORT_ENTRIES = 262_144
+
+
+class Gradients(NamedTuple):
+    """One table's gradients in an ApplyGradients call.
+
+    Attributes:
+        table: the table's name.
+        ids: int64 [n] ids.
+        gradients: float32 [n, dim], each id's (summed) gradient.
+        squares: float32 [n, dim], each id's sum of squared per-occurrence gradients (what
+            Adagrad and FTRL accumulate, see `EmbeddingTable.apply_gradients`); None: the
+            square of its gradient.
+    """
+
+    table: str
+    ids: np.ndarray
+    gradients: np.ndarray
+    squares: np.ndarray | None = None
 
 
 class ShardConfig(ConfigModel):
@@ -187,33 +205,40 @@ class EmbeddingShard:
         with self._mutation() as version:
             return [self.tables[name].lookup_train(ids, counts, now, version) for name, ids, counts in requests]
 
-    def apply_gradients(
-        self, requests: Sequence[tuple[str, np.ndarray, np.ndarray]], update_time: float = 0.0
-    ) -> tuple[int, int]:
-        """Applies (name, ids, gradients) requests; returns (rows updated, gradients dropped).
+    def apply_gradients(self, requests: Sequence[Gradients | tuple], update_time: float = 0.0) -> tuple[int, int]:
+        """Applies gradients per table; returns (rows updated, gradients dropped).
 
-        `update_time` is stamped on updated rows, as in `lookup` (0: none given).
+        Args:
+            requests: `Gradients` (or tuples of its fields: (table, ids, gradients[,
+                squares])), a table at most once.
+            update_time: stamped on updated rows, as in `lookup` (0: none given).
         """
+        requests = [Gradients(*r) for r in requests]
         if self.config.role != "training":
             raise FailedPrecondition(
                 f"shard {self.config.shard} has role {self.config.role!r}: it is read-only, gradients go to "
                 "the training shard"
             )
         self._check_restored("apply gradients")
-        self._check_ids([(name, ids, None) for name, ids, _ in requests])
-        for name, ids, grads in requests:
+        self._check_ids([(name, ids, None) for name, ids, _, _ in requests])
+        for name, ids, grads, squares in requests:
             dim = self.tables[name].dim
-            if grads.ndim != 2 or grads.shape != (ids.shape[0], dim):
-                raise InvalidArgument(
-                    f"table {name!r}: gradients of shape {tuple(grads.shape)} do not match "
-                    f"{ids.shape[0]} ids x dim {dim}"
-                )
-            require_finite(grads, f"table {name!r} gradients")
+            for what, values in (("gradients", grads), ("squared_gradients", squares)):
+                if values is None:
+                    continue
+                if values.ndim != 2 or values.shape != (ids.shape[0], dim):
+                    raise InvalidArgument(
+                        f"table {name!r}: {what} of shape {tuple(values.shape)} do not match "
+                        f"{ids.shape[0]} ids x dim {dim}"
+                    )
+                require_finite(values, f"table {name!r} {what}")
+            if squares is not None and (squares < 0).any():
+                raise InvalidArgument(f"table {name!r}: squared_gradients must be >= 0")
         now = self._resolve_time(update_time)
         applied = filtered = 0
         with self._mutation() as version:
-            for name, ids, grads in requests:
-                a, f = self.tables[name].apply_gradients(ids, grads, now, version)
+            for name, ids, grads, squares in requests:
+                a, f = self.tables[name].apply_gradients(ids, grads, now, version, squares)
                 applied += a
                 filtered += f
         return applied, filtered

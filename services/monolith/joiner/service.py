@@ -46,6 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fraction of negatives kept (default: the model config's training.negative_sample_rate)")  # fmt: skip
     parser.add_argument("--action-kinds", default=",".join(defaults.action_kinds),
                         help=f"comma-separated action kinds ReportActions accepts (default {','.join(defaults.action_kinds)})")  # fmt: skip
+    parser.add_argument("--negative-kinds", default=",".join(defaults.negative_kinds),
+                        help="comma-separated action kinds that are explicit negatives (a skip, a dislike): each decides "
+                        f"its key negative at once, with no window wait (default {','.join(defaults.negative_kinds)}; "
+                        "empty: none)")  # fmt: skip
     parser.add_argument("--replica-index", type=int, default=0, help="this replica's index (it joins partitions p with p %% replicas == index)")
     parser.add_argument("--replicas", type=int, default=1, help="joiner replicas sharing the partitions")
     add_server_arguments(parser, port=8600, metrics_port=9106)
@@ -62,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
             "lateness": args.lateness,
             "negative_sample_rate": rate,
             "action_kinds": [k.strip() for k in args.action_kinds.split(",") if k.strip()],
+            "negative_kinds": [k.strip() for k in args.negative_kinds.split(",") if k.strip()],
         },
     )
     if rate != model.training.negative_sample_rate:

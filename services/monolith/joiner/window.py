@@ -9,6 +9,11 @@ published.
 Semantics, per (request_id, item_id) key:
 - A positive action (label >= 0.5) joined to its impression emits a positive sample at
   once. Only the first counts; later ones are duplicates.
+- An explicit negative (an action of one of `negative_kinds`: a skip, a dislike, a low
+  rating) joined to its impression decides the key at once: a negative sample (kept when
+  `keeps_negative` says so, as any negative) and the key closes, with no window wait. The
+  first decision stands: a positive after a negative, or a negative after a positive, is
+  counted as conflicting and dropped.
 - An impression's window closes when the watermark (the newest event time seen in the
   partition minus `lateness`) passes `impression time + window`. If no positive joined it,
   it becomes a negative, kept when `keeps_negative` says so (the rate goes on the sample).
@@ -64,6 +69,7 @@ class _Key:
     first_seq: int
     impression: pb.Impression | None = None
     positive: bool = False  # a positive action arrived
+    negative: bool = False  # an explicit negative action arrived
     emitted: bool = False  # its sample went out
     closed: bool = False
     close_time: float = math.inf  # event time after which the window closes
@@ -143,7 +149,7 @@ class PartitionJoin:
         for (request_id, item_id), key in self._keys.items():
             saved = state.keys.add(
                 request_id=request_id, item_id=item_id, first_seq=key.first_seq, positive=key.positive,
-                emitted=key.emitted, closed=key.closed, close_time=key.close_time, forget_time=key.forget_time,
+                negative=key.negative, emitted=key.emitted, closed=key.closed, close_time=key.close_time, forget_time=key.forget_time,
             )  # fmt: skip
             if key.impression is not None:
                 saved.impression.CopyFrom(key.impression)
@@ -161,7 +167,7 @@ class PartitionJoin:
             join._keys[key] = _Key(
                 first_seq=saved.first_seq,
                 impression=saved.impression if saved.HasField("impression") else None,
-                positive=saved.positive, emitted=saved.emitted, closed=saved.closed,
+                positive=saved.positive, negative=saved.negative, emitted=saved.emitted, closed=saved.closed,
                 close_time=saved.close_time, forget_time=saved.forget_time,
             )  # fmt: skip
             # Only live heap entries matter: stale ones are skipped when popped.
@@ -195,6 +201,8 @@ class PartitionJoin:
         heapq.heappush(self._closing, (state.close_time, state.first_seq, key))
         if state.positive:
             self._emit(key, state, 1.0, 1.0, decided)
+        elif state.negative:
+            self._decide_negative(key, state, impression.event_time, decided)
 
     def _action(self, seq: int, action: pb.Action, decided: list[tuple[int, pb.Sample]]) -> None:
         self.counts["actions"] += 1
@@ -203,16 +211,26 @@ class PartitionJoin:
         if state is not None and state.closed:
             self.counts["late_actions"] += 1
             return
-        positive = action.label >= POSITIVE_LABEL
+        negative = action.kind in self.config.negative_kinds
+        positive = not negative and action.label >= POSITIVE_LABEL
         if state is None:
             state = self._remember(key, seq)
             state.close_time = action.event_time + self.config.window
             heapq.heappush(self._closing, (state.close_time, state.first_seq, key))
             self.counts["early_actions"] += 1
-        if not positive:
+        if not (positive or negative):
             return
-        if state.positive:
+        if (state.positive and positive) or (state.negative and negative):
             self.counts["duplicate_actions"] += 1
+            return
+        if state.positive or state.negative:
+            self.counts["conflicting_actions"] += 1  # the first decision stands
+            return
+        if negative:
+            self.counts["negative_actions"] += 1
+            state.negative = True
+            if state.impression is not None:
+                self._decide_negative(key, state, action.event_time, decided)
             return
         state.positive = True
         if state.impression is not None:
@@ -233,16 +251,31 @@ class PartitionJoin:
             # Stale heap entries: the key was forgotten, or its close time moved.
             if state is None or state.closed or state.first_seq != first_seq or state.close_time != close_time:
                 continue
-            state.closed = True
             if state.impression is None:
                 self.counts["orphan_actions"] += 1
             elif not state.emitted:
-                if keeps_negative(key[0], key[1], self.config.negative_sample_rate):
-                    self._emit(key, state, 0.0, self.config.negative_sample_rate, decided)
-                else:
-                    self.counts["negatives_sampled_out"] += 1
-            state.forget_time = close_time + self.config.window
-            heapq.heappush(self._forgetting, (state.forget_time, first_seq, key))
+                self._negative(key, state, decided)
+            self._close(key, state, close_time)
+
+    def _negative(self, key: tuple[str, str], state: _Key, decided: list[tuple[int, pb.Sample]]) -> None:
+        """Emits the key's negative sample, or counts it sampled out (a stable hash of the key decides)."""
+        if keeps_negative(key[0], key[1], self.config.negative_sample_rate):
+            self._emit(key, state, 0.0, self.config.negative_sample_rate, decided)
+        else:
+            self.counts["negatives_sampled_out"] += 1
+
+    def _decide_negative(
+        self, key: tuple[str, str], state: _Key, event_time: float, decided: list[tuple[int, pb.Sample]]
+    ) -> None:
+        """An explicit negative joined to its impression: the negative now, and the key closes."""
+        self._negative(key, state, decided)
+        self._close(key, state, event_time)
+
+    def _close(self, key: tuple[str, str], state: _Key, at: float) -> None:
+        """Closes a key at event time `at`; it is remembered one more window, then forgotten."""
+        state.closed = True
+        state.forget_time = at + self.config.window
+        heapq.heappush(self._forgetting, (state.forget_time, state.first_seq, key))
 
     def _forget_due(self) -> None:
         watermark = self.watermark

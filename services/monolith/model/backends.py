@@ -37,3 +37,6 @@ class DenseBackend(Protocol):
     def pull(self, if_newer_than: int = 0) -> tuple[int, dict[str, np.ndarray] | None]: ...
 
     def push(self, grads: Mapping[str, np.ndarray]) -> int: ...
+
+    def push_pull(self, grads: Mapping[str, np.ndarray]) -> tuple[int, dict[str, np.ndarray]]:
+        """`push`, answered with the version and every parameter as that push left them."""

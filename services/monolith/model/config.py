@@ -19,7 +19,8 @@ model:
   optimizer: {kind: adam, learning_rate: 0.001}   # the dense tower's optimizer (dense-PS)
 training:
   batch_size: 256           # examples per step when training on history (batch mode)
-  online_batch_size: 16     # examples per step when streaming (online mode): smaller = fresher
+  online_batch_size: 16     # examples per step of the in-process stream protocol (bench train); the live
+                            # online trainer takes every sample delivered instead (its --max-batch caps it)
   dense_refresh_steps: 1    # trainers pull dense parameters every k steps
   negative_sample_rate: 1.0 # fraction of negatives kept in training data (serving corrects)
 item_feature: movie_id      # the input naming the candidate: impressions and actions join on it
@@ -144,9 +145,12 @@ class TrainingConfig(ConfigModel):
 
     Attributes:
         batch_size: examples per step when training on stored history (batch mode).
-        online_batch_size: examples per step when training on the stream (online mode);
-            default batch_size. Events of a batch are all scored with the parameters from
-            before it, so small online batches let the model react within a user's session.
+        online_batch_size: examples per step of the in-process progressive protocol
+            (`trainer/evaluation.py`: each batch scored, then trained); default batch_size.
+            Events of a batch are all scored with the parameters from before it, so small
+            online batches let the model react within a user's session. The live online
+            trainer's steps are set by the load instead: each takes every sample delivered,
+            up to its `--max-batch` (a trickle trains sample by sample).
         dense_refresh_steps: pull dense parameters from the dense-PS every k steps.
         seed: seed of the dense parameters' initial values.
         negative_sample_rate: the fraction of negatives the training data keeps (the
@@ -220,6 +224,10 @@ class ModelConfig(ConfigModel):
     def table_dims(self) -> dict[str, int]:
         """Embedding dimension of each table, by name."""
         return {t.name: t.dim for t in self.tables()}
+
+    def occurrence_tables(self) -> frozenset[str]:
+        """The tables whose optimizer accumulates per-occurrence squares (the client sends them)."""
+        return frozenset(t.name for t in self.tables() if t.optimizer.uses_occurrence_squares)
 
 
 def model_config_from_dict(raw: Any) -> ModelConfig:

@@ -13,6 +13,7 @@ main thread can call it directly. Every call is bounded by a timeout and raises 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from typing import Sequence
 
@@ -27,9 +28,6 @@ from monolith.streams.config import StreamsConfig
 from monolith.streams.jetstream import TRANSIENT_ERRORS, BackgroundLoop, connect, ensure_streams
 
 _LOGGER = logging.getLogger("monolith.streams")
-# The shortest wait for the rest of a batch: the server's answer to a "what is there now"
-# request must fit in it (a round trip, well under a millisecond on one machine).
-MIN_WAIT = 0.02
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,9 +238,11 @@ class DurableConsumer:
                 pass  # the old inbox is gone with the old connection state
         self._subscription = await js.pull_subscribe_bind(durable=settings.durable, stream=settings.stream)
 
-    def fetch(self, max_messages: int, timeout: float, max_wait: float = 0.0) -> list[Delivery]:
-        """Up to `max_messages` messages: waits up to `timeout` for the first, then takes
-        what is there and waits at most `max_wait` (at least MIN_WAIT) for the rest.
+    def fetch(self, max_messages: int, timeout: float) -> list[Delivery]:
+        """What is there now, up to `max_messages`; waits up to `timeout` only while nothing is.
+
+        A batch never waits to fill: under a backlog one call takes `max_messages` at once,
+        and a trickle is handed over message by message as it comes.
 
         Returns:
             The messages (none when nothing came within `timeout`).
@@ -253,35 +253,64 @@ class DurableConsumer:
         """
         if self._subscription is None:
             raise RuntimeError("the consumer is not open")
-        wait = max(max_wait, MIN_WAIT)
-        return self._loop.run(self._fetch(max_messages, timeout, wait), timeout=timeout + wait + 5.0)
+        return self._loop.run(self._fetch(max_messages, timeout), timeout=timeout + 2 * self.streams.timeout + 5.0)
 
-    async def _fetch(self, max_messages: int, timeout: float, max_wait: float) -> list[Delivery]:
-        subscription = self._subscription
-        assert subscription is not None
-        # One message first: a fetch of n returns only when n came or its whole timeout
-        # passed, so a trickle would wait `timeout` per batch. The rest is fetched with
-        # `max_wait`: what is there at once, then what arrives within it.
-        # nats-py raises its own TimeoutError, or asyncio's (the builtin) when a short
-        # timeout runs out between its two requests: both only mean "nothing (more) came".
-        try:
-            messages = await subscription.fetch(1, timeout=timeout)
-        except TimeoutError:
-            return []
-        if max_messages > 1:
+    async def _fetch(self, max_messages: int, timeout: float) -> list[Delivery]:
+        messages = await self._available(max_messages)
+        if not messages:
+            subscription = self._subscription
+            assert subscription is not None
+            # Nothing there: wait for the first (nats-py raises its own TimeoutError, or
+            # asyncio's, which is the builtin: both only mean nothing came), then take the
+            # rest of what arrived meanwhile without waiting.
             try:
-                messages += await subscription.fetch(max_messages - 1, timeout=max_wait)
-            except (TimeoutError, *TRANSIENT_ERRORS):
-                pass  # the first message is delivered: hand it over rather than lose it to a retry
+                messages = await subscription.fetch(1, timeout=timeout)
+            except TimeoutError:
+                return []
+            if max_messages > 1:
+                try:
+                    messages += await self._available(max_messages - 1)
+                except (TimeoutError, *TRANSIENT_ERRORS):
+                    pass  # the first message is delivered: hand it over rather than lose it to a retry
         return [Delivery(m.data, m.metadata.sequence.stream, m.metadata.num_delivered, m) for m in messages]
 
-    def ack(self, deliveries: Sequence[Delivery]) -> None:
-        """Acknowledges messages; returns once the server has them (a flush), or raises.
+    async def _available(self, max_messages: int) -> list[Msg]:
+        """Up to `max_messages` the server holds for this consumer now, in one no-wait pull.
 
-        While disconnected the acks wait in the client's buffer and go out on reconnect;
-        an ack that never arrives means a redelivery after `ack_wait`, not a loss.
+        nats-py's `fetch` of several messages waits for the batch to fill (or its timeout to
+        pass) once a message has come; a pull request with `no_wait` and no `expires` is
+        answered at once instead: the messages there are, then a 404 status when they are
+        fewer than asked. The request is made on the subscription's own inbox, as nats-py's
+        `fetch` makes it (its `_nms` and `_deliver`, nats-py 2.16).
         """
-        self._loop.run(self._reply(deliveries, "ack"), timeout=self.streams.timeout + 1.0)
+        subscription = self._subscription
+        assert subscription is not None and self._nc is not None
+        request = json.dumps({"batch": max_messages, "no_wait": True}).encode()
+        await self._nc.publish(subscription._nms, request, subscription._deliver)  # noqa: SLF001
+        messages: list[Msg] = []
+        while len(messages) < max_messages:
+            msg = await subscription._sub.next_msg(timeout=self.streams.timeout)  # noqa: SLF001
+            if not JetStreamContext.is_status_msg(msg):
+                messages.append(msg)
+            elif not JetStreamContext._is_heartbeat(JetStreamContext.is_status_msg(msg)):  # noqa: SLF001
+                break  # 404 no (more) messages, 408 request expired, 409 limits: the answer is complete
+        return messages
+
+    def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """Acknowledges messages: hands the acks to the connection without waiting for the server.
+
+        No round trip per step: the acks go out with the connection's next write, ahead of
+        the next fetch's request, so the server has them before it delivers more. While
+        disconnected they wait in the client's buffer and go out on reconnect; an ack that
+        never arrives means a redelivery after `ack_wait`, not a loss. (`flush` waits for
+        the server to have everything sent so far.)
+        """
+        self._loop.run(self._reply(deliveries, "ack", flush=False), timeout=self.streams.timeout + 1.0)
+
+    def flush(self) -> None:
+        """Returns once the server has everything sent so far (acks included), or raises."""
+        if self._nc is not None:
+            self._loop.run(self._nc.flush(timeout=self.streams.timeout), timeout=self.streams.timeout + 1.0)
 
     def term(self, deliveries: Sequence[Delivery]) -> None:
         """Tells the server never to deliver these messages again (they cannot be processed)."""
@@ -295,10 +324,10 @@ class DurableConsumer:
         """Restarts the messages' `ack_wait`: their work is still going on (e.g. retrying)."""
         self._loop.run(self._reply(deliveries, "in_progress"), timeout=self.streams.timeout + 1.0)
 
-    async def _reply(self, deliveries: Sequence[Delivery], kind: str) -> None:
+    async def _reply(self, deliveries: Sequence[Delivery], kind: str, flush: bool = True) -> None:
         for delivery in deliveries:
             await getattr(delivery._msg, kind)()
-        if deliveries and self._nc is not None:
+        if flush and deliveries and self._nc is not None:
             await self._nc.flush(timeout=self.streams.timeout)
 
     def state(self) -> ConsumerState:

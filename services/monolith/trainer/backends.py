@@ -16,7 +16,7 @@ from monolith.embedding.concurrency import VersionClock
 from monolith.embedding.config import TableConfig
 from monolith.embedding.hashing import stable_hash64
 from monolith.embedding.table import EmbeddingTable
-from monolith.embedding.table_kernels import sum_duplicates
+from monolith.embedding.table_kernels import sum_duplicates, sum_duplicates_and_squares
 from monolith.embedding_ps.routing import dedupe_and_route, dedupe_and_route_tables, unpack_rows
 from monolith.model.config import DenseOptimizerConfig
 
@@ -107,10 +107,14 @@ class LocalEmbeddings:
         applied = filtered = 0
         with self._clock.mutation() as version:
             for name, (ids, grads) in gradients.items():
+                # As the sharded client sends them: summed per id, with the sums of their squares.
                 unique, inverse, _ = self._dedupe(name, ids)
                 g = np.ascontiguousarray(grads, dtype=np.float32).reshape(inverse.shape[0], -1)
-                a, f = self.tables[name].apply_gradients(unique, sum_duplicates(inverse, g, unique.shape[0]),
-                                                         update_time, version)  # fmt: skip
+                if not self.tables[name].config.optimizer.uses_occurrence_squares or unique.shape[0] == inverse.shape[0]:
+                    sums, squares = sum_duplicates(inverse, g, unique.shape[0]), None
+                else:
+                    sums, squares = sum_duplicates_and_squares(inverse, g, unique.shape[0])
+                a, f = self.tables[name].apply_gradients(unique, sums, update_time, version, squares)
                 applied += a
                 filtered += f
         return applied, filtered
@@ -130,3 +134,6 @@ class LocalDense:
 
     def push(self, grads: Mapping[str, np.ndarray]) -> int:
         return self.store.push(dict(grads))
+
+    def push_pull(self, grads: Mapping[str, np.ndarray]) -> tuple[int, dict[str, np.ndarray]]:
+        return self.store.push_pull(dict(grads))

@@ -1,4 +1,4 @@
-"""Online training: samples from the SAMPLES stream, one step per small batch, acked after.
+"""Online training: samples from the SAMPLES stream in micro-batches, acked after each step.
 
 The trainer reads the stream through a durable JetStream consumer that every trainer
 worker shares (the server hands each sample to one of them), decodes the samples into a
@@ -6,10 +6,15 @@ batch (`monolith.data.samples`: ids hashed as serving hashes them), trains one s
 `TrainerWorker` and acknowledges the samples only once the step's gradients are applied.
 A trainer that dies mid-step acknowledges nothing, and the server redelivers its samples.
 
-Freshness drives the batching: a fetch returns as soon as samples are there, and a partial
-batch waits at most `max_wait` for more, so a slow trickle still trains within
-milliseconds. After an idle spell the trainer pulls the dense parameters before its next
-step, since another trainer (a batch stage) may have moved them meanwhile.
+The load sets the batch: a step takes every sample the consumer holds for it, up to
+`max_batch`, and waits only while there is none. A trickle trains one sample per step,
+within milliseconds; a backlog trains in steps of up to `max_batch`, so the cost per sample
+falls as the load rises and the trainer catches up. A step makes three round trips: the
+fetch, the lookup (every shard at once) and the pushes (the sparse gradients to every
+shard and the dense ones, which answer with the new dense parameters, at once); its
+acknowledgements ride on the next write to NATS, flushed before a pause so that the
+controller's cut sees them. After an idle spell the trainer pulls the dense parameters
+before its next step, since another trainer (a batch stage) may have moved them meanwhile.
 
 Failures are waited out, never fatal: while NATS or a parameter server is away the
 trainer retries with capped exponential backoff, logging one line when an outage starts
@@ -50,6 +55,8 @@ _LOGGER = logging.getLogger("monolith.trainer.online")
 NATS_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, TimeoutError, MonolithError)
 BAD_SAMPLE_LOG_LINES = 10  # bad samples logged one by one per BAD_SAMPLE_LOG_WINDOW; the rest are counted
 BAD_SAMPLE_LOG_WINDOW = 10.0
+DEFAULT_MAX_BATCH = 512
+MAX_BATCH_LIMIT = 4096  # the consumer's max_ack_pending: no step can hold more
 
 
 class SampleConsumer(Protocol):
@@ -60,9 +67,11 @@ class SampleConsumer(Protocol):
 
     def open(self) -> None: ...
 
-    def fetch(self, max_messages: int, timeout: float, max_wait: float = 0.0) -> list[Delivery]: ...
+    def fetch(self, max_messages: int, timeout: float) -> list[Delivery]: ...
 
     def ack(self, deliveries: Sequence[Delivery]) -> None: ...
+
+    def flush(self) -> None: ...
 
     def term(self, deliveries: Sequence[Delivery]) -> None: ...
 
@@ -77,10 +86,9 @@ class OnlineSettings(ConfigModel):
     """How the online trainer batches, waits and retries.
 
     Attributes:
-        batch_size: samples per step (the model config's `training.online_batch_size`).
+        max_batch: samples per step at most; a step takes every sample delivered up to it.
         fetch_timeout: seconds one fetch waits for a first sample; the loop checks for a
             stop request at least this often.
-        max_wait: seconds a partial batch waits for more samples after its first.
         idle_after: seconds without a step after which the dense parameters are pulled
             before the next one.
         backoff_initial: the first retry's wait, in seconds; doubled per failure.
@@ -88,9 +96,8 @@ class OnlineSettings(ConfigModel):
         state_interval: seconds between reads of the consumer's state (lag metrics).
     """
 
-    batch_size: Annotated[int, Field(ge=1)]
+    max_batch: Annotated[int, Field(ge=1, le=MAX_BATCH_LIMIT)] = DEFAULT_MAX_BATCH
     fetch_timeout: Annotated[float, Field(gt=0, le=60, allow_inf_nan=False)] = 1.0
-    max_wait: Annotated[float, Field(ge=0, le=10, allow_inf_nan=False)] = 0.05
     idle_after: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
     backoff_initial: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 0.1
     backoff_max: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 5.0
@@ -209,8 +216,11 @@ class OnlineTrainer:
                     if deliveries:
                         self._handle(worker, deliveries)
                 finally:
+                    if self.gate.pause_requested():
+                        self._flush()  # the controller's cut reads the acknowledgement floor next
                     self.gate.leave()
         finally:
+            self._flush()
             state.stop()
             self.ready = False
             metrics.READY.set(0)
@@ -234,8 +244,8 @@ class OnlineTrainer:
         if worker is not None:
             self.ready = True
             metrics.READY.set(1)
-            _LOGGER.info("training online: %d samples per step, dense parameters at version %d",
-                         self._settings.batch_size, worker.dense_version)  # fmt: skip
+            _LOGGER.info("training online: steps of every sample delivered, up to %d; dense parameters at version %d",
+                         self._settings.max_batch, worker.dense_version)  # fmt: skip
         return worker
 
     def _resync(self, worker: TrainerWorker) -> TrainerWorker:
@@ -288,8 +298,7 @@ class OnlineTrainer:
         if self._must_open and not self._open():
             return []
         try:
-            deliveries = self._consumer.fetch(self._settings.batch_size, self._settings.fetch_timeout,
-                                              self._settings.max_wait)  # fmt: skip
+            deliveries = self._consumer.fetch(self._settings.max_batch, self._settings.fetch_timeout)
         except NATS_ERRORS as exc:
             # The consumer may be gone (a server on an empty store): set it up again first.
             self._must_open = True
@@ -394,6 +403,14 @@ class OnlineTrainer:
         self.summary.bad_samples += len(rejected)
         metrics.SINCE_ROLLBACK.inc(len(rejected))
         self._reply(self._consumer.term, [d for d, _, _ in rejected], "terminate")
+
+    def _flush(self) -> None:
+        """Waits for the server to hold every acknowledgement sent so far (a lost one is a redelivery)."""
+        if self._consumer.connected:
+            try:
+                self._consumer.flush()
+            except NATS_ERRORS as exc:
+                self._nats.failed(describe(exc, "NATS (flush)"), wait=False)
 
     def _reply(self, reply: Callable[[Sequence[Delivery]], None], deliveries: Sequence[Delivery], what: str) -> bool:
         """Sends acks (or naks, terms, progress) once; a failure means a redelivery later, not a loss."""

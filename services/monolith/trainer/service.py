@@ -21,7 +21,7 @@ import grpc
 
 from monolith.common import metrics as metrics_http
 from monolith.common.channel import ChannelConfig
-from monolith.common.config import parse_config, seconds
+from monolith.common.config import parse_config
 from monolith.common.errors import from_rpc_error
 from monolith.common.server import ServerConfig, ServerStartError
 from monolith.data.movielens import load_movielens, split_by_time
@@ -32,7 +32,7 @@ from monolith.model.config import ModelConfig, default_config_path, load_model_c
 from monolith.streams.config import SAMPLES_STREAM, add_streams_arguments, streams_config_from_args
 from monolith.streams.pull_consumer import ConsumerSettings, DurableConsumer
 from monolith.trainer.control import build_control_server
-from monolith.trainer.online import OnlineSettings, OnlineTrainer
+from monolith.trainer.online import DEFAULT_MAX_BATCH, OnlineSettings, OnlineTrainer
 from monolith.trainer.pause import StepGate
 from monolith.trainer.batch import train_pass
 from monolith.trainer.worker import TrainerWorker
@@ -64,8 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_streams_arguments(online, required=False)
     online.add_argument("--consumer", default="trainer",
                         help="durable consumer name; online trainers with the same name share the samples")  # fmt: skip
-    online.add_argument("--max-wait", type=seconds, default=0.05,
-                        help="seconds a partial batch waits for more samples (default 0.05; at least 0.02)")  # fmt: skip
+    online.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
+                        help="samples per step at most: a step takes every sample delivered, up to this (default "
+                        f"{DEFAULT_MAX_BATCH}); a trickle trains sample by sample, a backlog in large steps")  # fmt: skip
     online.add_argument("--host", default="0.0.0.0", help="interface /metrics binds (default: all)")
     online.add_argument("--control-port", type=int, default=None,
                         help="serve TrainerControl (pause/resume for the checkpoint controller) on this port; "
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with ShardedEmbeddingClient(addresses, config.table_dims()) as sparse, DensePSClient(args.dense_ps) as dense:
+    with ShardedEmbeddingClient(addresses, config.table_dims(), occurrence_tables=config.occurrence_tables()) as sparse, DensePSClient(args.dense_ps) as dense:
         try:
             worker = TrainerWorker(config, sparse, dense)
             for _ in range(args.epochs):
@@ -119,8 +120,7 @@ def run_online(args: argparse.Namespace) -> int:
         raise ValueError(f"--consumer must be 1-64 letters, digits, '-' or '_', got {args.consumer!r}")
     streams = streams_config_from_args(args)
     config = load_model_config(args.config)
-    batching = {"batch_size": config.training.online_batch_size, "max_wait": args.max_wait}
-    settings = parse_config(OnlineSettings, batching)
+    settings = parse_config(OnlineSettings, {"max_batch": args.max_batch})
     addresses = [a.strip() for a in args.embedding_ps.split(",") if a.strip()]
 
     stop = threading.Event()
@@ -134,7 +134,8 @@ def run_online(args: argparse.Namespace) -> int:
     consumer = DurableConsumer(streams, ConsumerSettings(SAMPLES_STREAM, "samples.>", args.consumer),
                                client_name=f"trainer/{args.consumer}")  # fmt: skip
     try:
-        with ShardedEmbeddingClient(addresses, config.table_dims(), timeout=10, channel=_ONLINE_CHANNEL) as sparse, \
+        with ShardedEmbeddingClient(addresses, config.table_dims(), timeout=10, channel=_ONLINE_CHANNEL,
+                                    occurrence_tables=config.occurrence_tables()) as sparse, \
                 DensePSClient(args.dense_ps, timeout=10, channel=_ONLINE_CHANNEL) as dense:  # fmt: skip
             trainer = OnlineTrainer(consumer, lambda: TrainerWorker(config, sparse, dense), sample_decoder(config),
                                     settings, stop, StepGate(start_paused=args.start_paused))  # fmt: skip

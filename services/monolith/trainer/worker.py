@@ -69,9 +69,10 @@ class TrainerWorker:
         return sigmoid(self.model.logits(self._params, embeddings, biases, segments, len(batch)))
 
     def _push_dense(self, grads: dict[str, np.ndarray], refresh: bool) -> None:
-        self._dense.push(grads)
-        if refresh:
-            self.refresh_dense()
+        if refresh:  # one call: the push answers with the parameters it left
+            self._version, self._params = self._dense.push_pull(grads)
+        else:
+            self._dense.push(grads)
 
     def close(self) -> None:
         """Stops the helper thread."""

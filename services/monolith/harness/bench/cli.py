@@ -31,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="sweep only: a config field and the values to try (repeatable; the grid is their product)",
     )
     parser.add_argument("--plot", default=None, help="ablations only: where to write the PNG (default ablations.png)")
+    parser.add_argument("--speed", type=float, default=None,
+                        help="online only: the replay's events/s (default 120, make run's; 100 with --quick)")
     parser.add_argument(
         "--quick", action="store_true", help="smaller sizes and shorter rounds (a 100,000-row large table), for tests"
     )

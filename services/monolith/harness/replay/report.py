@@ -27,6 +27,7 @@ SUMMARY_ROWS: tuple[tuple[str, str, str], ...] = (
     ("freshness_misses", "freshness probes timed out", "{:,}"),
     ("impressions", "impressions (Predicts with a request_id)", "{:,}"),
     ("actions", "actions reported (positive)", "{:,}"),
+    ("negative_actions", "actions reported (explicit negatives)", "{:,}"),
     ("samples_expected", "samples expected", "{:,}"),
     ("samples_joined", "samples joined", "{:,}"),
     ("samples_lost", "samples lost", "{:,}"),

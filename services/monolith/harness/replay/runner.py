@@ -7,9 +7,12 @@
    caught up), so served and frozen start from the same model.
 3. Replay: each later rating in time order, paced at `speed` events/s by a few workers
    (bounded in flight; each event's Predict before its action): a Predict with a request_id
-   and the rating's timestamp as event time (the served score is recorded), then a positive
-   `report_action` when the rating is >= 4; lower ratings send nothing, the joiner's window
-   turns them into negatives. The freshness probe (`probe`) runs alongside.
+   and the rating's timestamp as event time (the served score is recorded), then its
+   action: a click (positive) when the rating is >= 4, else a dislike, an explicit negative
+   the joiner decides at once (it is the user's own low rating at that moment). With
+   `implicit_negatives` a low rating sends nothing and the joiner's window turns its
+   impression into a negative when it closes, as for an impression nobody acted on. The
+   freshness probe (`probe`) runs alongside.
 4. End: the joiner's windows are closed with one impression per partition far enough
    ahead in event time (`samples`), SAMPLES is read back and reconciled with what was sent,
    and the AUCs (served, frozen, running-mean baseline) are computed over the same events.
@@ -58,7 +61,8 @@ from monolith_client import MonolithClient
 
 _LOGGER = logging.getLogger("monolith.harness.replay")
 
-ACTION_KIND = "click"
+POSITIVE_KIND = "click"
+NEGATIVE_KIND = "dislike"  # one of the joiner's negative kinds (JoinerConfig.negative_kinds)
 CATCH_UP_EVENTS = 64  # replayed events compared between serving and the frozen copy before starting
 CATCH_UP_TOLERANCE = 1e-4  # probabilities; float32 towers with different batch shapes differ by ~1e-7
 PROBE_USER_BASE = 1 << 40  # probe user ids start above every real one (MovieLens has 943 users)
@@ -81,6 +85,8 @@ class ReplayOptions:
         drain_timeout: seconds to wait for the joiner's last samples after the replay.
         quiet_timeout: stop waiting when no sample arrived for this long.
         progress: print the live progress line on stderr.
+        implicit_negatives: report nothing for a low rating (the joiner's window makes its
+            negative) instead of an explicit negative action.
     """
 
     speed: float = 100.0
@@ -94,6 +100,7 @@ class ReplayOptions:
     drain_timeout: float = 120.0
     quiet_timeout: float = 20.0
     progress: bool = True
+    implicit_negatives: bool = False
 
 
 class StackClients:
@@ -105,8 +112,9 @@ class StackClients:
     def predict(self, features: Mapping[str, Any], request_id: str | None, event_time: float | None) -> np.ndarray:
         return self.client.predict(features, request_id=request_id, event_time=event_time)
 
-    def report(self, request_id: str, item_id: str, event_time: float) -> None:
-        self.client.report_action(request_id, item_id=item_id, kind=ACTION_KIND, label=1, event_time=event_time)
+    def report(self, request_id: str, item_id: str, event_time: float, positive: bool = True) -> None:
+        kind, label = (POSITIVE_KIND, 1.0) if positive else (NEGATIVE_KIND, 0.0)
+        self.client.report_action(request_id, item_id=item_id, kind=kind, label=label, event_time=event_time)
 
     def close(self) -> None:
         self.client.close()
@@ -149,6 +157,7 @@ class Replay:
         self._done = 0
         self._impressions: list[tuple[str, str, float]] = []
         self._actions = 0
+        self._negative_actions = 0
         self._predict_errors = 0
         self._action_errors = 0
         self._stop = threading.Event()
@@ -198,7 +207,8 @@ class Replay:
         _say(f"batch stage: {len(data.train):,} examples against {', '.join(self.stack.training_shards)} "
              f"and the dense-PS at {self.stack.dense_ps}")  # fmt: skip
         started = time.monotonic()
-        with ShardedEmbeddingClient(list(self.stack.training_shards), self.config.table_dims()) as sparse, \
+        with ShardedEmbeddingClient(list(self.stack.training_shards), self.config.table_dims(),
+                                    occurrence_tables=self.config.occurrence_tables()) as sparse, \
                 DensePSClient(self.stack.dense_ps) as dense:  # fmt: skip
             worker = TrainerWorker(self.config, sparse, dense)
             try:
@@ -311,7 +321,7 @@ class Replay:
                 "impressions_unseen": watch.unseen}  # fmt: skip
 
     def _one_event(self, clients: StackClients, data: ReplayData, book: ScoreBook, i: int) -> bool:
-        """Event i: its Predict (the impression), then its action if positive; whether Predict answered."""
+        """Event i: its Predict (the impression), then its action; whether Predict answered."""
         request_id, item_id, event_time = f"{self.prefix}{i}", data.item_id(i), data.event_time(i)
         try:
             scores = clients.predict(data.features([i]), request_id, event_time)
@@ -323,18 +333,21 @@ class Replay:
             _LOGGER.debug("Predict of event %d failed: %s", i, exc)
             return False
         book.record(i, float(scores[0]))
-        label = 0.0
-        if data.label(i) >= 0.5:
+        positive = data.label(i) >= 0.5
+        reported = False
+        if positive or not self.options.implicit_negatives:
             try:
-                clients.report(request_id, item_id, event_time)
-                label = 1.0
+                clients.report(request_id, item_id, event_time, positive)
+                reported = True
             except Exception as exc:  # noqa: BLE001 - without its action the impression becomes a negative
                 with self._lock:
                     self._action_errors += 1
                 _LOGGER.debug("report_action of event %d failed: %s", i, exc)
+        label = 1.0 if positive and reported else 0.0
         with self._lock:
             self._impressions.append((request_id, item_id, label))
-            self._actions += label == 1.0
+            self._actions += positive and reported
+            self._negative_actions += not positive and reported
             self._done += 1
         return True
 
@@ -421,6 +434,7 @@ class Replay:
             "impressions": len(self._impressions) + len(probe.impressions()),
             "probe_impressions": len(probe.impressions()),
             "actions": self._actions + probe.actions(),
+            "negative_actions": self._negative_actions,
             "samples_expected": counts.expected,
             "samples_joined": counts.joined,
             "samples_lost": counts.lost,

@@ -67,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "parameters (default %(default)g)")  # fmt: skip
     parser.add_argument("--up-timeout", type=float, default=300.0,
                         help="with --up: seconds to wait for the stack to be ready (default 300)")  # fmt: skip
+    parser.add_argument("--implicit-negatives", action="store_true",
+                        help="report nothing for a rating below 4, so the joiner's window makes its negative when it "
+                        "closes (default: report it as a dislike, an explicit negative the joiner decides at once)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="also print the result as one JSON line (last line)")
 
 
@@ -88,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
         plot=os.path.abspath(args.plot or os.path.join(data_dir, PLOT_FILE)),
         workers=args.workers,
         probe_interval=args.probe_interval,
+        implicit_negatives=args.implicit_negatives,
     )
     up_args = ("--join-window", f"{args.join_window:g}", "--join-lateness", f"{args.join_lateness:g}",
                "--sync-interval", f"{args.sync_interval:g}")  # fmt: skip
