@@ -441,3 +441,28 @@ def test_per_occurrence_squares_travel_only_for_tables_that_accumulate_them(
         assert moved[0] > 1e-4 and moved[1] > 1e-4 and moved[2] < 1e-7, moved
     finally:
         client.close()
+
+
+def test_a_lookup_riding_with_gradients_answers_as_the_two_calls_in_order(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    """apply_and_lookup against one cluster, apply_gradients then lookup against another: the
+    same rows answered and the same tables after, optimizer state and admission counts
+    included; a shard with only gradients, or only ids to look up, gets only those."""
+    sequential, riding = make_cluster(num_shards=2), make_cluster(num_shards=2)
+    users = sequential.ids_on("user", 0, 4, start=500)  # gradients on shard 0 only
+    items = sequential.ids_on("item", 1, 3, start=500)  # looked up on shard 1 only
+    for cluster in (sequential, riding):
+        cluster.client.lookup({"user": np.repeat(users, 2)}, training=True, update_time=100.0)  # admitted (2)
+    grads = np.random.default_rng(2).normal(0, 1, (len(users), 8)).astype(np.float32)
+    then = {"user": np.concatenate([users[:2], users[:1]]), "item": items, "tag": np.array([7, 8, 7], np.int64)}
+
+    sequential.client.apply_gradients({"user": (users, grads)}, update_time=101.0)
+    expected = sequential.client.lookup(then, training=True, update_time=102.0)
+    applied, filtered, rows = riding.client.apply_and_lookup({"user": (users, grads)}, 101.0, then, True, 102.0)
+
+    assert (applied, filtered) == (len(users), 0)
+    assert rows.keys() == expected.keys()
+    for name in then:
+        np.testing.assert_array_equal(rows[name], expected[name], err_msg=name)
+    assert [riding.rows(i) for i in range(2)] == [sequential.rows(i) for i in range(2)]

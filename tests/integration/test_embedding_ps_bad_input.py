@@ -513,3 +513,20 @@ def test_export_imports_into_a_shard_with_the_same_id_limit(make_cluster: Callab
     response = replica.client.import_chunks(0, source.client.export(0))
 
     assert response.upserted == 200
+
+
+@pytest.mark.parametrize(("bad", "code", "fragments"), [c[1:] for c in BAD_SLOT_IDS], ids=[c[0] for c in BAD_SLOT_IDS])
+def test_a_bad_lookup_riding_with_gradients_is_refused_before_they_are_applied(
+    ps_cluster: Cluster, ids: Ids, bad: Callable[[Ids], pb.TableIds], code: grpc.StatusCode,
+    fragments: tuple[str, ...],
+) -> None:  # fmt: skip
+    request = pb.ApplyGradientsRequest(tables=[_grads("user", ids.known["user"], np.full((4, 8), 0.5))])
+    request.then_lookup.CopyFrom(pb.LookupRequest(tables=[bad(ids)], mode=TRAINING))
+    _assert_rejected(ps_cluster, ids, lambda: ps_cluster.stubs[0].ApplyGradients(request, timeout=10), code, *fragments)
+
+
+def test_a_lookup_riding_with_gradients_in_no_mode_is_refused(ps_cluster: Cluster, ids: Ids) -> None:
+    request = pb.ApplyGradientsRequest(tables=[_grads("user", ids.known["user"], np.full((4, 8), 0.5))])
+    request.then_lookup.CopyFrom(pb.LookupRequest(tables=[_ids("item", ids.new["item"])]))
+    _assert_rejected(ps_cluster, ids, lambda: ps_cluster.stubs[0].ApplyGradients(request, timeout=10), INVALID,
+                     "mode must be LOOKUP_MODE_TRAINING or LOOKUP_MODE_SERVING, got 0")  # fmt: skip

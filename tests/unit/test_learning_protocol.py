@@ -53,6 +53,14 @@ class RecordingWorker(TrainerWorker):
         self.seen.extend(batch.timestamps.tolist())
         return super().train(batch)
 
+    def train_stream(self, batches):  # type: ignore[no-untyped-def]
+        def recorded():  # type: ignore[no-untyped-def]
+            for batch in batches:
+                self.seen.extend(batch.timestamps.tolist())
+                yield batch
+
+        return super().train_stream(recorded())
+
     def predict(self, batch):  # type: ignore[no-untyped-def]
         self.seen.extend(batch.timestamps.tolist())
         return super().predict(batch)

@@ -315,3 +315,21 @@ def test_progress_without_predictions_or_when_disabled(capsys: pytest.CaptureFix
     (line,) = err.strip().splitlines()  # only the enabled one printed
     assert line.startswith("[plain] 10 examples, ")
     assert "loss" not in line and "running auc" not in line
+
+
+def test_a_stream_of_batches_trains_as_batch_after_batch(config: ModelConfig, data: Batch) -> None:
+    # train_stream looks each batch up with the step before's update: the same tables, dense
+    # parameters and per-step results as train() batch by batch.
+    one_by_one, streamed = local_worker(config), local_worker(config)
+    batches = list(data.slice(0, 1000).batches(128))
+
+    results = [one_by_one.worker.train(b) for b in batches]
+    pairs = list(streamed.worker.train_stream(iter(batches)))
+
+    assert [b for b, _ in pairs] == batches
+    for expected, (_, got) in zip(results, pairs):
+        np.testing.assert_array_equal(got.logits, expected.logits)
+        assert got.loss == expected.loss
+    assert_same_tables(table_contents(one_by_one.sparse), table_contents(streamed.sparse))
+    assert streamed.worker.steps == one_by_one.worker.steps == len(batches)
+    assert list(local_worker(config).worker.train_stream(iter([]))) == []

@@ -165,6 +165,18 @@ class _Tables:
     salts: np.ndarray  # uint64 [T], stable_hash64 of each name
 
 
+@dataclasses.dataclass(frozen=True)
+class _LookupPlan:
+    """One lookup, routed: the request per shard and how to put the answers back in order."""
+
+    tables: _Tables
+    requests: dict[int, pb.LookupRequest]  # shard -> its request (shards with ids only)
+    asked: dict[int, list[tuple[str, int, int]]]  # shard -> (table, ids, dim) per block asked
+    lengths: list[int]  # ids per table, as given
+    offsets: np.ndarray  # int64 [T + 1]
+    source: np.ndarray  # where each given id's row is among the answers
+
+
 class ShardedEmbeddingClient:
     """Talks to every shard of one embedding-PS role.
 
@@ -234,6 +246,11 @@ class ShardedEmbeddingClient:
             MonolithError: a shard failed (its status, naming it) or answered rows that do
                 not match the request (INTERNAL).
         """
+        plan = self._plan_lookup(features, training, update_time)
+        limit = self._timeout if timeout is None else min(timeout, self._timeout)
+        return self._lookup_result(plan, self._fan_out("Lookup", plan.requests, limit))
+
+    def _plan_lookup(self, features: Mapping[str, np.ndarray], training: bool, update_time: float) -> _LookupPlan:
         tables = self._tables(tuple(features))
         arrays = [np.ascontiguousarray(ids, dtype=np.int64).reshape(-1) for ids in features.values()]
         lengths = [a.shape[0] for a in arrays]
@@ -267,15 +284,19 @@ class ShardedEmbeddingClient:
             if blocks:
                 requests[shard] = request
                 asked[shard] = blocks
+        return _LookupPlan(tables, requests, asked, lengths, offsets, source)
+
+    def _lookup_result(self, plan: _LookupPlan, answers: Iterable[tuple[int, pb.LookupResponse]]) -> dict[str, np.ndarray]:
+        """The rows per table in the caller's order, from every asked shard's answer."""
         parts: list[bytes] = []
-        limit = self._timeout if timeout is None else min(timeout, self._timeout)
-        for shard, response in self._fan_out("Lookup", requests, limit):
-            parts.extend(self._answered_rows(shard, response, asked[shard]))
+        for shard, response in answers:
+            parts.extend(self._answered_rows(shard, response, plan.asked[shard]))
+        tables = plan.tables
         values = np.frombuffer(b"".join(parts), dtype="<f4")
-        out = np.empty(sum(n * d for n, d in zip(lengths, tables.dim_list)), dtype=np.float32)
-        unpack_rows(values, source, offsets, tables.dims, out)
+        out = np.empty(sum(n * d for n, d in zip(plan.lengths, tables.dim_list)), dtype=np.float32)
+        unpack_rows(values, plan.source, plan.offsets, tables.dims, out)
         result, start = {}, 0
-        for name, n, dim in zip(tables.names, lengths, tables.dim_list):
+        for name, n, dim in zip(tables.names, plan.lengths, tables.dim_list):
             result[name] = out[start : start + n * dim].reshape(n, dim)
             start += n * dim
         return result
@@ -297,6 +318,52 @@ class ShardedEmbeddingClient:
         Returns:
             (rows updated, gradients dropped because their id had no row), over all shards.
         """
+        applied = filtered = 0
+        for _, response in self._fan_out("ApplyGradients", self._gradient_requests(gradients, update_time)):
+            applied += response.applied
+            filtered += response.filtered
+        return applied, filtered
+
+    def apply_and_lookup(
+        self,
+        gradients: Mapping[str, tuple[np.ndarray, np.ndarray]],
+        update_time: float,
+        features: Mapping[str, np.ndarray],
+        training: bool = True,
+        lookup_update_time: float = 0.0,
+    ) -> tuple[int, int, dict[str, np.ndarray]]:
+        """`apply_gradients`, then `lookup`, in one round trip per shard.
+
+        Each shard applies its gradients, then answers its part of the lookup: the rows are
+        those two calls in order would give (a trainer's next step riding with this one's
+        update). A shard with only gradients or only ids gets only those.
+
+        Returns:
+            (rows updated, gradients dropped, the lookup's rows per table in input order).
+        """
+        requests = self._gradient_requests(gradients, update_time)
+        plan = self._plan_lookup(features, training, lookup_update_time)
+        for shard, lookup in plan.requests.items():
+            request = requests.get(shard)
+            if request is None:
+                request = requests[shard] = pb.ApplyGradientsRequest(update_time=update_time)
+            request.then_lookup.CopyFrom(lookup)
+        applied = filtered = 0
+        looked_up: list[tuple[int, pb.LookupResponse]] = []
+        for shard, response in self._fan_out("ApplyGradients", requests):
+            applied += response.applied
+            filtered += response.filtered
+            if shard in plan.requests:
+                if not response.HasField("lookup"):
+                    raise MonolithError(f"{self._shards[shard].name} applied the gradients but did not answer the "
+                                        "lookup that rode with them (a server older than the client?)")  # fmt: skip
+                looked_up.append((shard, response.lookup))
+        return applied, filtered, self._lookup_result(plan, looked_up)
+
+    def _gradient_requests(
+        self, gradients: Mapping[str, tuple[np.ndarray, np.ndarray]], update_time: float
+    ) -> dict[int, pb.ApplyGradientsRequest]:
+        """Per shard, its part of the gradients summed per id (and squared, where asked)."""
         summed: dict[str, tuple[_Routed, np.ndarray, np.ndarray | None]] = {}
         for name, (ids, grads) in gradients.items():
             r = self._route(name, ids)
@@ -322,11 +389,7 @@ class ShardedEmbeddingClient:
             ]
             if entries:
                 requests[shard] = pb.ApplyGradientsRequest(tables=entries, update_time=update_time)
-        applied = filtered = 0
-        for _, response in self._fan_out("ApplyGradients", requests):
-            applied += response.applied
-            filtered += response.filtered
-        return applied, filtered
+        return requests
 
     def shard(self, index: int) -> EmbeddingPSClient:
         """The client of one shard, for its bulk calls (export, import, restore)."""

@@ -29,19 +29,8 @@ class EmbeddingPSServicer(pb_grpc.EmbeddingPSServicer):
         self._shard = shard
 
     def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext) -> pb.LookupResponse:
-        if request.mode not in (pb.LOOKUP_MODE_TRAINING, pb.LOOKUP_MODE_SERVING):
-            raise InvalidArgument(f"mode must be LOOKUP_MODE_TRAINING or LOOKUP_MODE_SERVING, got {request.mode}")
-        training = request.mode == pb.LOOKUP_MODE_TRAINING
-        requests = []
-        for s in request.tables:  # each field read builds a new object: read each once
-            name, num_ids = s.table, s.num_ids
-            requests.append((name, self._ids(name, num_ids, s.ids), self._counts(name, num_ids, s.counts)))
-        embeddings = self._shard.lookup(requests, training, request.update_time)
-        response = pb.LookupResponse(version=self._shard.version)
-        add = response.tables.add
-        for (name, _, _), e in zip(requests, embeddings):
-            add(table=name, num_ids=e.shape[0], dim=e.shape[1], values=encode_array(e, "<f4"))
-        return response
+        training, requests = self._lookup_requests(request)
+        return self._lookup(pb.LookupResponse(), training, requests, request.update_time)
 
     def ApplyGradients(
         self, request: pb.ApplyGradientsRequest, context: grpc.ServicerContext
@@ -55,8 +44,35 @@ class EmbeddingPSServicer(pb_grpc.EmbeddingPSServicer):
                 squares = decode_array(s.squared_gradients, "<f4", (s.num_ids, s.dim),
                                        f"table {s.table!r} squared_gradients")  # fmt: skip
             requests.append(Gradients(s.table, ids, grads, squares))
+        # The lookup that rides along is decoded (and refused) before anything is applied.
+        then = self._lookup_requests(request.then_lookup) if request.HasField("then_lookup") else None
+        if then is not None:
+            self._shard.check_lookup(then[1], then[0])
         applied, filtered = self._shard.apply_gradients(requests, request.update_time)
-        return pb.ApplyGradientsResponse(applied=applied, filtered=filtered, version=self._shard.version)
+        response = pb.ApplyGradientsResponse(applied=applied, filtered=filtered)
+        if then is not None:
+            self._lookup(response.lookup, *then, request.then_lookup.update_time)
+        response.version = self._shard.version
+        return response
+
+    def _lookup_requests(self, request: pb.LookupRequest) -> tuple[bool, list[tuple[str, np.ndarray, np.ndarray | None]]]:
+        """A lookup's mode and (table, ids, counts) per table, checked."""
+        if request.mode not in (pb.LOOKUP_MODE_TRAINING, pb.LOOKUP_MODE_SERVING):
+            raise InvalidArgument(f"mode must be LOOKUP_MODE_TRAINING or LOOKUP_MODE_SERVING, got {request.mode}")
+        requests = []
+        for s in request.tables:  # each field read builds a new object: read each once
+            name, num_ids = s.table, s.num_ids
+            requests.append((name, self._ids(name, num_ids, s.ids), self._counts(name, num_ids, s.counts)))
+        return request.mode == pb.LOOKUP_MODE_TRAINING, requests
+
+    def _lookup(self, response: pb.LookupResponse, training: bool, requests: list, update_time: float) -> pb.LookupResponse:
+        """Looks up and answers into `response` (built in place: no copy of the rows)."""
+        embeddings = self._shard.lookup(requests, training, update_time)
+        response.version = self._shard.version
+        add = response.tables.add
+        for (name, _, _), e in zip(requests, embeddings):
+            add(table=name, num_ids=e.shape[0], dim=e.shape[1], values=encode_array(e, "<f4"))
+        return response
 
     def Export(self, request: pb.ExportRequest, context: grpc.ServicerContext) -> Iterator[pb.RowChunk]:
         chunks = self._shard.export(

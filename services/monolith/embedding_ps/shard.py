@@ -180,6 +180,16 @@ class EmbeddingShard:
         Returns:
             float32 [n, dim] per request.
         """
+        self.check_lookup(requests, training)
+        if not training:
+            with self._gate.read() if self.config.role == "serving" else contextlib.nullcontext():
+                return [self.tables[name].lookup(ids) for name, ids, _ in requests]
+        now = self._resolve_time(update_time)
+        with self._mutation() as version:
+            return [self.tables[name].lookup_train(ids, counts, now, version) for name, ids, counts in requests]
+
+    def check_lookup(self, requests: Sequence[tuple[str, np.ndarray, np.ndarray | None]], training: bool) -> None:
+        """Raises what `lookup` would raise for these requests before doing anything."""
         if training and self.config.role != "training":
             raise FailedPrecondition(
                 f"shard {self.config.shard} has role {self.config.role!r}: training lookups need a training shard"
@@ -198,12 +208,6 @@ class EmbeddingShard:
                     raise InvalidArgument(f"table {name!r}: {counts.shape[0]} counts for {ids.shape[0]} ids")
                 if counts.size and counts.min() < 1:
                     raise InvalidArgument(f"table {name!r}: occurrence counts must be >= 1, got {counts.min()}")
-        if not training:
-            with self._gate.read() if self.config.role == "serving" else contextlib.nullcontext():
-                return [self.tables[name].lookup(ids) for name, ids, _ in requests]
-        now = self._resolve_time(update_time)
-        with self._mutation() as version:
-            return [self.tables[name].lookup_train(ids, counts, now, version) for name, ids, counts in requests]
 
     def apply_gradients(self, requests: Sequence[Gradients | tuple], update_time: float = 0.0) -> tuple[int, int]:
         """Applies gradients per table; returns (rows updated, gradients dropped).

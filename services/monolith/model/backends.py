@@ -28,6 +28,16 @@ class SparseBackend(Protocol):
         self, gradients: Mapping[str, tuple[np.ndarray, np.ndarray]], update_time: float = 0.0
     ) -> tuple[int, int]: ...
 
+    def apply_and_lookup(
+        self,
+        gradients: Mapping[str, tuple[np.ndarray, np.ndarray]],
+        update_time: float,
+        features: Mapping[str, np.ndarray],
+        training: bool = True,
+        lookup_update_time: float = 0.0,
+    ) -> tuple[int, int, dict[str, np.ndarray]]:
+        """`apply_gradients` then `lookup`, as one round trip where the backend is remote."""
+
 
 class DenseBackend(Protocol):
     """Dense parameter init, pull and push."""

@@ -34,13 +34,24 @@ def lookup_features(
         (embeddings per feature [n_ids, dim], bias terms per feature that has a bias
         table [n_ids, 1], the example index of each id occurrence per feature).
     """
-    features = config.features
-    request = {f.table.name: ids[f.source] for f in features}
-    request.update({f.bias_table.name: ids[f.source] for f in features if f.bias_table is not None})
-    rows = sparse.lookup(request, training=training, update_time=update_time, timeout=timeout)
-    embeddings = [rows[f.table.name] for f in features]
-    biases = [rows[f.bias_table.name] for f in features if f.bias_table is not None]
-    segments = [_segments(row_splits[f.source]) for f in features]
+    rows = sparse.lookup(feature_tables(config, ids), training=training, update_time=update_time, timeout=timeout)
+    return feature_rows(config, rows, row_splits)
+
+
+def feature_tables(config: ModelConfig, ids: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The ids to look up per table: each feature's ids for its table and its bias table."""
+    request = {f.table.name: ids[f.source] for f in config.features}
+    request.update({f.bias_table.name: ids[f.source] for f in config.features if f.bias_table is not None})
+    return request
+
+
+def feature_rows(
+    config: ModelConfig, rows: Mapping[str, np.ndarray], row_splits: Mapping[str, np.ndarray]
+) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """`lookup_features`' answer from the rows a lookup of `feature_tables` gave."""
+    embeddings = [rows[f.table.name] for f in config.features]
+    biases = [rows[f.bias_table.name] for f in config.features if f.bias_table is not None]
+    segments = [_segments(row_splits[f.source]) for f in config.features]
     return embeddings, biases, segments
 
 

@@ -101,6 +101,17 @@ class LocalEmbeddings:
             start += n * dim
         return result
 
+    def apply_and_lookup(
+        self,
+        gradients: Mapping[str, tuple[np.ndarray, np.ndarray]],
+        update_time: float,
+        features: Mapping[str, np.ndarray],
+        training: bool = True,
+        lookup_update_time: float = 0.0,
+    ) -> tuple[int, int, dict[str, np.ndarray]]:
+        applied, filtered = self.apply_gradients(gradients, update_time)
+        return applied, filtered, self.lookup(features, training, lookup_update_time)
+
     def apply_gradients(
         self, gradients: Mapping[str, tuple[np.ndarray, np.ndarray]], update_time: float = 0.0
     ) -> tuple[int, int]:

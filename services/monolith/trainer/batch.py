@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import threading
@@ -19,13 +20,12 @@ def train_pass(worker: TrainerWorker, data: Batch, index: int, count: int, stop:
     batches = [b for i, b in enumerate(data.batches(worker.config.training.batch_size)) if i % count == index]
     progress = Progress(f"trainer {index}/{count}", sum(len(b) for b in batches))
     loss = math.nan
-    for batch in batches:
-        if stop.is_set():
-            _LOGGER.info("stopping after %d examples", progress.examples)
-            break
-        result = worker.train(batch)
+    # `stop` is checked as each batch is taken, before its lookup rides with the step before.
+    for batch, result in worker.train_stream(itertools.takewhile(lambda _: not stop.is_set(), batches)):
         loss = result.loss
         progress.update(len(batch), result.loss, batch.labels, sigmoid(result.logits))
+    if stop.is_set():
+        _LOGGER.info("stopping after %d examples", progress.examples)
     progress.close()
     return {
         "examples": progress.examples,

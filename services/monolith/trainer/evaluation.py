@@ -78,8 +78,7 @@ def progressive_validation(
     progress = Progress(f"{label}: batch training", len(train), enabled=show_progress)
     start = time.perf_counter()
     loss = math.nan
-    for batch in train.batches(batch_size):
-        result = worker.train(batch)
+    for batch, result in worker.train_stream(train.batches(batch_size)):
         loss = result.loss
         progress.update(len(batch), result.loss, batch.labels, result.logits)
     elapsed = time.perf_counter() - start

@@ -39,7 +39,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from monolith.harness.bench.cluster import start_parameter_servers
 from monolith.harness.bench.measure import interleaved, median
@@ -74,13 +74,16 @@ def _progress(message: str) -> None:
 
 
 def _examples_per_s(worker: TrainerWorker, batches: list[Batch], seconds: float) -> float:
-    """Trains on `batches` in turn for `seconds`; examples per second."""
-    done, i, start = 0, 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        batch = batches[i % len(batches)]
-        worker.train(batch)
-        done += len(batch)
-        i += 1
+    """Trains on `batches` in turn for `seconds`, as a history pass does; examples per second."""
+    start = time.perf_counter()
+
+    def until_done() -> Iterator[Batch]:
+        i = 0
+        while time.perf_counter() - start < seconds:
+            yield batches[i % len(batches)]
+            i += 1
+
+    done = sum(len(batch) for batch, _ in worker.train_stream(until_done()))
     return done / (time.perf_counter() - start)
 
 
