@@ -68,7 +68,7 @@ def test_the_shipped_config_values(shipped: ModelConfig) -> None:
     assert user.bias.initializer.kind == "zeros"  # the default of a bias section
     assert (shipped.model.kind, shipped.model.hidden_units, shipped.model.activation) == ("deepfm", (64, 32), "relu")
     assert shipped.model.optimizer == DenseOptimizerConfig(kind="adam", learning_rate=0.0003)
-    assert (shipped.training.batch_size, shipped.training.online_batch_size) == (8, 1)
+    assert (shipped.training.batch_size, shipped.training.online_batch_size) == (256, 1)
     assert (shipped.training.dense_refresh_steps, shipped.training.seed) == (1, 0)
 
 
