@@ -113,13 +113,14 @@ def progressive_validation(
     )
 
 
-def validation_protocol(worker: TrainerWorker, data: Batch, label: str = "validation",
-                        show_progress: bool = True) -> ProtocolResult:  # fmt: skip
+def validation_protocol(worker: TrainerWorker, data: Batch, label: str = "validation", show_progress: bool = True,
+                        copies: Sequence[ScoringCopy] = ()) -> ProtocolResult:  # fmt: skip
     """The protocol on the tuning part only: batch training on 0-60%, progressive validation over 60-80%.
 
-    No example after the first 80% of `data` reaches the worker.
+    No example after the first 80% of `data` reaches the worker (nor its `copies`, as in
+    `progressive_validation`).
     """
-    return progressive_validation(worker, tuning_data(data), VALIDATION_FRACTION, label, show_progress)
+    return progressive_validation(worker, tuning_data(data), VALIDATION_FRACTION, label, show_progress, copies)
 
 
 def evaluate(worker: TrainerWorker, data: Batch) -> dict[str, float]:

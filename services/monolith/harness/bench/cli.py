@@ -30,6 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--set", action="append", metavar="PATH=V1[,V2..]",
         help="sweep only: a config field and the values to try (repeatable; the grid is their product)",
     )
+    parser.add_argument(
+        "--served-late", type=int, default=0, metavar="N",
+        help="sweep only: also score each point by a copy refreshed every N events (as served, a sync behind)",
+    )
     parser.add_argument("--plot", default=None, help="ablations only: where to write the PNG (default ablations.png)")
     parser.add_argument("--speed", type=float, default=None,
                         help="online only: the replay's events/s (default 120, make run's; 100 with --quick)")
