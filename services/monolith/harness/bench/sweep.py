@@ -82,10 +82,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with open(config_path, encoding="utf-8") as f:
         raw = yaml.safe_load(f)
     points = grid_points(raw, [parse_setting(s) for s in getattr(args, "set", None) or []])
-    data = load_movielens(limit=20_000 if getattr(args, "quick", False) else None)
     late = getattr(args, "served_late", 0) or 0
     if late < 0:
         raise ValueError(f"--served-late: expected a number of events >= 0, got {late}")
+    data = load_movielens(limit=20_000 if getattr(args, "quick", False) else None)
     figures: dict[str, float] = {}
     late_figures: dict[str, float] = {}
     for label, config in points:
