@@ -2,16 +2,20 @@
 
 `ps_cluster` is two training shards shared by one test module (tests that mutate it use
 their own id ranges); `make_cluster` starts fresh ones a test owns; `serving_shard` is a
-single read-only shard.
+single read-only shard. `online_model` is the small model the online-loop tests train, and
+`controlled_stack` the online stack with a controller (see helpers.online).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from helpers.cluster import Cluster, start_cluster
+from helpers.online import ControlledStack, small_model
+from monolith.model.config import ModelConfig
 
 
 @pytest.fixture(scope="module")
@@ -40,3 +44,17 @@ def make_cluster() -> Iterator[Callable[..., Cluster]]:
 def serving_shard(make_cluster: Callable[..., Cluster]) -> Cluster:
     """One read-only serving shard (shard 0 of 1), empty until something is imported."""
     return make_cluster(num_shards=1, role="serving")
+
+
+@pytest.fixture(scope="module")
+def online_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModelConfig, str]:
+    """The small model config the online-loop tests train, and its YAML path (one per module)."""
+    return small_model(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture
+def controlled_stack(tmp_path: Path, online_model: tuple[ModelConfig, str]) -> Iterator[ControlledStack]:
+    """An online stack with a controller, owned by the test."""
+    made = ControlledStack(tmp_path, online_model)
+    yield made
+    made.close()

@@ -5,58 +5,42 @@ mid-backlog is restored exactly.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 
-from helpers.online import DEADLINE, ControlledStack, samples, small_model
+from helpers.online import DEADLINE, ControlledStack, samples
 from helpers.tables import exported_rows
 from helpers.waiting import wait_for
 from monolith.checkpoint.restore import merged_tables
-from monolith.model.config import ModelConfig
 from monolith.trainer.online import DEFAULT_MAX_BATCH
 
 BACKLOG = 10_000
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModelConfig, str]:
-    return small_model(tmp_path_factory.mktemp("model"))
-
-
-@pytest.fixture
-def setup(tmp_path: Path, model: tuple[ModelConfig, str]) -> Iterator[ControlledStack]:
-    made = ControlledStack(tmp_path, model)
-    yield made
-    made.close()
-
-
-def checkpoint_rows(setup: ControlledStack, checkpoint_id: str) -> dict[str, dict[int, bytes]]:
+def checkpoint_rows(controlled_stack: ControlledStack, checkpoint_id: str) -> dict[str, dict[int, bytes]]:
     """A checkpoint's rows, as `exported_rows` shows a shard's: table -> id -> values and update time bytes."""
     return {
         table: {int(i): rows.values[k].tobytes() + rows.update_times[k].tobytes() for k, i in enumerate(rows.ids)}
-        for table, rows in merged_tables(setup.store, setup.store.chain(checkpoint_id)).items()
+        for table, rows in merged_tables(controlled_stack.store, controlled_stack.store.chain(checkpoint_id)).items()
         if rows.ids.shape[0]
     }
 
 
 def test_a_backlog_drains_in_large_steps_once_each_and_a_cut_mid_backlog_restores_exactly(
-    setup: ControlledStack,
+    controlled_stack: ControlledStack,
 ) -> None:
-    last = setup.stream.publish(samples(0, BACKLOG))  # waiting before the trainer starts
-    trainer = setup.trainer("trainer-1", control=True)
-    controller = setup.controller(trainer)
+    last = controlled_stack.stream.publish(samples(0, BACKLOG))  # waiting before the trainer starts
+    trainer = controlled_stack.trainer("trainer-1", control=True)
+    controller = controlled_stack.controller(trainer)
     try:
         wait_for(lambda: controller.watch_once() is None and controller.adopted, "the controller adopted the cluster",
                  timeout=DEADLINE)  # fmt: skip
-        wait_for(lambda: setup.stream.consumer("trainer")[0] > 0, "the first step", timeout=DEADLINE, interval=0.01)
+        wait_for(lambda: controlled_stack.stream.consumer("trainer")[0] > 0, "the first step", timeout=DEADLINE, interval=0.01)
         # A cut while most of the backlog waits: between two steps, at an exact position.
         cut = controller.checkpoint()
         floor = cut.stream["ack_floor"]
         assert 0 < floor < last, cut.stream
 
-        wait_for(lambda: setup.all_acked(last), "the backlog trained", timeout=DEADLINE)
+        wait_for(lambda: controlled_stack.all_acked(last), "the backlog trained", timeout=DEADLINE)
         metrics = trainer.metrics()
         steps, examples = metrics.sum("monolith_trainer_steps"), metrics.sum("monolith_trainer_examples")
         # Every sample once (the trainer's own count against the stream's floor), in steps that
@@ -67,15 +51,15 @@ def test_a_backlog_drains_in_large_steps_once_each_and_a_cut_mid_backlog_restore
         # kill -9 of the trainer and of training shard 0 (restarted empty): the controller rolls
         # every parameter server back to the last cut, row for row, and the consumer with it.
         trainer.kill()
-        setup.restart_shard(0)
+        controlled_stack.restart_shard(0)
         assert controller.watch_once().startswith("restored")
-        assert exported_rows(setup.cluster.shards) == checkpoint_rows(setup, cut.id)
-        assert setup.stream.consumer("trainer") == (floor, last - floor, 0)
+        assert exported_rows(controlled_stack.cluster.shards) == checkpoint_rows(controlled_stack, cut.id)
+        assert controlled_stack.stream.consumer("trainer") == (floor, last - floor, 0)
 
         # A new trainer trains exactly the samples after the cut, once.
-        replacement = setup.trainer("trainer-2", control=True)
+        replacement = controlled_stack.trainer("trainer-2", control=True)
         controller.set_trainers([replacement.control])
-        wait_for(lambda: setup.all_acked(last), "the samples after the cut trained again", timeout=DEADLINE)
+        wait_for(lambda: controlled_stack.all_acked(last), "the samples after the cut trained again", timeout=DEADLINE)
         assert replacement.metric("monolith_trainer_examples") == last - floor
     finally:
         controller.close()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from helpers.cluster import start_cluster
-from helpers.online import DEADLINE, START, OnlineStack, samples, small_model
+from helpers.online import DEADLINE, START, OnlineStack, samples
 from helpers.waiting import wait_for
 from monolith.api.joiner.v1 import joiner_pb2
 from monolith.common.scrape import Scrape
@@ -20,14 +20,9 @@ from monolith.data.feature_ids import feature_ids
 from monolith.model.config import ModelConfig
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModelConfig, str]:
-    return small_model(tmp_path_factory.mktemp("model"))
-
-
 @pytest.fixture
-def setup(tmp_path: Path, model: tuple[ModelConfig, str]) -> Iterator[OnlineStack]:
-    made = OnlineStack(tmp_path, model, start_cluster(num_shards=2, tables=model[0].tables()))
+def setup(tmp_path: Path, online_model: tuple[ModelConfig, str]) -> Iterator[OnlineStack]:
+    made = OnlineStack(tmp_path, online_model, start_cluster(num_shards=2, tables=online_model[0].tables()))
     yield made
     made.close()
 
