@@ -30,7 +30,9 @@ class EmbeddingPSServicer(pb_grpc.EmbeddingPSServicer):
 
     def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext) -> pb.LookupResponse:
         training, requests = self._lookup_requests(request)
-        return self._lookup(pb.LookupResponse(), training, requests, request.update_time)
+        response = pb.LookupResponse()
+        self._answer(response, requests, self._shard.lookup(requests, training, request.update_time))
+        return response
 
     def ApplyGradients(
         self, request: pb.ApplyGradientsRequest, context: grpc.ServicerContext
@@ -44,15 +46,16 @@ class EmbeddingPSServicer(pb_grpc.EmbeddingPSServicer):
                 squares = decode_array(s.squared_gradients, "<f4", (s.num_ids, s.dim),
                                        f"table {s.table!r} squared_gradients")  # fmt: skip
             requests.append(Gradients(s.table, ids, grads, squares))
-        # The lookup that rides along is decoded (and refused) before anything is applied.
-        then = self._lookup_requests(request.then_lookup) if request.HasField("then_lookup") else None
-        if then is not None:
-            self._shard.check_lookup(then[1], then[0])
-        applied, filtered = self._shard.apply_gradients(requests, request.update_time)
-        response = pb.ApplyGradientsResponse(applied=applied, filtered=filtered)
-        if then is not None:
-            self._lookup(response.lookup, *then, request.then_lookup.update_time)
-        response.version = self._shard.version
+        if not request.HasField("then_lookup"):
+            applied, filtered = self._shard.apply_gradients(requests, request.update_time)
+            return pb.ApplyGradientsResponse(applied=applied, filtered=filtered, version=self._shard.version)
+        # The lookup that rides along is decoded and checked before anything is applied.
+        training, then = self._lookup_requests(request.then_lookup)
+        applied, filtered, embeddings = self._shard.apply_then_lookup(
+            requests, request.update_time, then, training, request.then_lookup.update_time
+        )
+        response = pb.ApplyGradientsResponse(applied=applied, filtered=filtered, version=self._shard.version)
+        self._answer(response.lookup, then, embeddings)
         return response
 
     def _lookup_requests(self, request: pb.LookupRequest) -> tuple[bool, list[tuple[str, np.ndarray, np.ndarray | None]]]:
@@ -65,14 +68,12 @@ class EmbeddingPSServicer(pb_grpc.EmbeddingPSServicer):
             requests.append((name, self._ids(name, num_ids, s.ids), self._counts(name, num_ids, s.counts)))
         return request.mode == pb.LOOKUP_MODE_TRAINING, requests
 
-    def _lookup(self, response: pb.LookupResponse, training: bool, requests: list, update_time: float) -> pb.LookupResponse:
-        """Looks up and answers into `response` (built in place: no copy of the rows)."""
-        embeddings = self._shard.lookup(requests, training, update_time)
+    def _answer(self, response: pb.LookupResponse, requests: list, embeddings: list[np.ndarray]) -> None:
+        """Writes a lookup's rows into `response` (built in place: no copy of the rows)."""
         response.version = self._shard.version
         add = response.tables.add
         for (name, _, _), e in zip(requests, embeddings):
             add(table=name, num_ids=e.shape[0], dim=e.shape[1], values=encode_array(e, "<f4"))
-        return response
 
     def Export(self, request: pb.ExportRequest, context: grpc.ServicerContext) -> Iterator[pb.RowChunk]:
         chunks = self._shard.export(

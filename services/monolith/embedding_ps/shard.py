@@ -180,7 +180,29 @@ class EmbeddingShard:
         Returns:
             float32 [n, dim] per request.
         """
-        self.check_lookup(requests, training)
+        self._check_lookup(requests, training)
+        return self._checked_lookup(requests, training, update_time)
+
+    def apply_then_lookup(
+        self,
+        gradients: Sequence[Gradients | tuple],
+        update_time: float,
+        requests: Sequence[tuple[str, np.ndarray, np.ndarray | None]],
+        training: bool,
+        lookup_update_time: float = 0.0,
+    ) -> tuple[int, int, list[np.ndarray]]:
+        """`apply_gradients`, then `lookup`; the lookup is checked before anything is applied.
+
+        Returns:
+            (rows updated, gradients dropped, float32 [n, dim] per lookup request).
+        """
+        self._check_lookup(requests, training)
+        applied, filtered = self.apply_gradients(gradients, update_time)
+        return applied, filtered, self._checked_lookup(requests, training, lookup_update_time)
+
+    def _checked_lookup(
+        self, requests: Sequence[tuple[str, np.ndarray, np.ndarray | None]], training: bool, update_time: float
+    ) -> list[np.ndarray]:
         if not training:
             with self._gate.read() if self.config.role == "serving" else contextlib.nullcontext():
                 return [self.tables[name].lookup(ids) for name, ids, _ in requests]
@@ -188,7 +210,7 @@ class EmbeddingShard:
         with self._mutation() as version:
             return [self.tables[name].lookup_train(ids, counts, now, version) for name, ids, counts in requests]
 
-    def check_lookup(self, requests: Sequence[tuple[str, np.ndarray, np.ndarray | None]], training: bool) -> None:
+    def _check_lookup(self, requests: Sequence[tuple[str, np.ndarray, np.ndarray | None]], training: bool) -> None:
         """Raises what `lookup` would raise for these requests before doing anything."""
         if training and self.config.role != "training":
             raise FailedPrecondition(
