@@ -81,6 +81,12 @@ class DeadlineExceeded(MonolithError):
     code = "DEADLINE_EXCEEDED"
 
 
+class Cancelled(MonolithError):
+    """The client cancelled the call; nobody reads the answer."""
+
+    code = "CANCELLED"
+
+
 _BY_CODE = {
     cls.code: cls
     for cls in (InvalidArgument, NotFound, FailedPrecondition, ResourceExhausted, Unavailable, AlreadyExists, OutOfRange)

@@ -25,5 +25,28 @@ IMPRESSION_PUBLISH_FAILURES = prometheus_client.Counter(
     "monolith_serving_impression_publish_failures_total",
     "Impression publishes that failed and were retried (NATS down, slow, or the stream missing).",
 )
+BATCH_EXAMPLES = prometheus_client.Histogram(
+    "monolith_serving_batch_examples",
+    "Examples (candidates) scored together in one batch of Predict calls.",
+    buckets=(1, 10, 50, 100, 200, 400, 800, 1600, 3200, 6400),
+)
+BATCH_CALLS = prometheus_client.Histogram(
+    "monolith_serving_batch_calls",
+    "Predict calls scored together in one batch.",
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
+)
+BATCH_QUEUE_SECONDS = prometheus_client.Histogram(
+    "monolith_serving_batch_queue_seconds",
+    "Seconds a Predict call waited in the batching queue before its batch started.",
+    buckets=(0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+)
+BATCH_ABANDONED = prometheus_client.Counter(
+    "monolith_serving_batch_abandoned_total",
+    "Predict calls that left the batching queue unscored: deadline (passed while queued or while its "
+    "batch ran) or cancelled (by the client).",
+    ("reason",),
+)
+for _reason in ("deadline", "cancelled"):
+    BATCH_ABANDONED.labels(_reason)
 for _reason in ("queue_full", "shutdown", "too_large", "no_item"):
     IMPRESSIONS_DROPPED.labels(_reason)  # exported at 0 before the first drop

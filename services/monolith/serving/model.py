@@ -183,10 +183,13 @@ class ServingModel:
                 raise InvalidArgument(
                     f"input {name!r}: the feature is single-valued; expects shape [batch], got {list(array.shape)}"
                 )
-            if array.shape[0] == 1 and batch > 1:
-                array = np.repeat(array, batch, axis=0)
             values, counts = _flatten(array)
-            ids[name] = self._feature_ids(name, values)
+            feature_ids = self._feature_ids(name, values)
+            if array.shape[0] == 1 and batch > 1:
+                # Sent once for the call (the user's features): hashed once, then repeated.
+                feature_ids = np.tile(feature_ids, batch)
+                counts = np.repeat(counts, batch)
+            ids[name] = feature_ids
             row_splits[name] = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         return ids, row_splits, batch
 

@@ -20,6 +20,7 @@ from monolith.common.server import (
 from monolith.dense_ps.client import DensePSClient
 from monolith.embedding_ps.client import ShardedEmbeddingClient
 from monolith.model.config import default_config_path, load_model_config
+from monolith.serving.batching import BatchingConfig, PredictBatcher
 from monolith.serving.impressions import DEFAULT_QUEUE, ImpressionLog
 from monolith.serving.limits import RequestLimits
 from monolith.serving.model import ServingModel, dense_refresher
@@ -34,9 +35,13 @@ def build_serving(
     signature: SignatureConfig,
     server_config: ServerConfig,
     impressions: ImpressionLog | None = None,
+    batcher: PredictBatcher | None = None,
 ) -> MonolithServer:
-    """An unstarted Predict server over `model`, logging impressions to `impressions` if given."""
-    servicer = PredictionServicer(model, signature, impressions)
+    """An unstarted Predict server over `model`, logging impressions to `impressions` if given.
+
+    With `batcher` (started by the caller), concurrent calls are scored in batches.
+    """
+    servicer = PredictionServicer(model, signature, impressions, batcher)
     return build_server(
         server_config,
         [Service(SERVICE_NAME, lambda s: prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(servicer, s))],
@@ -61,6 +66,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"values per Predict, summed over inputs after broadcasting (default {defaults.max_elements})")  # fmt: skip
     parser.add_argument("--max-string-bytes", type=int, default=defaults.max_string_bytes,
                         help=f"bytes of string values per Predict (default {defaults.max_string_bytes})")  # fmt: skip
+    batching = BatchingConfig()
+    parser.add_argument("--batch-max-examples", type=int, default=batching.max_examples,
+                        help="examples scored together at most when concurrent calls are batched; 0 turns "
+                        f"batching off (default {batching.max_examples})")  # fmt: skip
+    parser.add_argument("--batch-timeout-micros", type=int, default=batching.timeout_micros,
+                        help="microseconds a batch waits, from its oldest call, for more calls "
+                        f"(default {batching.timeout_micros})")  # fmt: skip
+    parser.add_argument("--batch-threads", type=int, default=batching.threads,
+                        help=f"threads scoring batches (default {batching.threads})")  # fmt: skip
     add_streams_arguments(parser, required=False)  # --nats set: Predict calls with a request_id log impressions
     parser.add_argument("--impression-queue", type=int, default=DEFAULT_QUEUE,
                         help="impressions queued for NATS at most; past it they are dropped and counted "
@@ -85,6 +99,12 @@ def run(args: argparse.Namespace) -> int:
         {"max_batch": args.max_batch, "max_elements": args.max_elements, "max_string_bytes": args.max_string_bytes},
     )
     model = ServingModel(config, sparse, dense, limits)
+    batching = parse_config(
+        BatchingConfig,
+        {"max_examples": args.batch_max_examples, "timeout_micros": args.batch_timeout_micros,
+         "threads": args.batch_threads},
+    )  # fmt: skip
+    batcher = PredictBatcher(model, batching) if batching.enabled else None
     impressions = None
     if args.nats:
         if config.item_feature is None:
@@ -101,11 +121,14 @@ def run(args: argparse.Namespace) -> int:
             tls_cert=args.tls_cert, tls_key=args.tls_key,
         ),  # fmt: skip
         impressions,
+        batcher,
     )
     refresher = dense_refresher(model, args.dense_sync_interval, on_ready=lambda: server.set_serving(True))
     if impressions is not None:
         impressions.start()  # connects in the background: NATS need not be up yet
         _LOGGER.info("logging impressions to %s (%d partitions)", args.nats, args.partitions)
+    if batcher is not None:
+        batcher.start()
     server.start(serving=False)  # SERVING once the first dense parameters arrive
     refresher.start()
     _LOGGER.info("serving model %r on port %d", args.model_name, server.port)
@@ -113,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
     def shutdown() -> None:
         if impressions is not None:
             impressions.close()  # the server has stopped: flush what its last calls logged
+        if batcher is not None:
+            batcher.close()
         refresher.stop()
         sparse.close()
         dense.close()

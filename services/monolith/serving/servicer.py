@@ -4,7 +4,9 @@ Built on the official `tensorflow-serving-api` stubs, so any TF Serving client w
 unchanged. Errors follow TF Serving's codes: a bad request is INVALID_ARGUMENT, an
 unknown model or version NOT_FOUND, an unknown signature FAILED_PRECONDITION; overload
 (the server's cap on calls in flight) is RESOURCE_EXHAUSTED; a request whose deadline
-passes while it is worked on is abandoned between stages with DEADLINE_EXCEEDED.
+passes while it is worked on is abandoned between stages with DEADLINE_EXCEEDED. With a
+`PredictBatcher`, concurrent calls are scored together (see batching), each parsed and
+checked on its own first, so a bad call fails alone.
 
 The model is trained continuously, so it has one servable version, 1, which always
 holds the latest parameters; a request pinned to another version is NOT_FOUND.
@@ -20,6 +22,7 @@ call is INVALID_ARGUMENT before anything is scored or logged.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 
 import grpc
@@ -28,6 +31,7 @@ from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2, model_pb2, predict_pb2, prediction_service_pb2_grpc
 
 from monolith.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from monolith.serving.batching import PredictBatcher
 from monolith.serving.impressions import EVENT_TIME, REQUEST_ID, ImpressionLog, ScoredRequest, request_keys
 from monolith.serving.limits import Deadline
 from monolith.serving.model import ServingModel
@@ -58,14 +62,20 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         model: the served model.
         signature: the names the API answers to.
         impressions: where calls with a request_id are logged (None: not logged).
+        batcher: scores concurrent calls together (None: each call on its own thread).
     """
 
     def __init__(
-        self, model: ServingModel, signature: SignatureConfig, impressions: ImpressionLog | None = None
+        self,
+        model: ServingModel,
+        signature: SignatureConfig,
+        impressions: ImpressionLog | None = None,
+        batcher: PredictBatcher | None = None,
     ) -> None:
         self._model = model
         self._signature = signature
         self._impressions = impressions
+        self._batcher = batcher
 
     def Predict(self, request: predict_pb2.PredictRequest, context: grpc.ServicerContext) -> predict_pb2.PredictResponse:
         self._check_model_spec(request.model_spec, signature_matters=True)
@@ -80,7 +90,12 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         ids, row_splits, batch = self._model.parse(inputs)
         item = self._model.config.item_feature
         keys = request_keys(request_id, event_time, (item, inputs[item]) if item else None, batch)
-        scores, version = self._model.score_versioned(ids, row_splits, batch, deadline)
+        if self._batcher is None:
+            scores, version = self._model.score_versioned(ids, row_splits, batch, deadline)
+        else:
+            cancelled = threading.Event()
+            context.add_callback(cancelled.set)  # also runs when the call ends normally: harmless
+            scores, version = self._batcher.score(ids, row_splits, batch, deadline, cancelled)
         if keys is not None and self._impressions is not None:
             self._impressions.log(ScoredRequest(keys, inputs, scores, version, received_at))
         response = predict_pb2.PredictResponse(model_spec=self._response_spec())
