@@ -113,7 +113,14 @@ def test_serving_benchmark() -> None:
     assert result["freshness_probes"] == 10
     assert 0 < result["freshness_p50_s"] <= result["freshness_p99_s"]
     assert result["trainer_training_during_probes"] is True
-    assert set(result["bars_met"]) == {"predict_vs_inprocess>=0.5", "freshness_p50<=2s", "freshness_p99<=5s"}
+    assert result["batched_qps_16"] > 0 and result["unbatched_qps_16"] > 0
+    assert result["batched_vs_unbatched_qps"] == pytest.approx(
+        result["batched_qps_16"] / result["unbatched_qps_16"], rel=1e-3
+    )
+    assert set(result["bars_met"]) == {
+        "predict_vs_inprocess>=0.8", "p99_ms<=3*p50_ms", "batched_vs_unbatched_qps>=2", "freshness_p50<=2s",
+        "freshness_p99<=5s",
+    }  # fmt: skip
     _assert_missed_bars_are_explained(result)
 
 

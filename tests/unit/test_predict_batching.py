@@ -84,12 +84,9 @@ def test_batched_scores_equal_unbatched_scores_exactly(model: ServingModel) -> N
     calls = ranking_calls(40)
     expected = [model.predict(call) for call in calls]
     recording = Recording(model)
-    batcher = PredictBatcher(recording, BatchingConfig(max_examples=512, timeout_micros=20_000, threads=2)).start()  # type: ignore[arg-type]
-    try:
-        with futures.ThreadPoolExecutor(16) as pool:
-            got = list(pool.map(lambda call: batcher.score(*model.parse(call))[0], calls))
-    finally:
-        batcher.close()
+    batcher = PredictBatcher(recording, BatchingConfig(max_examples=512, timeout_micros=20_000, threads=2))  # type: ignore[arg-type]
+    with futures.ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(lambda call: batcher.score(*model.parse(call))[0], calls))
     for want, have in zip(expected, got):
         np.testing.assert_array_equal(have, want)
     assert sum(recording.batches) == sum(len(e) for e in expected)
@@ -102,17 +99,14 @@ def test_a_batch_takes_what_is_queued_up_to_the_bound(model: ServingModel) -> No
     parsed = [model.parse(call) for call in calls]
     recording = Recording(model)
     recording.release.clear()  # the batch thread is held in the first batch while the others queue
-    batcher = PredictBatcher(recording, BatchingConfig(max_examples=10_000, timeout_micros=0, threads=1)).start()  # type: ignore[arg-type]
-    try:
-        with futures.ThreadPoolExecutor(6) as pool:
-            first = pool.submit(batcher.score, *parsed[0])
-            assert recording.entered.wait(10.0)
-            rest = [pool.submit(batcher.score, *p) for p in parsed[1:]]
-            time.sleep(0.2)  # the five calls queue behind the held batch
-            recording.release.set()
-            results = [first.result(10.0)] + [f.result(10.0) for f in rest]
-    finally:
-        batcher.close()
+    batcher = PredictBatcher(recording, BatchingConfig(max_examples=10_000, timeout_micros=0, threads=1))  # type: ignore[arg-type]
+    with futures.ThreadPoolExecutor(6) as pool:
+        first = pool.submit(batcher.score, *parsed[0])
+        assert recording.entered.wait(10.0)
+        rest = [pool.submit(batcher.score, *p) for p in parsed[1:]]
+        time.sleep(0.2)  # the five calls queue behind the held batch
+        recording.release.set()
+        results = [first.result(10.0)] + [f.result(10.0) for f in rest]
     assert recording.batches == [parsed[0][2], sum(p[2] for p in parsed[1:])]
     for (scores, _), call in zip(results, calls):
         np.testing.assert_array_equal(scores, model.predict(call))
@@ -123,21 +117,18 @@ def test_a_deadline_passing_in_the_queue_fails_that_call_alone(model: ServingMod
     parsed = [model.parse(call) for call in calls]
     recording = Recording(model)
     recording.release.clear()
-    batcher = PredictBatcher(recording, BatchingConfig(max_examples=10_000, timeout_micros=0, threads=1)).start()  # type: ignore[arg-type]
-    try:
-        with futures.ThreadPoolExecutor(3) as pool:
-            first = pool.submit(batcher.score, *parsed[0])
-            assert recording.entered.wait(10.0)
-            started = time.monotonic()
-            with pytest.raises(DeadlineExceeded, match="while queued for batching"):
-                batcher.score(*parsed[1], deadline=Deadline.after(0.1))
-            waited = time.monotonic() - started
-            patient = pool.submit(batcher.score, *parsed[2])
-            recording.release.set()
-            np.testing.assert_array_equal(first.result(10.0)[0], model.predict(calls[0]))
-            np.testing.assert_array_equal(patient.result(10.0)[0], model.predict(calls[2]))
-    finally:
-        batcher.close()
+    batcher = PredictBatcher(recording, BatchingConfig(max_examples=10_000, timeout_micros=0, threads=1))  # type: ignore[arg-type]
+    with futures.ThreadPoolExecutor(3) as pool:
+        first = pool.submit(batcher.score, *parsed[0])
+        assert recording.entered.wait(10.0)
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded, match="while queued for batching"):
+            batcher.score(*parsed[1], deadline=Deadline.after(0.1))
+        waited = time.monotonic() - started
+        patient = pool.submit(batcher.score, *parsed[2])
+        recording.release.set()
+        np.testing.assert_array_equal(first.result(10.0)[0], model.predict(calls[0]))
+        np.testing.assert_array_equal(patient.result(10.0)[0], model.predict(calls[2]))
     assert waited < 5.0  # it did not wait for the held batch
     # The expired call never reached the model: the second batch is the patient call alone.
     assert recording.batches == [parsed[0][2], parsed[2][2]]
@@ -147,21 +138,18 @@ def test_a_cancelled_call_leaves_the_queue(model: ServingModel) -> None:
     parsed = [model.parse(call) for call in ranking_calls(2, seed=3)]
     recording = Recording(model)
     recording.release.clear()
-    batcher = PredictBatcher(recording, BatchingConfig(max_examples=10_000, timeout_micros=0, threads=1)).start()  # type: ignore[arg-type]
-    try:
-        with futures.ThreadPoolExecutor(2) as pool:
-            first = pool.submit(batcher.score, *parsed[0])
-            assert recording.entered.wait(10.0)
-            cancelled = threading.Event()
-            second = pool.submit(batcher.score, *parsed[1], cancelled=cancelled)
-            time.sleep(0.1)
-            cancelled.set()
-            with pytest.raises(Cancelled, match="while queued"):
-                second.result(10.0)
-            recording.release.set()
-            first.result(10.0)
-    finally:
-        batcher.close()
+    batcher = PredictBatcher(recording, BatchingConfig(max_examples=10_000, timeout_micros=0, threads=1))  # type: ignore[arg-type]
+    with futures.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(batcher.score, *parsed[0])
+        assert recording.entered.wait(10.0)
+        cancelled = threading.Event()
+        second = pool.submit(batcher.score, *parsed[1], cancelled=cancelled)
+        time.sleep(0.1)
+        cancelled.set()
+        with pytest.raises(Cancelled, match="while queued"):
+            second.result(10.0)
+        recording.release.set()
+        first.result(10.0)
     assert recording.batches == [parsed[0][2]]
 
 
@@ -170,12 +158,68 @@ def test_a_failing_batch_fails_its_calls_with_the_error(model: ServingModel) -> 
         def score_versioned(self, *args: Any, **kwargs: Any) -> Any:
             raise Unavailable("embedding-PS shard 1 is unreachable")
 
-    batcher = PredictBatcher(Failing(), BatchingConfig(threads=1)).start()  # type: ignore[arg-type]
-    try:
-        with pytest.raises(Unavailable, match="unreachable"):
-            batcher.score(*model.parse(ranking_calls(1)[0]))
-    finally:
-        batcher.close()
+    batcher = PredictBatcher(Failing(), BatchingConfig(threads=1))  # type: ignore[arg-type]
+    with pytest.raises(Unavailable, match="unreachable"):
+        batcher.score(*model.parse(ranking_calls(1)[0]))
+    with pytest.raises(Unavailable, match="unreachable"):  # the slot was passed back: the next call runs too
+        batcher.score(*model.parse(ranking_calls(1)[0]))
+
+
+def test_a_call_finding_the_batcher_idle_is_scored_on_its_own_thread(model: ServingModel) -> None:
+    threads = []
+
+    class Where:
+        def score_versioned(self, *args: Any, **kwargs: Any) -> Any:
+            threads.append(threading.current_thread())
+            return model.score_versioned(*args, **kwargs)
+
+    batcher = PredictBatcher(Where(), BatchingConfig())  # type: ignore[arg-type]
+    batcher.score(*model.parse(ranking_calls(1)[0]))
+
+    assert threads == [threading.current_thread()]  # no hand-off to another thread
+
+
+def test_the_timeout_lets_a_batch_fill_from_calls_arriving_after_it(model: ServingModel) -> None:
+    parsed = [model.parse(call) for call in ranking_calls(3, seed=5)]
+    recording = Recording(model)
+    batcher = PredictBatcher(recording, BatchingConfig(timeout_micros=2_000_000, threads=1))  # type: ignore[arg-type]
+    with futures.ThreadPoolExecutor(3) as pool:
+        pending = []
+        for p in parsed:
+            pending.append(pool.submit(batcher.score, *p))
+            time.sleep(0.05)  # each arrives while the first waits for its batch to fill
+        for f in pending:
+            f.result(10.0)
+
+    assert recording.batches == [sum(p[2] for p in parsed)]
+
+
+def test_under_contention_every_call_gets_its_scores_or_its_own_error(model: ServingModel) -> None:
+    calls = ranking_calls(30, seed=6)
+    expected = [model.predict(call) for call in calls]
+    parsed = [model.parse(call) for call in calls]
+    batcher = PredictBatcher(model, BatchingConfig(max_examples=300, threads=2))
+    rng = np.random.default_rng(7)
+    plans = [(i, float(rng.choice([0.0005, 0.005, 30.0])), bool(rng.random() < 0.2)) for i in range(600)]
+
+    def one(plan: tuple[int, float, bool]) -> str:
+        i, seconds, cancel = plan
+        cancelled = threading.Event()
+        if cancel:
+            threading.Timer(0.001, cancelled.set).start()
+        try:
+            scores, _ = batcher.score(*parsed[i % 30], deadline=Deadline.after(seconds), cancelled=cancelled)
+        except (DeadlineExceeded, Cancelled):
+            return "abandoned"
+        np.testing.assert_array_equal(scores, expected[i % 30])
+        return "scored"
+
+    with futures.ThreadPoolExecutor(16) as pool:
+        outcomes = list(pool.map(one, plans))
+
+    assert outcomes.count("scored") > 0 and len(outcomes) == 600
+    scores, _ = batcher.score(*parsed[0])  # every slot came back
+    np.testing.assert_array_equal(scores, expected[0])
 
 
 def test_hash_before_broadcast_gives_the_ids_of_the_repeated_features(model: ServingModel) -> None:

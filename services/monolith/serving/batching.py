@@ -56,7 +56,7 @@ class BatchingConfig(ConfigModel):
     """
 
     max_examples: Annotated[int, pydantic.Field(ge=0)] = 2048
-    timeout_micros: Annotated[int, pydantic.Field(ge=0)] = 1000
+    timeout_micros: Annotated[int, pydantic.Field(ge=0)] = 0
     threads: Annotated[int, pydantic.Field(ge=1, le=64)] = 2
 
     @property
@@ -73,15 +73,23 @@ class _Call:
     batch: int
     deadline: Deadline
     queued_at: float = dataclasses.field(default_factory=time.monotonic)
-    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    wake: threading.Event = dataclasses.field(default_factory=threading.Event)  # scored, or a batch to lead
+    scored: bool = False
     scores: np.ndarray | None = None
     version: int = 0
     error: BaseException | None = None
-    abandoned: str = ""  # why the caller stopped waiting: "deadline" or "cancelled"
+    lead: list[_Call] | None = None  # a batch handed to this call's thread to score
 
 
 class PredictBatcher:
-    """Scores parsed calls in batches on `config.threads` batch threads.
+    """Scores parsed calls in batches, at most `config.threads` batches at a time.
+
+    There are no batch threads: the callers' threads score the batches (flat combining).
+    A call that finds a batch slot free and nobody queued leads a batch at once: it waits
+    up to `timeout_micros` for more calls (none by default), then scores the calls queued
+    from itself on, with no hand-off to another thread. A call that finds every slot busy
+    queues; when a batch ends, its leader takes the next batch off the queue and hands it,
+    with the slot, to that batch's oldest call, whose thread scores it.
 
     Args:
         model: the served model (parsing happens before, on the callers' threads).
@@ -98,23 +106,8 @@ class PredictBatcher:
         self._arrived = threading.Condition(self._lock)
         self._queue: collections.deque[_Call] = collections.deque()
         self._queued_examples = 0
-        self._closing = False
-        self._threads = [
-            threading.Thread(target=self._run, name=f"predict-batch-{i}", daemon=True) for i in range(config.threads)
-        ]
-
-    def start(self) -> PredictBatcher:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def close(self) -> None:
-        """Stops the batch threads once the queue is empty (the server stopped taking calls)."""
-        with self._lock:
-            self._closing = True
-            self._arrived.notify_all()
-        for thread in self._threads:
-            thread.join(timeout=10.0)
+        self._free_slots = config.threads
+        self._filling: _Call | None = None  # the head of the queue while its leader waits for more calls
 
     def score(
         self,
@@ -138,83 +131,77 @@ class PredictBatcher:
         """
         call = _Call(ids, row_splits, batch, deadline)
         with self._lock:
-            if self._closing:
-                raise MonolithError("the server is shutting down")
             self._queue.append(call)
             self._queued_examples += batch
-            self._arrived.notify()
-        if cancelled is None:
-            finished = call.done.wait(deadline.remaining())
-        else:
-            finished = self._wait(call, cancelled)
-        if not finished:
-            reason = "cancelled" if cancelled is not None and cancelled.is_set() else "deadline"
-            queued = self._abandon(call, reason)
-            where = "while queued for batching" if queued else "while its batch was scored"
-            if reason == "cancelled":
-                raise Cancelled(f"the call was cancelled {where}")
-            raise DeadlineExceeded(f"deadline passed {where}; the request was abandoned")
+            if self._free_slots > 0 and len(self._queue) == 1:
+                self._free_slots -= 1
+                call.lead = self._take(wait=True)
+            else:
+                self._arrived.notify()  # a leader waiting for its batch to fill
+        if call.lead is None:
+            self._wait(call, cancelled)
+        while call.lead is not None:  # this thread holds a slot: score, then pass it on
+            calls, call.lead = call.lead, None
+            self._score(calls)
+            self._pass_slot()
         if call.error is not None:
             raise call.error
+        if not call.scored:
+            raise _gave_up(call.deadline, cancelled, queued=False)
         assert call.scores is not None
         return call.scores, call.version
 
-    @staticmethod
-    def _wait(call: _Call, cancelled: threading.Event) -> bool:
-        """Waits for the scores until the deadline or a cancellation; whether they came."""
+    def _wait(self, call: _Call, cancelled: threading.Event | None) -> None:
+        """Waits until the call is scored or handed a batch to lead.
+
+        Raises:
+            DeadlineExceeded, Cancelled: the caller gave up while the call was queued (it
+                leaves the queue and costs the batches nothing).
+        """
         while True:
             remaining = call.deadline.remaining()
-            if call.done.wait(0.05 if remaining is None else min(0.05, remaining)):
-                return True
-            if cancelled.is_set() or remaining == 0.0:
-                return call.done.is_set()
+            if cancelled is not None:
+                remaining = 0.05 if remaining is None else min(0.05, remaining)
+            call.wake.wait(remaining)
+            with self._lock:
+                if call.wake.is_set():
+                    return
+                if call.deadline.remaining() == 0.0 or (cancelled is not None and cancelled.is_set()):
+                    error = _gave_up(call.deadline, cancelled, queued=call in self._queue)
+                    if call in self._queue:
+                        self._queue.remove(call)
+                        self._queued_examples -= call.batch
+                    else:  # taken into a batch being scored: stop waiting, its scores are discarded
+                        call.error = error
+                    raise error
 
-    def _abandon(self, call: _Call, reason: str) -> bool:
-        """Marks a call its caller gave up on; whether it was still queued (and is now removed)."""
-        BATCH_ABANDONED.labels(reason).inc()
+    def _pass_slot(self) -> None:
+        """After a batch: the next queued batch goes to its oldest call's thread, or the slot frees."""
         with self._lock:
-            call.abandoned = reason
-            try:
-                self._queue.remove(call)
-            except ValueError:
-                return False
-            self._queued_examples -= call.batch
-            return True
-
-    # ----------------------------------------------------------- batch threads
-
-    def _run(self) -> None:
-        while True:
-            calls = self._take()
-            if calls is None:
+            if not self._queue or self._queue[0] is self._filling:  # nothing queued, or a leader filling its batch
+                self._free_slots += 1
                 return
-            if calls:
-                self._score(calls)
+            calls = self._take(wait=False)
+            calls[0].lead = calls
+            calls[0].wake.set()
 
-    def _take(self) -> list[_Call] | None:
-        """The next batch: the oldest call and those queued behind it that fit; None when closing."""
+    def _take(self, wait: bool) -> list[_Call]:
+        """Takes the calls queued from the head that fit in one batch (at least the head); holds the lock."""
         limit = self._config.max_examples
-        with self._lock:
-            while not self._queue:
-                if self._closing:
-                    return None
-                self._arrived.wait()
-            # Wait for more calls until the batch is full or the oldest call waited long enough.
-            while self._queue and self._queued_examples < limit:
-                remaining = self._queue[0].queued_at + self._timeout - time.monotonic()
-                if remaining <= 0 or self._closing:
+        if wait and self._timeout > 0:  # wait for more calls until the batch is full or the head waited enough
+            self._filling = self._queue[0]  # no other leader takes it meanwhile (see _pass_slot)
+            while self._queued_examples < limit:
+                remaining = self._filling.queued_at + self._timeout - time.monotonic()
+                if remaining <= 0:
                     break
                 self._arrived.wait(remaining)
-            if not self._queue:  # another thread took them, or all were abandoned
-                return []
-            calls = [self._queue.popleft()]
-            examples = calls[0].batch
-            while self._queue and examples + self._queue[0].batch <= limit:
-                examples += self._queue[0].batch
-                calls.append(self._queue.popleft())
-            self._queued_examples -= examples
-            if self._queue:
-                self._arrived.notify()  # more is queued: another batch thread may start on it
+            self._filling = None
+        calls = [self._queue.popleft()]
+        examples = calls[0].batch
+        while self._queue and examples + self._queue[0].batch <= limit:
+            examples += self._queue[0].batch
+            calls.append(self._queue.popleft())
+        self._queued_examples -= examples
         return calls
 
     def _score(self, calls: list[_Call]) -> None:
@@ -231,14 +218,26 @@ class PredictBatcher:
             scores, version = self._model.score_versioned(ids, row_splits, sum(c.batch for c in calls), deadline)
         except BaseException as exc:  # noqa: BLE001 - handed to every caller of the batch
             for call in calls:
-                call.error = exc
-                call.done.set()
+                if call.error is None:
+                    call.error = exc
+                call.wake.set()
             return
         start = 0
         for call in calls:
             call.scores, call.version = scores[start : start + call.batch], version
+            call.scored = True
             start += call.batch
-            call.done.set()
+            call.wake.set()
+
+
+def _gave_up(deadline: Deadline, cancelled: threading.Event | None, queued: bool) -> MonolithError:
+    """The error of a caller that stopped waiting, and the abandonment counted."""
+    where = "while queued for batching" if queued else "while its batch was scored"
+    if cancelled is not None and cancelled.is_set():
+        BATCH_ABANDONED.labels("cancelled").inc()
+        return Cancelled(f"the call was cancelled {where}")
+    BATCH_ABANDONED.labels("deadline").inc()
+    return DeadlineExceeded(f"deadline passed {where}; the request was abandoned")
 
 
 def _concatenate(calls: list[_Call]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

@@ -39,7 +39,7 @@ def build_serving(
 ) -> MonolithServer:
     """An unstarted Predict server over `model`, logging impressions to `impressions` if given.
 
-    With `batcher` (started by the caller), concurrent calls are scored in batches.
+    With `batcher`, concurrent calls are scored in batches.
     """
     servicer = PredictionServicer(model, signature, impressions, batcher)
     return build_server(
@@ -127,8 +127,6 @@ def run(args: argparse.Namespace) -> int:
     if impressions is not None:
         impressions.start()  # connects in the background: NATS need not be up yet
         _LOGGER.info("logging impressions to %s (%d partitions)", args.nats, args.partitions)
-    if batcher is not None:
-        batcher.start()
     server.start(serving=False)  # SERVING once the first dense parameters arrive
     refresher.start()
     _LOGGER.info("serving model %r on port %d", args.model_name, server.port)
@@ -136,8 +134,6 @@ def run(args: argparse.Namespace) -> int:
     def shutdown() -> None:
         if impressions is not None:
             impressions.close()  # the server has stopped: flush what its last calls logged
-        if batcher is not None:
-            batcher.close()
         refresher.stop()
         sparse.close()
         dense.close()

@@ -9,6 +9,9 @@
    with the serving process's TensorFlow threading and garbage-collector settings. The
    two alternate in ROUNDS rounds after a warm-up of both; figures are medians over
    rounds, and `predict_vs_inprocess` is their ratio at equal concurrency.
+   Then batching: the same serving process (batching on, its defaults) against a second
+   one started with `--batch-max-examples 0` (off), BATCHING_CONCURRENCY callers each,
+   interleaved rounds: `batched_vs_unbatched_qps`.
 2. Freshness while a trainer trains. A serving shard follows each training shard
    (`--sync-from`, 1 s interval) while a trainer process trains; a probe pushes a
    gradient for one id to a training shard and times until the serving shard returns
@@ -48,8 +51,12 @@ from monolith.trainer.backends import LocalDense, LocalEmbeddings
 CANDIDATES = 100
 CONCURRENCY = 2  # callers on each side: gRPC client threads, in-process scoring threads
 
+BATCHING_CONCURRENCY = 16  # callers on each side of batching on vs off
+
 BARS: dict[str, Callable[[dict[str, Any]], bool]] = {
-    "predict_vs_inprocess>=0.5": lambda r: r["predict_vs_inprocess"] >= 0.5,
+    "predict_vs_inprocess>=0.8": lambda r: r["predict_vs_inprocess"] >= 0.8,
+    "p99_ms<=3*p50_ms": lambda r: r["p99_ms"] <= 3 * r["p50_ms"],
+    "batched_vs_unbatched_qps>=2": lambda r: r["batched_vs_unbatched_qps"] >= 2.0,
     "freshness_p50<=2s": lambda r: r["freshness_p50_s"] <= 2.0,
     "freshness_p99<=5s": lambda r: r["freshness_p99_s"] <= 5.0,
 }
@@ -126,8 +133,8 @@ def _serving_tf_threads() -> None:
 
 
 def _start_serving(config_path: str, ps: list[str], dense_address: str, log: str,
-                   profile_out: str | None = None) -> tuple[RoleProcess, str]:  # fmt: skip
-    args = ["serving", "--config", config_path, "--embedding-ps", ",".join(ps), "--dense-ps", dense_address]
+                   profile_out: str | None = None, extra: tuple[str, ...] = ()) -> tuple[RoleProcess, str]:  # fmt: skip
+    args = ["serving", "--config", config_path, "--embedding-ps", ",".join(ps), "--dense-ps", dense_address, *extra]
     if profile_out is None:
         proc, address = start_role(args, log)
     else:
@@ -188,13 +195,53 @@ def _throughput(config_path: str, workdir: str, seconds: float, limits: dict[str
             "candidates_per_request": CANDIDATES,
         }
         result["predict_vs_inprocess"] = result["predict_qps"] / result["inprocess_qps"]
-        if not BARS["predict_vs_inprocess>=0.5"](result):
-            limits["predict_vs_inprocess>=0.5"] = _profile_serving(config_path, ps, dense_address, protos, seconds,
-                                                                   workdir)  # fmt: skip
+        result.update(_batching(config_path, ps, dense_address, serving_address, protos, seconds, workdir, procs))
+        for bar in ("predict_vs_inprocess>=0.8", "p99_ms<=3*p50_ms"):
+            if not BARS[bar](result):
+                limits[bar] = _profile_serving(config_path, ps, dense_address, protos, seconds, workdir)
+                break
         return result
     finally:
         for proc in procs:
             proc.stop()
+
+
+def _batching(config_path: str, ps: list[str], dense_address: str, batched_address: str,
+              protos: list[predict_pb2.PredictRequest], seconds: float, workdir: str,
+              procs: list[RoleProcess]) -> dict[str, Any]:  # fmt: skip
+    """Batching on (the serving process above) vs off (a second one), 16 callers each, interleaved."""
+    proc, unbatched_address = _start_serving(
+        config_path, ps, dense_address, os.path.join(workdir, "serving-unbatched.log"),
+        extra=("--batch-max-examples", "0"),
+    )  # fmt: skip
+    procs.append(proc)
+    channels = {"batched": open_channel(batched_address), "unbatched": open_channel(unbatched_address)}
+    try:
+        stubs = {side: prediction_service_pb2_grpc.PredictionServiceStub(c) for side, c in channels.items()}
+
+        def calls(side: str) -> Callable[[], tuple[float, list[float]]]:
+            stub = stubs[side]
+            return lambda: concurrent_calls(
+                lambda i: stub.Predict(protos[i % len(protos)], timeout=30), BATCHING_CONCURRENCY, seconds
+            )
+
+        _progress(f"batching on vs off: {ROUNDS} rounds, {BATCHING_CONCURRENCY} callers each")
+        for side in channels:
+            calls(side)()  # warm-up
+        rounds = interleaved({side: calls(side) for side in channels})
+    finally:
+        for channel in channels.values():
+            channel.close()
+    batched = median([qps for qps, _ in rounds["batched"]])
+    unbatched = median([qps for qps, _ in rounds["unbatched"]])
+    ms = np.concatenate([np.array(latencies) for _, latencies in rounds["batched"]]) * 1000
+    return {
+        "batched_qps_16": batched,
+        "unbatched_qps_16": unbatched,
+        "batched_vs_unbatched_qps": batched / unbatched,
+        "batched_p50_ms_16": float(np.percentile(ms, 50)),
+        "batched_p99_ms_16": float(np.percentile(ms, 99)),
+    }
 
 
 def _profile_serving(config_path: str, ps: list[str], dense_address: str, protos: list[predict_pb2.PredictRequest],
