@@ -27,10 +27,13 @@ def test_resident_bytes_reads_the_process_collector_of_a_real_metrics_endpoint()
 
 
 def test_bars_are_exactly_the_issue_bars() -> None:
-    good = {"error_ratio": 0.0, "rss_growth_ratio": 1.05, "p50_ms": 50.0, "p99_ms": 200.0}
+    good = {"error_ratio": 0.0, "rss_growth_ratio": 1.05, "p50_ms": 50.0, "p99_ms": 200.0, "impressions_dropped": 0.0,
+            "freshness_p99_s": 5.0}  # fmt: skip
     assert {bar: check(good) for bar, check in load.BARS.items()} == {
-        "error_ratio==0": True, "rss_growth_ratio<=1.1": True, "p99_ms<=4*p50_ms": True}  # fmt: skip
-    bad = {"error_ratio": 0.001, "rss_growth_ratio": 1.2, "p50_ms": 50.0, "p99_ms": 201.0}
+        "error_ratio==0": True, "rss_growth_ratio<=1.1": True, "p99_ms<=4*p50_ms": True,
+        "impressions_dropped==0": True, "freshness_p99_s<=5": True}  # fmt: skip
+    bad = {"error_ratio": 0.001, "rss_growth_ratio": 1.2, "p50_ms": 50.0, "p99_ms": 201.0, "impressions_dropped": 1.0,
+           "freshness_p99_s": 5.01}  # fmt: skip
     assert not any(check(bad) for check in load.BARS.values())
 
 

@@ -11,7 +11,8 @@ error ratio over every call, model-serving's RSS growth from the end of the warm
 peak, and freshness p50/p99 under load (a probe that times out counts at the timeout), with
 the joiner's and trainers' backlogs at the end: each Predict logs one impression per
 candidate, so the load also tests how far the loop keeps up. `bars_met` checks exactly the issue's bars:
-error_ratio == 0, rss_growth_ratio <= 1.1, p99_ms <= 4 * p50_ms; for a missed bar, `limits`
+error_ratio == 0, rss_growth_ratio <= 1.1, p99_ms <= 4 * p50_ms, impressions_dropped == 0,
+freshness_p99_s <= 5; for a missed bar, `limits`
 holds the figures that bear on it.
 """
 
@@ -53,6 +54,8 @@ BARS: dict[str, Callable[[dict[str, Any]], bool]] = {
     "error_ratio==0": lambda r: r["error_ratio"] == 0,
     "rss_growth_ratio<=1.1": lambda r: r["rss_growth_ratio"] <= 1.1,
     "p99_ms<=4*p50_ms": lambda r: r["p99_ms"] <= 4 * r["p50_ms"],
+    "impressions_dropped==0": lambda r: r["impressions_dropped"] == 0,
+    "freshness_p99_s<=5": lambda r: r["freshness_p99_s"] <= 5.0,
 }
 
 
@@ -232,6 +235,14 @@ def _stats(out: Path) -> dict[str, dict[str, str]]:
 def _limits(bar: str, r: dict[str, Any]) -> list[str]:
     if bar.startswith("error_ratio"):
         return [f"{r['failures']} of {r['calls']} calls failed (Locust's failures CSV names them)"]
+    if bar.startswith("impressions"):
+        return [f"{r['impressions_dropped']:.0f} of {r['impressions_published'] + r['impressions_dropped']:.0f} "
+                f"impressions dropped at {r['impressions_per_s']} impressions/s (model-serving's queue full: "
+                "NATS publishing slower than Predict)"]  # fmt: skip
+    if bar.startswith("freshness"):
+        return [f"freshness p50 {r['freshness_p50_s']} s, p99 {r['freshness_p99_s']} s, {r['freshness_misses']} of "
+                f"{r['freshness_probes']} probes timed out; at the end the joiner was {r['joiner_backlog_events']:.0f} "
+                f"events and the trainers {r['trainer_backlog_samples']:.0f} samples behind"]  # fmt: skip
     if bar.startswith("rss"):
         return [f"model-serving RSS {r['rss_start_mb']} MB after the warm-up, peak {r['rss_peak_mb']} MB, "
                 f"{r['rss_end_mb']} MB at the end of {r['duration_s']} s of load"]  # fmt: skip
