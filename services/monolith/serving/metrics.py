@@ -50,3 +50,47 @@ for _reason in ("deadline", "cancelled"):
     BATCH_ABANDONED.labels(_reason)
 for _reason in ("queue_full", "shutdown", "too_large", "no_item"):
     IMPRESSIONS_DROPPED.labels(_reason)  # exported at 0 before the first drop
+
+# The embedding cache (serving/embedding_cache.py).
+CACHE_HITS = prometheus_client.Counter(
+    "monolith_serving_cache_hits_total",
+    "Ids of serving lookups answered from the embedding cache.",
+)
+CACHE_MISSES = prometheus_client.Counter(
+    "monolith_serving_cache_misses_total",
+    "Ids of serving lookups sent to the serving shards: not cached, or cached from a shard whose last successful "
+    "refresh began longer ago than the staleness bound.",
+)
+CACHE_REFUSED = prometheus_client.Counter(
+    "monolith_serving_cache_refused_total",
+    "Rows looked up on a miss and answered but not cached, because their shard's changes were applied (or its rows "
+    "dropped) while the lookup was in flight.",
+)
+CACHE_BYTES = prometheus_client.Gauge(
+    "monolith_serving_cache_bytes",
+    "Bytes the embedding cache's arrays take (rows and their index; at most --embedding-cache-bytes).",
+)
+CACHE_ROWS = prometheus_client.Gauge("monolith_serving_cache_rows", "Rows in the embedding cache.")
+CACHE_EVICTIONS = prometheus_client.Counter(
+    "monolith_serving_cache_evictions_total",
+    "Rows evicted from the embedding cache to make room for others.",
+)
+CACHE_STALENESS = prometheus_client.Gauge(
+    "monolith_serving_cache_staleness_seconds",
+    "Seconds since the last successful refresh of a serving shard's cached rows began: how far behind that shard "
+    "they may be. Past twice --embedding-cache-refresh they are not answered.",
+    ("shard",),
+)
+CACHE_INVALIDATIONS = prometheus_client.Counter(
+    "monolith_serving_cache_invalidations_total",
+    "Times every row cached from one serving shard was dropped: restarted (a new incarnation), forgotten (its "
+    "deletion log no longer reached back to the cache's position), failed (following it afresh failed midway).",
+    ("reason",),
+)
+CACHE_REFRESH_FAILURES = prometheus_client.Counter(
+    "monolith_serving_cache_refresh_failures_total",
+    "Refreshes of a serving shard's cached rows that failed (Stats or Export).",
+    ("shard",),
+)
+for _reason in ("restarted", "forgotten", "failed"):
+    CACHE_INVALIDATIONS.labels(_reason)

@@ -21,6 +21,7 @@ from monolith.dense_ps.client import DensePSClient
 from monolith.embedding_ps.client import ShardedEmbeddingClient
 from monolith.model.config import default_config_path, load_model_config
 from monolith.serving.batching import BatchingConfig, PredictBatcher
+from monolith.serving.embedding_cache import add_cache_arguments, build_cache
 from monolith.serving.impressions import DEFAULT_QUEUE, ImpressionLog
 from monolith.serving.limits import RequestLimits
 from monolith.serving.model import ServingModel, dense_refresher
@@ -57,6 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--signature-name", default="serving_default", help="model_spec.signature_name")
     parser.add_argument("--dense-sync-interval", type=positive_seconds, default=10.0, help="seconds between dense pulls")
     parser.add_argument("--ps-timeout", type=positive_seconds, default=5.0, help="seconds per embedding-PS lookup")
+    add_cache_arguments(parser)
     parser.add_argument("--max-inflight", type=int, default=64, help="calls in flight before RESOURCE_EXHAUSTED")
     parser.add_argument("--workers", type=int, default=16, help="threads serving calls")
     defaults = RequestLimits()
@@ -98,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
         RequestLimits,
         {"max_batch": args.max_batch, "max_elements": args.max_elements, "max_string_bytes": args.max_string_bytes},
     )
-    model = ServingModel(config, sparse, dense, limits)
+    cache = build_cache(args, sparse, config)  # None with --embedding-cache-bytes 0
+    model = ServingModel(config, cache or sparse, dense, limits)
     batching = parse_config(
         BatchingConfig,
         {"max_examples": args.batch_max_examples, "timeout_micros": args.batch_timeout_micros,
@@ -127,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
     if impressions is not None:
         impressions.start()  # connects in the background: NATS need not be up yet
         _LOGGER.info("logging impressions to %s (%d partitions)", args.nats, args.partitions)
+    if cache is not None:
+        cache.start()  # follows the serving shards' changes in the background
     server.start(serving=False)  # SERVING once the first dense parameters arrive
     refresher.start()
     _LOGGER.info("serving model %r on port %d", args.model_name, server.port)
@@ -135,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
         if impressions is not None:
             impressions.close()  # the server has stopped: flush what its last calls logged
         refresher.stop()
+        if cache is not None:
+            cache.close()
         sparse.close()
         dense.close()
 
