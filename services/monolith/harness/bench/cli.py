@@ -19,6 +19,7 @@ BENCHMARKS = {
     "sweep": "monolith.harness.bench.sweep",
     "load": "monolith.harness.bench.load",
     "recovery": "monolith.harness.bench.recovery",
+    "capacity": "monolith.harness.bench.capacity",
 }
 
 
