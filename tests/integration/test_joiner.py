@@ -1,11 +1,14 @@
 """The sample-joiner process against a real nats-server: exactly once across SIGKILLs, bad input.
 
-Impressions are published to EVENTS the way model-serving does (an `Event` per candidate,
-message id `imp/<request_id>/<item_id>`); actions go through the ReportActions API.
+Impressions are published to EVENTS as the producers do: one `Event(impression=...)` per
+candidate (message id `imp/<request_id>/<item_id>`, earlier model-serving releases), or one
+`Event(impressions=...)` per Predict call (`imps/<request_id>/<digest>`, model-serving now);
+actions as ReportActions stores them.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import Iterator
 
@@ -20,11 +23,24 @@ from monolith.api.joiner.v1 import joiner_pb2_grpc as pb_grpc
 from monolith.common.process import RoleProcess, start_role, wait_healthy
 from monolith.joiner import metrics
 from monolith.joiner.config import JoinerConfig
+from monolith.joiner.partition import STATE_BUCKET, sample_position
 from monolith.joiner.runtime import JoinerRuntime
+from monolith.joiner.snapshots import Snapshots
 from monolith.joiner.window import PartitionJoin
-from monolith.streams.config import EVENTS_STREAM, StreamsConfig, events_subject, partition_of, samples_subject
+from monolith.streams.config import (
+    EVENTS_STREAM,
+    SAMPLES_STREAM,
+    StreamsConfig,
+    events_subject,
+    partition_of,
+    samples_subject,
+)
+from monolith.streams.ids import impressions_message_id
+from monolith.streams.jetstream import connect
 from monolith.streams.nats_server import NatsServer
 from monolith.streams.publish import Message
+from monolith.streams.state_store import StateStore
+from monolith.streams.watch import StreamWatch
 
 PARTITIONS = 4
 WINDOW = 1000.0
@@ -61,12 +77,39 @@ def publish_events(nats: NatsServer, events: list[pb.Event]) -> None:
     publish(streams(nats), [event_message(event, PARTITIONS) for event in events])
 
 
-def samples_by_subject(nats: NatsServer) -> dict[str, list[bytes]]:
-    """SAMPLES as stored: subject -> serialized samples in stream order (re-serialized deterministically)."""
-    out: dict[str, list[bytes]] = {}
+Stored = dict[str, list[tuple[tuple[int, int, int], bytes]]]
+
+
+def samples_by_subject(nats: NatsServer) -> Stored:
+    """SAMPLES as stored: subject -> (position, serialized sample) sorted by position.
+
+    Sorted: a sample whose publish failed in a batch whose later ones were stored is
+    published again after them (see joiner.partition); what must hold is the set, once each.
+    """
+    out: Stored = {}
     for message, sample in read_samples_with_messages(streams(nats)):
-        out.setdefault(message.subject, []).append(sample.SerializeToString(deterministic=True))
-    return out
+        out.setdefault(message.subject, []).append(
+            (sample_position(message.headers), sample.SerializeToString(deterministic=True))
+        )
+    return {subject: sorted(stored) for subject, stored in out.items()}
+
+
+def undisturbed_join(nats: NatsServer) -> Stored:
+    """What one undisturbed join of the stored events decides: subject -> (position, sample) in order."""
+    joins: dict[str, PartitionJoin] = {}
+    out: Stored = {}
+    for stored in read_stream(streams(nats), EVENTS_STREAM):
+        join = joins.setdefault(stored.subject, PartitionJoin(JoinerConfig(window=WINDOW, lateness=0.0)))
+        emitted = join.add(stored.sequence, pb.Event.FromString(stored.data))
+        out.setdefault(stored.subject.replace("events", "samples"), []).extend(
+            (e.position, e.sample.SerializeToString(deterministic=True)) for e in emitted
+        )
+    return {subject: samples for subject, samples in out.items() if samples}
+
+
+def samples_count(watch: StreamWatch) -> int:
+    """Messages on SAMPLES now (one request: cheap enough to poll)."""
+    return watch.stream_state(SAMPLES_STREAM).messages
 
 
 def read_samples(nats: NatsServer) -> list[pb.Sample]:
@@ -144,15 +187,87 @@ def test_sigkill_of_the_joiner_mid_stream_yields_every_sample_exactly_once(nats:
     assert list(by_id["r4"].features["user_id"].values) == ["4"]
     assert by_id["r4"].event_time == T0 + 4
 
-    # The stream holds exactly what one undisturbed join of the stored events decides, in order.
-    joins: dict[str, PartitionJoin] = {}
-    undisturbed: dict[str, list[bytes]] = {}
-    for stored in read_stream(streams(nats), EVENTS_STREAM):
-        join = joins.setdefault(stored.subject, PartitionJoin(JoinerConfig(window=WINDOW, lateness=0.0)))
-        out = undisturbed.setdefault(stored.subject.replace("events", "samples"), [])
-        emitted = join.add(stored.sequence, pb.Event.FromString(stored.data))
-        out.extend(e.sample.SerializeToString(deterministic=True) for e in emitted)
-    assert samples_by_subject(nats) == undisturbed
+    # The stream holds exactly what one undisturbed join of the stored events decides.
+    assert samples_by_subject(nats) == undisturbed_join(nats)
+
+
+def call_message(k: int, candidates: int) -> Message:
+    """Predict call k as model-serving logs it: its candidates in one `Impressions` message."""
+    call = pb.Impressions(request_id=f"c{k}", event_time=T0 + k, model_version=2)
+    call.shared_features["user_id"].values.append(str(k % 50))
+    for j in range(candidates):
+        candidate = call.candidates.add(item_id=f"m{j}", score=j / candidates)
+        candidate.features["movie_id"].values.append(f"m{j}")
+    msg_id = impressions_message_id(call.request_id, [c.item_id for c in call.candidates])
+    subject = events_subject(partition_of(call.request_id, PARTITIONS))
+    return Message(subject, pb.Event(impressions=call).SerializeToString(), msg_id)
+
+
+def saved_through(nats: NatsServer) -> dict[str, int]:
+    """events subject -> the last event sequence the partition's saved join covers (0: none saved)."""
+
+    async def main() -> dict[str, int]:
+        nc = await connect(streams(nats), "test-joiner-state")
+        try:
+            store = await StateStore.open(nc.jetstream(), STATE_BUCKET)
+            loaded = [await Snapshots(store, p).load(JoinerConfig()) for p in range(PARTITIONS)]
+            return {events_subject(p): join.last_seq for p, (join, _) in enumerate(loaded)}
+        finally:
+            await nc.close()
+
+    return asyncio.run(main())
+
+
+def last_events(nats: NatsServer) -> dict[str, int]:
+    """events subject -> the sequence of its last event."""
+    return {m.subject: m.sequence for m in read_stream(streams(nats), EVENTS_STREAM)}
+
+
+def test_a_joiner_killed_while_publishing_a_burst_in_batches_leaves_one_undisturbed_join(
+    nats: NatsServer, tmp_path
+) -> None:
+    """Predict calls' impressions and their clicks, joined and saved; then one far-ahead
+    impression per partition closes every window at once: thousands of samples decided by
+    one event, published in batches. SIGKILL while they are published, then again while the
+    restarted joiner publishes; after the last restart SAMPLES is one undisturbed join: no
+    sample lost, none twice."""
+    calls, candidates = 600, 50
+    clicks = [pb.Event(action=pb.Action(request_id=f"c{k}", item_id=f"m{j}", kind="click", label=1.0,
+                                        event_time=T0 + k + 0.5))
+              for k in range(calls) for j in range(candidates) if (k + j) % 9 == 0]  # fmt: skip
+    publish(streams(nats), [call_message(k, candidates) for k in range(calls)])
+    publish_events(nats, clicks)
+    watch = StreamWatch(streams(nats), "test-samples-count")
+    log = str(tmp_path / "joiner.log")
+    joiner, address = start_joiner(nats, log)
+    port = int(address.rsplit(":", 1)[1])
+    try:
+        # The clicks' samples are out and the joins saved past them (their samples_seq with them)...
+        wait_for(lambda: samples_count(watch) == len(clicks), "the clicks' samples", 120)
+        wait_for(lambda: saved_through(nats) == last_events(nats), "the joins saved past the clicks", 60)
+        # ...then the negatives the flush decides all at once: kill while they are published.
+        publish_events(nats, [pb.Event(impression=imp) for imp in flush_impressions(T0 + calls)])
+        killed_at = [wait_for(lambda: (n := samples_count(watch)) > len(clicks) + 2000 and n, "the negatives", 120,
+                              interval=0.01)]  # fmt: skip
+        joiner.kill()
+        joiner, _ = start_joiner(nats, log, port=port)
+        killed_at.append(samples_count(watch))  # what the killed one stored: it is long gone by now
+        # Kill it again once it publishes anew (filling gaps, or past the samples stored).
+        wait_for(lambda: samples_count(watch) > killed_at[-1], "the restarted joiner's first samples", 120,
+                 interval=0.01)  # fmt: skip
+        joiner.kill()
+        joiner, _ = start_joiner(nats, log, port=port)
+        expected = undisturbed_join(nats)
+        total = sum(map(len, expected.values()))
+        assert total == calls * candidates
+        wait_for(lambda: samples_count(watch) >= total, f"{total} samples", 120)
+    finally:
+        joiner.stop()
+        watch.close()
+    assert killed_at[1] < total, f"the first kill came after the joiner had published everything: {killed_at}"
+    stored = samples_by_subject(nats)
+    assert sum(map(len, stored.values())) == total, f"stored {sum(map(len, stored.values()))}, expected {total}"
+    assert stored == expected
 
 
 BAD_ACTIONS = [
@@ -222,13 +337,17 @@ def test_report_actions_is_unavailable_while_nats_is_down_and_recovers(nats: Nat
 
 def hostile_messages(partition: int, batch: int) -> list[Message]:
     """Events no API stores, published straight onto `events.<partition>` (an older release, a
-    direct NATS client): ids with CR/LF, LF, NUL, C1, 64 KiB, empty; bytes that are no event;
-    a string field that is not UTF-8."""
+    direct NATS client): ids with CR/LF, LF, NUL, C1, 64 KiB, empty; a call's impressions with
+    no candidate, or one bad candidate among good ones; bytes that are no event; a string
+    field that is not UTF-8."""
     bad_ids = ["r\r\nNats-Msg-Id: x", "r\n", "r\x00", "r\x85", "r" * 65536, ""]
     events = [pb.Event(impression=pb.Impression(request_id=bad, item_id="m", event_time=T0)) for bad in bad_ids]
     events += [pb.Event(impression=pb.Impression(request_id="hostile", item_id=bad, event_time=T0)) for bad in bad_ids]
     events += [pb.Event(action=pb.Action(request_id=bad, item_id="m", kind="click", label=1, event_time=T0))
                for bad in bad_ids]  # fmt: skip
+    events += [pb.Event(impressions=pb.Impressions(request_id="hostile", event_time=T0)),  # no candidates
+               pb.Event(impressions=pb.Impressions(request_id="hostile", event_time=T0, candidates=[
+                   pb.Candidate(item_id="m"), pb.Candidate(item_id=bad_ids[0])]))]  # fmt: skip
     payloads = [event.SerializeToString() for event in events]
     not_utf8 = pb.Event(impression=pb.Impression(request_id="@@", item_id="m", event_time=T0)).SerializeToString()
     payloads += [b"\xff\xff no event", not_utf8.replace(b"@@", b"\xff\xfe")]

@@ -14,7 +14,7 @@ from helpers.waiting import wait_for
 from monolith.api.joiner.v1 import joiner_pb2 as pb
 from monolith.harness.replay.samples import ImpressionWatch, SampleLog
 from monolith.streams.config import EVENTS_STREAM, SAMPLES_STREAM, StreamsConfig, events_subject, samples_subject
-from monolith.streams.ids import impression_message_id, sample_message_id
+from monolith.streams.ids import impression_message_id, impressions_message_id, sample_message_id
 from monolith.streams.jetstream import connect
 from monolith.streams.nats_server import NatsServer
 from monolith.streams.publish import MSG_ID_HEADER, Message
@@ -63,6 +63,10 @@ def test_an_ordered_reader_starts_where_asked_and_last_message_finds_the_newest(
         read = [m.sequence for m in await reader.fetch(100, 2.0)]
         assert await reader.fetch(1, 0.2) == [] and reader.pending == 0  # caught up: nothing within the timeout
         await reader.close(drop=True)
+        headers_only = await OrderedReader.open(js, SAMPLES_STREAM, samples_subject(0), 10, headers_only=True)
+        [bare] = await headers_only.fetch(10, 2.0)
+        assert (bare.sequence, bare.data, bare.headers["src-seq"]) == (10, b"", "1")
+        await headers_only.close(drop=True)
         last, none = await last_message(js, SAMPLES_STREAM, "samples.0"), await last_message(js, SAMPLES_STREAM, "samples.1")
         await nc.close()
         return read, pending, last, none
@@ -86,6 +90,12 @@ def test_the_state_store_keeps_the_last_blob_under_each_name(streams: StreamsCon
         await store.put("a", b"two" * 100_000)
         await store.put("b", b"")
         got = await store.get("a"), await store.get("b")
+        assert [await store.exists(name) for name in ("a", "b", "c")] == [True, True, False]
+        await store.delete("b")
+        await store.delete("c")  # nothing there: nothing to do
+        assert not await store.exists("b") and await store.get("b") is None
+        await store.put("b", b"again")
+        assert await store.get("b") == b"again"
         await nc.close()
         return missing, *got
 
@@ -132,15 +142,19 @@ def test_the_replays_sample_log_and_impression_watch_read_their_run_only(streams
         samples.start()
         watch.start()
         watch.after_stored("run-/7", lambda: stored.append("run-/7"))
+        watch.after_stored("run-/8", lambda: stored.append("run-/8"))
         impressions = [
             pb.Event(impression=pb.Impression(request_id=r, item_id="a/b", event_time=1.0)) for r in ("x", "run-/7")
         ]
+        call = pb.Impressions(request_id="run-/8", event_time=1.0, candidates=[pb.Candidate(item_id="a/b")])
         publish(streams, [Message(events_subject(0), e.SerializeToString(),
-                                  impression_message_id(e.impression.request_id, "a/b")) for e in impressions])  # fmt: skip
+                                  impression_message_id(e.impression.request_id, "a/b")) for e in impressions]
+                + [Message(events_subject(0), pb.Event(impressions=call).SerializeToString(),
+                           impressions_message_id("run-/8", ["a/b"]))])  # fmt: skip
         wait_for(lambda: samples.counts() == (2, 1) and samples.caught_up(), "the run's samples")
-        wait_for(lambda: stored == ["run-/7"], "the run's impression")
+        wait_for(lambda: stored == ["run-/7", "run-/8"], "the run's impressions, one and a call's")
         assert samples.samples() == [(("run-1", "m"), 1.0), (("run-2", "m"), 0.0)]
-        assert samples.events_stored() == 2
+        assert samples.events_stored() == 3
         assert samples.consumer_lag("nobody") is None
     finally:
         samples.close()

@@ -1,4 +1,5 @@
-"""The join of one partition: semantics, sampling, event time only, and restart equivalence."""
+"""The join of one partition: semantics, a call's impressions expanded, sampling, event time
+only, bad events refused by the event alone. (Restarts: test_join_restart.)"""
 
 from __future__ import annotations
 
@@ -8,38 +9,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers.join_events import action, dislike, event_streams, feed, impression, impressions
 from monolith.api.joiner.v1 import joiner_pb2 as pb
 from monolith.joiner.config import JoinerConfig, keeps_negative
 from monolith.joiner.window import Emitted, PartitionJoin
+from monolith.streams.events import expand_impressions
 
 WINDOW, LATENESS = 100.0, 10.0
 
 
 def config(**overrides: object) -> JoinerConfig:
     return JoinerConfig(window=WINDOW, lateness=LATENESS, **overrides)
-
-
-def impression(request_id: str, t: float, item: str = "i") -> pb.Event:
-    imp = pb.Impression(request_id=request_id, item_id=item, event_time=t, model_version=3, score=0.5)
-    imp.features["user_id"].values.append("u-" + request_id)
-    imp.features["genres"].values.extend(["Comedy", "Drama"])
-    return pb.Event(impression=imp)
-
-
-def action(request_id: str, t: float, item: str = "i", label: float = 1.0, kind: str = "click") -> pb.Event:
-    return pb.Event(action=pb.Action(request_id=request_id, item_id=item, kind=kind, label=label, event_time=t))
-
-
-def dislike(request_id: str, t: float, item: str = "i") -> pb.Event:
-    """An explicit negative: an action of one of the config's negative kinds."""
-    return action(request_id, t, item, label=0.0, kind="dislike")
-
-
-def feed(join: PartitionJoin, events: list[pb.Event], first_seq: int = 1) -> list[Emitted]:
-    out: list[Emitted] = []
-    for offset, event in enumerate(events):
-        out.extend(join.add(first_seq + offset, event))
-    return out
 
 
 def keys(emitted: list[Emitted]) -> list[tuple[str, float]]:
@@ -178,7 +158,7 @@ def test_windows_close_on_event_time_alone_however_fast_events_arrive() -> None:
 
 def test_bad_events_are_refused_and_change_nothing() -> None:
     join = PartitionJoin(config())
-    with pytest.raises(ValueError, match="neither"):
+    with pytest.raises(ValueError, match="holds no impression"):
         join.add(1, pb.Event())
     with pytest.raises(ValueError, match="not finite"):
         join.add(2, impression("r1", math.nan))
@@ -214,65 +194,6 @@ def test_a_snapshot_key_whose_ids_break_the_rule_is_not_restored() -> None:
     assert [e.sample.request_id for e in emitted] == ["r1"]
 
 
-# ------------------------------------------------------------ restart equivalence
-
-@st.composite
-def event_streams(draw: st.DrawFn) -> list[pb.Event]:
-    """Impressions, positive actions, actions labelled 0, explicit negatives, duplicates, out of order within lateness and beyond."""
-    n = draw(st.integers(1, 60))
-    events = []
-    t = 1000.0
-    for _ in range(n):
-        t += draw(st.sampled_from([0.0, 1.0, 5.0, 30.0, 120.0]))
-        request = f"r{draw(st.integers(0, 15))}"
-        item = draw(st.sampled_from(["a", "b"]))
-        jitter = draw(st.sampled_from([0.0, -5.0, -20.0, -300.0]))
-        if draw(st.booleans()):
-            events.append(impression(request, t + jitter, item))
-        elif draw(st.integers(0, 3)) == 0:
-            events.append(dislike(request, t + jitter, item))
-        else:
-            events.append(action(request, t + jitter, item, label=draw(st.sampled_from([1.0, 1.0, 0.0]))))
-    return events
-
-
-@settings(max_examples=400, deadline=None)
-@given(
-    events=event_streams(),
-    rate=st.sampled_from([1.0, 0.5]),
-    crash_fraction=st.floats(0, 1),
-    snapshot_fraction=st.floats(0, 1),
-)
-def test_a_restart_from_a_snapshot_and_the_last_published_sample_publishes_exactly_the_rest(
-    events: list[pb.Event], rate: float, crash_fraction: float, snapshot_fraction: float
-) -> None:
-    """Crash after any published sample, with the last snapshot taken after any event
-    whose samples were all published: restore it, re-read the events after it, publish
-    after the last sample. Output = the undisturbed output, in order."""
-    cfg = config(negative_sample_rate=rate)
-    undisturbed = PartitionJoin(cfg)
-    full: list[Emitted] = []
-    snapshots = {0: PartitionJoin(cfg).snapshot().SerializeToString()}
-    for seq, event in enumerate(events, start=1):
-        full.extend(undisturbed.add(seq, event))
-        snapshots[seq] = undisturbed.snapshot().SerializeToString()
-    published = int(round(crash_fraction * len(full)))
-    before = full[:published]
-    last = before[-1].position if before else (0, 0)
-    # A snapshot covers only events whose samples were all published: at most the event
-    # before the last published sample's (or any, if its event's samples all went out).
-    newest_safe = max([seq for seq in snapshots if all(e.position <= last for e in full if e.src_seq <= seq)])
-    snapshot_seq = int(snapshot_fraction * newest_safe)
-    restored = PartitionJoin.restore(cfg, pb.JoinState.FromString(snapshots[snapshot_seq]))
-    assert restored.last_seq == snapshot_seq
-    rest = [e for e in feed(restored, events[snapshot_seq:], first_seq=snapshot_seq + 1) if e.position > last]
-    got = [(e.position, e.sample.SerializeToString(deterministic=True)) for e in before + rest]
-    want = [(e.position, e.sample.SerializeToString(deterministic=True)) for e in full]
-    assert got == want
-    positions = [e.position for e in full]
-    assert positions == sorted(set(positions))  # strictly increasing: the resume point is well defined
-
-
 @settings(max_examples=200, deadline=None)
 @given(events=event_streams(), hostile=st.lists(st.tuples(st.integers(0, 60), st.sampled_from(HOSTILE)), max_size=8))
 def test_hostile_events_are_skipped_by_the_event_alone(events: list[pb.Event], hostile: list[tuple[int, str]]) -> None:
@@ -297,9 +218,103 @@ def test_hostile_events_are_skipped_by_the_event_alone(events: list[pb.Event], h
     assert with_hostile.snapshot() == expected
 
 
-def test_a_snapshot_restores_every_key_and_the_clock() -> None:
+# ------------------------------------------------------------ a call's impressions
+
+
+def features(sample: pb.Sample | pb.Impression) -> dict[str, list[str]]:
+    return {name: list(values.values) for name, values in sample.features.items()}
+
+
+def test_an_impressions_message_is_one_impression_per_candidate_the_shared_features_merged() -> None:
+    event = impressions("r1", 1000.0, ["a", "b"], times=[None, 990.0])
+    event.impressions.candidates[1].features.pop("genres")  # b keeps the shared genres
+    a, b = expand_impressions(event.impressions)
+    assert (a.request_id, a.item_id, a.event_time, a.model_version, a.score) == ("r1", "a", 1000.0, 3, 0.0)
+    assert features(a) == {"user_id": ["u-r1"], "genres": ["Comedy", "a"], "movie_id": ["a"]}  # its own win
+    assert (b.item_id, b.event_time, b.score) == ("b", 990.0, 0.25)
+    assert features(b) == {"user_id": ["u-r1"], "genres": ["shared"], "movie_id": ["b"]}
+
     join = PartitionJoin(config())
-    feed(join, [impression("r1", 1000.0), action("r2", 1001.0), impression("r3", 1002.0), action("r3", 1003.0)])
-    restored = PartitionJoin.restore(config(), join.snapshot())
-    assert restored.snapshot() == join.snapshot()
-    assert (restored.last_seq, restored.newest_time, restored.open_windows) == (4, 1003.0, 3)
+    assert join.add(1, event) == []
+    [sample_b] = join.add(2, action("r1", 1001.0, item="b"))
+    assert (sample_b.sample.item_id, sample_b.sample.event_time, sample_b.sample.model_version) == ("b", 990.0, 3)
+    assert features(sample_b.sample) == features(b)
+    assert sample_b.position == (2, 1, 1)
+    assert join.counts["impressions"] == 2
+
+
+def test_the_samples_of_one_event_come_in_the_order_of_their_keys_first_positions() -> None:
+    join = PartitionJoin(config())
+    feed(join, [action("r1", 1000.0, item="c"), impressions("r1", 1000.0, ["a", "b", "c"]), impression("r2", 1000.0)])
+    # The action on c came first: c is joined at once, at its key's position (1, 0).
+    assert join.counts["positives"] == 1
+    negatives = join.add(4, impression("end", 5000.0))
+    assert [(e.sample.request_id, e.sample.item_id, e.position) for e in negatives] == [
+        ("r1", "a", (4, 2, 0)), ("r1", "b", (4, 2, 1)), ("r2", "i", (4, 3, 0)),
+    ]  # fmt: skip
+
+
+def test_a_candidate_repeated_or_already_shown_is_a_duplicate_impression() -> None:
+    join = PartitionJoin(config())
+    feed(join, [impression("r1", 1000.0, item="a"), impressions("r1", 1000.0, ["b", "a", "b"])])
+    assert join.counts["impressions"] == 4 and join.counts["duplicate_impressions"] == 2
+    emitted = join.add(3, impression("end", 5000.0))
+    assert [(e.sample.item_id, e.position) for e in emitted] == [("a", (3, 1, 0)), ("b", (3, 2, 0))]
+    # The repeat of b was not taken: b's features are its first candidate's.
+    assert features(emitted[1].sample)["movie_id"] == ["b"]
+
+
+def bad_impressions() -> list[tuple[str, pb.Event]]:
+    nan_time = impressions("r2", math.nan, ["a"])
+    candidate_inf = impressions("r2", 1000.0, ["a", "b"], times=[None, math.inf])
+    return [
+        ("no candidates", impressions("r2", 1000.0, [])),
+        ("request_id: is required", impressions("", 1000.0, ["a"])),
+        ("request_id: control characters", impressions("r\n", 1000.0, ["a"])),
+        (r"candidates\[1\].item_id: is required", impressions("r2", 1000.0, ["a", ""])),
+        (r"candidates\[2\].item_id: control characters", impressions("r2", 1000.0, ["a", "b", "c\r\n"])),
+        (r"candidates\[0\].item_id: 300 bytes", impressions("r2", 1000.0, ["x" * 300])),
+        ("not finite", nan_time),
+        ("not finite", candidate_inf),
+    ]
+
+
+@pytest.mark.parametrize("match,event", bad_impressions(), ids=[m for m, _ in bad_impressions()])
+def test_an_impressions_message_with_a_bad_part_is_refused_as_a_whole(match: str, event: pb.Event) -> None:
+    join = PartitionJoin(config())
+    feed(join, [impression("r1", 1000.0)])
+    before = join.snapshot()
+    with pytest.raises(ValueError, match=match):
+        join.add(2, event)
+    after = join.snapshot()
+    after.last_seq = before.last_seq
+    assert after == before and join.counts["impressions"] == 1
+
+
+def test_a_decided_or_closed_key_keeps_no_impression_but_still_knows_it_had_one() -> None:
+    join = PartitionJoin(config())
+    feed(join, [impressions("r1", 1000.0, ["a", "b", "c"]), action("r1", 1001.0, item="a"),
+                dislike("r1", 1001.0, item="b")])  # fmt: skip
+    held = {k.item_id: k.HasField("impression") for k in join.snapshot().keys}
+    assert held == {"a": False, "b": False, "c": True}  # c still waits for an action
+    assert all(k.shown for k in join.snapshot().keys)
+    assert join.open_windows == 2  # a (decided, its window still open) and c; b closed
+    closes = 1000.0 + WINDOW + LATENESS + 1  # past the windows, before the keys are forgotten
+    [negative] = join.add(4, impression("x", closes))
+    assert negative.sample.item_id == "c" and features(negative.sample)["movie_id"] == ["c"]
+    assert not any(k.HasField("impression") for k in join.snapshot().keys if k.request_id == "r1")
+    # Remembered without their impressions: a repeat is a duplicate, an action is late.
+    assert feed(join, [impression("r1", closes, item="c"), action("r1", closes, item="c")], first_seq=5) == []
+    assert join.counts["duplicate_impressions"] == 1 and join.counts["late_actions"] == 1
+    assert join.open_windows == 1  # x
+
+
+@settings(max_examples=150, deadline=None)
+@given(events=event_streams())
+def test_open_windows_counts_the_keys_not_closed(events: list[pb.Event]) -> None:
+    join = PartitionJoin(config())
+    for seq, event in enumerate(events, start=1):
+        join.add(seq, event)
+        keys_ = join.snapshot().keys
+        assert join.open_windows == sum(1 for k in keys_ if not k.closed)
+        assert all(not k.HasField("impression") for k in keys_ if k.closed or k.emitted)

@@ -111,7 +111,7 @@ class JoinerRuntime:
             raise Unavailable(f"{len(done.failed)} of {len(messages)} actions not confirmed by NATS; retry")
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stops the readers (between samples), closes the connection and the loop."""
+        """Stops the readers (between batches), closes the connection and the loop."""
         if self._stop is not None:
             self._loop.loop.call_soon_threadsafe(self._stop.set)
         if self._main is not None and self.ready:

@@ -3,8 +3,7 @@
 Everything `PartitionJoin` decides depends only on the events it was given, in order: no
 clock, no randomness, no I/O. That is what makes the joiner exactly once across crashes
 (see partition): a restarted joiner re-reads the events from a known point, rebuilds the
-same state, decides the same samples, and publishes only those after the last one it had
-published.
+same state, decides the same samples, and publishes only those SAMPLES does not hold yet.
 
 Semantics, per (request_id, item_id) key:
 - A positive action (label >= 0.5) joined to its impression emits a positive sample at
@@ -22,17 +21,32 @@ Semantics, per (request_id, item_id) key:
   while the key is remembered, the two are joined late.
 - After closing, a key is remembered for one more window, so a late action or a repeated
   impression is recognized and dropped; then it is forgotten.
+- A closed key, and a key whose sample is decided, no longer holds its impression: only
+  that it had one (so a repeated impression is still a duplicate, a late action late).
+  Memory and snapshots scale with the open windows, not with the keys remembered.
+- An `Impressions` message (one Predict call's candidates) is one impression per candidate
+  (`monolith.streams.events.expand_impressions`): key (request_id, candidate.item_id),
+  the shared features merged with the candidate's own (its own win a name clash), the
+  candidate's event time if set, else the message's. A candidate repeated in the message,
+  or whose key already had an impression, is a duplicate impression.
 - An event whose request_id or item_id breaks the id rule (`monolith.streams.ids`: empty,
-  too long, not UTF-8, control characters) is refused like an undecodable one. Predict
-  and ReportActions never store such an event, but another producer (an older release, a
-  direct NATS client) may have; refusing it here, by the event alone, keeps it out of the
-  keys, the snapshots and the samples' headers, and a restart decides the same.
+  too long, not UTF-8, control characters) is refused like an undecodable one, and so is
+  an `Impressions` message with no candidates or a time that is not finite, as a whole:
+  no candidate of it counts. Predict and ReportActions never store such an event, but
+  another producer (an older release, a direct NATS client) may have; refusing it here, by
+  the event alone, keeps it out of the keys, the snapshots and the samples' headers, and a
+  restart decides the same.
 
-Restart: `snapshot()` captures the whole state after some event; `restore` rebuilds it.
-A restarted joiner restores its last snapshot, re-reads the events after it, decides the
-same samples, and publishes only those after the last one it had published. Samples of
-one event are emitted in `win_seq` order (the first sequence of their key), so
-(src_seq, win_seq) increases strictly along the output and says where to resume.
+Positions: a key's first position is (sequence, candidate index) of its first event (index
+0 for an `Impression` or an action); two keys never share one. A sample's position is
+(src_seq, win_seq, win_idx): the event that decided it, then its key's first position.
+The samples of one event are emitted in (win_seq, win_idx) order, so positions increase
+strictly along the output: where a restart resumes is well defined (see partition).
+
+Restart: `snapshot()` captures the whole state after some event, `delta()` only what
+changed since the previous `delta()` (the keys changed and the keys forgotten; neither
+scans every key); `restore` rebuilds the state from a snapshot and the deltas after it.
+A restarted joiner restores, re-reads the events after it, and decides the same samples.
 """
 
 from __future__ import annotations
@@ -41,12 +55,20 @@ import dataclasses
 import heapq
 import math
 from collections import Counter
+from collections.abc import Iterable
+
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from monolith.api.joiner.v1 import joiner_pb2 as pb
 from monolith.joiner.config import JoinerConfig, keeps_negative
-from monolith.streams.ids import id_problem
+from monolith.streams.events import expand_impressions
+from monolith.streams.ids import first_id_problem, id_problem
 
 POSITIVE_LABEL = 0.5
+
+Position = tuple[int, int, int]  # (src_seq, win_seq, win_idx)
+Key = tuple[str, str]  # (request_id, item_id)
+_Decided = list[tuple[tuple[int, int], pb.Sample]]  # samples decided by an event, by their key's first position
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,10 +78,11 @@ class Emitted:
     sample: pb.Sample
     src_seq: int  # the event that decided it
     win_seq: int  # the first event of its key
+    win_idx: int = 0  # the candidate index of its key in that event
 
     @property
-    def position(self) -> tuple[int, int]:
-        return (self.src_seq, self.win_seq)
+    def position(self) -> Position:
+        return (self.src_seq, self.win_seq, self.win_idx)
 
 
 @dataclasses.dataclass
@@ -67,7 +90,9 @@ class _Key:
     """What is known about one (request_id, item_id)."""
 
     first_seq: int
-    impression: pb.Impression | None = None
+    first_idx: int = 0
+    impression: pb.Impression | None = None  # while the key still needs it: open and undecided
+    shown: bool = False  # an impression arrived
     positive: bool = False  # a positive action arrived
     negative: bool = False  # an explicit negative action arrived
     emitted: bool = False  # its sample went out
@@ -88,10 +113,14 @@ class PartitionJoin:
         self.config = config
         self.newest_time = newest_time
         self.counts: Counter[str] = Counter()
-        self._keys: dict[tuple[str, str], _Key] = {}
-        self._closing: list[tuple[float, int, tuple[str, str]]] = []  # (close_time, first_seq, key)
-        self._forgetting: list[tuple[float, int, tuple[str, str]]] = []
         self.last_seq = 0
+        self._keys: dict[Key, _Key] = {}
+        self._closing: list[tuple[float, int, Key]] = []  # (close_time, first_seq, key)
+        self._forgetting: list[tuple[float, int, Key]] = []  # (forget_time, first_seq, key)
+        self._open = 0  # keys not closed
+        # Since the last delta(), in the order they happened (dicts: a deterministic order).
+        self._changed: dict[Key, None] = {}
+        self._forgotten: dict[Key, None] = {}
 
     @property
     def watermark(self) -> float:
@@ -99,8 +128,8 @@ class PartitionJoin:
 
     @property
     def open_windows(self) -> int:
-        """Keys still waiting: impressions for an action or actions for an impression."""
-        return sum(1 for k in self._keys.values() if not k.closed)
+        """Keys not closed yet: impressions waiting for an action, actions for an impression."""
+        return self._open
 
     @property
     def remembered(self) -> int:
@@ -111,92 +140,127 @@ class PartitionJoin:
         """Feeds the event at stream sequence `seq`; returns the samples it decides.
 
         Raises:
-            ValueError: `seq` is not after the previous event's, or the event is empty, has
-                a time that is not finite or an id that breaks the id rule (nothing changes
-                but the sequence read).
+            ValueError: `seq` is not after the previous event's, or the event is empty, or
+                refused (see the module docstring): nothing changes but the sequence read.
         """
         if seq <= self.last_seq:
             raise ValueError(f"event sequence {seq} is not after {self.last_seq}")
         self.last_seq = seq
-        decided: list[tuple[int, pb.Sample]] = []
         kind = event.WhichOneof("event")
         if kind is None:
-            raise ValueError(f"event {seq} holds neither an impression nor an action")
+            raise ValueError(f"event {seq} holds no impression, impressions or action")
         body = getattr(event, kind)
-        event_time = body.event_time
-        if not math.isfinite(event_time):
-            raise ValueError(f"event {seq}: event_time {event_time} is not finite")
-        for field in ("request_id", "item_id"):
-            problem = id_problem(getattr(body, field))
-            if problem is not None:
-                raise ValueError(f"event {seq}: {kind}.{field}: {problem}")
-        if kind == "impression":
-            self._impression(seq, event.impression, decided)
+        decided: _Decided = []
+        if kind == "impressions":
+            _check_impressions(seq, body)
+            impressions = expand_impressions(body)
+            for idx, impression in enumerate(impressions):
+                self._impression(seq, idx, impression, decided)
+            event_time = max(impression.event_time for impression in impressions)
         else:
-            self._action(seq, event.action, decided)
+            _check_event(seq, kind, body)
+            if kind == "impression":
+                self._impression(seq, 0, body, decided)
+            else:
+                self._action(seq, body, decided)
+            event_time = body.event_time
         if event_time > self.newest_time:
             self.newest_time = event_time
         self._close_due(decided)
         self._forget_due()
         decided.sort(key=lambda d: d[0])
-        return [Emitted(sample, seq, win_seq) for win_seq, sample in decided]
+        return [Emitted(sample, seq, win_seq, win_idx) for (win_seq, win_idx), sample in decided]
 
     # ---------------------------------------------------------------- restart
 
     def snapshot(self) -> pb.JoinState:
         """The whole state after the last event read: `restore` rebuilds it exactly."""
         state = pb.JoinState(last_seq=self.last_seq, newest_time=self.newest_time)
-        for (request_id, item_id), key in self._keys.items():
-            saved = state.keys.add(
-                request_id=request_id, item_id=item_id, first_seq=key.first_seq, positive=key.positive,
-                negative=key.negative, emitted=key.emitted, closed=key.closed, close_time=key.close_time, forget_time=key.forget_time,
-            )  # fmt: skip
-            if key.impression is not None:
-                saved.impression.CopyFrom(key.impression)
+        for key, saved in self._keys.items():
+            _save_key(state.keys, key, saved)
+        return state
+
+    def delta(self) -> pb.JoinState:
+        """What changed since the last `delta` (or the restore), and starts the next delta.
+
+        The keys changed (whole) and the keys forgotten (ids alone; a key forgotten and made
+        again is in both), and the clock: `restore(snapshot, [delta, ...])` is this join,
+        for a snapshot taken before the first of those deltas and at or after the `delta`
+        call before it. Its cost is that of the keys changed, not of every key.
+        """
+        state = pb.JoinState(last_seq=self.last_seq, newest_time=self.newest_time)
+        for key in self._changed:
+            _save_key(state.keys, key, self._keys[key])
+        for request_id, item_id in self._forgotten:
+            state.forgotten.add(request_id=request_id, item_id=item_id)
+        self._changed, self._forgotten = {}, {}
         return state
 
     @classmethod
-    def restore(cls, config: JoinerConfig, state: pb.JoinState) -> PartitionJoin:
-        """The join as it was when `state` was taken (counts start from zero)."""
-        join = cls(config, newest_time=state.newest_time)
-        join.last_seq = state.last_seq
-        for saved in state.keys:
+    def restore(cls, config: JoinerConfig, state: pb.JoinState, deltas: Iterable[pb.JoinState] = ()) -> PartitionJoin:
+        """The join as it was when the last of `state` and `deltas` was taken (counts start from zero).
+
+        Args:
+            config: the join's settings.
+            state: a whole snapshot (`snapshot`).
+            deltas: the deltas taken after it (`delta`), in order.
+        """
+        join = cls(config)
+        last = state
+        join._load(state.keys)
+        for delta in deltas:
+            for gone in delta.forgotten:
+                join._keys.pop((gone.request_id, gone.item_id), None)
+            join._load(delta.keys)
+            last = delta
+        join.newest_time, join.last_seq = last.newest_time, last.last_seq
+        # Heaps of the final keys only: an entry per key, none stale.
+        for key, saved in join._keys.items():
+            if saved.closed:
+                join._forgetting.append((saved.forget_time, saved.first_seq, key))
+            else:
+                join._closing.append((saved.close_time, saved.first_seq, key))
+        heapq.heapify(join._closing)
+        heapq.heapify(join._forgetting)
+        join._open = len(join._closing)
+        return join
+
+    def _load(self, keys: Iterable[pb.JoinKey]) -> None:
+        for saved in keys:
             if id_problem(saved.request_id) or id_problem(saved.item_id):
                 continue  # saved by a release that took any id: its sample could not be published
-            key = (saved.request_id, saved.item_id)
-            join._keys[key] = _Key(
-                first_seq=saved.first_seq,
-                impression=saved.impression if saved.HasField("impression") else None,
-                positive=saved.positive, negative=saved.negative, emitted=saved.emitted, closed=saved.closed,
-                close_time=saved.close_time, forget_time=saved.forget_time,
+            # Releases before `shown` kept the impression of every key that had one.
+            has_impression = saved.HasField("impression")
+            needed = has_impression and not (saved.closed or saved.emitted)
+            self._keys[(saved.request_id, saved.item_id)] = _Key(
+                first_seq=saved.first_seq, first_idx=saved.first_idx, impression=saved.impression if needed else None,
+                shown=saved.shown or has_impression, positive=saved.positive, negative=saved.negative,
+                emitted=saved.emitted, closed=saved.closed, close_time=saved.close_time, forget_time=saved.forget_time,
             )  # fmt: skip
-            # Only live heap entries matter: stale ones are skipped when popped.
-            if saved.closed:
-                heapq.heappush(join._forgetting, (saved.forget_time, saved.first_seq, key))
-            else:
-                heapq.heappush(join._closing, (saved.close_time, saved.first_seq, key))
-        return join
 
     # ------------------------------------------------------------------ events
 
-    def _impression(self, seq: int, impression: pb.Impression, decided: list[tuple[int, pb.Sample]]) -> None:
+    def _impression(self, seq: int, idx: int, impression: pb.Impression, decided: _Decided) -> None:
         self.counts["impressions"] += 1
         key = (impression.request_id, impression.item_id)
         state = self._keys.get(key)
-        if state is not None and state.impression is not None:
+        if state is not None and state.shown:
             self.counts["duplicate_impressions"] += 1
             return
         if state is None:
-            state = self._remember(key, seq)
+            state = self._remember(key, seq, idx)
         elif state.closed:
             # Its action gave up waiting (an orphan), but the impression did come: join them
             # late rather than lose a shown candidate.
             self.counts["late_impressions"] += 1
             state.closed = False
             state.forget_time = math.inf
+            self._open += 1
         # An action that came first stops waiting: the impression's own window starts (the
         # heap entry of the wait goes stale: its close time no longer matches).
+        self._changed[key] = None
         state.impression = impression
+        state.shown = True
         state.close_time = impression.event_time + self.config.window
         heapq.heappush(self._closing, (state.close_time, state.first_seq, key))
         if state.positive:
@@ -204,7 +268,7 @@ class PartitionJoin:
         elif state.negative:
             self._decide_negative(key, state, impression.event_time, decided)
 
-    def _action(self, seq: int, action: pb.Action, decided: list[tuple[int, pb.Sample]]) -> None:
+    def _action(self, seq: int, action: pb.Action, decided: _Decided) -> None:
         self.counts["actions"] += 1
         key = (action.request_id, action.item_id)
         state = self._keys.get(key)
@@ -214,7 +278,7 @@ class PartitionJoin:
         negative = action.kind in self.config.negative_kinds
         positive = not negative and action.label >= POSITIVE_LABEL
         if state is None:
-            state = self._remember(key, seq)
+            state = self._remember(key, seq, 0)
             state.close_time = action.event_time + self.config.window
             heapq.heappush(self._closing, (state.close_time, state.first_seq, key))
             self.counts["early_actions"] += 1
@@ -226,24 +290,27 @@ class PartitionJoin:
         if state.positive or state.negative:
             self.counts["conflicting_actions"] += 1  # the first decision stands
             return
+        self._changed[key] = None
         if negative:
             self.counts["negative_actions"] += 1
             state.negative = True
-            if state.impression is not None:
+            if state.shown:
                 self._decide_negative(key, state, action.event_time, decided)
             return
         state.positive = True
-        if state.impression is not None:
+        if state.shown:
             self._emit(key, state, 1.0, 1.0, decided)
 
     # ---------------------------------------------------------------- windows
 
-    def _remember(self, key: tuple[str, str], seq: int) -> _Key:
-        state = _Key(first_seq=seq)
+    def _remember(self, key: Key, seq: int, idx: int) -> _Key:
+        state = _Key(first_seq=seq, first_idx=idx)
         self._keys[key] = state
+        self._open += 1
+        self._changed[key] = None  # if it was forgotten since the last delta, it stays so: restore drops it first
         return state
 
-    def _close_due(self, decided: list[tuple[int, pb.Sample]]) -> None:
+    def _close_due(self, decided: _Decided) -> None:
         watermark = self.watermark
         while self._closing and self._closing[0][0] < watermark:
             close_time, first_seq, key = heapq.heappop(self._closing)
@@ -251,31 +318,32 @@ class PartitionJoin:
             # Stale heap entries: the key was forgotten, or its close time moved.
             if state is None or state.closed or state.first_seq != first_seq or state.close_time != close_time:
                 continue
-            if state.impression is None:
+            if not state.shown:
                 self.counts["orphan_actions"] += 1
             elif not state.emitted:
                 self._negative(key, state, decided)
             self._close(key, state, close_time)
 
-    def _negative(self, key: tuple[str, str], state: _Key, decided: list[tuple[int, pb.Sample]]) -> None:
+    def _negative(self, key: Key, state: _Key, decided: _Decided) -> None:
         """Emits the key's negative sample, or counts it sampled out (a stable hash of the key decides)."""
         if keeps_negative(key[0], key[1], self.config.negative_sample_rate):
             self._emit(key, state, 0.0, self.config.negative_sample_rate, decided)
         else:
             self.counts["negatives_sampled_out"] += 1
 
-    def _decide_negative(
-        self, key: tuple[str, str], state: _Key, event_time: float, decided: list[tuple[int, pb.Sample]]
-    ) -> None:
+    def _decide_negative(self, key: Key, state: _Key, event_time: float, decided: _Decided) -> None:
         """An explicit negative joined to its impression: the negative now, and the key closes."""
         self._negative(key, state, decided)
         self._close(key, state, event_time)
 
-    def _close(self, key: tuple[str, str], state: _Key, at: float) -> None:
+    def _close(self, key: Key, state: _Key, at: float) -> None:
         """Closes a key at event time `at`; it is remembered one more window, then forgotten."""
         state.closed = True
+        state.impression = None
         state.forget_time = at + self.config.window
         heapq.heappush(self._forgetting, (state.forget_time, state.first_seq, key))
+        self._open -= 1
+        self._changed[key] = None
 
     def _forget_due(self) -> None:
         watermark = self.watermark
@@ -284,13 +352,15 @@ class PartitionJoin:
             state = self._keys.get(key)
             if state is not None and state.first_seq == first_seq and state.forget_time == forget_time:
                 del self._keys[key]
+                self._changed.pop(key, None)
+                self._forgotten[key] = None
 
-    def _emit(
-        self, key: tuple[str, str], state: _Key, label: float, rate: float, decided: list[tuple[int, pb.Sample]]
-    ) -> None:
+    def _emit(self, key: Key, state: _Key, label: float, rate: float, decided: _Decided) -> None:
         impression = state.impression
         assert impression is not None
         state.emitted = True
+        state.impression = None  # decided: the sample carries what it needs
+        self._changed[key] = None
         self.counts["positives" if label else "negatives"] += 1
         sample = pb.Sample(
             request_id=key[0],
@@ -300,6 +370,40 @@ class PartitionJoin:
             sample_rate=rate,
             model_version=impression.model_version,
         )
-        for name, values in impression.features.items():
-            sample.features[name].CopyFrom(values)
-        decided.append((state.first_seq, sample))
+        sample.features.MergeFrom(impression.features)
+        decided.append(((state.first_seq, state.first_idx), sample))
+
+
+def _check_event(seq: int, kind: str, body: pb.Impression | pb.Action) -> None:
+    """Raises ValueError if an impression or an action is refused: a time not finite, a bad id."""
+    if not math.isfinite(body.event_time):
+        raise ValueError(f"event {seq}: event_time {body.event_time} is not finite")
+    for field in ("request_id", "item_id"):
+        problem = id_problem(getattr(body, field))
+        if problem is not None:
+            raise ValueError(f"event {seq}: {kind}.{field}: {problem}")
+
+
+def _check_impressions(seq: int, message: pb.Impressions) -> None:
+    """Raises ValueError if an `Impressions` message is refused as a whole (see the module docstring)."""
+    if not message.candidates:
+        raise ValueError(f"event {seq}: impressions has no candidates")
+    problem = id_problem(message.request_id)
+    if problem is not None:
+        raise ValueError(f"event {seq}: impressions.request_id: {problem}")
+    item_ids = [candidate.item_id for candidate in message.candidates]
+    found = (item_ids.index(""), "is required") if "" in item_ids else first_id_problem(item_ids)
+    if found is not None:
+        raise ValueError(f"event {seq}: impressions.candidates[{found[0]}].item_id: {found[1]}")
+    times = [message.event_time, *(c.event_time for c in message.candidates if c.HasField("event_time"))]
+    if not all(map(math.isfinite, times)):
+        raise ValueError(f"event {seq}: impressions: an event_time is not finite: {times}")
+
+
+def _save_key(keys: RepeatedCompositeFieldContainer[pb.JoinKey], key: Key, state: _Key) -> None:
+    """Appends what is known of `key` to `keys`."""
+    keys.add(
+        request_id=key[0], item_id=key[1], first_seq=state.first_seq, first_idx=state.first_idx,
+        impression=state.impression, shown=state.shown, positive=state.positive, negative=state.negative,
+        emitted=state.emitted, closed=state.closed, close_time=state.close_time, forget_time=state.forget_time,
+    )  # fmt: skip

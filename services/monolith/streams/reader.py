@@ -65,8 +65,9 @@ class OrderedReader:
 
     @classmethod
     async def open(
-        cls, js: JetStream, stream: str, subject: str, start_sequence: int, inactive_threshold: float = 60.0
-    ) -> OrderedReader:
+        cls, js: JetStream, stream: str, subject: str, start_sequence: int, inactive_threshold: float = 60.0,
+        headers_only: bool = False,
+    ) -> OrderedReader:  # fmt: skip
         """A reader of `stream`'s messages on `subject`, the first at or after `start_sequence`.
 
         Args:
@@ -77,6 +78,7 @@ class OrderedReader:
                 message means from that first message).
             inactive_threshold: seconds after which the server drops the consumer once
                 nobody fetches (a reader that was never closed, its process killed).
+            headers_only: deliver headers without payloads (`StoredMessage.data` is empty).
 
         Raises:
             One of TRANSIENT_ERRORS: NATS is away or the stream is missing.
@@ -90,6 +92,7 @@ class OrderedReader:
                 opt_start_seq=max(1, start_sequence),
                 ack_policy=AckPolicy.NONE,
                 inactive_threshold=inactive_threshold,
+                headers_only=headers_only or None,
             ),
         )
         info = await subscription.consumer_info()

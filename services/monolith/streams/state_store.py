@@ -57,3 +57,18 @@ class StateStore:
     async def put(self, name: str, data: bytes) -> None:
         """Saves `data` under `name`, replacing what was there."""
         await self._store.put(name, data)
+
+    async def exists(self, name: str) -> bool:
+        """Whether a blob is saved under `name` (its metadata alone is read)."""
+        try:
+            await self._store.get_info(name)
+        except nats.js.errors.ObjectNotFoundError:
+            return False
+        return True
+
+    async def delete(self, name: str) -> None:
+        """Deletes the blob saved under `name`, if any."""
+        try:
+            await self._store.delete(name)
+        except nats.js.errors.ObjectNotFoundError:
+            pass

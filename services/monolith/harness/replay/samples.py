@@ -12,7 +12,8 @@ no state on the server beyond the subscription) and keeps the samples whose requ
 carries this run's prefix, so earlier runs on the same stack do not count.
 
 `ImpressionWatch` tells when an impression is stored on EVENTS, from the message ids
-alone (`monolith.streams.ids` reads the request_id back). model-serving publishes
+alone (`monolith.streams.ids` reads the request_id back from an `imp/` or `imps/` id: one
+impression, or a Predict call's candidates in one message). model-serving publishes
 impressions asynchronously after Predict returns, while ReportActions stores an action
 before it returns; the replay's window gate (`pacing.WindowGate`) lets an event go only
 once the events it could overtake have both on the stream.
@@ -29,7 +30,7 @@ from typing import Callable
 from monolith.api.joiner.v1 import joiner_pb2
 from monolith.harness.replay.bookkeeping import SampleKey
 from monolith.streams.config import EVENTS_STREAM, SAMPLES_STREAM, StreamsConfig, partition_of
-from monolith.streams.ids import IMPRESSION, parse_message_id
+from monolith.streams.ids import IMPRESSION, IMPRESSIONS, parse_message_id
 from monolith.streams.publish import MSG_ID_HEADER
 from monolith.streams.reader import StoredMessage
 from monolith.streams.watch import StreamWatch
@@ -124,7 +125,8 @@ class ImpressionWatch:
     """Which of this run's impressions are stored on EVENTS, from the message ids alone.
 
     A headers-only ordered consumer of EVENTS from the moment it starts: no payload is
-    sent, the `Nats-Msg-Id` header names the impression (`streams.ids.impression_message_id`).
+    sent, the `Nats-Msg-Id` header names the request_id (`streams.ids.impression_message_id`,
+    `impressions_message_id`).
 
     Args:
         config: where NATS is.
@@ -157,7 +159,7 @@ class ImpressionWatch:
 
     def _on_message(self, message: StoredMessage) -> None:
         key = parse_message_id(message.headers.get(MSG_ID_HEADER, ""))
-        if key is not None and key.kind == IMPRESSION and key.request_id.startswith(self._prefix):
+        if key is not None and key.kind in (IMPRESSION, IMPRESSIONS) and key.request_id.startswith(self._prefix):
             self.stored(key.request_id)
 
     def stored(self, request_id: str) -> None:
