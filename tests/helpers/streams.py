@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from monolith.api.joiner.v1 import joiner_pb2 as pb
 from monolith.streams.config import EVENTS_STREAM, SAMPLES_STREAM, StreamsConfig, events_subject, partition_of
-from monolith.streams.ids import action_message_id, impression_message_id
+from monolith.streams.ids import action_message_id, impression_message_id, impressions_message_id
 from monolith.streams.jetstream import connect, ensure_streams
 from monolith.streams.publish import MSG_ID_HEADER, Message, publish_round
 from monolith.streams.readback import read_stream
@@ -40,9 +40,12 @@ def request_id_of(event: pb.Event) -> str:
 
 
 def event_message(event: pb.Event, partitions: int) -> Message:
-    """An event as its producer stores it: impressions as model-serving, actions as ReportActions."""
+    """An event as its producer stores it: impressions as model-serving (a call's candidates in
+    one message, or one per candidate as earlier releases), actions as ReportActions."""
     body = getattr(event, event.WhichOneof("event"))
-    if event.HasField("impression"):
+    if event.HasField("impressions"):
+        msg_id = impressions_message_id(body.request_id, [candidate.item_id for candidate in body.candidates])
+    elif event.HasField("impression"):
         msg_id = impression_message_id(body.request_id, body.item_id)
     else:
         msg_id = action_message_id(body.request_id, body.item_id, body.kind)

@@ -35,7 +35,6 @@ from monolith.streams.config import (
     partition_of,
     samples_subject,
 )
-from monolith.streams.ids import impressions_message_id
 from monolith.streams.jetstream import connect
 from monolith.streams.nats_server import NatsServer
 from monolith.streams.publish import Message
@@ -198,9 +197,7 @@ def call_message(k: int, candidates: int) -> Message:
     for j in range(candidates):
         candidate = call.candidates.add(item_id=f"m{j}", score=j / candidates)
         candidate.features["movie_id"].values.append(f"m{j}")
-    msg_id = impressions_message_id(call.request_id, [c.item_id for c in call.candidates])
-    subject = events_subject(partition_of(call.request_id, PARTITIONS))
-    return Message(subject, pb.Event(impressions=call).SerializeToString(), msg_id)
+    return event_message(pb.Event(impressions=call), PARTITIONS)
 
 
 def saved_through(nats: NatsServer) -> dict[str, int]:
