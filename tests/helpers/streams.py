@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import Sequence
 
 from monolith.api.joiner.v1 import joiner_pb2 as pb
+from monolith.streams.events import expand_impressions
 from monolith.streams.config import EVENTS_STREAM, SAMPLES_STREAM, StreamsConfig, events_subject, partition_of
 from monolith.streams.ids import action_message_id, impression_message_id, impressions_message_id
 from monolith.streams.jetstream import connect, ensure_streams
@@ -32,6 +33,18 @@ def read_events(config: StreamsConfig, subjects: str = ">") -> list[tuple[Stored
 def read_samples(config: StreamsConfig, subjects: str = ">") -> list[tuple[StoredMessage, pb.Sample]]:
     """Every SAMPLES message (on `subjects`) with its sample decoded; [] before the stream exists."""
     return [(m, pb.Sample.FromString(m.data)) for m in read_stream(config, SAMPLES_STREAM, subjects)]
+
+
+def logged_impressions(event: pb.Event) -> list[pb.Impression]:
+    """The impressions an EVENTS message carries: one, or a Predict call's candidates expanded.
+
+    Expands an `Impressions` message as the joiner does (`streams.events.expand_impressions`).
+    """
+    if event.HasField("impression"):
+        return [event.impression]
+    if event.HasField("impressions"):
+        return expand_impressions(event.impressions)
+    return []
 
 
 def request_id_of(event: pb.Event) -> str:

@@ -18,7 +18,7 @@ import tensorflow as tf
 import yaml
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from helpers.streams import MSG_ID_HEADER, read_events
+from helpers.streams import MSG_ID_HEADER, logged_impressions, read_events
 from helpers.waiting import wait_for
 from monolith.api.joiner.v1 import joiner_pb2 as pb
 from monolith.common.server import MonolithServer, ServerConfig
@@ -30,6 +30,7 @@ from monolith.serving.model import ServingModel
 from monolith.serving.service import build_serving
 from monolith.serving.servicer import SignatureConfig
 from monolith.streams.config import StreamsConfig, events_subject, partition_of
+from monolith.streams.ids import impressions_message_id
 from monolith.streams.nats_server import NatsServer
 from monolith.trainer.backends import LocalDense, LocalEmbeddings
 from monolith.trainer.worker import TrainerWorker
@@ -107,10 +108,11 @@ def serve(model: ServingModel, tmp_path: Any) -> Iterator[Callable[..., Serving]
 def impressions_by_id(streams: StreamsConfig) -> dict[tuple[str, str], tuple[str, str, pb.Impression]]:
     out = {}
     for message, event in read_events(streams):
-        assert event.WhichOneof("event") == "impression"
-        key = (event.impression.request_id, event.impression.item_id)
-        assert key not in out, f"impression {key} stored twice"
-        out[key] = (message.subject, message.headers.get(MSG_ID_HEADER, ""), event.impression)
+        assert event.WhichOneof("event") == "impressions"  # one message per call
+        for impression in logged_impressions(event):
+            key = (impression.request_id, impression.item_id)
+            assert key not in out, f"impression {key} stored twice"
+            out[key] = (message.subject, message.headers.get(MSG_ID_HEADER, ""), impression)
     return out
 
 
@@ -138,7 +140,7 @@ def test_predict_with_a_request_id_publishes_one_impression_per_candidate(
         for i, movie in enumerate(movies["movie_id"].tolist()):
             subject, msg_id, impression = stored[(request_id, str(movie))]
             assert subject == events_subject(partition_of(request_id, PARTITIONS))
-            assert msg_id == f"imp/{request_id}/{movie}"
+            assert msg_id == impressions_message_id(request_id, [str(m) for m in movies["movie_id"].tolist()])
             assert impression.event_time == 880_000_000.25
             assert impression.model_version == model.dense_version
             assert impression.score == pytest.approx(float(scores[request_id][i]), abs=1e-7)

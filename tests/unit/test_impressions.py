@@ -34,6 +34,8 @@ from monolith.serving.metrics import IMPRESSIONS_DROPPED
 from monolith.serving.model import ServingModel
 from monolith.serving.tensors import decode_inputs
 from monolith.streams.config import StreamsConfig, events_subject, partition_of
+from monolith.streams.events import expand_impressions
+from monolith.streams.ids import impressions_message_id
 from monolith.trainer.backends import LocalDense, LocalEmbeddings
 
 USER = {"user_id": [196], "age": [49], "gender": ["M"], "occupation": ["writer"], "zip": ["55105"]}
@@ -83,10 +85,10 @@ def ranking_call(**extra: Any) -> dict[str, Any]:
 
 
 def impressions_of(scored: ScoredRequest) -> list[joiner_pb2.Impression]:
-    """The impressions the messages carry, as the joiner reads them."""
-    events = [joiner_pb2.Event.FromString(m.payload) for m in impression_messages(scored, 8)]
-    assert all(e.WhichOneof("event") == "impression" for e in events)
-    return [e.impression for e in events]
+    """The impressions the messages carry, each candidate's shared and own features merged."""
+    events = [joiner_pb2.Event.FromString(m.message.payload) for m in impression_messages(scored, 8)]
+    assert all(e.WhichOneof("event") == "impressions" for e in events)
+    return [i for e in events for i in expand_impressions(e.impressions)]
 
 
 # --------------------------------------------------------------------------- building
@@ -236,30 +238,68 @@ def test_each_message_goes_to_its_request_ids_partition_under_its_id(model: Serv
     request_ids = ["req-1", "req-2", "req-3"]
     call = Parsed(model, ranking_call(request_id=request_ids))
 
-    messages = impression_messages(call.scored(), partitions=8)
+    messages = [m.message for m in impression_messages(call.scored(), partitions=8)]
 
     assert [m.subject for m in messages] == [events_subject(partition_of(r, 8)) for r in request_ids]
-    assert [m.msg_id for m in messages] == ["imp/req-1/242", "imp/req-2/302", "imp/req-3/377"]
+    assert [m.msg_id for m in messages] == [
+        impressions_message_id("req-1", ["242"]), impressions_message_id("req-2", ["302"]),
+        impressions_message_id("req-3", ["377"]),
+    ]  # fmt: skip
 
 
-def test_a_message_parses_to_the_impression_built_field_by_field(model: ServingModel) -> None:
+def test_a_call_is_one_message_with_the_shared_features_once(model: ServingModel) -> None:
     call = Parsed(model, ranking_call(request_id=["r-1"], event_time=np.array([99.5])))
-    expected = joiner_pb2.Impression(request_id="r-1", item_id="302", event_time=99.5, model_version=7, score=0.5)
-    for name, values in {**{k: [str(v[0])] for k, v in USER.items()}, "movie_id": ["302"],
-                         "genres": ["Crime", "Film-Noir", "Thriller"]}.items():  # fmt: skip
-        expected.features[name].values.extend(values)
+    expected = joiner_pb2.Impressions(request_id="r-1", event_time=99.5, model_version=7)
+    for name, values in USER.items():
+        expected.shared_features[name].values.extend(str(v) for v in values)
+    genres = [["Comedy"], ["Crime", "Film-Noir", "Thriller"], ["Children's", "Comedy"]]
+    for movie, score, movie_genres in zip(["242", "302", "377"], [0.1, 0.5, 0.9], genres):
+        candidate = expected.candidates.add(item_id=movie, score=score)
+        candidate.features["movie_id"].values.append(movie)
+        candidate.features["genres"].values.extend(movie_genres)
 
-    message = impression_messages(call.scored(version=7), partitions=8)[1]
+    (built,) = impression_messages(call.scored(version=7), partitions=8)
 
-    assert joiner_pb2.Event.FromString(message.payload) == joiner_pb2.Event(impression=expected)
+    assert built.candidates == 3
+    assert built.message.msg_id == impressions_message_id("r-1", ["242", "302", "377"])
+    assert joiner_pb2.Event.FromString(built.message.payload) == joiner_pb2.Event(impressions=expected)
+
+
+def test_times_per_candidate_ride_on_the_candidates_that_differ(model: ServingModel) -> None:
+    call = Parsed(model, ranking_call(request_id=["r-1"], event_time=np.array([5.0, 5.0, 7.5])))
+
+    (built,) = impression_messages(call.scored(), partitions=8)
+    message = joiner_pb2.Event.FromString(built.message.payload).impressions
+
+    assert message.event_time == 5.0
+    assert [c.HasField("event_time") for c in message.candidates] == [False, False, True]
+    assert [i.event_time for i in impressions_of(call.scored())] == [5.0, 5.0, 7.5]
+
+
+def test_a_message_over_the_payload_bound_is_split_and_a_candidate_too_large_alone_left_out(
+    model: ServingModel,
+) -> None:
+    call = Parsed(model, ranking_call(request_id=["r-1"]))
+    (whole,) = impression_messages(call.scored(), partitions=8)
+
+    just_too_small = len(whole.message.payload) + len(whole.message.msg_id) + 63  # 64 bytes for other headers
+    split = impression_messages(call.scored(), partitions=8, max_bytes=just_too_small)
+    none_fit = impression_messages(call.scored(), partitions=8, max_bytes=64)
+
+    assert [m.candidates for m in split] == [1, 2]
+    assert len({m.message.msg_id for m in split}) == 2  # each part is its own message
+    merged = [c for m in split for c in joiner_pb2.Event.FromString(m.message.payload).impressions.candidates]
+    assert merged == list(joiner_pb2.Event.FromString(whole.message.payload).impressions.candidates)
+    assert none_fit == []
 
 
 def test_message_ids_encode_each_id_so_that_no_two_keys_share_one(model: ServingModel) -> None:
     call = Parsed(model, ranking_call(request_id=["a/b", "a", "Zürich 1"], movie_id=["c", "b/c", "x%"]))
 
-    ids = [m.msg_id for m in impression_messages(call.scored(), partitions=8)]
+    ids = [m.message.msg_id for m in impression_messages(call.scored(), partitions=8)]
 
-    assert ids == ["imp/a%2Fb/c", "imp/a/b%2Fc", "imp/Z%C3%BCrich%201/x%25"]
+    assert [i.rsplit("/", 1)[0] for i in ids] == ["imps/a%2Fb", "imps/a", "imps/Z%C3%BCrich%201"]
+    assert ids[0] != impressions_message_id("a/b", ["x"])  # the digest names the candidates
 
 
 HOSTILE_IDS = {

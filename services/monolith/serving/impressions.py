@@ -13,9 +13,13 @@ INVALID_ARGUMENT and nothing is logged; ids end up in stream headers and samples
 
 Logging never slows or fails Predict. The call hands its scored request to a bounded
 queue without blocking (`ImpressionLog.log`); a background asyncio loop builds the
-`Event` messages and publishes them to `events.<partition of the request_id>` with the
-message id `imp/<request_id>/<item_id>` (`streams.ids.impression_message_id`), so a
-re-publish after a lost acknowledgement is de-duplicated by the stream. While NATS is down the publisher retries and the queue fills;
+messages and publishes them to `events.<partition of the request_id>`. A call is one
+`Event(impressions=...)` message per request_id (normally one): the features sent once for
+the call once, each candidate's item id, score and own features after them; the joiner
+expands it into one impression per candidate. Its message id
+`imps/<request_id>/<digest of the item ids>` (`streams.ids.impressions_message_id`) lets
+the stream drop a re-publish after a lost acknowledgement. While NATS is down the
+publisher retries and the queue fills (bounded in impressions, i.e. candidates);
 past its capacity impressions are dropped and counted, never waited for.
 """
 
@@ -39,7 +43,7 @@ from monolith.serving.metrics import (
     IMPRESSIONS_QUEUED,
 )
 from monolith.streams.config import EVENTS_STREAM, StreamsConfig, events_subject, partition_of
-from monolith.streams.ids import first_id_problem, impression_message_id
+from monolith.streams.ids import first_id_problem, impressions_message_id
 from monolith.streams.jetstream import TRANSIENT_ERRORS, BackgroundLoop, Connection, JetStream, connect, ensure_streams
 from monolith.streams.publish import Message, publish_round
 
@@ -190,66 +194,79 @@ def feature_texts(array: np.ndarray) -> list[list[str]]:
     return [[str(v) for v in row] for row in rows]
 
 
-def _varint(value: int) -> bytes:
-    """Protobuf's base-128 varint of a non-negative int."""
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+@dataclasses.dataclass(frozen=True)
+class ImpressionMessage:
+    """One EVENTS message of a scored call and the impressions (candidates) it carries."""
+
+    message: Message
+    candidates: int
 
 
-# Event's `impression` field as it starts on the wire: its number, wire type 2 (length-delimited).
-_EVENT_IMPRESSION_TAG = _varint(joiner_pb2.Event.DESCRIPTOR.fields_by_name["impression"].number << 3 | 2)
+def impression_messages(scored: ScoredRequest, partitions: int, max_bytes: int | None = None) -> list[ImpressionMessage]:
+    """The EVENTS messages of a scored call: one `Event(impressions=...)` per request_id.
 
-
-def impression_messages(scored: ScoredRequest, partitions: int) -> list[Message]:
-    """The EVENTS messages of a scored call: one `Event(impression=...)` per candidate.
-
-    Examples with an empty request_id or item id have none (see `ImpressionLog` for the
-    counting). This runs for every logged call, so the work per candidate is kept small:
-    features sent once for the call (outer size 1: the user's) are serialized once and
-    their bytes appended to each candidate's own. A protobuf message's fields may come in
-    any order and map entries accumulate, so the bytes parse to the full impression.
+    A call normally has one request_id, so it is one message: the features sent once for
+    the call (outer size 1: the user's) once, then each candidate's item id, score and own
+    features. Examples with an empty request_id or item id have no impression (see
+    `ImpressionLog` for the counting). A message over `max_bytes` (payload and headers) is
+    split into messages of fewer candidates; a candidate too large alone is left out (the
+    caller counts the shortfall as too_large).
 
     Args:
         scored: the scored call.
         partitions: P, for the subject `events.<partition_of(request_id, P)>`.
+        max_bytes: NATS's max payload; None: no bound.
 
     Returns:
-        The messages, in example order.
+        The messages, in the order of each request_id's first example.
     """
     texts = {name: feature_texts(array) for name, array in scored.inputs.items()}
-    shared = joiner_pb2.Impression()
-    for name, rows in texts.items():
-        if len(rows) == 1:
-            shared.features[name].values.extend(rows[0])
-    shared_bytes = shared.SerializeToString()
-    own_features = [(name, rows) for name, rows in texts.items() if len(rows) > 1]
+    shared_texts = {name: rows[0] for name, rows in texts.items() if len(rows) == 1}
+    own_texts = [(name, rows) for name, rows in texts.items() if len(rows) > 1]
     times = scored.keys.event_times
     scores = scored.scores.tolist()
-    subjects: dict[str, str] = {}  # most calls have one request_id: hash it once
-    out = []
+    examples: dict[str, list[int]] = {}  # request_id -> its examples with an item, in order
     for i, (request_id, item_id) in enumerate(zip(scored.keys.request_ids.tolist(), scored.keys.item_ids)):
-        if not request_id or not item_id:
-            continue
-        own = joiner_pb2.Impression(
-            request_id=request_id,
-            item_id=item_id,
-            event_time=scored.received_at if times is None else float(times[i]),
-            model_version=scored.model_version,
-            score=scores[i],
+        if request_id and item_id:
+            examples.setdefault(request_id, []).append(i)
+    out: list[ImpressionMessage] = []
+    for request_id, indices in examples.items():
+        event_time = scored.received_at if times is None else float(times[indices[0]])
+        message = joiner_pb2.Impressions(
+            request_id=request_id, event_time=event_time, model_version=scored.model_version
         )
-        for name, rows in own_features:
-            own.features[name].values.extend(rows[i])
-        impression = own.SerializeToString() + shared_bytes
-        subject = subjects.get(request_id)
-        if subject is None:
-            subject = subjects[request_id] = events_subject(partition_of(request_id, partitions))
-        payload = b"".join((_EVENT_IMPRESSION_TAG, _varint(len(impression)), impression))
-        out.append(Message(subject, payload, impression_message_id(request_id, item_id)))
+        for name, values in shared_texts.items():
+            message.shared_features[name].values.extend(values)
+        add = message.candidates.add
+        for i in indices:
+            candidate = add(item_id=scored.keys.item_ids[i], score=scores[i])
+            if times is not None and times[i] != event_time:
+                candidate.event_time = float(times[i])
+            for name, rows in own_texts:
+                candidate.features[name].values.extend(rows[i])
+        subject = events_subject(partition_of(request_id, partitions))
+        out.extend(_bounded(message, subject, max_bytes))
     return out
+
+
+def _bounded(message: joiner_pb2.Impressions, subject: str, max_bytes: int | None) -> list[ImpressionMessage]:
+    """`message` as one message, or split into halves until each fits in `max_bytes`."""
+    payload = joiner_pb2.Event(impressions=message).SerializeToString()
+    msg_id = impressions_message_id(message.request_id, [c.item_id for c in message.candidates])
+    # Headers travel in the payload's budget too; 64 bytes cover the rest of them.
+    if max_bytes is None or len(payload) + len(msg_id) + 64 <= max_bytes:
+        return [ImpressionMessage(Message(subject, payload, msg_id), len(message.candidates))]
+    if len(message.candidates) == 1:
+        return []
+    half = len(message.candidates) // 2
+    parts = []
+    for candidates in (message.candidates[:half], message.candidates[half:]):
+        part = joiner_pb2.Impressions()
+        part.CopyFrom(message)
+        del part.candidates[:]
+        part.candidates.extend(candidates)
+        parts.extend(_bounded(part, subject, max_bytes))
+    return parts
 
 
 # --------------------------------------------------------------------------- the log
@@ -364,9 +381,9 @@ class ImpressionLog:
         await self._retry_forever(lambda: ensure_streams(js, self._streams), "setting up the streams")
         while True:
             taken = await self._take()
-            messages, skipped = self._messages(taken, nc.max_payload)
+            messages, impressions, skipped = self._messages(taken, nc.max_payload)
             await self._publish(js, messages)
-            IMPRESSIONS_PUBLISHED.inc(len(messages))
+            IMPRESSIONS_PUBLISHED.inc(impressions)
             for reason, count in skipped.items():
                 IMPRESSIONS_DROPPED.labels(reason).inc(count)
             self._done(sum(s.batch for s in taken))
@@ -394,19 +411,21 @@ class ImpressionLog:
             if self._queued == 0:
                 self._idle.notify_all()
 
-    def _messages(self, taken: list[ScoredRequest], max_payload: int) -> tuple[list[Message], dict[str, int]]:
+    def _messages(self, taken: list[ScoredRequest], max_payload: int) -> tuple[list[Message], int, dict[str, int]]:
+        """The messages of the calls taken, the impressions they carry, and those left out by reason."""
         messages = []
+        impressions = 0
         skipped = {"no_item": 0, "too_large": 0}
         for scored in taken:
-            built = impression_messages(scored, self._streams.partitions)
-            skipped["no_item"] += int(np.count_nonzero(scored.keys.request_ids != "")) - len(built)
-            for message in built:
-                # Headers travel in the payload's budget too; 64 bytes cover the rest of them.
-                if len(message.payload) + len(message.msg_id) + 64 > max_payload:
-                    skipped["too_large"] += 1
-                else:
-                    messages.append(message)
-        return messages, {reason: count for reason, count in skipped.items() if count}
+            built = impression_messages(scored, self._streams.partitions, max_payload)
+            loggable = int(np.count_nonzero(scored.keys.request_ids != ""))
+            logged = sum(m.candidates for m in built)
+            with_item = sum(1 for r, i in zip(scored.keys.request_ids.tolist(), scored.keys.item_ids) if r and i)
+            skipped["no_item"] += loggable - with_item
+            skipped["too_large"] += with_item - logged
+            messages.extend(m.message for m in built)
+            impressions += logged
+        return messages, impressions, {reason: count for reason, count in skipped.items() if count}
 
     async def _publish(self, js: JetStream, messages: list[Message]) -> None:
         """Publishes every message, pipelined, retrying the failed ones until none fail."""

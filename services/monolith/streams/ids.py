@@ -20,6 +20,7 @@ unchanged from earlier releases.
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 import urllib.parse
 from collections.abc import Sequence
@@ -29,8 +30,8 @@ from monolith.common.errors import InvalidArgument, shorten
 
 MAX_ID_BYTES = 256
 
-IMPRESSION, ACTION, SAMPLE = "imp", "act", "smp"
-_PARTS = {IMPRESSION: 2, ACTION: 3, SAMPLE: 2}  # parts after the kind
+IMPRESSION, ACTION, SAMPLE, IMPRESSIONS = "imp", "act", "smp", "imps"
+_PARTS = {IMPRESSION: 2, ACTION: 3, SAMPLE: 2, IMPRESSIONS: 2}  # parts after the kind
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc, exactly
 
 
@@ -114,6 +115,26 @@ def impression_message_id(request_id: str, item_id: str) -> str:
             keeps one that slipped through out of a header).
     """
     return f"{IMPRESSION}/{_part(request_id)}/{_part(item_id)}"
+
+
+def impressions_message_id(request_id: str, item_ids: Sequence[str]) -> str:
+    """`imps/<request_id>/<digest>`: one Predict call's candidates, logged as one message.
+
+    The digest (16 hex digits of BLAKE2b over the item ids, in order) names the candidate
+    list: a re-publish of the same call is dropped as a duplicate, while another call that
+    reuses the request_id with other candidates is a message of its own (the joiner then
+    counts the keys the two share as duplicate impressions). The item ids must pass the id
+    rule (checked where they arrive); the request_id is checked here.
+
+    Raises:
+        InvalidArgument: as `impression_message_id`.
+    """
+    digest = hashlib.blake2b(digest_size=8)
+    for item_id in item_ids:
+        encoded = item_id.encode("utf-8")
+        digest.update(len(encoded).to_bytes(2, "little"))  # ids are at most 256 bytes: unambiguous
+        digest.update(encoded)
+    return f"{IMPRESSIONS}/{_part(request_id)}/{digest.hexdigest()}"
 
 
 def action_message_id(request_id: str, item_id: str, kind: str) -> str:
