@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from monolith.data.feature_ids import feature_ids
-from monolith.harness.bench import capacity, pace
+from monolith.harness.bench import capacity, pace, stages
 from monolith.harness.bench.synthetic import (
     AGES,
     GENDERS,
@@ -22,6 +22,9 @@ from monolith.harness.bench.synthetic import (
     SyntheticWorld,
     TrafficShape,
 )
+from monolith.streams.ids import action_message_id, impression_message_id
+from monolith.streams.publish import MSG_ID_HEADER
+from monolith.streams.reader import StoredMessage
 
 SMALL = TrafficShape(users=20_000, items=2_000)
 
@@ -166,7 +169,7 @@ def test_a_step_that_kept_pace_has_no_reasons() -> None:
         ({"impressions_dropped": math.nan}, "dropped nan impressions"),
         ({"joiner_lag": [0, 0, 0, 0, 40, 50, 60, 70]}, "the joiner's lag grew by 55 events"),
         ({"trainer_backlog": [0, 10, 0, 0, 700, 800, 900, 1000]}, "the trainers' backlog grew by 850 samples"),
-        ({"freshness_s": [1.0, 6.0]}, "freshness p99 5.95 s > 5 s"),
+        ({"freshness_s": [1.0, 6.0]}, "freshness p99 5.950 s > 5 s"),
         ({"freshness_s": []}, "no freshness probe finished"),
     ],
 )
@@ -259,3 +262,30 @@ def test_a_step_that_missed_pace_points_at_the_stage_furthest_over_its_threshold
     # Several missed: the one furthest over (the joiner 3x over its second, the trainer 1.5x).
     both = step(joiner_lag=[0, 0, 0, 0, 90, 90, 90, 90], trainer_backlog=[0, 0, 0, 0, 900, 900, 900, 900])
     assert pace.implicated(both) == "joiner"
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def test_bare_impression_templates_are_every_events_message_but_actions() -> None:
+    def stored(msg_id: str) -> StoredMessage:
+        return StoredMessage(1, "events.0", {MSG_ID_HEADER: msg_id}, b"x")
+
+    assert stages.is_impression(stored(impression_message_id("r1", "42")))
+    assert not stages.is_impression(stored(action_message_id("r1", "42", "click")))
+    assert stages.is_impression(stored("something/else"))  # a format of a later release: not an action
+
+
+def test_a_joiner_round_counts_only_with_a_backlog_left_and_no_restart() -> None:
+    def round_(lag: float, restarts: float) -> stages.JoinerRound:
+        return stages.JoinerRound(1.0, 5_000.0, 9_000.0, lag, restarts, restarts)
+
+    assert round_(lag=100, restarts=0).counts
+    assert not round_(lag=0, restarts=0).counts
+    assert not round_(lag=100, restarts=1).counts
+
+
+def test_the_quick_run_is_shorter_in_every_part() -> None:
+    quick, full = capacity.QUICK, capacity.FULL
+    assert quick.step_seconds < full.step_seconds and quick.max_steps < full.max_steps
+    assert quick.stage_seconds < full.stage_seconds and quick.drain_seconds < full.drain_seconds

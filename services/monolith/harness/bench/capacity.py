@@ -3,34 +3,37 @@
 1. **Stack and tables.** `monolith up` on free ports (the shipped MovieLens config, unchanged;
    a join window of `JOIN_WINDOW` s and lateness `JOIN_LATENESS` s, so negatives flow within
    a step). A batch stage trains one pass over a synthetic history that touches each of the
-   world's 1,000,000 users once (`synthetic.SyntheticWorld.history`, in steps of
-   `SEED_BATCH` examples to keep it short), through the stack's training shards and
+   world's 1,000,000 users once (`loop.fill_tables`), through the stack's training shards and
    dense-PS as the replay's batch stage does; the controller then checkpoints it (a later
    rollback keeps it) and the run waits until the serving shards hold the rows.
-2. **Predict alone** on the stack's serving (`stages.predict_alone`): it also caps the search.
-3. **The loop.** Open-loop traffic from the world (Zipf users over 1,000,000 ids and items
-   over 100,000, 20..100 candidates per request, clicks drawn from known probabilities and
-   reported through ReportActions) at a target rate for one step; `pace.missed_pace` says
-   whether the loop kept pace (no impression dropped, the joiner's lag and the trainers'
-   backlog not growing by more than a second of traffic, freshness p99 <= 5 s from probes
-   running throughout); `pace.RateSearch` doubles, then bisects. Between steps the backlogs
-   drain (bounded).
+2. **Predict alone** on the stack's serving (`stages.predict_alone`); the search starts at
+   `START_FRACTION` of it and never goes above it.
+3. **The loop** (`loop`). Open-loop traffic from the world (`synthetic`: Zipf users over
+   1,000,000 ids and items over 100,000, 20..100 candidates per request, clicks drawn from
+   known probabilities and reported through ReportActions) at a target rate for one step;
+   `pace.missed_pace` says whether the loop kept pace (the generator kept its schedule, no
+   impression dropped, the joiner's lag and the trainers' backlog not growing by more than a
+   second of traffic, freshness p99 <= 5 s from probes running throughout); `pace.RateSearch`
+   doubles, then bisects. Between steps the backlogs drain (bounded). Each step also records
+   the CPU each of the stack's processes used.
 4. **Exactly once.** After the last step one impression per partition far ahead in event
    time closes every join window; SAMPLES is read back and reconciled with the samples the
    traffic must produce (every candidate of every answered call, positive if its click was
    reported), leaving out steps in which serving dropped impressions: `samples_lost`,
    `samples_duplicated`.
 5. **Tables.** `table_rows`: every table's rows on every training shard, from their /metrics.
-6. **Each stage alone** (`stages`): impression publishing, the joiner and the trainer, each
-   on a NATS server of its own holding a copy of what the loop stored, and the bare JetStream
-   publish rate of a nats-py client with copies of the joiner's messages, interleaved with
-   the joiner's rounds.
+6. **Each stage alone** (`stages`), the stack idle: impression publishing (a serving process
+   of its own publishing to a NATS server of the benchmark's own), the joiner (on that server,
+   its EVENTS holding a copy of the loop's followed by the impressions just published; paused
+   between rounds) with the bare JetStream publish rate of a nats-py client, on copies of the
+   joiner's messages, in rounds interleaved with the joiner's; and the trainer (a trainer of
+   its own reading the loop's SAMPLES from the start).
 
 Figures in candidates/s compare like with like: a sample is a candidate the joiner kept (all
 of them at the shipped negative sample rate of 1), so a stage's samples/s is divided by the
 loop's samples per candidate. `bars_met` checks exactly the issue's bars; a missed bar gets
-`limits`: what bears on it, with a sampling profile of the stage alone that broke pace (its
-role run again under `sampling.py`).
+`limits`: what bears on it, with a sampling profile of the stage alone that the first step
+missing pace points at (its role run again under `sampling.py`).
 """
 
 from __future__ import annotations
@@ -40,7 +43,6 @@ import dataclasses
 import math
 import os
 import resource
-import sys
 import tempfile
 import time
 import uuid
@@ -56,7 +58,7 @@ from monolith.harness.bench.loop import (
     search,
     wait_until_served,
 )
-from monolith.harness.bench.stages import FreshNats, ImpressionsAlone, JoinerAlone, RankingRequest
+from monolith.harness.bench.stages import FreshNats, ImpressionsAlone, JoinerAlone, RankingRequest, progress
 from monolith.harness.bench.synthetic import SyntheticWorld, TrafficShape
 from monolith.harness.manifest import StackManifest
 from monolith.harness.replay.launcher import LocalStack
@@ -78,12 +80,12 @@ class Sizes:
     max_steps: int
     drain_seconds: float
     stage_seconds: float  # one round of a stage alone
-    bare_seconds: float
+    bare_seconds: float  # one bare publish round (the joiner is paused meanwhile: kept short)
     events_copied: int
     resolution: float
 
 
-FULL = Sizes(step_seconds=25.0, max_steps=9, drain_seconds=60.0, stage_seconds=3.0, bare_seconds=1.5,
+FULL = Sizes(step_seconds=25.0, max_steps=9, drain_seconds=60.0, stage_seconds=3.0, bare_seconds=0.5,
              events_copied=400_000, resolution=0.15)  # fmt: skip
 QUICK = Sizes(step_seconds=10.0, max_steps=4, drain_seconds=20.0, stage_seconds=1.0, bare_seconds=0.5,
               events_copied=100_000, resolution=0.25)  # fmt: skip
@@ -99,9 +101,6 @@ BARS: dict[str, Callable[[dict[str, Any]], bool]] = {
     "samples_duplicated==0": lambda r: r["samples_duplicated"] == 0,
 }  # fmt: skip
 
-
-def _say(message: str) -> None:
-    print(f"[bench capacity] {message}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- run
@@ -142,7 +141,7 @@ def _run_on_stack(stack: StackManifest, view: StackView, client: MonolithClient,
 
     traffic = Traffic(world, client, f"cap{run_id}-r")
     alone = [traffic.features(10**9 + i) for i in range(256)]  # requests no step sends
-    _say(f"Predict alone: {CONCURRENCY} callers, {stages.ROUNDS} rounds of {sizes.stage_seconds:g} s")
+    progress(f"Predict alone: {CONCURRENCY} callers, {stages.ROUNDS} rounds of {sizes.stage_seconds:g} s")
     result.update(stages.predict_alone(client, alone, CONCURRENCY, sizes.stage_seconds))
     ceiling = result["predict_requests_per_s"]
 
@@ -181,19 +180,19 @@ def _run_on_stack(stack: StackManifest, view: StackView, client: MonolithClient,
         result["samples_expected"] / result["candidates_impressed"] if result["candidates_impressed"] else 1.0
     )
     factory = lambda address: MonolithClient(address, timeout=10.0)  # noqa: E731
-    _say("impression publishing and the joiner alone, on a NATS server of their own")
+    progress("impression publishing and the joiner alone, on a NATS server of their own")
     with FreshNats(os.path.join(workdir, "stages"), stack.partitions) as nats:
         joiner = JoinerAlone(stack, nats, workdir)
         joiner.copy_loop_events(last_event, sizes.events_copied)
         impressions = ImpressionsAlone(stack, nats, workdir, factory)
         result.update(impressions.measure(alone, CONCURRENCY, sizes.stage_seconds))
-        _say("the joiner alone, interleaved with bare JetStream publishes")
+        progress("the joiner alone, interleaved with bare JetStream publishes")
         joiner.start()
         try:
             result.update(joiner.measure(sizes.stage_seconds, sizes.bare_seconds))
         finally:
             joiner.stop()
-    _say("the trainer alone")
+    progress("the trainer alone")
     result.update(stages.trainer_alone(stack, workdir, f"capacity{run_id}", sizes.stage_seconds))
     result["samples_per_candidate"] = round(per_candidate, 4)
     stage_candidates = {
@@ -224,7 +223,7 @@ def _explain(result: dict[str, Any], stack: StackManifest, workdir: str, sizes: 
 
     def profile(stage: str) -> list[str]:
         if stage not in profiles:
-            _say(f"profiling the {stage} alone (a bar was missed)")
+            progress(f"profiling the {stage} alone (a bar was missed)")
             profiles[stage] = _profile_stage(stage, stack, workdir, sizes, last_event, alone, factory)
         return profiles[stage]
 

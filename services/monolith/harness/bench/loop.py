@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import math
 import resource
-import sys
 import threading
 import time
 from concurrent import futures
@@ -31,7 +30,7 @@ from monolith.dense_ps.client import DensePSClient
 from monolith.embedding_ps.client import ShardedEmbeddingClient
 from monolith.harness.bench import pace
 from monolith.harness.bench.load import FreshnessUnderLoad
-from monolith.harness.bench.stages import RankingRequest, metric
+from monolith.harness.bench.stages import RankingRequest, metric, progress
 from monolith.harness.bench.synthetic import SyntheticWorld
 from monolith.harness.manifest import StackManifest
 from monolith.harness.replay.bookkeeping import expected_samples, reconcile
@@ -53,9 +52,6 @@ PROBE_INTERVAL = 2.0
 PROBE_TIMEOUT = 10.0  # a miss counts at this, over the 5 s bar
 READ_INTERVAL = 0.5  # seconds between backlog readings in a step
 
-
-def _say(message: str) -> None:
-    print(f"[bench capacity] {message}", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------- traffic
@@ -216,7 +212,7 @@ def fill_tables(stack: StackManifest, world: SyntheticWorld) -> dict[str, Any]:
     config = load_model_config(stack.config)
     config = config.model_copy(update={"training": config.training.model_copy(update={"batch_size": SEED_BATCH})})
     history = world.history(start_time=time.time() - 2 * 86_400, span=86_400)
-    _say(f"batch stage: {len(history):,} examples (every one of {world.shape.users:,} users once)")
+    progress(f"batch stage: {len(history):,} examples (every one of {world.shape.users:,} users once)")
     started = time.monotonic()
     with ShardedEmbeddingClient(list(stack.training_shards), config.table_dims(),
                                 occurrence_tables=config.occurrence_tables()) as sparse, \
@@ -242,7 +238,7 @@ def wait_until_served(view: StackView, timeout: float) -> None:
         if training and serving >= training:
             return
         time.sleep(1.0)
-    _say(f"serving shards still behind the training shards after {timeout:.0f} s; going on")
+    progress(f"serving shards still behind the training shards after {timeout:.0f} s; going on")
 
 
 # ---------------------------------------------------------------------- the search
@@ -345,7 +341,7 @@ def search(traffic: Traffic, view: StackView, probes: Probes, rates: pace.RateSe
             clean.append(indices)
         waited = drain(view, figures, drain_seconds)
         rows.append({**_step_row(figures, reasons, waited), "cpu_share": cpu_share})
-        _say(f"step at {rate:.1f} requests/s: {figures.achieved_rps:.1f} sent, {figures.candidates_per_s:,.0f} "
+        progress(f"step at {rate:.1f} requests/s: {figures.achieved_rps:.1f} sent, {figures.candidates_per_s:,.0f} "
              f"candidates/s; {'kept pace' if not reasons else 'missed: ' + '; '.join(reasons)}")  # fmt: skip
     return rows, clean
 
@@ -386,7 +382,7 @@ def reconcile_samples(traffic: Traffic, view: StackView, clean: list[range], rat
     expected = expected_samples(impressions, rate)
     log = SampleLog(view.streams, f"{traffic.prefix}")
     log.start()
-    _say(f"reading SAMPLES back: {len(expected):,} samples expected from {len(impressions):,} candidates")
+    progress(f"reading SAMPLES back: {len(expected):,} samples expected from {len(impressions):,} candidates")
     deadline, last_count, last_change = time.monotonic() + timeout, -1, time.monotonic()
     try:
         while time.monotonic() < deadline and time.monotonic() - last_change < 20.0:

@@ -123,7 +123,7 @@ def missed_pace(step: StepFigures) -> list[str]:
     if not step.freshness_s:
         reasons.append("no freshness probe finished")
     elif not step.freshness_p99_s <= FRESHNESS_P99_S:
-        reasons.append(f"freshness p99 {step.freshness_p99_s:.2f} s > {FRESHNESS_P99_S:g} s "
+        reasons.append(f"freshness p99 {step.freshness_p99_s:.3f} s > {FRESHNESS_P99_S:g} s "
                        f"over {len(step.freshness_s)} probes")  # fmt: skip
     return reasons
 

@@ -63,8 +63,12 @@ RankingRequest = tuple[dict[str, Any], dict[str, list[Any]]]
 TEMPLATES = 1000  # messages copied as the bare publisher's templates
 
 
-def _say(message: str) -> None:
-    print(f"[bench capacity] {message}", file=sys.stderr, flush=True)
+_STARTED = time.monotonic()
+
+
+def progress(message: str) -> None:
+    """A progress line of the capacity benchmark on stderr, with the seconds since it started."""
+    print(f"[bench capacity {time.monotonic() - _STARTED:6.1f} s] {message}", file=sys.stderr, flush=True)
 
 
 def metric(url: str, name: str, absent: float = math.nan, **labels: str) -> float:
@@ -246,9 +250,9 @@ class ImpressionsAlone:
 
                 started = time.perf_counter()
                 _, sent, _ = closed_loop(logged, requests, concurrency, seconds)
-                self._wait_published(role, watch)
+                stored = self._wait_published(role, watch)
                 if r:
-                    rates.append(sent / (time.perf_counter() - started))
+                    rates.append(sent / (stored - started))
             dropped = metric(role.metrics, "monolith_serving_impressions_dropped_total") - dropped
         finally:
             if client is not None:
@@ -261,18 +265,27 @@ class ImpressionsAlone:
         return out
 
     @staticmethod
-    def _wait_published(role: Role, watch: StreamWatch, timeout: float = 60.0) -> None:
-        """Until serving's impression queue is empty and EVENTS stopped growing (two reads 0.2 s apart)."""
+    def _wait_published(role: Role, watch: StreamWatch, timeout: float = 60.0) -> float:
+        """Waits until serving's impression queue is empty and EVENTS stopped growing.
+
+        Returns:
+            The `time.perf_counter()` reading at which EVENTS was first seen holding its final
+            count (read every 50 ms; final once unchanged for a quarter of a second).
+        """
+        poll, quiet = 0.05, 0.25
         deadline = time.monotonic() + timeout
-        last = -1
+        last, reached = -1, time.perf_counter()
         while time.monotonic() < deadline:
             queued = metric(role.metrics, "monolith_serving_impressions_queued")
             stored = watch.stream_state(EVENTS_STREAM).last_sequence
-            if (math.isnan(queued) or queued == 0) and stored == last:
-                return
-            last = stored
-            time.sleep(0.2)
+            now = time.perf_counter()
+            if stored != last:
+                last, reached = stored, now
+            elif (math.isnan(queued) or queued == 0) and now - reached >= quiet:
+                return reached
+            time.sleep(poll)
         _LOGGER.warning("impressions still being published after %.0f s", timeout)
+        return time.perf_counter()
 
 
 # --------------------------------------------------------------------------- joiner
@@ -323,7 +336,7 @@ class JoinerAlone:
         """Copies up to `count` of the loop's EVENTS messages (none after `last_event`) to the joiner's server."""
         started = time.monotonic()
         self.events_copied += copy_head(self._source, self._nats.config, EVENTS_STREAM, ">", count, last_event)
-        _say(f"joiner alone: {self.events_copied:,} EVENTS messages copied in {time.monotonic() - started:.1f} s")
+        progress(f"joiner alone: {self.events_copied:,} EVENTS messages copied in {time.monotonic() - started:.1f} s")
         return self.events_copied
 
     def measure(self, seconds: float, bare_seconds: float, rounds: int = ROUNDS) -> dict[str, Any]:
@@ -331,12 +344,11 @@ class JoinerAlone:
 
         A joiner round lasts `seconds`, or less when the backlog would not last through every
         round (estimated from a first short round); only rounds that end with events still
-        unread count.
+        unread, and in which the joiner did not restart a partition, count (`JoinerRound`).
 
         Returns:
-            The joiner's median samples/s and impressions/s, the bare publish rates (copies of
-            the loop's SAMPLES messages, and of its impression messages), and the profile's
-            lines with `profile`.
+            The joiner's median samples/s and the bare publish rates (copies of the loop's
+            SAMPLES messages, and of its impression messages).
         """
         role = self._role
         assert role is not None, "start() first"
@@ -367,13 +379,12 @@ class JoinerAlone:
         finally:
             bare.close()
             bare_impressions.close()
-        valid = [r for r in seen if r.lag > 0]
+        valid = [r for r in seen if r.counts]
         out: dict[str, Any] = {
             "joiner_samples_per_s": median([r.samples_per_s for r in valid]) if valid else math.nan,
-            "joiner_impressions_per_s": median([r.impressions_per_s for r in valid]) if valid else math.nan,
             "joiner_rounds": len(valid),
             "joiner_round_seconds": round(window, 2),
-            "joiner_restarts_alone": seen[-1].restarts - first.restarts if seen else math.nan,
+            "joiner_restarts_alone": seen[-1].restarts_total - first.restarts_total if seen else math.nan,
             "joiner_events_loaded": self._loaded(),
             "jetstream_publish_per_s": median(bare_rates),
             "jetstream_publish_impressions_per_s": median(bare_impression_rates),
@@ -396,44 +407,56 @@ class JoinerAlone:
 
 @dataclasses.dataclass(frozen=True)
 class JoinerRound:
-    """One round of the paused joiner, resumed for a while.
+    """One round of the paused joiner: resumed, given `SETTLE` s to pick up again, then timed.
+
+    A pause can outlast a read the joiner had in flight, and the joiner then restarts the
+    partition from its snapshot; the settling time lets that happen before the timed part,
+    and a round in which the restart count still moved does not count.
 
     Attributes:
-        seconds: how long it ran, between the two reads of its /metrics.
-        samples_per_s: samples it published per second.
-        impressions_per_s: impressions (candidates) it read per second.
-        lag_before: events unread at the start (as the joiner last said, before its pause).
-        lag: events still unread at the end (0: the backlog ran out, the rates understate it).
-        restarts: its partition restarts so far (a pause must not cause any).
+        seconds: the timed part, between the two reads of its /metrics.
+        samples_per_s: samples it published per second in it.
+        lag_before: events unread at the start of the timed part.
+        lag: events still unread at its end (0: the backlog ran out, the rate understates it).
+        restarts: partition restarts during the timed part.
+        restarts_total: partition restarts since the joiner started.
     """
+
+    SETTLE = 0.3
 
     seconds: float
     samples_per_s: float
-    impressions_per_s: float
     lag_before: float
     lag: float
     restarts: float
+    restarts_total: float
+
+    @property
+    def counts(self) -> bool:
+        """Whether the round measured the joiner at work: a backlog left, no restart in it."""
+        return self.lag > 0 and self.restarts == 0
 
     @classmethod
     def run(cls, role: Role, seconds: float) -> JoinerRound:
-        """Resumes the joiner for `seconds`, reading its /metrics at both ends, and pauses it again."""
-        samples, impressions = "monolith_joiner_samples_published_total", "monolith_joiner_events_total"
+        """Resumes the joiner, times `seconds` of it after the settling time, and pauses it again."""
+        samples, restarts = "monolith_joiner_samples_published_total", "monolith_joiner_partition_restarts_total"
+        lag_metric = "monolith_joiner_consumer_lag_events"
         role.resume()
         try:
+            time.sleep(cls.SETTLE)
+            r0 = metric(role.metrics, restarts, absent=0.0)
+            lag0 = metric(role.metrics, lag_metric, absent=0.0)
             t0 = time.perf_counter()
-            lag0 = metric(role.metrics, "monolith_joiner_consumer_lag_events", absent=0.0)
             s0 = metric(role.metrics, samples, absent=0.0)
-            i0 = metric(role.metrics, impressions, absent=0.0, outcome="impressions")
             time.sleep(seconds)
             s1 = metric(role.metrics, samples, absent=0.0)
-            i1 = metric(role.metrics, impressions, absent=0.0, outcome="impressions")
             t1 = time.perf_counter()
-            lag = metric(role.metrics, "monolith_joiner_consumer_lag_events", absent=0.0)
-            restarts = metric(role.metrics, "monolith_joiner_partition_restarts_total", absent=0.0)
+            lag = metric(role.metrics, lag_metric, absent=0.0)
+            r1 = metric(role.metrics, restarts, absent=0.0)
         finally:
             role.pause()
         took = t1 - t0
-        return cls(took, (s1 - s0) / took, (i1 - i0) / took, lag0, lag, restarts)
+        return cls(took, (s1 - s0) / took, lag0, lag, r1 - r0, r1)
 
 
 # -------------------------------------------------------------------------- trainer
