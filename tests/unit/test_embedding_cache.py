@@ -237,14 +237,14 @@ def _flags(*argv: str) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def test_flags_default_to_a_256_mib_cache_refreshed_every_quarter_second() -> None:
+def test_flags_default_to_a_256_mib_cache_refreshed_every_tenth_of_a_second() -> None:
     args = _flags()
     shards = ShardedEmbeddingClient(["127.0.0.1:1"], _config().table_dims())
     try:
         cache = build_cache(args, shards, _config())
         assert cache is not None
-        assert cache.config == CacheConfig(bytes=256 * 1024 * 1024, refresh_seconds=0.25, prefill="auto")
-        assert cache.config.max_staleness == 0.5
+        assert cache.config == CacheConfig(bytes=256 * 1024 * 1024, refresh_seconds=0.1, prefill="auto")
+        assert cache.config.max_staleness == 0.2
         assert build_cache(_flags("--embedding-cache-bytes", "0"), shards, _config()) is None
     finally:
         shards.close()

@@ -112,7 +112,7 @@ class CacheConfig(ConfigModel):
     """
 
     bytes: Annotated[int, pydantic.Field(ge=0)] = 256 * 1024 * 1024
-    refresh_seconds: Annotated[float, pydantic.Field(gt=0, allow_inf_nan=False)] = 0.25
+    refresh_seconds: Annotated[float, pydantic.Field(gt=0, allow_inf_nan=False)] = 0.1
     prefill: Literal["auto", "off"] = "auto"
 
     @property
