@@ -16,7 +16,7 @@ from helpers.join_events import action, event_streams, feed, impression, impress
 from monolith.api.joiner.v1 import joiner_pb2 as pb
 from monolith.joiner.config import JoinerConfig
 from monolith.joiner.partition import StoredSamples, sample_message, sample_position
-from monolith.joiner.snapshots import Snapshots
+from monolith.joiner.snapshots import COMPACTION_RATIO, Snapshots
 from monolith.joiner.window import Emitted, PartitionJoin
 from monolith.streams.publish import Message
 
@@ -173,11 +173,12 @@ def test_saves_write_deltas_and_compact_when_they_outgrow_the_base() -> None:
     assert base.base > 2, "compacted more than once"
     assert sorted(d.delta for d in deltas) == list(range(1, len(deltas) + 1))
     assert all(d.base == base.base for d in deltas)  # the old bases' deltas are deleted
-    assert sum(len(store.objects[n]) for n in saved_keys(store) if ".delta." in n) <= len(store.objects["partition-0"])
+    delta_bytes = sum(len(store.objects[n]) for n in saved_keys(store) if ".delta." in n)
+    assert delta_bytes <= COMPACTION_RATIO * len(store.objects["partition-0"])
     # Deltas hold what changed (a few keys), not every key remembered.
     assert max(len(d.keys) + len(d.forgotten) for d in deltas) < len(base.keys) / 10
-    # Amortized: the bases written add up to no more than the deltas, plus the first base.
-    assert store.put_bytes["base"] <= store.put_bytes["delta"] + 2 * len(store.objects["partition-0"])
+    # Amortized: the bases written add up to no more than the deltas / COMPACTION_RATIO, plus the first base.
+    assert store.put_bytes["base"] <= store.put_bytes["delta"] / COMPACTION_RATIO + 2 * len(store.objects["partition-0"])
 
 
 @settings(max_examples=150, deadline=None)
@@ -297,3 +298,19 @@ def test_stored_samples_are_not_published_again_and_settle_once_their_events_are
 def test_a_sample_without_a_valid_position_is_refused(headers: dict[str, str]) -> None:
     with pytest.raises(ValueError, match="lack a valid position"):
         sample_position(headers)
+
+
+def test_a_state_written_in_parts_is_the_state_written_whole() -> None:
+    events = [impressions(f"r{k}", 1000.0 + k, ["a", "b", "c"]) for k in range(50)]
+    join = PartitionJoin(config())
+    run(join, events[:30])
+    whole = join.snapshot()
+    parts = list(join.snapshot_parts(keys_per_part=7))
+    assert len(parts) > 5
+    assert pb.JoinState.FromString(b"".join(p.SerializeToString() for p in parts)) == whole
+    join.delta()
+    run(join, events[:45])
+    changed = list(join.delta_parts(keys_per_part=4))
+    assert len(changed) > 3 and join.delta() == pb.JoinState(last_seq=join.last_seq, newest_time=join.newest_time)
+    merged = pb.JoinState.FromString(b"".join(p.SerializeToString() for p in changed))
+    assert len(merged.keys) == 45 and merged.last_seq == 45  # every key of the 15 calls since, once

@@ -55,7 +55,7 @@ import dataclasses
 import heapq
 import math
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
@@ -175,10 +175,23 @@ class PartitionJoin:
 
     def snapshot(self) -> pb.JoinState:
         """The whole state after the last event read: `restore` rebuilds it exactly."""
-        state = pb.JoinState(last_seq=self.last_seq, newest_time=self.newest_time)
-        for key, saved in self._keys.items():
-            _save_key(state.keys, key, saved)
+        state = pb.JoinState()
+        for part in self.snapshot_parts():
+            state.MergeFrom(part)
         return state
+
+    def snapshot_parts(self, keys_per_part: int = 4096) -> Iterator[pb.JoinState]:
+        """`snapshot` in parts of at most `keys_per_part` keys; merged (or their bytes joined), the snapshot.
+
+        The first part carries the clock. A caller on an event loop yields between parts, so
+        a large snapshot does not stall the loop; the join must not be fed meanwhile.
+        """
+        keys = list(self._keys)
+        for start in range(0, max(len(keys), 1), keys_per_part):
+            part = pb.JoinState(last_seq=self.last_seq, newest_time=self.newest_time) if start == 0 else pb.JoinState()
+            for key in keys[start : start + keys_per_part]:
+                _save_key(part.keys, key, self._keys[key])
+            yield part
 
     def delta(self) -> pb.JoinState:
         """What changed since the last `delta` (or the restore), and starts the next delta.
@@ -188,13 +201,23 @@ class PartitionJoin:
         for a snapshot taken before the first of those deltas and at or after the `delta`
         call before it. Its cost is that of the keys changed, not of every key.
         """
-        state = pb.JoinState(last_seq=self.last_seq, newest_time=self.newest_time)
-        for key in self._changed:
-            _save_key(state.keys, key, self._keys[key])
-        for request_id, item_id in self._forgotten:
-            state.forgotten.add(request_id=request_id, item_id=item_id)
-        self._changed, self._forgotten = {}, {}
+        state = pb.JoinState()
+        for part in self.delta_parts():
+            state.MergeFrom(part)
         return state
+
+    def delta_parts(self, keys_per_part: int = 4096) -> Iterator[pb.JoinState]:
+        """`delta` in parts, as `snapshot_parts`; the next delta starts when the first part is taken."""
+        changed, forgotten = list(self._changed), self._forgotten
+        self._changed, self._forgotten = {}, {}
+        first = pb.JoinState(last_seq=self.last_seq, newest_time=self.newest_time)
+        for request_id, item_id in forgotten:
+            first.forgotten.add(request_id=request_id, item_id=item_id)
+        for start in range(0, max(len(changed), 1), keys_per_part):
+            part = first if start == 0 else pb.JoinState()
+            for key in changed[start : start + keys_per_part]:
+                _save_key(part.keys, key, self._keys[key])
+            yield part
 
     @classmethod
     def restore(cls, config: JoinerConfig, state: pb.JoinState, deltas: Iterable[pb.JoinState] = ()) -> PartitionJoin:

@@ -232,9 +232,18 @@ def _stats(out: Path) -> dict[str, dict[str, str]]:
         return {row["Name"]: row for row in csv.DictReader(f)}
 
 
+def _failures(out: Path) -> list[str]:
+    """Locust's failures, one line each: the call, how often, and the error."""
+    try:
+        with open(out / "locust_failures.csv", newline="") as f:
+            return [f"{row['Name']}: {row['Occurrences']} x {row['Error'][:300]}" for row in csv.DictReader(f)]
+    except OSError:
+        return []
+
+
 def _limits(bar: str, r: dict[str, Any]) -> list[str]:
     if bar.startswith("error_ratio"):
-        return [f"{r['failures']} of {r['calls']} calls failed (Locust's failures CSV names them)"]
+        return [f"{r['failures']} of {r['calls']} calls failed:", *r["failed_calls"]]
     if bar.startswith("impressions"):
         return [f"{r['impressions_dropped']:.0f} of {r['impressions_published'] + r['impressions_dropped']:.0f} "
                 f"impressions dropped at {r['impressions_per_s']} impressions/s (model-serving's queue full: "
@@ -273,6 +282,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rss.stop()
             client.close()
             stats = _stats(out)
+            failed_calls = _failures(out)
             log_tail = (out / "locust.log").read_text(errors="replace")[-2000:]
         finally:
             stack.stop()
@@ -289,6 +299,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "error_ratio": failures / calls if calls else math.nan,
         "calls": calls,
         "failures": failures,
+        "failed_calls": failed_calls,
         "actions_rps": round(float(stats.get("ReportActions", {}).get("Requests/s", 0.0)), 1),
         "rss_start_mb": round(rss.values[0] / 2**20, 1),
         "rss_peak_mb": round(max(rss.values) / 2**20, 1),
