@@ -145,8 +145,10 @@ class PredictBatcher:
             self._wait(call, cancelled)
         while call.lead is not None:  # this thread holds a slot: score, then pass it on
             calls, call.lead = call.lead, None
-            self._score(calls)
-            self._pass_slot()
+            try:
+                self._score(calls)  # hands any error to the batch's callers
+            finally:
+                self._pass_slot()
         if call.error is not None:
             raise call.error
         if not call.scored:
@@ -213,11 +215,11 @@ class PredictBatcher:
             BATCH_QUEUE_SECONDS.observe(started - call.queued_at)
         BATCH_CALLS.observe(len(calls))
         BATCH_EXAMPLES.observe(sum(c.batch for c in calls))
-        ids, row_splits = _concatenate(calls)
         # The lookup may take as long as the latest caller waits; none waits longer.
         ats = [c.deadline.at for c in calls]
         deadline = NO_DEADLINE if None in ats else Deadline(max(ats))  # type: ignore[type-var]
         try:
+            ids, row_splits = _concatenate(calls)
             scores, version = self._model.score_versioned(ids, row_splits, sum(c.batch for c in calls), deadline)
         except BaseException as exc:  # noqa: BLE001 - handed to every caller of the batch
             for call in calls:
