@@ -276,13 +276,13 @@ def test_bare_impression_templates_are_every_events_message_but_actions() -> Non
     assert stages.is_impression(stored("something/else"))  # a format of a later release: not an action
 
 
-def test_a_joiner_round_counts_only_with_a_backlog_left_and_no_restart() -> None:
-    def round_(lag: float, restarts: float) -> stages.JoinerRound:
-        return stages.JoinerRound(1.0, 5_000.0, 9_000.0, lag, restarts, restarts)
+def test_a_joiner_round_counts_only_if_busy_to_its_end_and_without_a_restart() -> None:
+    def round_(busy: bool, restarts: float) -> stages.JoinerRound:
+        return stages.JoinerRound(1.0, 5_000.0, 0.0, busy, restarts, restarts)
 
-    assert round_(lag=100, restarts=0).counts
-    assert not round_(lag=0, restarts=0).counts
-    assert not round_(lag=100, restarts=1).counts
+    assert round_(busy=True, restarts=0).counts
+    assert not round_(busy=False, restarts=0).counts
+    assert not round_(busy=True, restarts=1).counts
 
 
 def test_the_quick_run_is_shorter_in_every_part() -> None:

@@ -275,11 +275,7 @@ def _profile_stage(stage: str, stack: StackManifest, workdir: str, sizes: Sizes,
             joiner = JoinerAlone(stack, nats, workdir, profile=True)
             joiner.copy_loop_events(last_event, sizes.events_copied)
             joiner.start()
-            try:
-                joiner.measure(sizes.stage_seconds, sizes.bare_seconds, rounds=2)
-            finally:
-                lines = joiner.stop()
-            return lines
+            return joiner.profile(3 * sizes.stage_seconds)
         measured = ImpressionsAlone(stack, nats, workdir, factory, profile=True).measure(
             alone, CONCURRENCY, sizes.stage_seconds, rounds=2
         )

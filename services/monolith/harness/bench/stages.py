@@ -61,6 +61,7 @@ _LOGGER = logging.getLogger("monolith.harness.bench.stages")
 # A ranking request as the generator makes it: (user features, candidate features).
 RankingRequest = tuple[dict[str, Any], dict[str, list[Any]]]
 TEMPLATES = 1000  # messages copied as the bare publisher's templates
+DRAIN_TIMEOUT = 120.0  # seconds a profiled joiner gets to publish its backlog before it is stopped
 
 
 _STARTED = time.monotonic()
@@ -329,7 +330,11 @@ class JoinerAlone:
         """Starts the joiner and pauses it once it answers health checks."""
         self._role = Role.start(self._args, self._log, profile=self._profile_path)
         assert self._role.address is not None
-        wait_healthy(self._role.address, timeout=120.0)
+        try:
+            wait_healthy(self._role.address, timeout=120.0)
+        except TimeoutError:
+            self._role.stop()
+            raise
         self._role.pause()
 
     def copy_loop_events(self, last_event: int, count: int) -> int:
@@ -342,9 +347,8 @@ class JoinerAlone:
     def measure(self, seconds: float, bare_seconds: float, rounds: int = ROUNDS) -> dict[str, Any]:
         """Interleaved rounds: the joiner resumed for a while, then bare publishes of its messages' copies.
 
-        A joiner round lasts `seconds`, or less when the backlog would not last through every
-        round (estimated from a first short round); only rounds that end with events still
-        unread, and in which the joiner did not restart a partition, count (`JoinerRound`).
+        A joiner round times `seconds` of it; only rounds in which it was busy to the end and
+        did not restart a partition count (`JoinerRound.counts`).
 
         Returns:
             The joiner's median samples/s and the bare publish rates (copies of the loop's
@@ -362,11 +366,9 @@ class JoinerAlone:
         try:
             bare.open()
             bare_impressions.open()
-            first = JoinerRound.run(role, min(seconds, 0.5))  # warm-up; its pace sizes the rounds
-            read_per_s = (first.lag_before - first.lag) / first.seconds
-            window = seconds if read_per_s <= 0 else max(0.2, min(seconds, 0.8 * first.lag / read_per_s / rounds))
+            first = JoinerRound.run(role, min(seconds, 0.5))  # warm-up
             sides: dict[str, Callable[[], None]] = {
-                "joiner": lambda: seen.append(JoinerRound.run(role, window)),
+                "joiner": lambda: seen.append(JoinerRound.run(role, seconds)),
                 "bare": lambda: bare_rates.append(bare.round(bare_seconds)),
                 "bare_impressions": lambda: bare_impression_rates.append(bare_impressions.round(bare_seconds)),
             }
@@ -383,7 +385,6 @@ class JoinerAlone:
         out: dict[str, Any] = {
             "joiner_samples_per_s": median([r.samples_per_s for r in valid]) if valid else math.nan,
             "joiner_rounds": len(valid),
-            "joiner_round_seconds": round(window, 2),
             "joiner_restarts_alone": seen[-1].restarts_total - first.restarts_total if seen else math.nan,
             "joiner_events_loaded": self._loaded(),
             "jetstream_publish_per_s": median(bare_rates),
@@ -400,9 +401,38 @@ class JoinerAlone:
         finally:
             watch.close()
 
+    def profile(self, seconds: float) -> list[str]:
+        """Profiled: lets the joiner work on its backlog for `seconds` (and drain it), then stops it.
+
+        Returns:
+            The sampling profile's lines, from the moment it was resumed.
+        """
+        assert self._role is not None and self._profile, "start() a JoinerAlone made with profile=True"
+        self._role.resume()
+        self._role.start_profile()
+        time.sleep(seconds)
+        return self.stop()
+
     def stop(self) -> list[str]:
-        """Stops the joiner; its profile's lines if profiled."""
-        return self._role.stop() if self._role is not None else []
+        """Stops the joiner; its profile's lines if profiled.
+
+        A profiled joiner is first left to publish what it has (at most `DRAIN_TIMEOUT` s):
+        stopped mid-backlog under the profiler it can outlast any stop timeout, and its
+        profile is written only when it exits.
+        """
+        if self._role is None:
+            return []
+        if self._profile:
+            self._role.resume()
+            published = "monolith_joiner_samples_published_total"
+            deadline, last = time.monotonic() + DRAIN_TIMEOUT, -1.0
+            while time.monotonic() < deadline:
+                now = metric(self._role.metrics, published, absent=0.0)
+                if now == last:
+                    break
+                last = now
+                time.sleep(1.0)
+        return self._role.stop()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -416,8 +446,11 @@ class JoinerRound:
     Attributes:
         seconds: the timed part, between the two reads of its /metrics.
         samples_per_s: samples it published per second in it.
-        lag_before: events unread at the start of the timed part.
-        lag: events still unread at its end (0: the backlog ran out, the rate understates it).
+        lag: events still unread at its end.
+        busy: whether it was still at work at the end: events unread, or samples still being
+            published a moment later (one event holds a whole Predict call's candidates, so
+            everything may be read while much is left to publish). If not, the backlog ran out
+            within the round and its rate understates the joiner.
         restarts: partition restarts during the timed part.
         restarts_total: partition restarts since the joiner started.
     """
@@ -426,15 +459,15 @@ class JoinerRound:
 
     seconds: float
     samples_per_s: float
-    lag_before: float
     lag: float
+    busy: bool
     restarts: float
     restarts_total: float
 
     @property
     def counts(self) -> bool:
-        """Whether the round measured the joiner at work: a backlog left, no restart in it."""
-        return self.lag > 0 and self.restarts == 0
+        """Whether the round measured the joiner at work: busy to its end, no restart in it."""
+        return self.busy and self.restarts == 0
 
     @classmethod
     def run(cls, role: Role, seconds: float) -> JoinerRound:
@@ -445,7 +478,6 @@ class JoinerRound:
         try:
             time.sleep(cls.SETTLE)
             r0 = metric(role.metrics, restarts, absent=0.0)
-            lag0 = metric(role.metrics, lag_metric, absent=0.0)
             t0 = time.perf_counter()
             s0 = metric(role.metrics, samples, absent=0.0)
             time.sleep(seconds)
@@ -453,10 +485,12 @@ class JoinerRound:
             t1 = time.perf_counter()
             lag = metric(role.metrics, lag_metric, absent=0.0)
             r1 = metric(role.metrics, restarts, absent=0.0)
+            time.sleep(0.1)
+            busy = lag > 0 or metric(role.metrics, samples, absent=0.0) > s1
         finally:
             role.pause()
         took = t1 - t0
-        return cls(took, (s1 - s0) / took, lag0, lag, r1 - r0, r1)
+        return cls(took, (s1 - s0) / took, lag, busy, r1 - r0, r1)
 
 
 # -------------------------------------------------------------------------- trainer
