@@ -60,7 +60,9 @@ def _is_project_work(path: str) -> bool:
     return package in _PROJECT_PACKAGES and module != "cli.py"
 
 
-_PROJECT_PACKAGES = {"common", "data", "embedding", "embedding_ps", "dense_ps", "model", "trainer", "serving"}
+_PROJECT_PACKAGES = {
+    "common", "data", "embedding", "embedding_ps", "dense_ps", "model", "trainer", "serving", "joiner", "streams",
+}
 
 
 class Sampler:
