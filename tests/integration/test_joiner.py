@@ -9,8 +9,11 @@ actions as ReportActions stores them.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
@@ -220,6 +223,26 @@ def last_events(nats: NatsServer) -> dict[str, int]:
     return {m.subject: m.sequence for m in read_stream(streams(nats), EVENTS_STREAM)}
 
 
+def kill_past(joiner: RoleProcess, count: Callable[[], int], threshold: int, what: str, timeout: float = 120) -> int:
+    """SIGKILLs the joiner once more than `threshold` samples are stored; returns the count then.
+
+    The joiner is stopped (SIGSTOP) while the count is read and runs only between reads, so the
+    kill lands while it publishes however slowly this test gets scheduled: it cannot run ahead
+    to the end of a burst between a read and the kill.
+    """
+    deadline = time.monotonic() + timeout
+    pid = joiner.process.pid
+    while time.monotonic() < deadline:
+        os.kill(pid, signal.SIGSTOP)
+        stored = count()
+        if stored > threshold:
+            joiner.kill()  # SIGKILL ends a stopped process too
+            return stored
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(0.002)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what} (more than {threshold} samples)")
+
+
 def test_a_joiner_killed_while_publishing_a_burst_in_batches_leaves_one_undisturbed_join(
     nats: NatsServer, tmp_path
 ) -> None:
@@ -244,15 +267,11 @@ def test_a_joiner_killed_while_publishing_a_burst_in_batches_leaves_one_undistur
         wait_for(lambda: saved_through(nats) == last_events(nats), "the joins saved past the clicks", 60)
         # ...then the negatives the flush decides all at once: kill while they are published.
         publish_events(nats, [pb.Event(impression=imp) for imp in flush_impressions(T0 + calls)])
-        killed_at = [wait_for(lambda: (n := samples_count(watch)) > len(clicks) + 2000 and n, "the negatives", 120,
-                              interval=0.01)]  # fmt: skip
-        joiner.kill()
+        killed_at = [kill_past(joiner, lambda: samples_count(watch), len(clicks), "the negatives")]
         joiner, _ = start_joiner(nats, log, port=port)
         killed_at.append(samples_count(watch))  # what the killed one stored: it is long gone by now
         # Kill it again once it publishes anew (filling gaps, or past the samples stored).
-        wait_for(lambda: samples_count(watch) > killed_at[-1], "the restarted joiner's first samples", 120,
-                 interval=0.01)  # fmt: skip
-        joiner.kill()
+        kill_past(joiner, lambda: samples_count(watch), killed_at[-1], "the restarted joiner's first samples")
         joiner, _ = start_joiner(nats, log, port=port)
         expected = undisturbed_join(nats)
         total = sum(map(len, expected.values()))
