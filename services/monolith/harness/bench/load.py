@@ -232,6 +232,14 @@ def _stats(out: Path) -> dict[str, dict[str, str]]:
         return {row["Name"]: row for row in csv.DictReader(f)}
 
 
+def _stack_log_tails(info: StackManifest) -> str:
+    """The last lines of each stack process's log, for a run that went wrong."""
+    tails = []
+    for path in sorted(Path(info.logs).glob("*.log")):
+        tails.append(f"--- {path.name}:\n{path.read_text(errors='replace')[-1500:]}")
+    return "\n".join(tails)
+
+
 def _failures(out: Path) -> list[str]:
     """Locust's failures, one line each: the call, how often, and the error."""
     try:
@@ -276,7 +284,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             client = MonolithClient(info.serving, joiner_address=info.joiner, timeout=5.0)
             probe = FreshnessUnderLoad(client, f"load-probe-{os.getpid()}-")
             probe.start()
-            code = locust.wait(timeout=warmup + duration + 120)
+            try:
+                code = locust.wait(timeout=warmup + duration + 120)
+            except subprocess.TimeoutExpired:
+                locust.kill()  # it outlived its run time by two minutes: say so with its log, below
+                code = locust.wait()
+                stack_logs = _stack_log_tails(info)
+                raise RuntimeError(
+                    f"Locust did not exit within {warmup + duration + 120:g} s; its log ends:\n"
+                    f"{(out / 'locust.log').read_text(errors='replace')[-3000:]}\n{stack_logs}"
+                ) from None
             loop = _loop_figures(info)
             probe.stop()
             rss.stop()
