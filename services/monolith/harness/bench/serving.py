@@ -196,10 +196,16 @@ def _throughput(config_path: str, workdir: str, seconds: float, limits: dict[str
         }
         result["predict_vs_inprocess"] = result["predict_qps"] / result["inprocess_qps"]
         result.update(_batching(config_path, ps, dense_address, serving_address, protos, seconds, workdir, procs))
-        for bar in ("predict_vs_inprocess>=0.8", "p99_ms<=3*p50_ms"):
-            if not BARS[bar](result):
-                limits[bar] = _profile_serving(config_path, ps, dense_address, protos, seconds, workdir)
-                break
+        missed = [bar for bar in ("predict_vs_inprocess>=0.8", "p99_ms<=3*p50_ms", "batched_vs_unbatched_qps>=2")
+                  if not BARS[bar](result)]  # fmt: skip
+        if missed:  # one profile of the serving process under the same load explains each
+            profile = _profile_serving(config_path, ps, dense_address, protos, seconds, workdir)
+            figures = (f"Predict {result['predict_qps']:.0f} QPS (p50 {result['p50_ms']:.1f} ms, p99 "
+                       f"{result['p99_ms']:.1f} ms) vs in-process {result['inprocess_qps']:.0f} QPS at {CONCURRENCY} "
+                       f"callers; batched {result['batched_qps_16']:.0f} vs unbatched {result['unbatched_qps_16']:.0f} "
+                       f"QPS at {BATCHING_CONCURRENCY}")  # fmt: skip
+            for bar in missed:
+                limits[bar] = [figures, *profile]
         return result
     finally:
         for proc in procs:
@@ -338,5 +344,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result = _throughput(config_path, workdir, 0.6 if quick else 2.0, limits)
         result.update(_freshness(config_path, workdir, 10 if quick else 40))
     result["bars_met"] = {bar: check(result) for bar, check in BARS.items()}
+    for bar in ("freshness_p50<=2s", "freshness_p99<=5s"):
+        if not result["bars_met"][bar]:
+            limits[bar] = [f"freshness p50 {result['freshness_p50_s']:.2f} s, p99 {result['freshness_p99_s']:.2f} s over "
+                           f"{result['freshness_probes']} probes with a {result['sync_interval_s']:g} s sync while a "
+                           "trainer trains on the same 2 cores"]  # fmt: skip
     result["limits"] = limits
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()}
