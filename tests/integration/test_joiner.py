@@ -266,6 +266,8 @@ def test_a_joiner_killed_while_publishing_a_burst_in_batches_leaves_one_undistur
         wait_for(lambda: samples_count(watch) == len(clicks), "the clicks' samples", 120)
         wait_for(lambda: saved_through(nats) == last_events(nats), "the joins saved past the clicks", 60)
         # ...then the negatives the flush decides all at once: kill while they are published.
+        # Stopped before the flush is stored, it only runs in kill_past's slices between reads.
+        os.kill(joiner.process.pid, signal.SIGSTOP)
         publish_events(nats, [pb.Event(impression=imp) for imp in flush_impressions(T0 + calls)])
         killed_at = [kill_past(joiner, lambda: samples_count(watch), len(clicks), "the negatives")]
         joiner, _ = start_joiner(nats, log, port=port)
