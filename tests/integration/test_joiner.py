@@ -9,11 +9,10 @@ actions as ReportActions stores them.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import time
+import subprocess
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -23,6 +22,7 @@ from helpers.streams import read_samples as read_samples_with_messages
 from helpers.waiting import wait_for
 from monolith.api.joiner.v1 import joiner_pb2 as pb
 from monolith.api.joiner.v1 import joiner_pb2_grpc as pb_grpc
+from monolith.common import failpoints
 from monolith.common.process import RoleProcess, start_role, wait_healthy
 from monolith.joiner import metrics
 from monolith.joiner.config import JoinerConfig
@@ -55,11 +55,15 @@ def nats(tmp_path) -> Iterator[NatsServer]:
         yield server
 
 
-def start_joiner(nats: NatsServer, log: str, port: int | None = None) -> tuple[RoleProcess, str]:
-    args = [
+def joiner_args(nats: NatsServer) -> list[str]:
+    return [
         "joiner", "--nats", nats.url, "--partitions", str(PARTITIONS), "--window", str(WINDOW),
         "--lateness", "0", "--duplicate-window", "0.1",  # the join alone must be exactly once
     ]  # fmt: skip
+
+
+def start_joiner(nats: NatsServer, log: str, port: int | None = None) -> tuple[RoleProcess, str]:
+    args = joiner_args(nats)
     if port is None:
         process, address = start_role(args, log)
     else:
@@ -223,24 +227,22 @@ def last_events(nats: NatsServer) -> dict[str, int]:
     return {m.subject: m.sequence for m in read_stream(streams(nats), EVENTS_STREAM)}
 
 
-def kill_past(joiner: RoleProcess, count: Callable[[], int], threshold: int, what: str, timeout: float = 120) -> int:
-    """SIGKILLs the joiner once more than `threshold` samples are stored; returns the count then.
+def crash_armed_joiner(nats: NatsServer, log: str, port: int, rounds: int) -> RoleProcess:
+    """A joiner that SIGKILLs itself right after its `rounds`-th acknowledged publish round, other
+    partitions' rounds in flight (a failpoint: a kill from outside can land anywhere, even after
+    the last sample on a loaded machine). Not waited for: it may die before it would be healthy."""
+    args = ["--log-level", "WARNING", *joiner_args(nats), "--host", "127.0.0.1", "--port", str(port),
+            "--metrics-port", "0"]  # fmt: skip
+    return RoleProcess(args, log, env=failpoints.environment({"joiner.round_published": rounds}))
 
-    The joiner is stopped (SIGSTOP) while the count is read and runs only between reads, so the
-    kill lands while it publishes however slowly this test gets scheduled: it cannot run ahead
-    to the end of a burst between a read and the kill.
-    """
-    deadline = time.monotonic() + timeout
-    pid = joiner.process.pid
-    while time.monotonic() < deadline:
-        os.kill(pid, signal.SIGSTOP)
-        stored = count()
-        if stored > threshold:
-            joiner.kill()  # SIGKILL ends a stopped process too
-            return stored
-        os.kill(pid, signal.SIGCONT)
-        time.sleep(0.002)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what} (more than {threshold} samples)")
+
+def wait_killed(joiner: RoleProcess, what: str) -> None:
+    try:
+        code = joiner.process.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        joiner.kill()
+        raise AssertionError(f"{what} did not reach its failpoint in 120 s") from None
+    assert code == -signal.SIGKILL, f"{what} exited with {code}, not by its failpoint's SIGKILL"
 
 
 def test_a_joiner_killed_while_publishing_a_burst_in_batches_leaves_one_undisturbed_join(
@@ -265,15 +267,17 @@ def test_a_joiner_killed_while_publishing_a_burst_in_batches_leaves_one_undistur
         # The clicks' samples are out and the joins saved past them (their samples_seq with them)...
         wait_for(lambda: samples_count(watch) == len(clicks), "the clicks' samples", 120)
         wait_for(lambda: saved_through(nats) == last_events(nats), "the joins saved past the clicks", 60)
-        # ...then the negatives the flush decides all at once: kill while they are published.
-        # Stopped before the flush is stored, it only runs in kill_past's slices between reads.
-        os.kill(joiner.process.pid, signal.SIGSTOP)
+        joiner.stop()
+        # ...then the negatives the flush decides all at once, in rounds: killed after three.
+        killed = crash_armed_joiner(nats, log, port, rounds=3)
         publish_events(nats, [pb.Event(impression=imp) for imp in flush_impressions(T0 + calls)])
-        killed_at = [kill_past(joiner, lambda: samples_count(watch), len(clicks), "the negatives")]
-        joiner, _ = start_joiner(nats, log, port=port)
-        killed_at.append(samples_count(watch))  # what the killed one stored: it is long gone by now
-        # Kill it again once it publishes anew (filling gaps, or past the samples stored).
-        kill_past(joiner, lambda: samples_count(watch), killed_at[-1], "the restarted joiner's first samples")
+        wait_killed(killed, "the joiner publishing the negatives")
+        killed_at = [samples_count(watch)]
+        # Restarted, it repairs what the killed one left (gaps, samples stored past its last
+        # acknowledgement) and is killed again after its first round.
+        killed = crash_armed_joiner(nats, log, port, rounds=1)
+        wait_killed(killed, "the restarted joiner")
+        killed_at.append(samples_count(watch))
         joiner, _ = start_joiner(nats, log, port=port)
         expected = undisturbed_join(nats)
         total = sum(map(len, expected.values()))
@@ -282,7 +286,7 @@ def test_a_joiner_killed_while_publishing_a_burst_in_batches_leaves_one_undistur
     finally:
         joiner.stop()
         watch.close()
-    assert killed_at[1] < total, f"the first kill came after the joiner had published everything: {killed_at}"
+    assert len(clicks) < killed_at[0] < killed_at[1] < total, f"kills after {killed_at} of {total} samples"
     stored = samples_by_subject(nats)
     assert sum(map(len, stored.values())) == total, f"stored {sum(map(len, stored.values()))}, expected {total}"
     assert stored == expected

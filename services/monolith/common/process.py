@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -66,16 +66,20 @@ class RoleProcess:
         args: arguments after `monolith`, e.g. ["embedding-ps", "--shard", "0", ...].
         log_path: file for its stdout and stderr (None: inherit).
         module: the module run with `python -m`.
+        env: variables added to this process's environment (e.g. failpoints).
     """
 
-    def __init__(self, args: Sequence[str], log_path: str | None = None, module: str = "monolith.cli") -> None:
+    def __init__(
+        self, args: Sequence[str], log_path: str | None = None, module: str = "monolith.cli",
+        env: dict[str, str] | None = None,
+    ) -> None:  # fmt: skip
         self.args = list(args)
         self._log = open(log_path, "ab") if log_path else None  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [sys.executable, "-m", module, *self.args],
             stdout=self._log,
             stderr=subprocess.STDOUT if self._log else None,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
 
     def stop(self, timeout: float = 15.0) -> int:
@@ -91,7 +95,9 @@ class RoleProcess:
         self.process.wait()
 
 
-def start_role(args: Sequence[str], log_path: str | None = None) -> tuple[RoleProcess, str]:
+def start_role(
+    args: Sequence[str], log_path: str | None = None, env: dict[str, str] | None = None
+) -> tuple[RoleProcess, str]:
     """Starts `monolith <role> ...` on a free loopback port (metrics on another free one).
 
     Returns:
@@ -101,5 +107,6 @@ def start_role(args: Sequence[str], log_path: str | None = None) -> tuple[RolePr
     process = RoleProcess(
         ["--log-level", "WARNING", *args, "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0"],
         log_path,
+        env=env,
     )
     return process, f"127.0.0.1:{port}"

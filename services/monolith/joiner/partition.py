@@ -51,6 +51,7 @@ from google.protobuf.message import DecodeError
 
 from monolith.api.joiner.v1 import joiner_pb2 as pb
 from monolith.common.errors import describe
+from monolith.common.failpoints import failpoint
 from monolith.joiner import metrics
 from monolith.joiner.config import JoinerConfig
 from monolith.joiner.snapshots import Snapshots
@@ -180,7 +181,7 @@ class PartitionReader:
                 failing = True
                 try:
                     await asyncio.wait_for(stop.wait(), backoff)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 backoff = min(backoff * 2, MAX_BACKOFF)
 
@@ -269,3 +270,4 @@ class PartitionReader:
             positives = sum(1 for e in batch if e.sample.label)
             metrics.SAMPLES.labels(self._label, "positive").inc(positives)
             metrics.SAMPLES.labels(self._label, "negative").inc(len(batch) - positives)
+            failpoint("joiner.round_published")  # tests crash here with other partitions' rounds in flight
