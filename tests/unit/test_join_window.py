@@ -295,14 +295,17 @@ def test_a_decided_or_closed_key_keeps_no_impression_but_still_knows_it_had_one(
     join = PartitionJoin(config())
     feed(join, [impressions("r1", 1000.0, ["a", "b", "c"]), action("r1", 1001.0, item="a"),
                 dislike("r1", 1001.0, item="b")])  # fmt: skip
-    held = {k.item_id: k.HasField("impression") for k in join.snapshot().keys}
-    assert held == {"a": False, "b": False, "c": True}  # c still waits for an action
+    state = join.snapshot()
+    held = {k.item_id: (k.source_seq, k.source_idx) for k in state.keys}
+    assert held == {"a": (0, 0), "b": (0, 0), "c": (1, 2)}  # c still waits for an action, in call 1
+    assert [c.seq for c in state.calls] == [1] and not any(k.HasField("impression") for k in state.keys)
     assert all(k.shown for k in join.snapshot().keys)
     assert join.open_windows == 2  # a (decided, its window still open) and c; b closed
     closes = 1000.0 + WINDOW + LATENESS + 1  # past the windows, before the keys are forgotten
     [negative] = join.add(4, impression("x", closes))
     assert negative.sample.item_id == "c" and features(negative.sample)["movie_id"] == ["c"]
-    assert not any(k.HasField("impression") for k in join.snapshot().keys if k.request_id == "r1")
+    state = join.snapshot()
+    assert not any(k.source_seq for k in state.keys if k.request_id == "r1") and not state.calls
     # Remembered without their impressions: a repeat is a duplicate, an action is late.
     assert feed(join, [impression("r1", closes, item="c"), action("r1", closes, item="c")], first_seq=5) == []
     assert join.counts["duplicate_impressions"] == 1 and join.counts["late_actions"] == 1

@@ -25,10 +25,15 @@ Semantics, per (request_id, item_id) key:
   that it had one (so a repeated impression is still a duplicate, a late action late).
   Memory and snapshots scale with the open windows, not with the keys remembered.
 - An `Impressions` message (one Predict call's candidates) is one impression per candidate
-  (`monolith.streams.events.expand_impressions`): key (request_id, candidate.item_id),
+  (`monolith.streams.events.candidate_impression`): key (request_id, candidate.item_id),
   the shared features merged with the candidate's own (its own win a name clash), the
   candidate's event time if set, else the message's. A candidate repeated in the message,
   or whose key already had an impression, is a duplicate impression.
+
+Memory: a Predict call's message is kept once, serialized, while any of its keys needs it
+(`_Source`), and expanded into a candidate's impression only when its sample is decided;
+a key itself is a small record. Snapshots save each call once too (`JoinState.calls`),
+the keys pointing into it.
 - An event whose request_id or item_id breaks the id rule (`monolith.streams.ids`: empty,
   too long, not UTF-8, control characters) is refused like an undecodable one, and so is
   an `Impressions` message with no candidates or a time that is not finite, as a whole:
@@ -61,7 +66,7 @@ from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from monolith.api.joiner.v1 import joiner_pb2 as pb
 from monolith.joiner.config import JoinerConfig, keeps_negative
-from monolith.streams.events import expand_impressions
+from monolith.streams.events import candidate_impression
 from monolith.streams.ids import first_id_problem, id_problem
 
 POSITIVE_LABEL = 0.5
@@ -85,13 +90,27 @@ class Emitted:
         return (self.src_seq, self.win_seq, self.win_idx)
 
 
-@dataclasses.dataclass
+class _Source:
+    """An impression that keys still need: a lone `Impression` event's, or a Predict call's
+    `Impressions` message, kept once, serialized, for all its candidates' keys."""
+
+    __slots__ = ("seq", "data", "impression", "users")
+
+    def __init__(self, seq: int = 0, data: bytes = b"", impression: pb.Impression | None = None) -> None:
+        self.seq = seq  # the call's event sequence; 0 for a lone impression
+        self.data = data  # the call's serialized `Impressions`
+        self.impression = impression  # a lone impression
+        self.users = 0  # keys holding it
+
+
+@dataclasses.dataclass(slots=True)
 class _Key:
     """What is known about one (request_id, item_id)."""
 
     first_seq: int
     first_idx: int = 0
-    impression: pb.Impression | None = None  # while the key still needs it: open and undecided
+    source: _Source | None = None  # its impression, while the key needs it: open and undecided
+    source_idx: int = 0  # its candidate's index in the source call
     shown: bool = False  # an impression arrived
     positive: bool = False  # a positive action arrived
     negative: bool = False  # an explicit negative action arrived
@@ -118,9 +137,13 @@ class PartitionJoin:
         self._closing: list[tuple[float, int, Key]] = []  # (close_time, first_seq, key)
         self._forgetting: list[tuple[float, int, Key]] = []  # (forget_time, first_seq, key)
         self._open = 0  # keys not closed
+        self._calls: dict[int, _Source] = {}  # event sequence -> a call some key holds
+        self._parsed: dict[int, pb.Impressions] = {}  # calls parsed during one add()
         # Since the last delta(), in the order they happened (dicts: a deterministic order).
         self._changed: dict[Key, None] = {}
         self._forgotten: dict[Key, None] = {}
+        self._new_calls: dict[int, None] = {}
+        self._gone_calls: dict[int, None] = {}
 
     @property
     def watermark(self) -> float:
@@ -151,23 +174,25 @@ class PartitionJoin:
             raise ValueError(f"event {seq} holds no impression, impressions or action")
         body = getattr(event, kind)
         decided: _Decided = []
-        if kind == "impressions":
-            _check_impressions(seq, body)
-            impressions = expand_impressions(body)
-            for idx, impression in enumerate(impressions):
-                self._impression(seq, idx, impression, decided)
-            event_time = max(impression.event_time for impression in impressions)
-        else:
-            _check_event(seq, kind, body)
-            if kind == "impression":
-                self._impression(seq, 0, body, decided)
+        try:
+            if kind == "impressions":
+                _check_impressions(seq, body)
+                self._parsed[seq] = body
+                event_time = self._call(seq, body, decided)
             else:
-                self._action(seq, body, decided)
-            event_time = body.event_time
-        if event_time > self.newest_time:
-            self.newest_time = event_time
-        self._close_due(decided)
-        self._forget_due()
+                _check_event(seq, kind, body)
+                if kind == "impression":
+                    source = _Source(impression=body)
+                    self._impression(seq, 0, body.request_id, body.item_id, body.event_time, source, 0, decided)
+                else:
+                    self._action(seq, body, decided)
+                event_time = body.event_time
+            if event_time > self.newest_time:
+                self.newest_time = event_time
+            self._close_due(decided)
+            self._forget_due()
+        finally:
+            self._parsed.clear()
         decided.sort(key=lambda d: d[0])
         return [Emitted(sample, seq, win_seq, win_idx) for (win_seq, win_idx), sample in decided]
 
@@ -186,9 +211,11 @@ class PartitionJoin:
         The first part carries the clock. A caller on an event loop yields between parts, so
         a large snapshot does not stall the loop; the join must not be fed meanwhile.
         """
+        yield pb.JoinState(last_seq=self.last_seq, newest_time=self.newest_time)
+        yield from _call_parts([self._calls[seq] for seq in sorted(self._calls)], keys_per_part)
         keys = list(self._keys)
-        for start in range(0, max(len(keys), 1), keys_per_part):
-            part = pb.JoinState(last_seq=self.last_seq, newest_time=self.newest_time) if start == 0 else pb.JoinState()
+        for start in range(0, len(keys), keys_per_part):
+            part = pb.JoinState()
             for key in keys[start : start + keys_per_part]:
                 _save_key(part.keys, key, self._keys[key])
             yield part
@@ -209,12 +236,15 @@ class PartitionJoin:
     def delta_parts(self, keys_per_part: int = 4096) -> Iterator[pb.JoinState]:
         """`delta` in parts, as `snapshot_parts`; the next delta starts when the first part is taken."""
         changed, forgotten = list(self._changed), self._forgotten
-        self._changed, self._forgotten = {}, {}
-        first = pb.JoinState(last_seq=self.last_seq, newest_time=self.newest_time)
+        new_calls, gone_calls = [self._calls[seq] for seq in self._new_calls], list(self._gone_calls)
+        self._changed, self._forgotten, self._new_calls, self._gone_calls = {}, {}, {}, {}
+        first = pb.JoinState(last_seq=self.last_seq, newest_time=self.newest_time, forgotten_calls=gone_calls)
         for request_id, item_id in forgotten:
             first.forgotten.add(request_id=request_id, item_id=item_id)
-        for start in range(0, max(len(changed), 1), keys_per_part):
-            part = first if start == 0 else pb.JoinState()
+        yield first
+        yield from _call_parts(new_calls, keys_per_part)
+        for start in range(0, len(changed), keys_per_part):
+            part = pb.JoinState()
             for key in changed[start : start + keys_per_part]:
                 _save_key(part.keys, key, self._keys[key])
             yield part
@@ -229,14 +259,26 @@ class PartitionJoin:
             deltas: the deltas taken after it (`delta`), in order.
         """
         join = cls(config)
+        calls: dict[int, bytes] = {}
+        held: dict[Key, tuple[int, int]] = {}  # key -> (call sequence, candidate index)
         last = state
-        join._load(state.keys)
-        for delta in deltas:
-            for gone in delta.forgotten:
+        for part in (state, *deltas):
+            for seq in part.forgotten_calls:
+                calls.pop(seq, None)
+            for saved_call in part.calls:
+                calls[saved_call.seq] = saved_call.impressions
+            for gone in part.forgotten:
                 join._keys.pop((gone.request_id, gone.item_id), None)
-            join._load(delta.keys)
-            last = delta
+                held.pop((gone.request_id, gone.item_id), None)
+            join._load(part.keys, held)
+            last = part
         join.newest_time, join.last_seq = last.newest_time, last.last_seq
+        sources = {seq: _Source(seq, data) for seq, data in calls.items()}
+        for key, (seq, idx) in held.items():
+            if seq not in sources:
+                raise ValueError(f"join state: key {key} needs call {seq}, which is not saved")
+            join._hold(join._keys[key], sources[seq], idx)
+        join._new_calls = {}
         # Heaps of the final keys only: an entry per key, none stale.
         for key, saved in join._keys.items():
             if saved.closed:
@@ -248,24 +290,45 @@ class PartitionJoin:
         join._open = len(join._closing)
         return join
 
-    def _load(self, keys: Iterable[pb.JoinKey]) -> None:
+    def _load(self, keys: Iterable[pb.JoinKey], held: dict[Key, tuple[int, int]]) -> None:
+        """Loads saved keys; a key holding a call's impression goes in `held` (resolved once every call is read)."""
         for saved in keys:
             if id_problem(saved.request_id) or id_problem(saved.item_id):
                 continue  # saved by a release that took any id: its sample could not be published
+            key = (saved.request_id, saved.item_id)
             # Releases before `shown` kept the impression of every key that had one.
             has_impression = saved.HasField("impression")
-            needed = has_impression and not (saved.closed or saved.emitted)
-            self._keys[(saved.request_id, saved.item_id)] = _Key(
-                first_seq=saved.first_seq, first_idx=saved.first_idx, impression=saved.impression if needed else None,
-                shown=saved.shown or has_impression, positive=saved.positive, negative=saved.negative,
-                emitted=saved.emitted, closed=saved.closed, close_time=saved.close_time, forget_time=saved.forget_time,
+            needed = not (saved.closed or saved.emitted)
+            state = self._keys[key] = _Key(
+                first_seq=saved.first_seq, first_idx=saved.first_idx, shown=saved.shown or has_impression,
+                positive=saved.positive, negative=saved.negative, emitted=saved.emitted, closed=saved.closed,
+                close_time=saved.close_time, forget_time=saved.forget_time,
             )  # fmt: skip
+            held.pop(key, None)
+            if needed and saved.source_seq:
+                held[key] = (saved.source_seq, saved.source_idx)
+            elif needed and has_impression:
+                self._hold(state, _Source(impression=saved.impression), 0)
 
     # ------------------------------------------------------------------ events
 
-    def _impression(self, seq: int, idx: int, impression: pb.Impression, decided: _Decided) -> None:
+    def _call(self, seq: int, message: pb.Impressions, decided: _Decided) -> float:
+        """A Predict call's candidates, each an impression; returns the newest event time among them."""
+        source = _Source(seq, message.SerializeToString())
+        request_id, call_time, newest = message.request_id, message.event_time, -math.inf
+        for idx, candidate in enumerate(message.candidates):
+            event_time = candidate.event_time if candidate.HasField("event_time") else call_time
+            self._impression(seq, idx, request_id, candidate.item_id, event_time, source, idx, decided)
+            newest = max(newest, event_time)
+        return newest
+
+    def _impression(
+        self, seq: int, idx: int, request_id: str, item_id: str, event_time: float, source: _Source, source_idx: int,
+        decided: _Decided,
+    ) -> None:  # fmt: skip
+        """An impression of `key` first seen at (seq, idx), its event time, and where it is kept."""
         self.counts["impressions"] += 1
-        key = (impression.request_id, impression.item_id)
+        key = (request_id, item_id)
         state = self._keys.get(key)
         if state is not None and state.shown:
             self.counts["duplicate_impressions"] += 1
@@ -282,14 +345,14 @@ class PartitionJoin:
         # An action that came first stops waiting: the impression's own window starts (the
         # heap entry of the wait goes stale: its close time no longer matches).
         self._changed[key] = None
-        state.impression = impression
+        self._hold(state, source, source_idx)
         state.shown = True
-        state.close_time = impression.event_time + self.config.window
+        state.close_time = event_time + self.config.window
         heapq.heappush(self._closing, (state.close_time, state.first_seq, key))
         if state.positive:
             self._emit(key, state, 1.0, 1.0, decided)
         elif state.negative:
-            self._decide_negative(key, state, impression.event_time, decided)
+            self._decide_negative(key, state, event_time, decided)
 
     def _action(self, seq: int, action: pb.Action, decided: _Decided) -> None:
         self.counts["actions"] += 1
@@ -323,6 +386,39 @@ class PartitionJoin:
         state.positive = True
         if state.shown:
             self._emit(key, state, 1.0, 1.0, decided)
+
+    # ------------------------------------------------------------ impressions
+
+    def _hold(self, state: _Key, source: _Source, idx: int) -> None:
+        """The key keeps its impression (candidate `idx` of `source`) until it is decided or closes."""
+        state.source, state.source_idx = source, idx
+        source.users += 1
+        if source.seq and source.users == 1:
+            self._calls[source.seq] = source
+            self._new_calls[source.seq] = None
+
+    def _release(self, state: _Key) -> None:
+        """The key no longer needs its impression; a call no key needs is dropped."""
+        source, state.source = state.source, None
+        if source is None:
+            return
+        source.users -= 1
+        if source.seq and source.users == 0:
+            del self._calls[source.seq]
+            if source.seq in self._new_calls:
+                del self._new_calls[source.seq]  # not saved yet: nothing to forget
+            else:
+                self._gone_calls[source.seq] = None
+
+    def _impression_of(self, state: _Key) -> pb.Impression:
+        source = state.source
+        assert source is not None
+        if source.impression is not None:
+            return source.impression
+        message = self._parsed.get(source.seq)
+        if message is None:
+            message = self._parsed[source.seq] = pb.Impressions.FromString(source.data)
+        return candidate_impression(message, state.source_idx)
 
     # ---------------------------------------------------------------- windows
 
@@ -362,7 +458,7 @@ class PartitionJoin:
     def _close(self, key: Key, state: _Key, at: float) -> None:
         """Closes a key at event time `at`; it is remembered one more window, then forgotten."""
         state.closed = True
-        state.impression = None
+        self._release(state)
         state.forget_time = at + self.config.window
         heapq.heappush(self._forgetting, (state.forget_time, state.first_seq, key))
         self._open -= 1
@@ -379,10 +475,9 @@ class PartitionJoin:
                 self._forgotten[key] = None
 
     def _emit(self, key: Key, state: _Key, label: float, rate: float, decided: _Decided) -> None:
-        impression = state.impression
-        assert impression is not None
+        impression = self._impression_of(state)
         state.emitted = True
-        state.impression = None  # decided: the sample carries what it needs
+        self._release(state)  # decided: the sample carries what it needs
         self._changed[key] = None
         self.counts["positives" if label else "negatives"] += 1
         sample = pb.Sample(
@@ -425,8 +520,18 @@ def _check_impressions(seq: int, message: pb.Impressions) -> None:
 
 def _save_key(keys: RepeatedCompositeFieldContainer[pb.JoinKey], key: Key, state: _Key) -> None:
     """Appends what is known of `key` to `keys`."""
+    source = state.source
     keys.add(
         request_id=key[0], item_id=key[1], first_seq=state.first_seq, first_idx=state.first_idx,
-        impression=state.impression, shown=state.shown, positive=state.positive, negative=state.negative,
-        emitted=state.emitted, closed=state.closed, close_time=state.close_time, forget_time=state.forget_time,
+        impression=source.impression if source is not None else None,
+        source_seq=source.seq if source is not None else 0, source_idx=state.source_idx if source is not None else 0,
+        shown=state.shown, positive=state.positive, negative=state.negative, emitted=state.emitted,
+        closed=state.closed, close_time=state.close_time, forget_time=state.forget_time,
     )  # fmt: skip
+
+
+def _call_parts(calls: list[_Source], keys_per_part: int) -> Iterator[pb.JoinState]:
+    """Saved calls in parts of about `keys_per_part` candidates' worth (a call is about 100)."""
+    per_part = max(1, keys_per_part // 100)
+    for start in range(0, len(calls), per_part):
+        yield pb.JoinState(calls=[pb.SavedCall(seq=c.seq, impressions=c.data) for c in calls[start : start + per_part]])
