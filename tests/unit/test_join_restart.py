@@ -59,6 +59,30 @@ def test_a_snapshot_of_an_earlier_release_is_restored() -> None:
     assert restored.counts["duplicate_impressions"] == 1
 
 
+def test_a_call_is_saved_once_for_its_waiting_keys_and_restored_from_it() -> None:
+    """The release before per-call state kept an expanded impression per candidate key."""
+    join = PartitionJoin(config())
+    feed(join, [impressions("r1", 1000.0, ["a", "b", "c"]), action("r1", 1001.0, item="b")])
+    state = join.snapshot()
+    assert [c.seq for c in state.calls] == [1] and pb.Impressions.FromString(state.calls[0].impressions).request_id == "r1"
+    assert {k.item_id: (k.source_seq, k.source_idx) for k in state.keys} == {"a": (1, 0), "b": (0, 0), "c": (1, 2)}
+    restored = PartitionJoin.restore(config(), state)
+    closes = 1000.0 + WINDOW + LATENESS + 1
+    expected = [(e.position, e.sample) for e in feed(join, [impression("x", closes)], first_seq=3)]
+    assert [(e.position, e.sample) for e in feed(restored, [impression("x", closes)], first_seq=3)] == expected
+    assert sorted(s.item_id for _, s in expected) == ["a", "c"]
+    assert not join.snapshot().calls  # no key needs the call any more
+
+
+def test_a_state_whose_key_points_at_a_call_not_saved_is_refused() -> None:
+    join = PartitionJoin(config())
+    feed(join, [impressions("r1", 1000.0, ["a", "b"])])
+    state = join.snapshot()
+    del state.calls[:]
+    with pytest.raises(ValueError, match="needs call 1, which is not saved"):
+        PartitionJoin.restore(config(), state)
+
+
 @settings(max_examples=200, deadline=None)
 @given(events=event_streams(), cuts=st.lists(st.floats(0, 1), max_size=6), base_cut=st.floats(0, 1))
 def test_a_base_and_the_deltas_after_it_restore_the_join_exactly(
