@@ -25,7 +25,7 @@ Semantics, per (request_id, item_id) key:
   that it had one (so a repeated impression is still a duplicate, a late action late).
   Memory and snapshots scale with the open windows, not with the keys remembered.
 - An `Impressions` message (one Predict call's candidates) is one impression per candidate
-  (`monolith.streams.events.candidate_impression`): key (request_id, candidate.item_id),
+  (as `monolith.streams.events.candidate_impression` expands it): key (request_id, candidate.item_id),
   the shared features merged with the candidate's own (its own win a name clash), the
   candidate's event time if set, else the message's. A candidate repeated in the message,
   or whose key already had an impression, is a duplicate impression.
@@ -66,7 +66,7 @@ from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from monolith.api.joiner.v1 import joiner_pb2 as pb
 from monolith.joiner.config import JoinerConfig, keeps_negative
-from monolith.streams.events import candidate_impression
+from monolith.streams.events import candidate_time, merge_candidate_features
 from monolith.streams.ids import first_id_problem, id_problem
 
 POSITIVE_LABEL = 0.5
@@ -410,15 +410,22 @@ class PartitionJoin:
             else:
                 self._gone_calls[source.seq] = None
 
-    def _impression_of(self, state: _Key) -> pb.Impression:
+    def _sample(self, key: Key, state: _Key, label: float, rate: float) -> pb.Sample:
+        """The key's sample, from the impression it holds."""
         source = state.source
         assert source is not None
+        sample = pb.Sample(request_id=key[0], item_id=key[1], label=label, sample_rate=rate)
         if source.impression is not None:
-            return source.impression
+            sample.event_time, sample.model_version = source.impression.event_time, source.impression.model_version
+            sample.features.MergeFrom(source.impression.features)
+            return sample
         message = self._parsed.get(source.seq)
         if message is None:
             message = self._parsed[source.seq] = pb.Impressions.FromString(source.data)
-        return candidate_impression(message, state.source_idx)
+        candidate = message.candidates[state.source_idx]
+        sample.event_time, sample.model_version = candidate_time(message, candidate), message.model_version
+        merge_candidate_features(sample.features, message, candidate)
+        return sample
 
     # ---------------------------------------------------------------- windows
 
@@ -475,20 +482,11 @@ class PartitionJoin:
                 self._forgotten[key] = None
 
     def _emit(self, key: Key, state: _Key, label: float, rate: float, decided: _Decided) -> None:
-        impression = self._impression_of(state)
+        sample = self._sample(key, state, label, rate)
         state.emitted = True
         self._release(state)  # decided: the sample carries what it needs
         self._changed[key] = None
         self.counts["positives" if label else "negatives"] += 1
-        sample = pb.Sample(
-            request_id=key[0],
-            item_id=key[1],
-            label=label,
-            event_time=impression.event_time,
-            sample_rate=rate,
-            model_version=impression.model_version,
-        )
-        sample.features.MergeFrom(impression.features)
         decided.append(((state.first_seq, state.first_idx), sample))
 
 

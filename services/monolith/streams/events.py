@@ -8,6 +8,8 @@ candidate. `expand_impressions` turns the first into the second, so everything d
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
+
 from monolith.api.joiner.v1 import joiner_pb2 as pb
 
 
@@ -20,21 +22,28 @@ def candidate_impression(message: pb.Impressions, idx: int) -> pb.Impression:
     """The impression of candidate `idx` of a Predict call's message.
 
     It carries the message's request_id and model_version, the candidate's item id and
-    score, the candidate's event time if it has one (else the message's), and the shared
-    features merged with the candidate's own (its own win on a name clash).
+    score, its event time (`candidate_time`) and features (`merge_candidate_features`).
     """
     candidate = message.candidates[idx]
     impression = pb.Impression(
         request_id=message.request_id,
         item_id=candidate.item_id,
-        event_time=candidate.event_time if candidate.HasField("event_time") else message.event_time,
+        event_time=candidate_time(message, candidate),
         model_version=message.model_version,
         score=candidate.score,
     )
-    features = impression.features
-    for name, values in message.shared_features.items():
-        if name not in candidate.features:
-            features[name].CopyFrom(values)
-    for name, values in candidate.features.items():
-        features[name].CopyFrom(values)
+    merge_candidate_features(impression.features, message, candidate)
     return impression
+
+
+def candidate_time(message: pb.Impressions, candidate: pb.Candidate) -> float:
+    """A candidate's event time: its own if set, else the message's."""
+    return candidate.event_time if candidate.HasField("event_time") else message.event_time
+
+
+def merge_candidate_features(features: MutableMapping[str, pb.FeatureValues], message: pb.Impressions,
+                             candidate: pb.Candidate) -> None:  # fmt: skip
+    """Writes the call's shared features, then the candidate's own (its own win on a name clash:
+    merging a protobuf map replaces a value whose key it has) into `features`."""
+    features.MergeFrom(message.shared_features)  # type: ignore[attr-defined]
+    features.MergeFrom(candidate.features)  # type: ignore[attr-defined]
