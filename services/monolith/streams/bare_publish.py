@@ -1,17 +1,16 @@
-"""The bare JetStream publish rate of a nats-py client: the baseline a stream's producer is held to.
+"""The bare JetStream publish rate of one client: the baseline a stream's producer is held to.
 
 `BarePublisher` publishes copies of given messages (the same payloads and headers, each with
 a fresh `Nats-Msg-Id` so none is dropped as a duplicate) to a stream of its own set up like
 SAMPLES (file storage, the same limits and duplicate window), as fast as one client can:
-pipelined, `PUBLISH_CHUNK` messages sent before their acknowledgements are awaited, every
-acknowledgement awaited. Messages go to `<prefix>.<partition>` of the subject they came from,
+in rounds of `PUBLISH_CHUNK` messages (`monolith.streams.publish`, the way the project's
+producers publish), every acknowledgement awaited. Messages go to `<prefix>.<partition>` of the subject they came from,
 so they spread over partitions as the originals did. It keeps one connection across rounds,
 so rounds can interleave with another measurement on the same server.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import itertools
 import time
@@ -21,7 +20,7 @@ import nats.js.errors
 
 from monolith.streams.config import SAMPLES_STREAM, StreamsConfig
 from monolith.streams.jetstream import BackgroundLoop, Connection, connect, stream_configs
-from monolith.streams.publish import MSG_ID_HEADER
+from monolith.streams.publish import MSG_ID_HEADER, Message, publish_round
 from monolith.streams.reader import StoredMessage
 
 PUBLISH_CHUNK = 1000
@@ -86,19 +85,15 @@ class BarePublisher:
         stored = 0
         started = time.perf_counter()
         while time.perf_counter() - started < seconds:
-            futures = []
+            chunk = []
             for _ in range(PUBLISH_CHUNK):
                 k = next(self._counter)
                 subject, payload, headers, msg_id = self._templates[k % len(self._templates)]
-                futures.append(await js.publish_async(
-                    subject, payload, wait_stall=self._config.timeout,
-                    headers={**headers, MSG_ID_HEADER: f"{msg_id}#{k}"},
-                ))  # fmt: skip
-            acks = await asyncio.gather(*futures, return_exceptions=True)
-            failed = [a for a in acks if isinstance(a, BaseException)]
+                chunk.append(Message(subject, payload, f"{msg_id}#{k}", headers))
+            failed = (await publish_round(js, chunk, self.name, self._config.timeout)).failed
             if failed:
-                raise RuntimeError(f"{len(failed)} of {len(acks)} bare publishes not acknowledged: {failed[0]!r}")
-            stored += len(acks)
+                raise RuntimeError(f"{len(failed)} of {len(chunk)} bare publishes not acknowledged")
+            stored += len(chunk)
         return stored / (time.perf_counter() - started)
 
     def close(self) -> None:

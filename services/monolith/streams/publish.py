@@ -81,7 +81,7 @@ async def publish_round(js: JetStream, messages: Sequence[Message], stream: str,
     """Sends all `messages`, then waits (`timeout` s in all) for their acknowledgements.
 
     Args:
-        js: the JetStream context (its connection's `Publisher` sends them).
+        js: the JetStream context (its connection's one `Publisher` sends them).
         messages: what to publish.
         stream: the stream they must land in (a publish to a subject of another stream fails).
         timeout: seconds for the whole round.
@@ -89,9 +89,10 @@ async def publish_round(js: JetStream, messages: Sequence[Message], stream: str,
     Returns:
         The messages that failed, and whether a stream was missing.
     """
-    publisher = _PUBLISHERS.get(js)
+    nc = js._nc  # noqa: SLF001 - the context's own connection: one publisher (one subscription) per connection
+    publisher = _PUBLISHERS.get(nc)
     if publisher is None:
-        publisher = _PUBLISHERS[js] = Publisher(js._nc)  # noqa: SLF001 - the context's own connection
+        publisher = _PUBLISHERS[nc] = Publisher(nc)
     return await publisher.round(messages, stream, timeout)
 
 
@@ -187,4 +188,4 @@ class Publisher:
         pending.settle(index, ok)
 
 
-_PUBLISHERS: weakref.WeakKeyDictionary[JetStream, Publisher] = weakref.WeakKeyDictionary()
+_PUBLISHERS: weakref.WeakKeyDictionary[Client, Publisher] = weakref.WeakKeyDictionary()
