@@ -89,3 +89,11 @@ def test_a_stack_counts_as_running_only_while_its_process_lives(tmp_path) -> Non
         _manifest(tmp_path, pid=child.pid).write(path)
         assert running_stack_pid(path) == child.pid
     assert running_stack_pid(path) is None  # stale: its `up` is gone (stopped and reaped)
+
+
+def test_model_servings_cache_refreshes_four_times_per_sync_at_most_at_its_default(tmp_path) -> None:
+    ports = allocate_ports()
+    for sync, refresh in ((0.1, "0.025"), (1.0, "0.1"), (30.0, "0.1")):
+        parts = stack_parts(StackSettings(data_dir=str(tmp_path), config="/c.yaml", sync_interval=sync), ports)
+        [serving] = [p for p in parts if p.name == "serving"]
+        assert ("--embedding-cache-refresh", refresh) in zip(serving.argv, serving.argv[1:]), serving.argv

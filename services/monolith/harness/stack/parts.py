@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 
 from monolith.harness.manifest import DEFAULT_CONSUMER
 from monolith.harness.stack.health import GrpcAnswers, GrpcHealth, HttpOk, Probe
+from monolith.serving.embedding_cache import CacheConfig
 from monolith.streams.nats_server import NatsServer
 
 HOST = "127.0.0.1"
@@ -162,7 +163,9 @@ class StackSettings:
         config: absolute path of the model config every role reads.
         partitions: partitions of the EVENTS and SAMPLES streams.
         sync_interval: seconds between train-to-serve syncs, of the embeddings (serving
-            shards from training shards) and of the dense parameters (model-serving).
+            shards from training shards) and of the dense parameters (model-serving);
+            model-serving's embedding cache refreshes four times as often (at most at its
+            own default), so the cache adds little to what the sync itself leaves stale.
         log_level: every role's --log-level.
         python: the interpreter that runs the roles.
         join_window: the joiner's --window (event-time seconds); None: the joiner's default.
@@ -194,6 +197,11 @@ class StackSettings:
     @property
     def logs_dir(self) -> str:
         return os.path.join(self.data_dir, "logs")
+
+
+def cache_refresh(sync_interval: float) -> float:
+    """Model-serving's `--embedding-cache-refresh` under a sync every `sync_interval` seconds."""
+    return min(CacheConfig().refresh_seconds, sync_interval / 4)
 
 
 def stack_parts(settings: StackSettings, ports: StackPorts) -> list[Part]:
@@ -268,6 +276,7 @@ def stack_parts(settings: StackSettings, ports: StackPorts) -> list[Part]:
         "serving", "--config", s.config,
         "--embedding-ps", ",".join(e.address for e in ports.serving_shards), "--dense-ps", ports.dense_ps.address,
         *streams, "--dense-sync-interval", f"{s.sync_interval:g}", *server(ports.serving),
+        "--embedding-cache-refresh", f"{cache_refresh(s.sync_interval):g}",
     )  # fmt: skip
     serving_after = (NATS, *(serving_shard(i) for i in range(SHARDS)), DENSE_PS, TRAINER)
     parts.append(grpc_part(SERVING, ports.serving, argv, after=serving_after))
