@@ -4,6 +4,7 @@ storing reported actions. Runs on its own asyncio loop; the gRPC threads call `r
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import threading
 import time
@@ -21,6 +22,9 @@ from monolith.streams.jetstream import TRANSIENT_ERRORS, BackgroundLoop, connect
 from monolith.streams.publish import Message, publish_round
 
 _LOGGER = logging.getLogger("monolith.joiner")
+
+# Seconds between freezes of what the joins hold (see `JoinerRuntime._freeze_joins`).
+FREEZE_SECONDS = 5.0
 
 
 def owned_partitions(partitions: int, replica: int, replicas: int) -> list[int]:
@@ -75,7 +79,24 @@ class JoinerRuntime:
         self._ready.set()
         on_ready()
         _LOGGER.info("joining partitions %s of %d", self.partitions, self.streams.partitions)
-        await asyncio.gather(*(reader.run(self._stop) for reader in self.readers))
+        await asyncio.gather(self._freeze_joins(), *(reader.run(self._stop) for reader in self.readers))
+
+    async def _freeze_joins(self) -> None:
+        """Moves what survived the young collections out of the collector's sight, now and then.
+
+        The joins' records (a few per open key, millions under load) live long and form no
+        cycles; a full collection would walk them all while every partition and ReportActions
+        wait (measured: 0.16 s per 500,000 keys, and full passes come each time the heap grows
+        by a quarter). Frozen, they are still freed when dropped, by reference counting. The
+        cost: a cycle that becomes garbage after reaching the oldest generation is kept.
+        """
+        assert self._stop is not None
+        while not self._stop.is_set():
+            try:
+                await asyncio.wait_for(self._stop.wait(), FREEZE_SECONDS)
+            except asyncio.TimeoutError:
+                gc.collect(1)  # the young generations' cycles first, so they are not frozen
+                gc.freeze()
 
     def report(self, actions: Sequence[pb.Action]) -> int:
         """Checks every action, then stores them all on EVENTS; returns how many.
