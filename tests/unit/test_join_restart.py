@@ -186,12 +186,12 @@ def saved_keys(store: MemoryStore) -> list[str]:
 def test_saves_write_deltas_and_compact_when_they_outgrow_the_base() -> None:
     # A steady stream, a call a second: once the first windows close, the state keeps its size
     # (about 2 x 100 calls' keys, open and closed), while a save covers 2 calls.
-    events = [impressions(f"r{k}", 1000.0 + k, ["a", "b", "c"]) for k in range(600)]
+    events = [impressions(f"r{k}", 1000.0 + k, ["a", "b", "c"]) for k in range(1600)]
     store = MemoryStore()
     states = saving(store, events, every=2)
-    assert len(states) == 300
+    assert len(states) == 800
     join, samples_seq = load(store)
-    assert join.snapshot() == states[-1] and samples_seq == 600
+    assert join.snapshot() == states[-1] and samples_seq == 1600
     base = pb.JoinState.FromString(store.objects["partition-0"])
     deltas = [pb.JoinState.FromString(store.objects[n]) for n in saved_keys(store) if ".delta." in n]
     assert base.base > 2, "compacted more than once"
@@ -203,6 +203,17 @@ def test_saves_write_deltas_and_compact_when_they_outgrow_the_base() -> None:
     assert max(len(d.keys) + len(d.forgotten) for d in deltas) < len(base.keys) / 10
     # Amortized: the bases written add up to no more than the deltas / COMPACTION_RATIO, plus the first base.
     assert store.put_bytes["base"] <= store.put_bytes["delta"] / COMPACTION_RATIO + 2 * len(store.objects["partition-0"])
+
+
+def test_a_state_that_only_grows_is_saved_in_deltas_without_compacting() -> None:
+    """A window filling up (nothing closes yet): the deltas are the keys themselves, written
+    once; a compaction would rewrite all of them while the partition waits."""
+    events = [impressions(f"r{k}", 1000.0 + k / 100, ["a", "b", "c"]) for k in range(600)]
+    store = MemoryStore()
+    states = saving(store, events, every=2)
+    assert "partition-0" not in store.objects and store.put_bytes["base"] == 0
+    join, _ = load(store)
+    assert join.snapshot() == states[-1] and join.remembered == 1800
 
 
 @settings(max_examples=150, deadline=None)

@@ -9,12 +9,16 @@ Objects of partition p in the state store (`monolith.streams.state_store`):
 
 Cost. A save writes one delta, as large as what changed since the previous save: O(rate x
 interval), not O(keys remembered). When the deltas since the base would add up to more
-than COMPACTION_RATIO times the base, the save writes a new base instead (a compaction) and
-deletes the old base's deltas; so a base of B bytes is written only after more than 4B
-bytes of deltas, and the bytes written per event stay O(1) amortized (at most 1.25 times
-the deltas'). Nothing scans every key but a compaction, and it is built in parts with the
-event loop free between them (the partition's own join waits; the others and ReportActions
-go on).
+than COMPACTION_RATIO times what a new base would weigh (the join's keys at the bytes per
+key record written so far), the save writes a new base instead (a compaction) and deletes the old
+base's deltas; so a base of B bytes is written only after about 4B bytes of deltas, and the
+bytes written per event stay O(1) amortized (about 1.25 times the deltas'), and a load
+reads about 5 times the state at most. Nothing scans every key but a compaction, and it is
+built in parts with the event loop free between them (the partition's own join waits; the
+others and ReportActions go on). Measured against the new base, not the old one, a state
+that only grows (a window filling up under load) is not compacted: its deltas are mostly
+its own keys, written once, and a compaction would rewrite them all while the partition
+waits (3.4 s for 1.2 million keys, 142 MB, on a quiet machine).
 
 Load: the base, then deltas 1, 2, ... while each exists and carries the base's number;
 `PartitionJoin.restore` applies them in order.
@@ -51,16 +55,18 @@ from monolith.streams.state_store import StateStore
 COMPACTION_RATIO = 4  # a new base once the deltas since the last one outweigh it this many times
 
 
-async def _serialized(parts: Iterator[pb.JoinState], trailer: pb.JoinState) -> bytes:
+async def _serialized(parts: Iterator[pb.JoinState], trailer: pb.JoinState) -> tuple[bytes, int]:
     """The parts' bytes joined, then the trailer's: one JoinState (a message's fields may come in
-    any order, and repeated ones accumulate). Yields to the event loop between parts, so
-    other partitions and ReportActions go on while a large state is written out."""
+    any order, and repeated ones accumulate), and the keys in it. Yields to the event loop
+    between parts, so other partitions and ReportActions go on while a large state is written out."""
     chunks = []
+    keys = 0
     for part in parts:
         chunks.append(part.SerializeToString())
+        keys += len(part.keys)
         await asyncio.sleep(0)
     chunks.append(trailer.SerializeToString())
-    return b"".join(chunks)
+    return b"".join(chunks), keys
 
 
 class Snapshots:
@@ -77,6 +83,8 @@ class Snapshots:
         self._base_name = f"partition-{partition}"
         self._base = 0  # the number of the base loaded or written last
         self._base_bytes = 0
+        self._written_bytes = 0  # bytes of key records written (bases and deltas), and their keys
+        self._written_keys = 0
         self._deltas = 0  # deltas stored after that base
         self._delta_bytes = 0
 
@@ -109,6 +117,8 @@ class Snapshots:
             delta_bytes += len(found)
             samples_seq = delta.samples_seq
         self._base, self._base_bytes = base.base, len(data or b"")
+        self._written_bytes = self._base_bytes + delta_bytes
+        self._written_keys = len(base.keys) + sum(len(d.keys) for d in deltas)
         self._deltas, self._delta_bytes = len(deltas), delta_bytes
         return PartitionJoin.restore(config, base, deltas), samples_seq
 
@@ -123,18 +133,24 @@ class Snapshots:
             One of TRANSIENT_ERRORS: NATS is away (the caller restarts from `load`).
         """
         trailer = pb.JoinState(base=self._base, delta=self._deltas + 1, samples_seq=samples_seq)
-        data = await _serialized(join.delta_parts(), trailer)
-        if self._delta_bytes + len(data) > COMPACTION_RATIO * self._base_bytes:
+        data, keys = await _serialized(join.delta_parts(), trailer)
+        self._written_bytes, self._written_keys = self._written_bytes + len(data), self._written_keys + keys
+        if self._delta_bytes + len(data) > COMPACTION_RATIO * max(self._base_bytes, self._new_base_bytes(join)):
             await self._compact(join, samples_seq)
             return
         await self._store.put(self._delta_name(self._deltas + 1), data)
         self._deltas, self._delta_bytes = self._deltas + 1, self._delta_bytes + len(data)
         metrics.SNAPSHOT_BYTES.labels(self._label, "delta").inc(len(data))
 
+    def _new_base_bytes(self, join: PartitionJoin) -> float:
+        """About what a base of `join` would weigh now: its keys at the bytes per key record written so far."""
+        return self._written_bytes / max(self._written_keys, 1) * join.remembered
+
     async def _compact(self, join: PartitionJoin, samples_seq: int) -> None:
         """Writes a new base, then deletes the deltas of the old one."""
         number = self._base + 1
-        data = await _serialized(join.snapshot_parts(), pb.JoinState(base=number, samples_seq=samples_seq))
+        data, keys = await _serialized(join.snapshot_parts(), pb.JoinState(base=number, samples_seq=samples_seq))
+        self._written_bytes, self._written_keys = self._written_bytes + len(data), self._written_keys + keys
         await self._store.put(self._base_name, data)
         metrics.SNAPSHOT_BYTES.labels(self._label, "base").inc(len(data))
         self._base, self._base_bytes = number, len(data)
