@@ -16,21 +16,22 @@ import yaml
 
 from helpers.cluster import Cluster, start_cluster
 from helpers.metrics import metrics_url, poll_metrics
+from helpers.models import small_raw_config
 from helpers.processes import Role
 from helpers.streams import publish
 from monolith.api.joiner.v1 import joiner_pb2
 from monolith.checkpoint.store import CheckpointStore
-from monolith.controller.controller import CheckpointController
-from monolith.controller.settings import ControllerSettings
-from monolith.embedding_ps.service import build_embedding_ps
-from monolith.embedding_ps.shard import EmbeddingShard, ShardConfig
 from monolith.common.errors import Unavailable
 from monolith.common.process import free_port
 from monolith.common.scrape import Scrape
 from monolith.common.server import MonolithServer, ServerConfig
+from monolith.controller.controller import CheckpointController
+from monolith.controller.settings import ControllerSettings
 from monolith.dense_ps.service import build_dense_ps
 from monolith.dense_ps.store import DenseStore
-from monolith.model.config import ModelConfig, default_config_path, model_config_from_dict
+from monolith.embedding_ps.service import build_embedding_ps
+from monolith.embedding_ps.shard import EmbeddingShard, ShardConfig
+from monolith.model.config import ModelConfig, model_config_from_dict
 from monolith.streams.config import SAMPLES_STREAM, StreamsConfig, partition_of, samples_subject
 from monolith.streams.jetstream import TRANSIENT_ERRORS
 from monolith.streams.nats_server import NatsServer
@@ -45,9 +46,7 @@ DEADLINE = 90.0  # seconds to wait for the trainers; a trainer's start (TensorFl
 
 def small_model(directory: Path) -> tuple[ModelConfig, str]:
     """The MovieLens model with one small hidden layer, and its YAML (written in `directory`) for the trainers."""
-    with open(default_config_path(), encoding="utf-8") as f:
-        raw = yaml.safe_load(f)
-    raw["model"]["hidden_units"] = [16]
+    raw = small_raw_config()
     path = directory / "model.yaml"
     path.write_text(yaml.safe_dump(raw))
     return model_config_from_dict(raw), str(path)

@@ -13,26 +13,21 @@ from typing import Any
 
 import grpc
 import pytest
-import yaml
 
+from helpers.models import small_config, trained_serving_model
 from helpers.streams import MSG_ID_HEADER, logged_impressions, read_stream
 from helpers.waiting import wait_for
 from monolith.api.joiner.v1 import joiner_pb2 as pb
 from monolith.common.server import MonolithServer, ServerConfig
-from monolith.data.movielens import load_movielens
 from monolith.joiner.config import JoinerConfig
 from monolith.joiner.runtime import JoinerRuntime
 from monolith.joiner.service import build_joiner
-from monolith.model.config import default_config_path, model_config_from_dict
 from monolith.serving.impressions import ImpressionLog
-from monolith.serving.model import ServingModel
 from monolith.serving.service import build_serving
 from monolith.serving.servicer import SignatureConfig
-from monolith.streams.ids import impressions_message_id
 from monolith.streams.config import EVENTS_STREAM, SAMPLES_STREAM, StreamsConfig, events_subject, partition_of
+from monolith.streams.ids import impressions_message_id
 from monolith.streams.nats_server import NatsServer
-from monolith.trainer.backends import LocalDense, LocalEmbeddings
-from monolith.trainer.worker import TrainerWorker
 from monolith_client import ActionError, MonolithClient
 
 PARTITIONS = 2
@@ -47,14 +42,7 @@ class Stack:
     def __init__(self, data_dir: str) -> None:
         self.nats = NatsServer(data_dir).start()
         self.streams = StreamsConfig(url=self.nats.url, partitions=PARTITIONS, timeout=2.0)
-        with open(default_config_path(), encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
-        raw["model"]["hidden_units"] = [16]
-        config = model_config_from_dict(raw)
-        sparse, dense = LocalEmbeddings(config.tables()), LocalDense(config.model.optimizer)
-        TrainerWorker(config, sparse, dense).train(next(load_movielens(limit=256).batches(256)))
-        model = ServingModel(config, sparse, dense)
-        assert model.refresh_dense()
+        model = trained_serving_model(small_config(), examples=256)
         self.impressions = ImpressionLog(self.streams).start()
         self.serving: MonolithServer = build_serving(model, SignatureConfig(), _loopback(), self.impressions)
         self.serving.start()

@@ -10,13 +10,13 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-import yaml
 
 from helpers.cluster import Cluster, start_cluster
+from helpers.models import small_raw_config
 from monolith.api.joiner.v1 import joiner_pb2
 from monolith.data.batch import Batch
 from monolith.data.movielens import load_movielens
-from monolith.model.config import ModelConfig, default_config_path, model_config_from_dict
+from monolith.model.config import ModelConfig, model_config_from_dict
 from monolith.trainer.backends import LocalDense
 from monolith.trainer.service import sample_decoder
 from monolith.trainer.worker import TrainerWorker
@@ -27,9 +27,7 @@ EXPIRE_AFTER = 10 * 86_400  # longer than that span, far shorter than the years 
 
 @pytest.fixture(scope="module")
 def config() -> ModelConfig:
-    with open(default_config_path(), encoding="utf-8") as f:
-        raw = yaml.safe_load(f)
-    raw["model"]["hidden_units"] = [16]
+    raw = small_raw_config()
     for feature in raw["features"]:
         feature["expire_after"] = EXPIRE_AFTER
     return model_config_from_dict(raw)

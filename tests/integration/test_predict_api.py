@@ -20,7 +20,6 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
-import yaml
 from tensorflow.core.framework import types_pb2
 from tensorflow_serving.apis import (
     classification_pb2,
@@ -32,6 +31,7 @@ from tensorflow_serving.apis import (
 )
 
 from helpers.cluster import Cluster, start_cluster
+from helpers.models import small_config
 from helpers.waiting import wait_for
 from monolith.common.errors import DeadlineExceeded
 from monolith.common.server import MonolithServer, ServerConfig
@@ -44,10 +44,10 @@ from monolith.dense_ps.store import DenseStore
 from monolith.embedding_ps.client import ShardedEmbeddingClient
 from monolith.embedding_ps.service import build_embedding_ps
 from monolith.embedding_ps.shard import EmbeddingShard, ShardConfig
-from monolith.model.config import ModelConfig, default_config_path, model_config_from_dict
+from monolith.model.config import ModelConfig
+from monolith.serving.limits import Deadline
 from monolith.serving.model import ServingModel
 from monolith.serving.service import build_serving
-from monolith.serving.limits import Deadline
 from monolith.serving.servicer import PredictionServicer, SignatureConfig
 from monolith.trainer.worker import TrainerWorker
 from monolith_client import MonolithClient, PredictError
@@ -71,10 +71,7 @@ class Stack:
 
 
 def model_config() -> ModelConfig:
-    with open(default_config_path(), encoding="utf-8") as f:
-        raw = yaml.safe_load(f)
-    raw["model"]["hidden_units"] = [16]
-    return model_config_from_dict(raw)
+    return small_config()
 
 
 def serving_model(config: ModelConfig, shards: list[str], dense: str) -> ServingModel:

@@ -15,10 +15,10 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
-import yaml
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from helpers.cluster import Cluster, start_cluster
+from helpers.models import small_config
 from helpers.waiting import wait_for
 from monolith.common.server import MonolithServer, ServerConfig
 from monolith.data.batch import Batch
@@ -29,7 +29,7 @@ from monolith.dense_ps.service import build_dense_ps
 from monolith.dense_ps.store import DenseStore
 from monolith.embedding_ps.client import ShardedEmbeddingClient
 from monolith.embedding_ps.sync import ServingSync
-from monolith.model.config import ModelConfig, default_config_path, model_config_from_dict
+from monolith.model.config import ModelConfig
 from monolith.serving.model import ServingModel
 from monolith.serving.service import build_serving
 from monolith.serving.servicer import SignatureConfig
@@ -43,10 +43,7 @@ class Stack:
     """Training and serving shards, syncs, dense-PS, model-serving, a trainer, a TF client."""
 
     def __init__(self) -> None:
-        with open(default_config_path(), encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
-        raw["model"]["hidden_units"] = [16]
-        self.config: ModelConfig = model_config_from_dict(raw)
+        self.config: ModelConfig = small_config()
         tables = self.config.tables()
         self.training: Cluster = start_cluster(num_shards=2, tables=tables)
         self.serving: Cluster = start_cluster(num_shards=2, role="serving", tables=tables)

@@ -15,15 +15,13 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
-import yaml
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
+from helpers.models import small_config, trained_serving_model
 from helpers.streams import MSG_ID_HEADER, logged_impressions, read_events
 from helpers.waiting import wait_for
 from monolith.api.joiner.v1 import joiner_pb2 as pb
 from monolith.common.server import MonolithServer, ServerConfig
-from monolith.data.movielens import load_movielens
-from monolith.model.config import ModelConfig, default_config_path, model_config_from_dict
 from monolith.serving.impressions import ImpressionLog
 from monolith.serving.metrics import IMPRESSIONS_DROPPED, IMPRESSIONS_PUBLISHED
 from monolith.serving.model import ServingModel
@@ -32,8 +30,6 @@ from monolith.serving.servicer import SignatureConfig
 from monolith.streams.config import StreamsConfig, events_subject, partition_of
 from monolith.streams.ids import impressions_message_id
 from monolith.streams.nats_server import NatsServer
-from monolith.trainer.backends import LocalDense, LocalEmbeddings
-from monolith.trainer.worker import TrainerWorker
 
 PARTITIONS = 4
 TIMEOUT = 10.0
@@ -49,17 +45,7 @@ def candidates(n: int, first: int = 1) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def model() -> ServingModel:
-    with open(default_config_path(), encoding="utf-8") as f:
-        raw = yaml.safe_load(f)
-    raw["model"]["hidden_units"] = [16]
-    config: ModelConfig = model_config_from_dict(raw)
-    sparse, dense = LocalEmbeddings(config.tables()), LocalDense(config.model.optimizer)
-    worker = TrainerWorker(config, sparse, dense)
-    for batch in load_movielens(limit=512).batches(256):
-        worker.train(batch)
-    served = ServingModel(config, sparse, dense)
-    assert served.refresh_dense()
-    return served
+    return trained_serving_model(small_config(), examples=512)
 
 
 class Serving:

@@ -17,10 +17,10 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from helpers.cluster import Cluster, decode_export, start_cluster
+from helpers.models import small_raw_config
 from helpers.processes import Command, Exited, ParameterServers, Role
 from helpers.waiting import wait_for
 from monolith.api.embedding_ps.v1 import embedding_ps_pb2 as pb
@@ -33,8 +33,8 @@ from monolith.dense_ps.client import DensePSClient
 from monolith.dense_ps.service import build_dense_ps
 from monolith.dense_ps.store import DenseStore
 from monolith.embedding.hashing import stable_hash64
-from monolith.embedding_ps.routing import route_to_shards
 from monolith.embedding_ps.client import ShardedEmbeddingClient
+from monolith.embedding_ps.routing import route_to_shards
 from monolith.model.config import ModelConfig, default_config_path, load_model_config, model_config_from_dict
 from monolith.model.dense_model import DenseModel
 from monolith.trainer.evaluation import evaluate
@@ -76,9 +76,7 @@ class InProcess:
 @pytest.fixture(scope="module")
 def in_process() -> Iterator[InProcess]:
     """Two embedding-PS shards and a dense-PS for the MovieLens model with one small hidden layer."""
-    with open(default_config_path(), encoding="utf-8") as f:
-        raw = yaml.safe_load(f)
-    raw["model"]["hidden_units"] = [16]
+    raw = small_raw_config()
     # Small batches: ~90 steps over the training examples, so one pass learns enough that
     # the held-out loss falls clearly whatever order the two trainers' steps interleave in.
     raw["training"]["batch_size"] = 64

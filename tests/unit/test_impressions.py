@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 import pytest
 import tensorflow as tf
-import yaml
 
+from helpers.models import small_config
 from monolith.api.joiner.v1 import joiner_pb2
 from monolith.common.errors import InvalidArgument
 from monolith.data.feature_ids import feature_ids
-from monolith.model.config import ModelConfig, default_config_path, model_config_from_dict
+from monolith.model.config import ModelConfig
 from monolith.serving.impressions import (
     EVENT_TIME,
     REQUEST_ID,
@@ -47,10 +47,7 @@ CANDIDATES = {
 
 @pytest.fixture(scope="module")
 def config() -> ModelConfig:
-    with open(default_config_path(), encoding="utf-8") as f:
-        raw = yaml.safe_load(f)
-    raw["model"]["hidden_units"] = [16]
-    return model_config_from_dict(raw)
+    return small_config()
 
 
 @pytest.fixture(scope="module")

@@ -322,7 +322,8 @@ def test_a_restart_from_a_snapshot_of_an_earlier_release_resumes_after_the_last_
 
 
 def test_stored_samples_are_not_published_again_and_settle_once_their_events_are_read_again() -> None:
-    emitted = [Emitted(pb.Sample(request_id=f"r{k}"), src_seq=5 + k // 2, win_seq=k, win_idx=k % 2) for k in range(6)]
+    emitted = [Emitted(pb.Sample(request_id=f"r{k}").SerializeToString(), f"r{k}", "", 0.0, src_seq=5 + k // 2,
+                       win_seq=k, win_idx=k % 2) for k in range(6)]  # fmt: skip
     stored = StoredSamples([e.position for e in emitted[1:4:2]])
     assert stored.unpublished(emitted) == [emitted[0], emitted[2], emitted[4], emitted[5]]
     assert [stored.settled(seq) for seq in (5, 6)] == [False, True]

@@ -321,3 +321,36 @@ def test_open_windows_counts_the_keys_not_closed(events: list[pb.Event]) -> None
         keys_ = join.snapshot().keys
         assert join.open_windows == sum(1 for k in keys_ if not k.closed)
         assert all(not k.HasField("impression") for k in keys_ if k.closed or k.emitted)
+
+
+def test_a_calls_sample_is_its_candidates_impression_with_the_label_whatever_the_name_clashes() -> None:
+    """Samples of a call are built from bytes (shared features, then the candidate's own);
+    parsed, each is what the candidate's expanded impression makes, its own features winning."""
+    call = pb.Impressions(request_id="r1", event_time=1000.0, model_version=7)
+    call.shared_features["user_id"].values.append("u1")
+    call.shared_features["movie_id"].values.append("shared-loses")
+    for j, own_time in enumerate([None, 999.5]):
+        candidate = call.candidates.add(item_id=f"m{j}", score=0.25 * j)
+        candidate.features["movie_id"].values.append(f"m{j}")
+        candidate.features["genres"].values.extend(["Drama", "Comedy"][: j + 1])
+        if own_time is not None:
+            candidate.event_time = own_time
+    join = PartitionJoin(config())
+    emitted = feed(join, [pb.Event(impressions=call), action("r1", 1001.0, item="m1")])
+    emitted += join.add(3, impression("x", 1000.0 + WINDOW + LATENESS + 1))
+    by_item = {e.item_id: e for e in emitted}
+    for impression_ in expand_impressions(call):
+        got = by_item[impression_.item_id]
+        expected = pb.Sample(request_id="r1", item_id=impression_.item_id, label=got.label, sample_rate=1.0,
+                             event_time=impression_.event_time, model_version=7)  # fmt: skip
+        expected.features.MergeFrom(impression_.features)
+        assert got.sample == expected
+        assert (got.request_id, got.label) == ("r1", 1.0 if impression_.item_id == "m1" else 0.0)
+    assert list(by_item["m0"].sample.features["movie_id"].values) == ["m0"]
+
+
+def test_a_candidate_has_no_field_a_sample_would_take_for_a_feature() -> None:
+    """A call's samples serialize a candidate with every field but `features` cleared (see
+    window._CallSamples): a field added to `Candidate` must be cleared there too."""
+    assert {f.name for f in pb.Candidate.DESCRIPTOR.fields} == {"item_id", "score", "features", "event_time"}
+    assert pb.Candidate.DESCRIPTOR.fields_by_name["features"].number == pb.Sample.DESCRIPTOR.fields_by_name["features"].number

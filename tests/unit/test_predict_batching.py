@@ -13,38 +13,27 @@ from typing import Any
 
 import numpy as np
 import pytest
-import yaml
 
-from monolith.common.errors import Cancelled, ConfigError, DeadlineExceeded, Unavailable
+from helpers.models import small_config, trained_serving_model
 from monolith.common.config import parse_config
-from monolith.data.movielens import load_movielens, raw_feature_values
-from monolith.model.config import ModelConfig, default_config_path, model_config_from_dict
+from monolith.common.errors import Cancelled, ConfigError, DeadlineExceeded, Unavailable
+from monolith.data.movielens import raw_feature_values
+from monolith.model.config import ModelConfig
 from monolith.serving.batching import BatchingConfig, PredictBatcher
 from monolith.serving.limits import Deadline
 from monolith.serving.model import ServingModel
-from monolith.trainer.backends import LocalDense, LocalEmbeddings
-from monolith.trainer.worker import TrainerWorker
 
 USER_FEATURES = ("user_id", "age", "gender", "occupation", "zip")
 
 
 @pytest.fixture(scope="module")
 def config() -> ModelConfig:
-    with open(default_config_path(), encoding="utf-8") as f:
-        raw = yaml.safe_load(f)
-    raw["model"]["hidden_units"] = [16]
-    return model_config_from_dict(raw)
+    return small_config()
 
 
 @pytest.fixture(scope="module")
 def model(config: ModelConfig) -> ServingModel:
-    sparse, dense = LocalEmbeddings(config.tables()), LocalDense(config.model.optimizer)
-    worker = TrainerWorker(config, sparse, dense)
-    for batch in load_movielens(limit=1024).batches(256):
-        worker.train(batch)
-    served = ServingModel(config, sparse, dense)
-    assert served.refresh_dense()
-    return served
+    return trained_serving_model(config, examples=1024)
 
 
 def ranking_calls(count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:

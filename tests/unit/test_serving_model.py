@@ -13,16 +13,16 @@ from typing import Any
 
 import numpy as np
 import pytest
-import yaml
 
+from helpers.models import small_raw_config
 from monolith.common.errors import InvalidArgument, Unavailable
 from monolith.data.batch import Batch
 from monolith.data.feature_ids import feature_id, feature_ids
 from monolith.data.movielens import load_movielens, raw_feature_values
-from monolith.model.config import ModelConfig, default_config_path, model_config_from_dict
+from monolith.model.config import ModelConfig, model_config_from_dict
+from monolith.model.scores import sigmoid
 from monolith.serving.model import MAX_BATCH, ServingModel
 from monolith.trainer.backends import LocalDense, LocalEmbeddings
-from monolith.model.scores import sigmoid
 from monolith.trainer.worker import TrainerWorker
 
 Request = dict[str, np.ndarray]
@@ -39,10 +39,7 @@ def logit(p: np.ndarray) -> np.ndarray:
 @pytest.fixture(scope="module")
 def raw_config() -> dict[str, Any]:
     """The shipped MovieLens config with one small hidden layer (quicker to trace)."""
-    with open(default_config_path(), encoding="utf-8") as f:
-        raw = yaml.safe_load(f)
-    raw["model"]["hidden_units"] = [16]
-    return raw
+    return small_raw_config()
 
 
 @pytest.fixture(scope="module")

@@ -87,11 +87,10 @@ async def ensure_state_store(js: JetStream, replicas: int) -> None:
 
 def sample_message(partition: int, emitted: Emitted) -> Message:
     """The SAMPLES message of a decided sample, its position in the headers."""
-    sample = emitted.sample
     return Message(
         samples_subject(partition),
-        sample.SerializeToString(),
-        sample_message_id(sample.request_id, sample.item_id),
+        emitted.data,
+        sample_message_id(emitted.request_id, emitted.item_id),
         {SRC_SEQ: str(emitted.src_seq), WIN_SEQ: str(emitted.win_seq), WIN_IDX: str(emitted.win_idx)},
     )
 
@@ -267,7 +266,7 @@ class PartitionReader:
                 metrics.PUBLISH_FAILURES.labels(self._label).inc(len(failed))
                 raise PublishFailed(f"{len(failed)} of {len(messages)} samples not acknowledged")
             self.published += len(batch)
-            positives = sum(1 for e in batch if e.sample.label)
+            positives = sum(1 for e in batch if e.label)
             metrics.SAMPLES.labels(self._label, "positive").inc(positives)
             metrics.SAMPLES.labels(self._label, "negative").inc(len(batch) - positives)
             failpoint("joiner.round_published")  # tests crash here with other partitions' rounds in flight

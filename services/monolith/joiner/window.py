@@ -61,26 +61,30 @@ import heapq
 import math
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from typing import NamedTuple
 
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from monolith.api.joiner.v1 import joiner_pb2 as pb
 from monolith.joiner.config import JoinerConfig, keeps_negative
-from monolith.streams.events import candidate_time, merge_candidate_features
+from monolith.streams.events import candidate_time
 from monolith.streams.ids import first_id_problem, id_problem
 
 POSITIVE_LABEL = 0.5
 
 Position = tuple[int, int, int]  # (src_seq, win_seq, win_idx)
 Key = tuple[str, str]  # (request_id, item_id)
-_Decided = list[tuple[tuple[int, int], pb.Sample]]  # samples decided by an event, by their key's first position
+# Samples decided by an event, by their key's first position: (data, request_id, item_id, label).
+_Decided = list[tuple[tuple[int, int], tuple[bytes, str, str, float]]]
 
 
-@dataclasses.dataclass(frozen=True)
-class Emitted:
-    """One sample decided, with where it comes from in the partition's event order."""
+class Emitted(NamedTuple):
+    """One sample decided, serialized, with where it comes from in the partition's event order."""
 
-    sample: pb.Sample
+    data: bytes  # the serialized `Sample`
+    request_id: str
+    item_id: str
+    label: float
     src_seq: int  # the event that decided it
     win_seq: int  # the first event of its key
     win_idx: int = 0  # the candidate index of its key in that event
@@ -88,6 +92,45 @@ class Emitted:
     @property
     def position(self) -> Position:
         return (self.src_seq, self.win_seq, self.win_idx)
+
+    @property
+    def sample(self) -> pb.Sample:
+        """The sample, parsed (for tools and tests: the joiner publishes `data`)."""
+        return pb.Sample.FromString(self.data)
+
+
+class _CallSamples:
+    """A Predict call's message ready to make its candidates' samples from: what every sample
+    shares, serialized once, and each candidate's own features, serialized when first asked.
+
+    A sample is its scalar fields, then the shared features, then the candidate's own, as
+    bytes joined: a protobuf map parsed from entries repeating a key keeps the last, so the
+    candidate's own win a name clash, as `merge_candidate_features` has it. (`Candidate` and
+    `Sample` both carry `map<string, FeatureValues> features = 3`: a candidate holding only its
+    features serializes to exactly the entries of a sample's.)
+    """
+
+    __slots__ = ("message", "shared", "_stripped")
+
+    def __init__(self, data: bytes) -> None:
+        self.message = pb.Impressions.FromString(data)
+        shared = pb.Sample()
+        shared.features.MergeFrom(self.message.shared_features)
+        self.shared = shared.SerializeToString()
+        self._stripped: pb.Impressions | None = None
+
+    def own_features(self, idx: int) -> bytes:
+        """Candidate `idx`'s own features as a `Sample`'s serialized features field."""
+        if self._stripped is None:
+            self._stripped = pb.Impressions()
+            self._stripped.candidates.MergeFrom(self.message.candidates)
+        candidate = self._stripped.candidates[idx]
+        for field in _CANDIDATE_NON_FEATURES:
+            candidate.ClearField(field)
+        return candidate.SerializeToString()
+
+
+_CANDIDATE_NON_FEATURES = ("item_id", "score", "event_time")  # every field of a Candidate but `features`
 
 
 class _Source:
@@ -138,7 +181,7 @@ class PartitionJoin:
         self._forgetting: list[tuple[float, int, Key]] = []  # (forget_time, first_seq, key)
         self._open = 0  # keys not closed
         self._calls: dict[int, _Source] = {}  # event sequence -> a call some key holds
-        self._parsed: dict[int, pb.Impressions] = {}  # calls parsed during one add()
+        self._parsed: dict[int, _CallSamples] = {}  # calls parsed during one add()
         # Since the last delta(), in the order they happened (dicts: a deterministic order).
         self._changed: dict[Key, None] = {}
         self._forgotten: dict[Key, None] = {}
@@ -177,7 +220,6 @@ class PartitionJoin:
         try:
             if kind == "impressions":
                 _check_impressions(seq, body)
-                self._parsed[seq] = body
                 event_time = self._call(seq, body, decided)
             else:
                 _check_event(seq, kind, body)
@@ -194,7 +236,7 @@ class PartitionJoin:
         finally:
             self._parsed.clear()
         decided.sort(key=lambda d: d[0])
-        return [Emitted(sample, seq, win_seq, win_idx) for (win_seq, win_idx), sample in decided]
+        return [Emitted(*sample, seq, win_seq, win_idx) for (win_seq, win_idx), sample in decided]
 
     # ---------------------------------------------------------------- restart
 
@@ -410,22 +452,25 @@ class PartitionJoin:
             else:
                 self._gone_calls[source.seq] = None
 
-    def _sample(self, key: Key, state: _Key, label: float, rate: float) -> pb.Sample:
-        """The key's sample, from the impression it holds."""
+    def _sample(self, key: Key, state: _Key, label: float, rate: float) -> bytes:
+        """The key's sample, serialized, from the impression it holds."""
         source = state.source
         assert source is not None
-        sample = pb.Sample(request_id=key[0], item_id=key[1], label=label, sample_rate=rate)
         if source.impression is not None:
-            sample.event_time, sample.model_version = source.impression.event_time, source.impression.model_version
-            sample.features.MergeFrom(source.impression.features)
-            return sample
-        message = self._parsed.get(source.seq)
-        if message is None:
-            message = self._parsed[source.seq] = pb.Impressions.FromString(source.data)
-        candidate = message.candidates[state.source_idx]
-        sample.event_time, sample.model_version = candidate_time(message, candidate), message.model_version
-        merge_candidate_features(sample.features, message, candidate)
-        return sample
+            impression = source.impression
+            sample = pb.Sample(request_id=key[0], item_id=key[1], label=label, sample_rate=rate,
+                               event_time=impression.event_time, model_version=impression.model_version)  # fmt: skip
+            sample.features.MergeFrom(impression.features)
+            return sample.SerializeToString()
+        call = self._parsed.get(source.seq)
+        if call is None:
+            call = self._parsed[source.seq] = _CallSamples(source.data)
+        message = call.message
+        head = pb.Sample(
+            request_id=key[0], item_id=key[1], label=label, sample_rate=rate, model_version=message.model_version,
+            event_time=candidate_time(message, message.candidates[state.source_idx]),
+        )  # fmt: skip
+        return head.SerializeToString() + call.shared + call.own_features(state.source_idx)
 
     # ---------------------------------------------------------------- windows
 
@@ -482,12 +527,12 @@ class PartitionJoin:
                 self._forgotten[key] = None
 
     def _emit(self, key: Key, state: _Key, label: float, rate: float, decided: _Decided) -> None:
-        sample = self._sample(key, state, label, rate)
+        data = self._sample(key, state, label, rate)
         state.emitted = True
         self._release(state)  # decided: the sample carries what it needs
         self._changed[key] = None
         self.counts["positives" if label else "negatives"] += 1
-        decided.append(((state.first_seq, state.first_idx), sample))
+        decided.append(((state.first_seq, state.first_idx), (data, key[0], key[1], label)))
 
 
 def _check_event(seq: int, kind: str, body: pb.Impression | pb.Action) -> None:
