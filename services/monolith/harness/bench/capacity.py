@@ -183,12 +183,12 @@ def _run_on_stack(stack: StackManifest, view: StackView, client: MonolithClient,
     progress("impression publishing and the joiner alone, on a NATS server of their own")
     with FreshNats(os.path.join(workdir, "stages"), stack.partitions) as nats:
         joiner = JoinerAlone(stack, nats, workdir)
-        joiner.copy_loop_events(last_event, sizes.events_copied)
-        impressions = ImpressionsAlone(stack, nats, workdir, factory)
-        result.update(impressions.measure(alone, CONCURRENCY, sizes.stage_seconds))
-        progress("the joiner alone, interleaved with bare JetStream publishes")
-        joiner.start()
+        joiner.start()  # paused before any event is there: its whole backlog is measured
         try:
+            joiner.copy_loop_events(last_event, sizes.events_copied)
+            impressions = ImpressionsAlone(stack, nats, workdir, factory)
+            result.update(impressions.measure(alone, CONCURRENCY, sizes.stage_seconds))
+            progress("the joiner alone, interleaved with bare JetStream publishes")
             result.update(joiner.measure(sizes.stage_seconds, sizes.bare_seconds))
         finally:
             joiner.stop()
@@ -273,8 +273,8 @@ def _profile_stage(stage: str, stack: StackManifest, workdir: str, sizes: Sizes,
     with FreshNats(os.path.join(workdir, f"profile-{stage}"), stack.partitions) as nats:
         if stage == "joiner":
             joiner = JoinerAlone(stack, nats, workdir, profile=True)
+            joiner.start()  # paused before any event is there: the profile covers its backlog
             joiner.copy_loop_events(last_event, sizes.events_copied)
-            joiner.start()
             return joiner.profile(3 * sizes.stage_seconds)
         measured = ImpressionsAlone(stack, nats, workdir, factory, profile=True).measure(
             alone, CONCURRENCY, sizes.stage_seconds, rounds=2
