@@ -110,21 +110,18 @@ class _CallSamples:
     features serializes to exactly the entries of a sample's.)
     """
 
-    __slots__ = ("message", "shared", "_stripped")
+    __slots__ = ("message", "shared")
 
     def __init__(self, data: bytes) -> None:
         self.message = pb.Impressions.FromString(data)
         shared = pb.Sample()
         shared.features.MergeFrom(self.message.shared_features)
         self.shared = shared.SerializeToString()
-        self._stripped: pb.Impressions | None = None
 
     def own_features(self, idx: int) -> bytes:
         """Candidate `idx`'s own features as a `Sample`'s serialized features field."""
-        if self._stripped is None:
-            self._stripped = pb.Impressions()
-            self._stripped.candidates.MergeFrom(self.message.candidates)
-        candidate = self._stripped.candidates[idx]
+        candidate = pb.Candidate()
+        candidate.CopyFrom(self.message.candidates[idx])
         for field in _CANDIDATE_NON_FEATURES:
             candidate.ClearField(field)
         return candidate.SerializeToString()
