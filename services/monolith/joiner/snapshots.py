@@ -52,7 +52,7 @@ from monolith.joiner.window import PartitionJoin
 from monolith.streams.state_store import StateStore
 
 
-COMPACTION_RATIO = 4  # a new base once the deltas since the last one outweigh it this many times
+COMPACTION_RATIO = 4  # a new base once the deltas since the last one outweigh a new base this many times
 
 
 async def _serialized(parts: Iterator[pb.JoinState], trailer: pb.JoinState) -> tuple[bytes, int]:

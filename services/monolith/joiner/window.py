@@ -30,10 +30,6 @@ Semantics, per (request_id, item_id) key:
   candidate's event time if set, else the message's. A candidate repeated in the message,
   or whose key already had an impression, is a duplicate impression.
 
-Memory: a Predict call's message is kept once, serialized, while any of its keys needs it
-(`_Source`), and expanded into a candidate's impression only when its sample is decided;
-a key itself is a small record. Snapshots save each call once too (`JoinState.calls`),
-the keys pointing into it.
 - An event whose request_id or item_id breaks the id rule (`monolith.streams.ids`: empty,
   too long, not UTF-8, control characters) is refused like an undecodable one, and so is
   an `Impressions` message with no candidates or a time that is not finite, as a whole:
@@ -41,6 +37,11 @@ the keys pointing into it.
   another producer (an older release, a direct NATS client) may have; refusing it here, by
   the event alone, keeps it out of the keys, the snapshots and the samples' headers, and a
   restart decides the same.
+
+Memory: a Predict call's message is kept once, serialized, while any of its keys needs it
+(`_Source`), and made into a candidate's sample only when that is decided;
+a key itself is a small record. Snapshots save each call once too (`JoinState.calls`),
+the keys pointing into it.
 
 Positions: a key's first position is (sequence, candidate index) of its first event (index
 0 for an `Impression` or an action); two keys never share one. A sample's position is
@@ -101,7 +102,7 @@ class Emitted(NamedTuple):
 
 class _CallSamples:
     """A Predict call's message ready to make its candidates' samples from: what every sample
-    shares, serialized once, and each candidate's own features, serialized when first asked.
+    shares, serialized once, and a candidate's own features, serialized when its sample is made.
 
     A sample is its scalar fields, then the shared features, then the candidate's own, as
     bytes joined: a protobuf map parsed from entries repeating a key keeps the last, so the

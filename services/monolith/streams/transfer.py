@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from monolith.streams.config import StreamsConfig
 from monolith.streams.jetstream import connect, ensure_streams
+from monolith.streams.publish import MSG_ID_HEADER, Message, publish_round
 from monolith.streams.reader import OrderedReader, StoredMessage
 
 FETCH_BATCH = 1000
@@ -107,16 +108,11 @@ async def _copy(source: StreamsConfig, target: StreamsConfig, stream: str, subje
                 batch = [m for m in batch if not last_sequence or m.sequence <= last_sequence]
                 if not batch:
                     break
-                futures = [
-                    await js.publish_async(
-                        m.subject, m.data, headers=dict(m.headers) or None, wait_stall=target.timeout
-                    )  # fmt: skip
-                    for m in batch
-                ]
-                acks = await asyncio.gather(*futures, return_exceptions=True)
-                failed = [a for a in acks if isinstance(a, BaseException)]
+                copies = [Message(m.subject, m.data, m.headers.get(MSG_ID_HEADER, f"copy/{m.sequence}"),
+                                  {k: v for k, v in m.headers.items() if k != MSG_ID_HEADER}) for m in batch]  # fmt: skip
+                failed = (await publish_round(js, copies, stream, target.timeout)).failed
                 if failed:
-                    raise RuntimeError(f"{len(failed)} of {len(batch)} copied messages not stored: {failed[0]!r}")
+                    raise RuntimeError(f"{len(failed)} of {len(batch)} copied messages not stored")
                 copied += len(batch)
         finally:
             await reader.close(drop=True)
