@@ -14,6 +14,7 @@ DeepFM (Guo et al. 2017): logit = global bias + sum of per-feature bias terms
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -102,8 +103,8 @@ class DenseModel:
             segments: per feature, int32 [n_ids]: the example of each occurrence.
             labels: float32 [batch], 0 or 1.
         """
-        logits, loss_sum, dense_flat, emb_flat, bias_flat = self._train_step(
-            *self._pack(params, embeddings, biases, segments), labels
+        logits, loss_sum, dense_flat, emb_flat, bias_flat = _call(
+            self._train_step, (*self._pack(params, embeddings, biases, segments), np.asarray(labels, np.float32))
         )
         counts = [len(s) for s in segments]
         dense_grads = np.split(dense_flat.numpy(), np.cumsum(self._sizes)[:-1])
@@ -128,7 +129,7 @@ class DenseModel:
         batch_size: int,
     ) -> np.ndarray:
         """Forward only: float32 [batch] logits."""
-        return self._forward(*self._pack(params, embeddings, biases, segments), np.int32(batch_size)).numpy()
+        return _call(self._forward, (*self._pack(params, embeddings, biases, segments), np.int32(batch_size))).numpy()
 
     def _pack(
         self,
@@ -196,3 +197,14 @@ class DenseModel:
         )
         dense_grads = dense_grads / tf.cast(tf.maximum(batch_size, 1), tf.float32)
         return logits, loss_sum, dense_grads, emb_grads, bias_grads
+
+
+def _call(function: Any, arrays: tuple[np.ndarray, ...]) -> Any:
+    """Runs a concrete function on arrays already of its input dtypes, in its flat order.
+
+    `ConcreteFunction.__call__` binds every argument to its signature and converts it in
+    Python (canonicalize, bind, `TensorSpec.cast`): measured here, a third of a 100-example
+    forward pass and a quarter of a training step. The arrays are the graph's flat inputs
+    already, so they are made tensors and handed to the graph directly.
+    """
+    return function._call_flat([tf.constant(a) for a in arrays], function.captured_inputs)  # noqa: SLF001
