@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from helpers.join_events import action, dislike, event_streams, feed, impression, impressions
 from monolith.api.joiner.v1 import joiner_pb2 as pb
 from monolith.joiner.config import JoinerConfig, keeps_negative
-from monolith.joiner.window import Emitted, PartitionJoin
+from monolith.joiner.window import Emitted, PartitionJoin, _Deadlines
 from monolith.streams.events import expand_impressions
 
 WINDOW, LATENESS = 100.0, 10.0
@@ -354,3 +354,21 @@ def test_a_candidate_has_no_field_a_sample_would_take_for_a_feature() -> None:
     window._CallSamples): a field added to `Candidate` must be cleared there too."""
     assert {f.name for f in pb.Candidate.DESCRIPTOR.fields} == {"item_id", "score", "features", "event_time"}
     assert pb.Candidate.DESCRIPTOR.fields_by_name["features"].number == pb.Sample.DESCRIPTOR.fields_by_name["features"].number
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.floats(0, 100), st.floats(0, 100)), max_size=60))
+def test_deadlines_come_out_in_time_order_whatever_order_they_went_in(steps: list[tuple[bool, float, float]]) -> None:
+    """Pushes (in time order or not) and takes (before a time) interleaved, against a sorted list."""
+    deadlines, model = _Deadlines(), []
+    for n, (push, time, before) in enumerate(steps):
+        if push:
+            deadlines.push((time, n, ("r", str(n))))
+            model.append(time)
+        else:
+            taken = []
+            while (due := deadlines.pop_before(before)) is not None:
+                taken.append(due[0])
+            assert taken == sorted(t for t in model if t < before)
+            model = [t for t in model if t >= before]
+        assert len(deadlines) == len(model)

@@ -60,7 +60,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import math
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
@@ -161,6 +161,45 @@ class _Key:
     forget_time: float = math.inf
 
 
+_Due = tuple[float, int, Key]  # (event time due, the key's first sequence, the key)
+
+
+class _Deadlines:
+    """Keys' deadlines (close or forget times), taken out in time order.
+
+    Within a partition, deadlines mostly come in time order (a window or lateness after
+    events that mostly come in time order, all the candidates of a call at once), so an
+    entry no earlier than the last one queued goes on a FIFO, in O(1); the rest go on a
+    heap. The earliest entry is the earlier of the two heads. Entries may go stale (the
+    key was forgotten, or its deadline moved): the taker checks them against the key.
+    """
+
+    __slots__ = ("_fifo", "_heap")
+
+    def __init__(self) -> None:
+        self._fifo: deque[_Due] = deque()
+        self._heap: list[_Due] = []
+
+    def __len__(self) -> int:
+        return len(self._fifo) + len(self._heap)
+
+    def push(self, entry: _Due) -> None:
+        fifo = self._fifo
+        if not fifo or entry[0] >= fifo[-1][0]:
+            fifo.append(entry)
+        else:
+            heapq.heappush(self._heap, entry)
+
+    def pop_before(self, time: float) -> _Due | None:
+        """Takes out the earliest entry if it is due before `time`, else None."""
+        fifo, heap = self._fifo, self._heap
+        if heap and (not fifo or heap[0][0] < fifo[0][0]):
+            return heapq.heappop(heap) if heap[0][0] < time else None
+        if fifo and fifo[0][0] < time:
+            return fifo.popleft()
+        return None
+
+
 class PartitionJoin:
     """Open windows of one partition, fed events in stream-sequence order.
 
@@ -175,8 +214,8 @@ class PartitionJoin:
         self.counts: Counter[str] = Counter()
         self.last_seq = 0
         self._keys: dict[Key, _Key] = {}
-        self._closing: list[tuple[float, int, Key]] = []  # (close_time, first_seq, key)
-        self._forgetting: list[tuple[float, int, Key]] = []  # (forget_time, first_seq, key)
+        self._closing = _Deadlines()  # (close_time, first_seq, key)
+        self._forgetting = _Deadlines()  # (forget_time, first_seq, key)
         self._open = 0  # keys not closed
         self._calls: dict[int, _Source] = {}  # event sequence -> a call some key holds
         self._parsed: dict[int, _CallSamples] = {}  # calls parsed during one add()
@@ -319,15 +358,17 @@ class PartitionJoin:
                 raise ValueError(f"join state: key {key} needs call {seq}, which is not saved")
             join._hold(join._keys[key], sources[seq], idx)
         join._new_calls = {}
-        # Heaps of the final keys only: an entry per key, none stale.
+        # Deadlines of the final keys only: an entry per key, none stale.
+        closing, forgetting = [], []
         for key, saved in join._keys.items():
             if saved.closed:
-                join._forgetting.append((saved.forget_time, saved.first_seq, key))
+                forgetting.append((saved.forget_time, saved.first_seq, key))
             else:
-                join._closing.append((saved.close_time, saved.first_seq, key))
-        heapq.heapify(join._closing)
-        heapq.heapify(join._forgetting)
-        join._open = len(join._closing)
+                closing.append((saved.close_time, saved.first_seq, key))
+        for entries, deadlines in ((closing, join._closing), (forgetting, join._forgetting)):
+            for entry in sorted(entries):
+                deadlines.push(entry)
+        join._open = len(closing)
         return join
 
     def _load(self, keys: Iterable[pb.JoinKey], held: dict[Key, tuple[int, int]]) -> None:
@@ -388,7 +429,7 @@ class PartitionJoin:
         self._hold(state, source, source_idx)
         state.shown = True
         state.close_time = event_time + self.config.window
-        heapq.heappush(self._closing, (state.close_time, state.first_seq, key))
+        self._closing.push((state.close_time, state.first_seq, key))
         if state.positive:
             self._emit(key, state, 1.0, 1.0, decided)
         elif state.negative:
@@ -406,7 +447,7 @@ class PartitionJoin:
         if state is None:
             state = self._remember(key, seq, 0)
             state.close_time = action.event_time + self.config.window
-            heapq.heappush(self._closing, (state.close_time, state.first_seq, key))
+            self._closing.push((state.close_time, state.first_seq, key))
             self.counts["early_actions"] += 1
         if not (positive or negative):
             return
@@ -481,8 +522,8 @@ class PartitionJoin:
 
     def _close_due(self, decided: _Decided) -> None:
         watermark = self.watermark
-        while self._closing and self._closing[0][0] < watermark:
-            close_time, first_seq, key = heapq.heappop(self._closing)
+        while (due := self._closing.pop_before(watermark)) is not None:
+            close_time, first_seq, key = due
             state = self._keys.get(key)
             # Stale heap entries: the key was forgotten, or its close time moved.
             if state is None or state.closed or state.first_seq != first_seq or state.close_time != close_time:
@@ -510,14 +551,14 @@ class PartitionJoin:
         state.closed = True
         self._release(state)
         state.forget_time = at + self.config.window
-        heapq.heappush(self._forgetting, (state.forget_time, state.first_seq, key))
+        self._forgetting.push((state.forget_time, state.first_seq, key))
         self._open -= 1
         self._changed[key] = None
 
     def _forget_due(self) -> None:
         watermark = self.watermark
-        while self._forgetting and self._forgetting[0][0] < watermark:
-            forget_time, first_seq, key = heapq.heappop(self._forgetting)
+        while (due := self._forgetting.pop_before(watermark)) is not None:
+            forget_time, first_seq, key = due
             state = self._keys.get(key)
             if state is not None and state.first_seq == first_seq and state.forget_time == forget_time:
                 del self._keys[key]
