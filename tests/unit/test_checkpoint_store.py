@@ -3,6 +3,7 @@ survive a writer killed at any point, refuse damaged checkpoints with clear erro
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 
@@ -282,6 +283,41 @@ def test_damaged_checkpoints_are_refused_with_clear_errors(store: CheckpointStor
     fs.rm(store.path(full.id), recursive=True)
     with pytest.raises(CheckpointError, match=f"its parent {full.id} is gone"):
         store.chain()
+
+
+def test_checkpoints_of_format_1_still_restore_and_unknown_formats_are_refused(store: CheckpointStore) -> None:
+    """Format 1 checksummed files with SHA-256; a manifest rewritten that way reads as before."""
+    shards = make_shards(2)
+    train(shards, np.arange(60), 1000.0, seed=11)
+    full = take_checkpoint(store, shards)
+    assert full.format == 2 and all(f.crc32c and f.sha256 is None for f in full.files)
+    manifest_path = store.path(full.id, "manifest.json")
+    current = json.loads(store.fs.cat_file(manifest_path))
+
+    old = json.loads(json.dumps(current))
+    old["format"] = 1
+    for entry in [*old["shards"], old["dense"]]:
+        del entry["crc32c"]
+        entry["sha256"] = hashlib.sha256(store.fs.cat_file(store.path(full.id, entry["file"]))).hexdigest()
+    store.fs.pipe_file(manifest_path, json.dumps(old).encode())
+    assert [m.id for m in store.verify()] == [full.id]
+    assert live_rows(restored_rows(store, store.chain(), 3)) == live_rows(shards)
+    # A flipped byte is caught by the old checksum too.
+    path = store.path(full.id, full.shards[0].file)
+    data = bytearray(store.fs.cat_file(path))
+    data[len(data) // 2] ^= 0x01
+    store.fs.pipe_file(path, bytes(data))
+    with pytest.raises(CheckpointError, match="shard-00000.rows does not match its checksum"):
+        store.verify()
+
+    newer = dict(current, format=3)
+    store.fs.pipe_file(manifest_path, json.dumps(newer).encode())
+    with pytest.raises(CheckpointError, match=r"manifest format 3; this version reads formats 1, 2"):
+        store.load(full.id)
+    mixed = dict(current, format=1)  # format 1 with CRC32C entries: not a manifest any version wrote
+    store.fs.pipe_file(manifest_path, json.dumps(mixed).encode())
+    with pytest.raises(CheckpointError, match="format 1 checksums files with sha256"):
+        store.load(full.id)
 
 
 def test_a_local_directory_works_the_same(tmp_path: pytest.TempPathFactory) -> None:

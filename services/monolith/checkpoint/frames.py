@@ -4,20 +4,19 @@ Layout (all little-endian): the 8 bytes MAGIC, then frames. A frame is a uint32 
 length, a JSON header `{"table", "rows", "width", "deleted"}`, then the arrays: ids int64
 [rows], values float32 [rows, width], update times uint32 [rows], deleted ids int64
 [deleted]. Arrays are written as raw bytes straight from numpy, so writing costs what the
-disk costs; the sha256 of everything written is kept on the way for the manifest.
+disk costs; the CRC32C of everything written is kept on the way for the manifest.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import struct
-import threading
 from typing import IO, Iterator
 
 import numpy as np
 
+from monolith.checkpoint.checksums import CRC32C, Checksum
 from monolith.checkpoint.errors import CheckpointError
 from monolith.embedding.table import RowBatch
 
@@ -35,42 +34,22 @@ class Frame:
     deleted_ids: np.ndarray
 
 
-class HashingWriter:
-    """Writes to a binary file, counting bytes and hashing them (sha256) on the way.
-
-    A large buffer is hashed on a helper thread while this one writes it: hashlib and file
-    writes both release the GIL, so a write costs about the slower of the two instead of
-    their sum (sha256 runs at about the speed of a write to the page cache). One buffer is
-    in flight at a time, so the hash sees the bytes in order.
-    """
-
-    OVERLAP_BYTES = 1 << 16  # smaller buffers are hashed inline: a thread costs more than it saves
+class ChecksumWriter:
+    """Writes to a binary file, counting bytes and checksumming them (CRC32C) on the way."""
 
     def __init__(self, f: IO[bytes]) -> None:
         self._f = f
-        self._hash = hashlib.sha256()
-        self._hashing: threading.Thread | None = None
+        self._checksum = Checksum(CRC32C)
         self.bytes = 0
 
     def write(self, data: bytes | memoryview) -> None:
-        self._wait()
-        if len(data) < self.OVERLAP_BYTES:
-            self._hash.update(data)
-        else:
-            self._hashing = threading.Thread(target=self._hash.update, args=(data,), name="checkpoint-sha256")
-            self._hashing.start()
+        self._checksum.update(data)
         self._f.write(data)
         self.bytes += len(data)
 
-    def _wait(self) -> None:
-        if self._hashing is not None:
-            self._hashing.join()
-            self._hashing = None
-
     @property
-    def sha256(self) -> str:
-        self._wait()
-        return self._hash.hexdigest()
+    def crc32c(self) -> str:
+        return self._checksum.hexdigest()
 
 
 class RowFileWriter:
@@ -82,7 +61,7 @@ class RowFileWriter:
     """
 
     def __init__(self, f: IO[bytes]) -> None:
-        self._out = HashingWriter(f)
+        self._out = ChecksumWriter(f)
         self._out.write(MAGIC)
         self.rows = 0
         self.deleted = 0
@@ -105,8 +84,8 @@ class RowFileWriter:
         return self._out.bytes
 
     @property
-    def sha256(self) -> str:
-        return self._out.sha256
+    def crc32c(self) -> str:
+        return self._out.crc32c
 
 
 def read_frames(data: bytes, where: str) -> Iterator[Frame]:

@@ -3,8 +3,11 @@
 A checkpoint is a directory `<root>/ckpt-<id>/` of data files and `manifest.json`. The
 manifest is written only after every data file is closed, and atomically (a rename on a
 local disk; one object PUT on object stores), so a directory without a manifest is an
-unfinished checkpoint and is never read. Checksums (sha256) and sizes of every file let a
-restore (and `monolith checkpoint verify`) refuse a damaged one.
+unfinished checkpoint and is never read. Checksums and sizes of every file let a restore
+(and `monolith checkpoint verify`) refuse a damaged one.
+
+Formats: 2 (written now) checksums files with CRC32C; 1 (written before) with SHA-256,
+and is still read. A manifest of any other format is refused with one line saying so.
 
 Incremental checkpoints name their parent (the previous checkpoint) and their base (the
 full checkpoint the chain starts from); a restore applies the base, then every
@@ -21,9 +24,12 @@ import pydantic
 from pydantic import Field
 
 from monolith.common.config import LIST_AS_TUPLE, ConfigModel
+from monolith.checkpoint.checksums import CRC32C, SHA256
 from monolith.checkpoint.errors import CheckpointError
 
-FORMAT = 1
+FORMAT = 2
+READABLE_FORMATS = (1, 2)
+_FORMAT_CHECKSUM = {1: SHA256, 2: CRC32C}  # the checksum each format's files carry
 MANIFEST_NAME = "manifest.json"
 _ID = re.compile(r"^ckpt-(\d{8})$")
 
@@ -45,12 +51,25 @@ class FileEntry(ConfigModel):
     Attributes:
         file: its name inside the checkpoint's directory.
         bytes: its size.
-        sha256: hex digest of its bytes.
+        crc32c: the CRC32C of its bytes, 8 hex digits (format 2).
+        sha256: the SHA-256 of its bytes, 64 hex digits (format 1); exactly one of the two.
     """
 
     file: Annotated[str, Field(min_length=1)]
     bytes: Annotated[int, Field(ge=0)]
-    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    crc32c: Annotated[str, Field(pattern=r"^[0-9a-f]{8}$")] | None = None
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
+
+    @pydantic.model_validator(mode="after")
+    def _one_checksum(self) -> FileEntry:
+        if (self.crc32c is None) == (self.sha256 is None):
+            raise ValueError(f"file {self.file}: expected exactly one checksum, crc32c or sha256")
+        return self
+
+    @property
+    def checksum(self) -> tuple[str, str]:
+        """(kind, hex digest) of the file's checksum."""
+        return (CRC32C, self.crc32c) if self.crc32c is not None else (SHA256, self.sha256)  # type: ignore[return-value]
 
 
 class ShardEntry(FileEntry):
@@ -90,7 +109,7 @@ class Manifest(ConfigModel):
     """What one checkpoint holds.
 
     Attributes:
-        format: the manifest format (FORMAT).
+        format: the manifest format: FORMAT when written now, or 1 (SHA-256 checksums).
         id: the checkpoint's directory name, "ckpt-<8 digits>".
         kind: "full" or "incremental".
         parent: the previous checkpoint of the chain (incrementals only).
@@ -105,7 +124,7 @@ class Manifest(ConfigModel):
         pause_seconds: how long training was paused for the cut.
     """
 
-    format: Literal[1] = FORMAT
+    format: Literal[1, 2] = FORMAT
     id: Annotated[str, Field(pattern=r"^ckpt-\d{8}$")]
     kind: Literal["full", "incremental"]
     parent: str | None = None
@@ -124,6 +143,10 @@ class Manifest(ConfigModel):
                 f"shards: expected one entry per shard 0..{self.num_shards - 1}, got indices "
                 f"{[s.index for s in self.shards]}"
             )
+        wanted = _FORMAT_CHECKSUM[self.format]
+        for entry in self.files:
+            if entry.checksum[0] != wanted:
+                raise ValueError(f"format {self.format} checksums files with {wanted}; {entry.file} has {entry.checksum[0]}")
         if self.kind == "full" and (self.parent is not None or self.base != self.id):
             raise ValueError("a full checkpoint has no parent and is its own base")
         if self.kind == "incremental" and (self.parent is None or self.base == self.id):
@@ -142,7 +165,7 @@ class Manifest(ConfigModel):
         return [*self.shards, *([self.dense] if self.dense else [])]
 
     def to_json(self) -> bytes:
-        return json.dumps(self.model_dump(mode="json"), indent=1, sort_keys=True).encode()
+        return json.dumps(self.model_dump(mode="json", exclude_none=True), indent=1, sort_keys=True).encode()
 
 
 def parse_manifest(data: bytes, where: str) -> Manifest:
@@ -157,8 +180,11 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
         raise CheckpointError(f"{where}: the manifest is not valid JSON ({exc}); the checkpoint is damaged") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{where}: the manifest is not a JSON object; the checkpoint is damaged")
-    if raw.get("format") not in (None, FORMAT):
-        raise CheckpointError(f"{where}: manifest format {raw.get('format')!r}; this version reads format {FORMAT}")
+    if raw.get("format", FORMAT) not in READABLE_FORMATS:
+        raise CheckpointError(
+            f"{where}: manifest format {raw.get('format')!r}; this version reads formats "
+            f"{', '.join(map(str, READABLE_FORMATS))}"
+        )
     try:
         return Manifest.model_validate_json(data)
     except pydantic.ValidationError as exc:

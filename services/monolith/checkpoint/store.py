@@ -10,7 +10,6 @@ either a complete checkpoint or a directory without a manifest, which nothing re
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import logging
 import os
@@ -23,6 +22,7 @@ import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
+from monolith.checkpoint.checksums import CRC32C, checksum
 from monolith.checkpoint.errors import CheckpointError, CheckpointNotFound, StorageUnavailable
 from monolith.checkpoint.frames import Frame, RowFileWriter, read_frames
 from monolith.checkpoint.manifest import (
@@ -183,7 +183,8 @@ class CheckpointStore:
             data = self.fs.cat_file(path)
         if len(data) != entry.bytes:
             raise CheckpointError(f"checkpoint {manifest.id}: {file} has {len(data)} bytes, the manifest says {entry.bytes}")
-        if hashlib.sha256(data).hexdigest() != entry.sha256:
+        kind, expected = entry.checksum
+        if checksum(kind, data) != expected:
             raise CheckpointError(f"checkpoint {manifest.id}: {file} does not match its checksum; it is damaged")
         return data
 
@@ -332,7 +333,7 @@ class CheckpointWriter:
                 yield out
             self.store.sync(self.store.path(self.id, name))
         w = out.writer
-        self._shards[index] = ShardEntry(file=name, bytes=w.bytes, sha256=w.sha256, index=index,
+        self._shards[index] = ShardEntry(file=name, bytes=w.bytes, crc32c=w.crc32c, index=index,
                                          incarnation=incarnation, version=out.version, since_version=since_version,
                                          rows=w.rows, deleted=w.deleted)  # fmt: skip
 
@@ -349,7 +350,7 @@ class CheckpointWriter:
             with self.store.fs.open(self.store.path(self.id, name), "wb") as f:
                 f.write(data)
             self.store.sync(self.store.path(self.id, name))
-        self._dense = DenseEntry(file=name, bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
+        self._dense = DenseEntry(file=name, bytes=len(data), crc32c=checksum(CRC32C, data),
                                  version=version, incarnation=incarnation)  # fmt: skip
 
     def commit(self, stream: dict[str, Any] | None = None, pause_seconds: float = 0.0) -> Manifest:
