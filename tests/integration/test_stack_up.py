@@ -100,6 +100,7 @@ def _run_up(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str
         (["--partitions", "0"], "argument --partitions: input should be greater than or equal to 1, got 0"),
         (["--serving-port", "70000"], "argument --serving-port: must be in 0..65535"),
         (["--sync-interval", "0"], "argument --sync-interval: must be a number of seconds > 0"),
+        (["--checkpoint-interval", "-5"], "argument --checkpoint-interval: must be a finite number of seconds >= 0, got '-5'"),
         (["--nats-port", "4222", "--joiner-port", "4222"], "--nats-port, --joiner-port and --serving-port must differ"),
     ],
 )

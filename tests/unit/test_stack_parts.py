@@ -26,7 +26,8 @@ from monolith.harness.stack.parts import (
 )
 from monolith.harness.stack.supervisor import Supervisor
 
-SETTINGS = StackSettings(data_dir="/data/stack", config="/conf/model.yaml", partitions=4, sync_interval=0.5)
+SETTINGS = StackSettings(data_dir="/data/stack", config="/conf/model.yaml", partitions=4, sync_interval=0.5,
+                         checkpoint_interval=12.5)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +159,7 @@ def test_the_controller_restores_the_training_shards_and_the_dense_ps_and_pauses
     trainer = parse_as_role(parts[TRAINER])
 
     assert args.storage == os.path.join(SETTINGS.data_dir, "checkpoints")
+    assert args.interval == SETTINGS.checkpoint_interval
     assert args.embedding_ps == ",".join(parts[training_shard(i)].address for i in range(SHARDS))
     assert args.dense_ps == parts[DENSE_PS].address
     assert args.trainers == f"127.0.0.1:{trainer.control_port}" and trainer.start_paused

@@ -63,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="partitions of the EVENTS and SAMPLES streams (default %(default)s)")  # fmt: skip
     parser.add_argument("--sync-interval", type=positive_seconds, default=1.0,
                         help="seconds between train-to-serve syncs of embeddings and dense parameters (default 1)")  # fmt: skip
+    parser.add_argument("--checkpoint-interval", type=positive_seconds, default=StackSettings.checkpoint_interval,
+                        help="seconds between the controller's checkpoints: the most a restore rolls back "
+                        "(default %(default)g)")  # fmt: skip
     parser.add_argument("--join-window", type=positive_seconds, default=None,
                         help="the joiner's window, event-time seconds an impression waits for its action "
                         "(default: the joiner's)")  # fmt: skip
@@ -145,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
         log_level=args.log_level.upper(),
         join_window=args.join_window,
         join_lateness=args.join_lateness,
+        checkpoint_interval=args.checkpoint_interval,
     )
     if args.fresh:
         for directory in (settings.nats_dir, settings.logs_dir):
