@@ -157,6 +157,8 @@ def test_recovery_benchmark() -> None:
     # A training shard was killed mid-stream and restored; nothing lost or applied twice,
     # serving kept its rows throughout (correctness, so asserted here, unlike speed).
     assert result["recovery_s"] > 0 and result["restores"] >= 1
+    # The restore undid what was trained after its cut: counted, and at most what was trained.
+    assert 0 <= result["rollback_samples"] <= result["events"] and result["checkpoint_interval_s"] == 30
     assert result["updates_lost"] == 0 and result["updates_applied_twice"] == 0
     assert result["serving_rows_min_ratio"] >= 0.99
     assert result["samples_lost"] == 0 and result["samples_duplicated"] == 0
@@ -173,5 +175,6 @@ def test_recovery_benchmark() -> None:
         "abs(auc_with_failure-auc_undisturbed)<=0.005", "updates_lost==0", "updates_applied_twice==0",
         "serving_rows_min_ratio>=0.99", "full_write_mb_per_s>=0.5*disk_write_mb_per_s",
         "incremental_bytes<=1.2*changed_rows*row_bytes", "max_training_pause_s<=2",
+        "rollback_samples<=checkpoint_interval_s*events_per_s*1.5",
     }  # fmt: skip
     _assert_missed_bars_are_explained(result)

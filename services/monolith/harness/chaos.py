@@ -206,6 +206,10 @@ class ChaosResult:
         serving_rows_min_ratio: the fewest rows any serving shard held from the kill until
             recovery, over its rows just before the kill.
         trainer_examples_at_kill: the trainer's examples_total read just before the kill.
+        rollback_samples: samples applied and acknowledged after the restored checkpoint's
+            cut, which the restores undid and the stream delivers again (the controller's
+            monolith_controller_samples_rolled_back_total over the failure); None without
+            the controller's metrics.
     """
 
     part: str
@@ -216,6 +220,7 @@ class ChaosResult:
     restores: int
     serving_rows_min_ratio: float
     trainer_examples_at_kill: float | None
+    rollback_samples: int | None = None
 
     @property
     def recovered(self) -> bool:
@@ -228,6 +233,9 @@ def _wait(condition: Callable[[], bool], deadline: float, stop: threading.Event 
             return False
         time.sleep(POLL)
     return True
+
+
+ROLLED_BACK = "monolith_controller_samples_rolled_back_total"
 
 
 def inject(manifest: StackManifest, part: str, delay: tuple[float, float] = (2.0, 10.0), timeout: float = 180.0,
@@ -270,6 +278,7 @@ def inject(manifest: StackManifest, part: str, delay: tuple[float, float] = (2.0
     checkins = metric_sum(controller_url, "monolith_controller_trainer_checkins") if controller_url else None
     rows = ServingRows(list(manifest.serving_shards)).start()
     examples = metric_sum(trainer_url, "monolith_trainer_examples") if trainer_url else None
+    rolled_back = metric_sum(controller_url, ROLLED_BACK) if controller_url else None
     killed_at = time.monotonic()
     os.kill(pids[0], signal.SIGKILL)
     deadline = killed_at + timeout
@@ -294,7 +303,11 @@ def inject(manifest: StackManifest, part: str, delay: tuple[float, float] = (2.0
     restores = (
         int(restores_after - restores_before) if restores_after is not None and restores_before is not None else 0
     )
-    return ChaosResult(part, pids[0], new[0] if new else None, killed_at - started, recovery, restores, ratio, examples)
+    rollback = None
+    if rolled_back is not None:
+        rollback = int((metric_sum(controller_url, ROLLED_BACK) or 0) - rolled_back)  # type: ignore[arg-type]
+    return ChaosResult(part, pids[0], new[0] if new else None, killed_at - started, recovery, restores, ratio, examples,
+                       rollback)  # fmt: skip
 
 
 def lineage(manifest: StackManifest) -> Lineage | None:

@@ -20,7 +20,10 @@ online trainer consumes the stream. Reported:
   synced to the device),
   medians of 5 interleaved rounds after a warm-up; `incremental_bytes` of an incremental
   checkpoint after `CHANGED_ROWS` rows changed, against `changed_rows * row_bytes`;
-- `max_training_pause_s`: the longest training pause of any checkpoint either stack took.
+- `max_training_pause_s`: the longest training pause of any checkpoint either stack took;
+- `rollback_samples`: samples the restore undid, which the trainer learned from again
+  (the controller's count), against `checkpoint_interval_s` x the replay's events/s (one
+  sample per event).
 
 `bars_met` checks exactly the issue's bars; `limits` holds the figures behind a missed one.
 """
@@ -61,6 +64,7 @@ CHANGED_ROWS = 10_000
 DIM = 16
 ROUNDS = 5
 DRAIN_TIMEOUT = 300.0
+CHECKPOINT_INTERVAL = 30.0  # the stacks' `monolith up --checkpoint-interval`: what bounds a rollback
 
 BARS: dict[str, Callable[[dict[str, Any]], bool]] = {
     "abs(auc_with_failure-auc_undisturbed)<=0.005":
@@ -72,6 +76,8 @@ BARS: dict[str, Callable[[dict[str, Any]], bool]] = {
     "incremental_bytes<=1.2*changed_rows*row_bytes":
         lambda r: r["incremental_bytes"] <= 1.2 * r["changed_rows"] * r["row_bytes"],
     "max_training_pause_s<=2": lambda r: r["max_training_pause_s"] <= 2.0,
+    "rollback_samples<=checkpoint_interval_s*events_per_s*1.5":
+        lambda r: r["rollback_samples"] <= r["checkpoint_interval_s"] * r["speed"] * 1.5,
 }  # fmt: skip
 
 
@@ -83,7 +89,7 @@ def _replay(options: ReplayOptions, kill: tuple[float, float] | None, seed: int)
     """One replay through a fresh stack; with `kill`, training shard 0 is SIGKILLed at a random moment in it."""
     with tempfile.TemporaryDirectory(prefix="monolith-bench-recovery-") as data_dir:
         up_args = (*FREE_PORTS, "--join-window", f"{JOIN_WINDOW:g}", "--join-lateness", f"{JOIN_LATENESS:g}",
-                   "--sync-interval", f"{SYNC_INTERVAL:g}")  # fmt: skip
+                   "--sync-interval", f"{SYNC_INTERVAL:g}", "--checkpoint-interval", f"{CHECKPOINT_INTERVAL:g}")  # fmt: skip
         local = LocalStack(data_dir, up_args=up_args)
         try:
             manifest = local.start(300)
@@ -206,6 +212,10 @@ def _limits(bar: str, r: dict[str, Any]) -> list[str]:
                 "byte is checksummed for the manifest as it is written)"]  # fmt: skip
     if "incremental" in bar:
         return [f"{r['incremental_bytes']} bytes for {r['incremental_rows']} rows of {r['row_bytes']} bytes"]
+    if "rollback" in bar:
+        return [f"{r['rollback_samples']} samples undid by {r['restores']} restore(s), checkpoints every "
+                f"{r['checkpoint_interval_s']:g} s at {r['speed']:g} events/s; the kill came {r['killed_after_s']} s "
+                "into online training"]  # fmt: skip
     return [f"checkpoint pauses (s): {r['training_pauses_s']}"]
 
 
@@ -237,6 +247,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "checkpoints": len(pauses),
         "killed_after_s": chaos.waited_s if chaos else None,
         "restores": chaos.restores if chaos else None,
+        "rollback_samples": chaos.rollback_samples if chaos else None,
+        "checkpoint_interval_s": CHECKPOINT_INTERVAL,
         "chaos": {k: v for k, v in vars(chaos).items()} if chaos else disturbed["chaos_error"],
         "lineage": vars(state) if state else None,
         "events": disturbed["replay"]["events"],
