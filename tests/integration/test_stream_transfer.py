@@ -18,10 +18,14 @@ from monolith.streams.readback import read_stream
 from monolith.streams.transfer import copy_head, head
 
 PARTITIONS = 2
+# Room for EVENTS, SAMPLES and BARE once each at their default limits, and not for a stream's
+# limit reserved twice: the tests do not depend on this machine's free disk, and setting up a
+# stream that exists must not reserve its storage again (it once failed CI on a smaller disk).
+STORE_BYTES = 2 * StreamsConfig().samples_max_bytes + StreamsConfig().events_max_bytes + (1 << 30)
 
 
 def _server(directory) -> Iterator[StreamsConfig]:
-    with NatsServer(str(directory / "nats"), log_path=str(directory / "nats.log")) as server:
+    with NatsServer(str(directory / "nats"), log_path=str(directory / "nats.log"), max_store_bytes=STORE_BYTES) as server:
         yield StreamsConfig(url=server.url, partitions=PARTITIONS, timeout=5.0)
 
 
@@ -76,7 +80,8 @@ def test_bare_publisher_stores_copies_with_fresh_ids_and_reports_a_rate(source: 
     assert stored[3].data == templates[3].data and stored[3].headers["src-seq"] == "3"
     assert stored[3].subject == "bare.1"
     assert bare.message_bytes > len(templates[0].data)
-    with BarePublisher(source, "BARE", templates):  # opening again starts from an empty stream
-        assert read_stream(source, "BARE") == []
+    for _ in range(2):  # opening again starts from an empty stream, within the store's limit
+        with BarePublisher(source, "BARE", templates):
+            assert read_stream(source, "BARE") == []
     with pytest.raises(ValueError):
         BarePublisher(source, "BARE", [])

@@ -16,10 +16,8 @@ import itertools
 import time
 from collections.abc import Sequence
 
-import nats.js.errors
-
 from monolith.streams.config import SAMPLES_STREAM, StreamsConfig
-from monolith.streams.jetstream import BackgroundLoop, Connection, connect, stream_configs
+from monolith.streams.jetstream import BackgroundLoop, Connection, connect, ensure_stream, stream_configs
 from monolith.streams.publish import MSG_ID_HEADER, Message, publish_round
 from monolith.streams.reader import StoredMessage
 
@@ -65,10 +63,7 @@ class BarePublisher:
         js = self._nc.jetstream(timeout=self._config.timeout)
         like = next(c for c in stream_configs(self._config) if c.name == SAMPLES_STREAM)
         wanted = dataclasses.replace(like, name=self.name, subjects=[f"{self.name.lower()}.*"], description=None)
-        try:
-            await js.add_stream(wanted)
-        except nats.js.errors.BadRequestError:  # it exists already: make it match
-            await js.update_stream(wanted)
+        await ensure_stream(js, wanted)
         await js.purge_stream(self.name)
 
     def round(self, seconds: float) -> float:

@@ -125,16 +125,26 @@ def stream_configs(config: StreamsConfig) -> list[StreamConfig]:
 async def ensure_streams(js: JetStreamContext, config: StreamsConfig) -> None:
     """Creates both streams, or updates their limits to the config's; safe to repeat."""
     for wanted in stream_configs(config):
+        await ensure_stream(js, wanted)
+
+
+async def ensure_stream(js: JetStreamContext, wanted: StreamConfig) -> None:
+    """Creates stream `wanted`, or updates an existing one to its config; safe to repeat.
+
+    An existing stream is looked up first and updated, never added again: the server counts
+    an add's `max_bytes` against its storage before it notices the stream exists, so adding
+    an existing 4 GiB stream can fail with "insufficient storage resources" on a small disk.
+    """
+    try:
+        await js.stream_info(wanted.name)  # type: ignore[arg-type]
+    except nats.js.errors.NotFoundError:
         try:
-            await js.stream_info(wanted.name)  # type: ignore[arg-type]
-        except nats.js.errors.NotFoundError:
-            try:
-                await js.add_stream(wanted)
-                _LOGGER.info("created stream %s", wanted.name)
-                continue
-            except nats.js.errors.BadRequestError:
-                pass  # another process created it first: update below
-        await js.update_stream(wanted)
+            await js.add_stream(wanted)
+            _LOGGER.info("created stream %s", wanted.name)
+            return
+        except nats.js.errors.BadRequestError:
+            pass  # another process created it first: update below
+    await js.update_stream(wanted)
 
 
 class BackgroundLoop:

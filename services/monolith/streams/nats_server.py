@@ -47,10 +47,14 @@ class NatsServer:
         port: client port (0: a free one).
         monitor_port: HTTP monitoring port (0: a free one); /healthz answers once ready.
         log_path: file for the server's output (None: discarded).
+        max_store_bytes: JetStream's file storage limit (None: the server's default, 75% of the
+            free disk); streams' `max_bytes` are reserved against it when they are created.
     """
 
-    def __init__(self, data_dir: str, port: int = 0, monitor_port: int = 0, log_path: str | None = None) -> None:
+    def __init__(self, data_dir: str, port: int = 0, monitor_port: int = 0, log_path: str | None = None,
+                 max_store_bytes: int | None = None) -> None:  # fmt: skip
         self.data_dir = data_dir
+        self.max_store_bytes = max_store_bytes
         self.port = port or _free_port()
         self.monitor_port = monitor_port or _free_port()
         self.log_path = log_path
@@ -62,8 +66,11 @@ class NatsServer:
 
     def args(self) -> list[str]:
         """The command line (the local stack supervises it like any other process)."""
+        limits = []
+        if self.max_store_bytes is not None:  # only a config file sets it; the flags below override the rest
+            limits = ["--config", os.path.join(self.data_dir, "limits.conf")]
         return [
-            nats_server_binary(), "--jetstream", "--store_dir", self.data_dir,
+            nats_server_binary(), *limits, "--jetstream", "--store_dir", self.data_dir,
             "--addr", "127.0.0.1", "--port", str(self.port),
             "--http_port", str(self.monitor_port), "--server_name", "monolith-local",
         ]  # fmt: skip
@@ -71,6 +78,9 @@ class NatsServer:
     def start(self, timeout: float = 30.0) -> NatsServer:
         """Starts the server and waits until JetStream is ready."""
         os.makedirs(self.data_dir, exist_ok=True)
+        if self.max_store_bytes is not None:
+            with open(os.path.join(self.data_dir, "limits.conf"), "w") as f:
+                f.write(f"jetstream {{ max_file_store: {self.max_store_bytes} }}\n")
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         try:
             self.process = subprocess.Popen(self.args(), stdout=out, stderr=subprocess.STDOUT)
