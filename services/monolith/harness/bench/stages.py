@@ -151,10 +151,20 @@ def wait_for_metric(url: str, name: str, ok: Callable[[float], bool], timeout: f
 
 
 class FreshNats:
-    """A NATS server of this benchmark's own, with its store under `directory`."""
+    """A NATS server of this benchmark's own, with its store under `directory`.
+
+    Its storage limit holds four streams at the default limits (EVENTS, SAMPLES and the two
+    bare-publish streams), whatever the disk's free space: the server would otherwise allow 75%
+    of it, and refuse to create the fourth stream on a disk with less than about 23 GB free.
+    """
+
+    STREAMS = 4
 
     def __init__(self, directory: str, partitions: int) -> None:
-        self.server = NatsServer(os.path.join(directory, "nats"), log_path=os.path.join(directory, "nats.log"))
+        defaults = StreamsConfig()
+        limit = self.STREAMS * max(defaults.events_max_bytes, defaults.samples_max_bytes) + (1 << 30)
+        self.server = NatsServer(os.path.join(directory, "nats"), log_path=os.path.join(directory, "nats.log"),
+                                 max_store_bytes=limit)  # fmt: skip
         self.partitions = partitions
 
     @property
