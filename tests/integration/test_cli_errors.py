@@ -44,9 +44,9 @@ def _run(*args: str, timeout: float = 120) -> tuple[int, str]:
     return proc.returncode, proc.stderr
 
 
-def _assert_one_line(role: str, returncode: int, stderr: str, *fragments: str) -> None:
+def _assert_one_line(role: str, returncode: int, stderr: str, *fragments: str, code: int = 1) -> None:
     lines = stderr.strip().splitlines()
-    assert returncode == 1, stderr
+    assert returncode == code, stderr
     assert len(lines) == 1, stderr
     assert lines[0].startswith(f"monolith {role}: "), stderr
     for fragment in fragments:
@@ -98,3 +98,11 @@ def test_a_trainer_with_no_embedding_ps_is_one_line_and_exit_1(dead_port: int) -
         dense.stop(grace=0)
 
     _assert_one_line("trainer", returncode, stderr, f"embedding-PS shard 0 (127.0.0.1:{dead_port})", "UNAVAILABLE")
+
+
+def test_a_joiner_quality_window_out_of_range_is_one_line_and_exit_2(dead_port: int) -> None:
+    returncode, stderr = _run("joiner", "--nats", f"nats://127.0.0.1:{dead_port}", "--quality-window", "5",
+                              "--port", "0", "--metrics-port", "0")  # fmt: skip
+
+    _assert_one_line("joiner", returncode, stderr, "invalid config: quality_window", "greater than or equal to 100",
+                     code=2)  # fmt: skip

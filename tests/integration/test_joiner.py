@@ -15,21 +15,24 @@ from collections import Counter
 from collections.abc import Iterator
 
 import grpc
+import numpy as np
 import pytest
 
 from helpers.streams import event_message, publish, read_stream
 from helpers.streams import read_samples as read_samples_with_messages
+from helpers.metrics import metrics_url, poll_metrics, read_metrics
 from helpers.waiting import wait_for
 from monolith.api.joiner.v1 import joiner_pb2 as pb
 from monolith.api.joiner.v1 import joiner_pb2_grpc as pb_grpc
 from monolith.common import failpoints
-from monolith.common.process import RoleProcess, start_role, wait_healthy
+from monolith.common.process import RoleProcess, free_port, start_role, wait_healthy
 from monolith.joiner import metrics
 from monolith.joiner.config import JoinerConfig
 from monolith.joiner.partition import STATE_BUCKET, sample_position
 from monolith.joiner.runtime import JoinerRuntime
 from monolith.joiner.snapshots import Snapshots
 from monolith.joiner.window import PartitionJoin
+from monolith.model.quality import auc
 from monolith.streams.config import (
     EVENTS_STREAM,
     SAMPLES_STREAM,
@@ -412,3 +415,37 @@ def test_hostile_events_are_skipped_and_the_clean_traffic_behind_them_still_beco
         runtime.stop()
     for message, sample in read_samples_with_messages(config):
         assert message.headers["Nats-Msg-Id"] == f"smp/{sample.request_id}/{sample.item_id}"
+
+
+def test_the_joiner_exports_the_served_models_quality_from_the_samples_it_publishes(nats: NatsServer, tmp_path) -> None:
+    calls, candidates = 60, 10
+    # Candidate j of call k was served score j/10; the user clicks the higher-scored ones
+    # more often (j >= 7, and j == 2 on every fifth call), each 30 s (event time) after the call.
+    clicked = {(f"c{k}", f"m{j}") for k in range(calls) for j in range(candidates) if j >= 7 or (j == 2 and k % 5 == 0)}
+    events = [event_message(pb.Event(action=pb.Action(request_id=r, item_id=i, kind="click", label=1.0,
+                                                      event_time=T0 + int(r[1:]) + 30.0)), PARTITIONS)
+              for r, i in sorted(clicked)]  # fmt: skip
+    flush = [event_message(pb.Event(impression=imp), PARTITIONS) for imp in flush_impressions(T0 + calls)]
+    publish(streams(nats), [call_message(k, candidates) for k in range(calls)] + events + flush)
+    metrics_port = free_port()
+    joiner = RoleProcess(["--log-level", "WARNING", *joiner_args(nats), "--host", "127.0.0.1", "--port", str(free_port()),
+                          "--metrics-port", str(metrics_port), "--quality-window", "1000"], str(tmp_path / "joiner.log"))  # fmt: skip
+    try:
+        url = metrics_url(metrics_port)
+        wait_for(lambda: poll_metrics(url).sum("monolith_joiner_quality_samples") >= calls * candidates,
+                 "every call's samples in the quality window", 60)  # fmt: skip
+        page = read_metrics(url)
+    finally:
+        joiner.stop()
+
+    samples = [s for s in read_samples(nats) if s.request_id.startswith("c")]
+    assert len(samples) == calls * candidates
+    labels = np.array([s.label for s in samples])
+    scores = np.array([int(s.item_id[1:]) / candidates for s in samples], dtype=np.float32)
+    assert page.sum("monolith_joiner_served_auc") == pytest.approx(auc(labels, scores))
+    assert page.sum("monolith_joiner_positive_rate") == pytest.approx(len(clicked) / (calls * candidates))
+    assert page.sum("monolith_joiner_calibration_ratio") == pytest.approx(scores.mean() / labels.mean(), rel=1e-6)
+    assert page.sum("monolith_joiner_label_delay_seconds_count") == len(clicked)
+    assert page.sum("monolith_joiner_label_delay_seconds_sum") == pytest.approx(30.0 * len(clicked))
+    assert page.sum("monolith_joiner_label_delay_seconds_bucket", le="15.0") == 0
+    assert page.sum("monolith_joiner_label_delay_seconds_bucket", le="30.0") == len(clicked)

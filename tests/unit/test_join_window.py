@@ -372,3 +372,23 @@ def test_deadlines_come_out_in_time_order_whatever_order_they_went_in(steps: lis
             assert taken == sorted(t for t in model if t < before)
             model = [t for t in model if t >= before]
         assert len(deadlines) == len(model)
+
+
+def test_a_sample_decided_carries_its_served_score_sampling_rate_and_label_delay() -> None:
+    join = PartitionJoin(config(negative_sample_rate=1.0))
+    feed(join, [impressions("r1", 1000.0, ["a", "b", "c"], times=[None, 1004.0])])
+    [clicked] = join.add(2, action("r1", 1030.0, item="b"))  # shown at its own time, 1004
+    assert (clicked.score, clicked.sample_rate, clicked.label_delay) == (0.25, 1.0, 26.0)
+    [early] = feed(join, [action("r2", 1040.0), impression("r2", 1041.0)], first_seq=3)
+    assert (early.score, early.label_delay) == (0.5, 0.0)  # the action came first: no wait for the label
+    negatives = join.add(5, impression("x", 1004.0 + WINDOW + LATENESS + 1))
+    assert sorted((e.item_id, e.score, e.sample_rate) for e in negatives) == [("a", 0.0, 1.0), ("c", 0.5, 1.0)]
+    assert all(math.isnan(e.label_delay) for e in negatives)
+
+
+def test_a_kept_negative_carries_the_rate_it_was_kept_at() -> None:
+    join = PartitionJoin(config(negative_sample_rate=0.5))
+    items = [f"m{k}" for k in range(40)]
+    feed(join, [impressions("r1", 1000.0, items)])
+    negatives = join.add(2, impression("x", 1000.0 + WINDOW + LATENESS + 1))
+    assert negatives and all(e.sample_rate == 0.5 == e.sample.sample_rate and e.label == 0.0 for e in negatives)

@@ -31,6 +31,8 @@ class JoinerConfig(ConfigModel):
         max_actions_per_request: actions one ReportActions call may carry.
         max_time_ahead: seconds an action's event time may be ahead of this process's
             clock (a sanity bound against garbage; it moves no clock).
+        quality_window: the last samples published that the served model's quality
+            (AUC, calibration, positive rate) is computed over, per process.
     """
 
     window: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 3600.0
@@ -42,6 +44,7 @@ class JoinerConfig(ConfigModel):
                               LIST_AS_TUPLE] = ("dislike",)  # fmt: skip
     max_actions_per_request: Annotated[int, Field(ge=1)] = 10_000
     max_time_ahead: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 86_400.0
+    quality_window: Annotated[int, Field(ge=100, le=10_000_000)] = 100_000
 
     @pydantic.model_validator(mode="after")
     def _negatives_are_actions(self) -> JoinerConfig:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import prometheus_client
 
+from monolith.joiner.quality import ServedQuality
+
 EVENTS = prometheus_client.Counter(
     "monolith_joiner_events_total",
     "What the join saw, by partition and outcome: impressions (one per candidate), actions, duplicate_impressions, "
@@ -44,3 +46,36 @@ SNAPSHOT_BYTES = prometheus_client.Counter(
     "(the whole state, when the deltas since the last base outgrow it).",
     ("partition", "kind"),
 )
+LABEL_DELAY = prometheus_client.Histogram(
+    "monolith_joiner_label_delay_seconds",
+    "Event-time seconds from an impression to the positive action that labelled it (0 when the action came "
+    "first), per positive sample published.",
+    buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 21600, 86400),
+)
+
+
+SERVED_AUC = prometheus_client.Gauge(
+    "monolith_joiner_served_auc",
+    "AUC of the served scores over the last samples published (monolith_joiner_quality_samples of them), "
+    "negatives weighted by 1/sample rate.",
+)
+CALIBRATION_RATIO = prometheus_client.Gauge(
+    "monolith_joiner_calibration_ratio",
+    "Mean served probability over the observed positive rate, over the same samples (1: calibrated).",
+)
+POSITIVE_RATE = prometheus_client.Gauge(
+    "monolith_joiner_positive_rate",
+    "Positives over all impressions (negatives weighted by 1/sample rate), over the same samples.",
+)
+QUALITY_SAMPLES = prometheus_client.Gauge(
+    "monolith_joiner_quality_samples",
+    "Samples the quality gauges are computed over (the last published, up to the joiner's --quality-window).",
+)
+
+
+def export_quality(quality: ServedQuality) -> None:
+    """The quality gauges read `quality`'s figures when scraped (one window per process)."""
+    SERVED_AUC.set_function(lambda: quality.figures().auc)
+    CALIBRATION_RATIO.set_function(lambda: quality.figures().calibration_ratio)
+    POSITIVE_RATE.set_function(lambda: quality.figures().positive_rate)
+    QUALITY_SAMPLES.set_function(lambda: float(quality.figures().samples))

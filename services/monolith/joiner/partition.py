@@ -54,6 +54,7 @@ from monolith.common.errors import describe
 from monolith.common.failpoints import failpoint
 from monolith.joiner import metrics
 from monolith.joiner.config import JoinerConfig
+from monolith.joiner.quality import ServedQuality
 from monolith.joiner.snapshots import Snapshots
 from monolith.joiner.window import Emitted, PartitionJoin, Position
 from monolith.streams.config import EVENTS_STREAM, SAMPLES_STREAM, StreamsConfig, events_subject, samples_subject
@@ -146,10 +147,13 @@ class PartitionReader:
         partition: the partition index.
         config: the join's settings.
         streams: stream names and timeouts.
+        quality: where the samples published are recorded (their served scores and labels).
     """
 
-    def __init__(self, js: JetStream, partition: int, config: JoinerConfig, streams: StreamsConfig) -> None:
+    def __init__(self, js: JetStream, partition: int, config: JoinerConfig, streams: StreamsConfig,
+                 quality: ServedQuality | None = None) -> None:  # fmt: skip
         self.js = js
+        self.quality = quality
         self.partition = partition
         self.config = config
         self.streams = streams
@@ -266,7 +270,16 @@ class PartitionReader:
                 metrics.PUBLISH_FAILURES.labels(self._label).inc(len(failed))
                 raise PublishFailed(f"{len(failed)} of {len(messages)} samples not acknowledged")
             self.published += len(batch)
-            positives = sum(1 for e in batch if e.label)
-            metrics.SAMPLES.labels(self._label, "positive").inc(positives)
-            metrics.SAMPLES.labels(self._label, "negative").inc(len(batch) - positives)
+            self._record(batch)
             failpoint("joiner.round_published")  # tests crash here with other partitions' rounds in flight
+
+    def _record(self, published: Sequence[Emitted]) -> None:
+        """Counts published samples, their label delays, and their scores for the quality figures."""
+        delays = [e.label_delay for e in published if e.label]
+        metrics.SAMPLES.labels(self._label, "positive").inc(len(delays))
+        metrics.SAMPLES.labels(self._label, "negative").inc(len(published) - len(delays))
+        for delay in delays:
+            metrics.LABEL_DELAY.observe(delay)
+        if self.quality is not None:
+            self.quality.add([e.score for e in published], [e.label for e in published],
+                             [e.sample_rate for e in published])  # fmt: skip

@@ -16,6 +16,7 @@ from monolith.joiner import metrics
 from monolith.joiner.actions import check_actions
 from monolith.joiner.config import JoinerConfig
 from monolith.joiner.partition import PartitionReader, ensure_state_store
+from monolith.joiner.quality import ServedQuality
 from monolith.streams.config import EVENTS_STREAM, StreamsConfig, events_subject, partition_of
 from monolith.streams.ids import action_message_id
 from monolith.streams.jetstream import TRANSIENT_ERRORS, BackgroundLoop, connect, ensure_streams
@@ -48,6 +49,7 @@ class JoinerRuntime:
         self.config = config
         self.partitions = list(partitions)
         self.readers: list[PartitionReader] = []
+        self.quality = ServedQuality(config.quality_window)  # of the samples every partition publishes
         self._loop = BackgroundLoop("joiner-nats")
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
@@ -75,7 +77,7 @@ class JoinerRuntime:
             except TRANSIENT_ERRORS as exc:
                 _LOGGER.warning("setting up the streams failed (%s); retrying", exc)
                 await asyncio.sleep(0.5)
-        self.readers = [PartitionReader(self._js, p, self.config, self.streams) for p in self.partitions]
+        self.readers = [PartitionReader(self._js, p, self.config, self.streams, self.quality) for p in self.partitions]
         self._ready.set()
         on_ready()
         _LOGGER.info("joining partitions %s of %d", self.partitions, self.streams.partitions)

@@ -15,6 +15,7 @@ from monolith.common.server import (
     build_server,
     server_config_from_args,
 )
+from monolith.joiner import metrics
 from monolith.joiner.config import JoinerConfig
 from monolith.joiner.runtime import JoinerRuntime, owned_partitions
 from monolith.joiner.servicer import SERVICE_NAME, SampleJoinerServicer
@@ -50,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated action kinds that are explicit negatives (a skip, a dislike): each decides "
                         f"its key negative at once, with no window wait (default {','.join(defaults.negative_kinds)}; "
                         "empty: none)")  # fmt: skip
+    parser.add_argument("--quality-window", type=int, default=defaults.quality_window,
+                        help="the last samples published that the served model's AUC, calibration and positive rate "
+                        f"(the monolith_joiner_served_auc, _calibration_ratio and _positive_rate gauges) are computed over (default {defaults.quality_window:,})")  # fmt: skip
     parser.add_argument("--replica-index", type=int, default=0, help="this replica's index (it joins partitions p with p %% replicas == index)")
     parser.add_argument("--replicas", type=int, default=1, help="joiner replicas sharing the partitions")
     add_server_arguments(parser, port=8600, metrics_port=9106)
@@ -67,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
             "negative_sample_rate": rate,
             "action_kinds": [k.strip() for k in args.action_kinds.split(",") if k.strip()],
             "negative_kinds": [k.strip() for k in args.negative_kinds.split(",") if k.strip()],
+            "quality_window": args.quality_window,
         },
     )
     if rate != model.training.negative_sample_rate:
@@ -77,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     streams = streams_config_from_args(args)
     partitions = owned_partitions(streams.partitions, args.replica_index, args.replicas)
     runtime = JoinerRuntime(streams, config, partitions)
+    metrics.export_quality(runtime.quality)
     server = build_joiner(runtime, server_config_from_args(args))
     server.start(serving=False)  # SERVING once connected to NATS with the streams set up
     runtime.start(on_ready=lambda: server.set_serving(True))

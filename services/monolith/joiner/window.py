@@ -75,8 +75,9 @@ POSITIVE_LABEL = 0.5
 
 Position = tuple[int, int, int]  # (src_seq, win_seq, win_idx)
 Key = tuple[str, str]  # (request_id, item_id)
-# Samples decided by an event, by their key's first position: (data, request_id, item_id, label).
-_Decided = list[tuple[tuple[int, int], tuple[bytes, str, str, float]]]
+# Samples decided by an event, by their key's first position:
+# (data, request_id, item_id, label, score, sample_rate, label_delay).
+_Decided = list[tuple[tuple[int, int], tuple[bytes, str, str, float, float, float, float]]]
 
 
 class Emitted(NamedTuple):
@@ -89,6 +90,9 @@ class Emitted(NamedTuple):
     src_seq: int  # the event that decided it
     win_seq: int  # the first event of its key
     win_idx: int = 0  # the candidate index of its key in that event
+    score: float = math.nan  # the probability served for its impression
+    sample_rate: float = 1.0  # the fraction of samples like it kept (the sample's own field)
+    label_delay: float = math.nan  # a positive's: event-time seconds from impression to action (0: action first)
 
     @property
     def position(self) -> Position:
@@ -273,7 +277,8 @@ class PartitionJoin:
         finally:
             self._parsed.clear()
         decided.sort(key=lambda d: d[0])
-        return [Emitted(*sample, seq, win_seq, win_idx) for (win_seq, win_idx), sample in decided]
+        return [Emitted(data, request_id, item_id, label, seq, win_seq, win_idx, score, rate, delay)
+                for (win_seq, win_idx), (data, request_id, item_id, label, score, rate, delay) in decided]  # fmt: skip
 
     # ---------------------------------------------------------------- restart
 
@@ -466,7 +471,7 @@ class PartitionJoin:
             return
         state.positive = True
         if state.shown:
-            self._emit(key, state, 1.0, 1.0, decided)
+            self._emit(key, state, 1.0, 1.0, decided, action.event_time)
 
     # ------------------------------------------------------------ impressions
 
@@ -491,8 +496,8 @@ class PartitionJoin:
             else:
                 self._gone_calls[source.seq] = None
 
-    def _sample(self, key: Key, state: _Key, label: float, rate: float) -> bytes:
-        """The key's sample, serialized, from the impression it holds."""
+    def _sample(self, key: Key, state: _Key, label: float, rate: float) -> tuple[bytes, float, float]:
+        """The key's sample, serialized, from the impression it holds; its served score and event time."""
         source = state.source
         assert source is not None
         if source.impression is not None:
@@ -500,16 +505,16 @@ class PartitionJoin:
             sample = pb.Sample(request_id=key[0], item_id=key[1], label=label, sample_rate=rate,
                                event_time=impression.event_time, model_version=impression.model_version)  # fmt: skip
             sample.features.MergeFrom(impression.features)
-            return sample.SerializeToString()
+            return sample.SerializeToString(), impression.score, impression.event_time
         call = self._parsed.get(source.seq)
         if call is None:
             call = self._parsed[source.seq] = _CallSamples(source.data)
         message = call.message
-        head = pb.Sample(
-            request_id=key[0], item_id=key[1], label=label, sample_rate=rate, model_version=message.model_version,
-            event_time=candidate_time(message, message.candidates[state.source_idx]),
-        )  # fmt: skip
-        return head.SerializeToString() + call.shared + call.own_features(state.source_idx)
+        candidate = message.candidates[state.source_idx]
+        event_time = candidate_time(message, candidate)
+        head = pb.Sample(request_id=key[0], item_id=key[1], label=label, sample_rate=rate,
+                         model_version=message.model_version, event_time=event_time)  # fmt: skip
+        return head.SerializeToString() + call.shared + call.own_features(state.source_idx), candidate.score, event_time
 
     # ---------------------------------------------------------------- windows
 
@@ -565,13 +570,16 @@ class PartitionJoin:
                 self._changed.pop(key, None)
                 self._forgotten[key] = None
 
-    def _emit(self, key: Key, state: _Key, label: float, rate: float, decided: _Decided) -> None:
-        data = self._sample(key, state, label, rate)
+    def _emit(self, key: Key, state: _Key, label: float, rate: float, decided: _Decided,
+              action_time: float | None = None) -> None:  # fmt: skip
+        """Decides the key's sample; `action_time`: the positive action's, if it came after the impression."""
+        data, score, shown_at = self._sample(key, state, label, rate)
         state.emitted = True
         self._release(state)  # decided: the sample carries what it needs
         self._changed[key] = None
         self.counts["positives" if label else "negatives"] += 1
-        decided.append(((state.first_seq, state.first_idx), (data, key[0], key[1], label)))
+        delay = (0.0 if action_time is None else max(0.0, action_time - shown_at)) if label else math.nan
+        decided.append(((state.first_seq, state.first_idx), (data, key[0], key[1], label, score, rate, delay)))
 
 
 def _check_event(seq: int, kind: str, body: pb.Impression | pb.Action) -> None:

@@ -133,6 +133,23 @@ def joiner_outcomes(metrics_url: str, timeout: float = 5.0) -> dict[str, int]:
     return {outcome: int(count) for outcome, count in sorted(page.by_label("monolith_joiner_events", "outcome").items())}
 
 
+def joiner_quality(metrics_url: str, timeout: float = 5.0) -> dict[str, float]:
+    """The served model's quality as the joiner reports it (its last --quality-window samples).
+
+    Read from its /metrics; empty if unreachable. Keys: served_auc, calibration_ratio,
+    positive_rate, quality_samples, label_delay_mean_s.
+    """
+    page = try_scrape(metrics_url, timeout)
+    if page is None:
+        _LOGGER.debug("joiner metrics at %s unreadable", metrics_url)
+        return {}
+    figures = {key: page.sum(f"monolith_joiner_{key}")
+               for key in ("served_auc", "calibration_ratio", "positive_rate", "quality_samples")}  # fmt: skip
+    delays = page.sum("monolith_joiner_label_delay_seconds_count")
+    figures["label_delay_mean_s"] = page.sum("monolith_joiner_label_delay_seconds_sum") / delays if delays else math.nan
+    return figures
+
+
 def _say(message: str) -> None:
     print(f"[replay] {message}", file=sys.stderr, flush=True)
 
@@ -183,7 +200,9 @@ class Replay:
             replayed = self._replay(clients, data, samples)
             drained = self._drain(clients, data, samples, replayed["probe"])
             lag = samples.consumer_lag(self.stack.trainer_consumer)
-            drained["joiner"] = joiner_outcomes(self.stack.metrics["joiner"]) if "joiner" in self.stack.metrics else {}
+            joiner_metrics = self.stack.metrics.get("joiner")
+            drained["joiner"] = joiner_outcomes(joiner_metrics) if joiner_metrics else {}
+            drained["joiner_quality"] = joiner_quality(joiner_metrics) if joiner_metrics else {}
         finally:
             samples.close()
             clients.close()
@@ -445,6 +464,13 @@ class Replay:
             # None: the joiner's metrics were not readable; a count it never made is 0.
             **{f"joiner_{outcome}": drained["joiner"].get(outcome, 0) if drained["joiner"] else None
                for outcome in ("late_actions", "orphan_actions", "late_impressions")},  # fmt: skip
+            # The served model's quality by the replay's own count, beside the joiner's metrics
+            # (None: unreadable) over the samples it published, probes included.
+            "served_positive_rate": float(np.mean(labels[scored])) if scored.any() else math.nan,
+            "served_calibration_ratio": float(np.mean(served[scored]) / np.mean(labels[scored]))
+            if scored.any() and np.mean(labels[scored]) > 0 else math.nan,  # fmt: skip
+            **{f"joiner_{key}": drained["joiner_quality"].get(key) for key in
+               ("served_auc", "calibration_ratio", "positive_rate", "quality_samples", "label_delay_mean_s")},  # fmt: skip
             "predict_errors": self._predict_errors,
             "action_errors": self._action_errors,
             "replay_seconds": replayed["seconds"],
