@@ -26,6 +26,7 @@ COPY clients/python/ clients/python/
 # Generated code is never committed: protoc (grpcio-tools, from the lock) writes it here, then
 # the project installs as a regular (non-editable) package with the build tools already locked.
 RUN PYTHONPATH=services /opt/monolith/bin/python -m monolith.protogen protos services \
+    && /opt/monolith/bin/python clients/python/gen_protos.py \
     && /opt/monolith/bin/pip install --no-deps --no-build-isolation . \
     && /opt/monolith/bin/monolith --help > /dev/null
 

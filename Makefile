@@ -87,8 +87,9 @@ $(TOOLS)/checkov/.installed: $(CHECKOV_LOCK) | $(STAMP)
 
 tools: $(TOOLS)/bin/helm $(TOOLS)/checkov/.installed ## Fetch the chart tests' tools into .tools/ (helm, kubectl, checkov)
 
-protos: $(STAMP) ## Generate Python code from protos/ into services/monolith/api/
+protos: $(STAMP) ## Generate Python code from protos/ into services/monolith/api/ (and the client's into clients/python)
 	@$(PY) -m monolith.protogen protos services
+	@$(PY) clients/python/gen_protos.py
 
 lint: setup lock-check ## Static checks (undefined names, unused imports, import floors, the Dockerfile) and fresh locks
 	$(VENV)/bin/ruff check --select F services clients tests

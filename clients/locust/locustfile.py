@@ -2,7 +2,8 @@
 
 Locust's documented gRPC pattern: gevent-patched gRPC, a client interceptor that fires
 Locust's request event for every call (so Predict and ReportActions show in the stats, the
-CSV/HTML reports and the SLO gate), and users holding one channel each.
+CSV/HTML reports and the SLO gate), and users holding one client each: `monolith_client`, as
+a product backend calls monolith (without retries here: every failed call counts).
 
 Each simulated user sends ranking requests: one MovieLens-100k user's features once
 (broadcast by the server) and --candidates movies with their genres, pre-generated before
@@ -38,16 +39,15 @@ grpc_gevent.init_gevent()
 import grpc_interceptor  # noqa: E402
 from locust import User, events, task  # noqa: E402
 from locust.env import Environment  # noqa: E402
-from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2  # noqa: E402
-from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # noqa: E402
 
-from monolith.api.joiner.v1 import joiner_pb2, joiner_pb2_grpc  # noqa: E402
-from monolith.common.channel import open_channel  # noqa: E402
+from monolith_client import MonolithClient, MonolithClientError  # noqa: E402
 
 _LOGGER = logging.getLogger("monolith.locust")
 USER_FEATURES = ("user_id", "age", "gender", "occupation", "zip")
-# Requests built before the test, reused round-robin with a fresh request_id each call.
-_POOL: list[tuple[predict_pb2.PredictRequest, list[str]]] = []
+# Ranking calls drawn before the test, reused at random with a fresh request_id each call:
+# (the user's features, the candidates' features, the candidates' item ids).
+Ranking = tuple[dict[str, Any], dict[str, list[Any]], list[str]]
+_POOL: list[Ranking] = []
 
 
 @events.init_command_line_parser.add_listener
@@ -65,41 +65,20 @@ def _arguments(parser: Any) -> None:
     group.add_argument("--max-p95-ms", type=float, default=500.0, help="SLO gate: Predict's p95 latency")
 
 
-def _tensor(values: list[Any], shape: list[int]) -> tensor_pb2.TensorProto:
-    """A TensorProto of int64 or string values, built directly (no TensorFlow ops at load time)."""
-    proto = tensor_pb2.TensorProto(tensor_shape=tensor_shape_pb2.TensorShapeProto(
-        dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=s) for s in shape]))  # fmt: skip
-    if all(isinstance(v, int) for v in values):
-        proto.dtype = types_pb2.DT_INT64
-        proto.int64_val.extend(values)
-    else:
-        proto.dtype = types_pb2.DT_STRING
-        proto.string_val.extend(str(v).encode() for v in values)
-    return proto
+def ranking(user: dict[str, Any], movies: list[dict[str, Any]]) -> Ranking:
+    """One user (sent once, broadcast by the server) and its candidate movies with their genres."""
+    candidates = {"movie_id": [int(m["movie_id"]) for m in movies], "genres": [list(m["genres"]) for m in movies]}
+    return {name: user[name] for name in USER_FEATURES}, candidates, [str(m["movie_id"]) for m in movies]
 
 
-def ranking_request(user: dict[str, Any], movies: list[dict[str, Any]], model: str, signature: str) -> predict_pb2.PredictRequest:
-    """One user (outer size 1, broadcast by the server) and its candidate movies, genres padded with ""."""
-    request = predict_pb2.PredictRequest()
-    request.model_spec.name = model
-    request.model_spec.signature_name = signature
-    for name in USER_FEATURES:
-        request.inputs[name].CopyFrom(_tensor([user[name]], [1]))
-    request.inputs["movie_id"].CopyFrom(_tensor([int(m["movie_id"]) for m in movies], [len(movies)]))
-    width = max(len(m["genres"]) for m in movies)
-    genres = [g for m in movies for g in [*m["genres"], *[""] * (width - len(m["genres"]))]]
-    request.inputs["genres"].CopyFrom(_tensor(genres, [len(movies), width]))
-    return request
-
-
-def build_pool(options: Any) -> list[tuple[predict_pb2.PredictRequest, list[str]]]:
-    """Ranking requests from MovieLens-100k's users and movies (fetched into the data cache on first use).
+def build_pool(options: Any) -> list[Ranking]:
+    """Ranking calls from MovieLens-100k's users and movies (fetched into the data cache on first use).
 
     Candidates are drawn without replacement in proportion to how often each movie was
     rated, as a ranking stage sees popular items more often.
 
     Returns:
-        (request without request_id, the candidates' item ids as actions report them).
+        (user features, candidate features, the candidates' item ids as actions report them).
     """
     from monolith.data.feature_ids import feature_ids
     from monolith.data.movielens import load_movielens, raw_feature_values
@@ -116,8 +95,7 @@ def build_pool(options: Any) -> list[tuple[predict_pb2.PredictRequest, list[str]
     for _ in range(options.pool_size):
         user = users[rng.integers(len(users))]
         picked = [movies[i] for i in rng.choice(len(movies), size=candidates, replace=False, p=popularity)]
-        request = ranking_request(user, picked, options.model_name, options.signature_name)
-        pool.append((request, [str(m["movie_id"]) for m in picked]))
+        pool.append(ranking(user, picked))
     return pool
 
 
@@ -163,24 +141,20 @@ class LocustInterceptor(grpc_interceptor.ClientInterceptor):
 
 
 class GrpcUser(User):
-    """A Locust user with gRPC channels whose every call is reported to Locust."""
+    """A Locust user with a monolith client whose every call is reported to Locust."""
 
     abstract = True
 
     def __init__(self, environment: Environment) -> None:
         super().__init__(environment)
-        interceptor = LocustInterceptor(environment)
-        self.channels = [open_channel(self.host)]
-        self.serving = prediction_service_pb2_grpc.PredictionServiceStub(
-            grpc.intercept_channel(self.channels[0], interceptor))
-        self.joiner = None
-        if environment.parsed_options.joiner:
-            self.channels.append(open_channel(environment.parsed_options.joiner))
-            self.joiner = joiner_pb2_grpc.SampleJoinerStub(grpc.intercept_channel(self.channels[1], interceptor))
+        options = environment.parsed_options
+        self.client = MonolithClient(
+            self.host, options.model_name, options.signature_name, timeout=options.call_timeout,
+            joiner_address=options.joiner or None, retries=0, interceptors=[LocustInterceptor(environment)],
+        )  # fmt: skip
 
     def on_stop(self) -> None:
-        for channel in self.channels:
-            channel.close()
+        self.client.close()
 
 
 class RankingUser(GrpcUser):
@@ -191,23 +165,17 @@ class RankingUser(GrpcUser):
     @task
     def rank(self) -> None:
         options = self.environment.parsed_options
-        template, item_ids = random.choice(_POOL)
-        request = predict_pb2.PredictRequest()
-        request.CopyFrom(template)
+        user, candidates, item_ids = random.choice(_POOL)
         request_id = uuid.uuid4().hex
-        request.inputs["request_id"].CopyFrom(_tensor([request_id], [1]))
         try:
-            response = self.serving.Predict(request, timeout=options.call_timeout)
-        except grpc.RpcError:
+            scores = self.client.score(user, candidates, request_id=request_id)
+        except MonolithClientError:
             return  # counted as a failure by the interceptor
-        if self.joiner is not None and random.random() < options.action_share:
+        if self.client.joiner_address is not None and random.random() < options.action_share:
             # The user clicks the best-scored candidate, as a ranking would show it first.
-            best = int(np.argmax(np.frombuffer(response.outputs["scores"].tensor_content, dtype="<f4")))
-            action = joiner_pb2.Action(request_id=request_id, item_id=item_ids[best], kind="click", label=1.0,
-                                       event_time=time.time())  # fmt: skip
             try:
-                self.joiner.ReportActions(joiner_pb2.ReportActionsRequest(actions=[action]), timeout=options.call_timeout)
-            except grpc.RpcError:
+                self.client.report_action(request_id, item_ids[int(np.argmax(scores))], kind="click")
+            except MonolithClientError:
                 pass  # counted as a failure by the interceptor
 
 

@@ -35,7 +35,8 @@ SCENARIOS = {
     "no-controller": {"controller": {"enabled": False}},
     "external-nats": {"nats": {"external": {"url": "nats://nats.infra.svc:4222"}}},
     "4-shards": {"embeddingPs": {"shards": 4}},
-    "tls": {"serving": {"tls": {"enabled": True, "secretName": "predict-tls"}}},
+    "tls": {"serving": {"tls": {"enabled": True, "secretName": "predict-tls"}},
+            "joiner": {"tls": {"enabled": True, "secretName": "actions-tls"}}},
     "service-monitor": {"metrics": {"serviceMonitor": {"enabled": True}}},
     "all-on": ALL_ON,
     "all-on-object-store": {**ALL_ON, "checkpoints": {"url": "s3://bucket/monolith", "credentialsSecret": "s3-creds"}},
@@ -435,6 +436,20 @@ def test_serving_autoscales_and_tls_mounts_its_secret(helm) -> None:
     assert "grpc" not in _container(serving)["readinessProbe"], "kubelet's gRPC probe cannot speak TLS"
 
 
+def test_the_joiner_serves_report_actions_over_tls_from_its_secret(helm) -> None:
+    plain = _container(_one(render(helm), "StatefulSet", "joiner"))
+    assert "--tls-cert" not in plain["args"] and "grpc" in plain["readinessProbe"]
+    joiner = _one(render(helm, SCENARIOS["tls"]), "StatefulSet", "joiner")
+    container = _container(joiner)
+    args = container["args"]
+    assert args[args.index("--tls-cert") + 1] == "/etc/monolith-tls/tls.crt"
+    assert args[args.index("--tls-key") + 1] == "/etc/monolith-tls/tls.key"
+    volumes = {v["name"]: v for v in _pod_spec(joiner)["volumes"]}
+    assert volumes["tls"]["secret"]["secretName"] == "actions-tls"
+    assert {"name": "tls", "mountPath": "/etc/monolith-tls", "readOnly": True} in container["volumeMounts"]
+    assert "grpc" not in container["readinessProbe"], "kubelet's gRPC probe cannot speak TLS"
+
+
 @pytest.mark.parametrize(
     ("values", "message"),
     [
@@ -445,6 +460,7 @@ def test_serving_autoscales_and_tls_mounts_its_secret(helm) -> None:
         ({"image": {"digest": "sha256:short"}}, "/image/digest"),
         ({"serving": {"port": 70000}}, "/serving/port"),
         ({"serving": {"tls": {"enabled": True}}}, "/serving/tls/secretName"),
+        ({"joiner": {"tls": {"enabled": True}}}, "/joiner/tls/secretName"),
         ({"serving": {"resources": {"limits": None}}}, "/serving/resources"),
         ({"nats": {"replicas": 2}}, "/nats/replicas"),
         ({"nats": {"external": {"url": "http://nats:4222"}}}, "/nats/external/url"),

@@ -1,12 +1,13 @@
 """The Python client's loop: score under a request_id, report an action, get a training sample.
 
-Real parts in this process on free ports: a nats-server, model-serving logging impressions,
-and the sample-joiner (its ReportActions API and the join). The client is the shipped
-`monolith_client`.
+Real parts in this process on free ports (helpers.client_stack): a nats-server, model-serving
+logging impressions, and the sample-joiner (its ReportActions API and the join); the same over
+TLS. The client is the shipped `monolith_client`, blocking and asyncio.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -14,62 +15,35 @@ from typing import Any
 import grpc
 import pytest
 
-from helpers.models import small_config, trained_serving_model
+from helpers.client_stack import PARTITIONS, ClientStack
 from helpers.streams import MSG_ID_HEADER, logged_impressions, read_stream
+from helpers.tls import HAVE_OPENSSL, self_signed
 from helpers.waiting import wait_for
 from monolith.api.joiner.v1 import joiner_pb2 as pb
-from monolith.common.server import MonolithServer, ServerConfig
-from monolith.joiner.config import JoinerConfig
-from monolith.joiner.runtime import JoinerRuntime
-from monolith.joiner.service import build_joiner
-from monolith.serving.impressions import ImpressionLog
-from monolith.serving.service import build_serving
-from monolith.serving.servicer import SignatureConfig
 from monolith.streams.config import EVENTS_STREAM, SAMPLES_STREAM, StreamsConfig, events_subject, partition_of
 from monolith.streams.ids import impressions_message_id
-from monolith.streams.nats_server import NatsServer
-from monolith_client import ActionError, MonolithClient
+from monolith_client import ActionError, AsyncMonolithClient, MonolithClient, PredictError
 
-PARTITIONS = 2
 T0 = 880_000_000.0  # 1997, like MovieLens: event time, not the wall clock
 USER = {"user_id": 196, "age": 49, "gender": "M", "occupation": "writer", "zip": "55105"}
 CANDIDATES = {"movie_id": [242, 302, 377], "genres": [["Comedy"], ["Crime", "Film-Noir"], ["Children's", "Comedy"]]}
 
 
-class Stack:
-    """NATS, model-serving with impressions on, and the joiner."""
-
-    def __init__(self, data_dir: str) -> None:
-        self.nats = NatsServer(data_dir).start()
-        self.streams = StreamsConfig(url=self.nats.url, partitions=PARTITIONS, timeout=2.0)
-        model = trained_serving_model(small_config(), examples=256)
-        self.impressions = ImpressionLog(self.streams).start()
-        self.serving: MonolithServer = build_serving(model, SignatureConfig(), _loopback(), self.impressions)
-        self.serving.start()
-        self.joiner_runtime = JoinerRuntime(self.streams, JoinerConfig(window=100.0, lateness=0.0), range(PARTITIONS))
-        self.joiner: MonolithServer = build_joiner(self.joiner_runtime, _loopback())
-        self.joiner.start(serving=False)
-        self.joiner_runtime.start(on_ready=lambda: self.joiner.set_serving(True))
-        wait_for(lambda: self.joiner_runtime.ready, "the joiner to connect")
-
-    def client(self, **kwargs: Any) -> MonolithClient:
-        return MonolithClient(self.serving.address, joiner_address=self.joiner.address, timeout=10.0, **kwargs)
-
-    def close(self) -> None:
-        self.serving.stop(grace=0)
-        self.impressions.close(timeout=2.0)
-        self.joiner.stop(grace=0)
-        self.joiner_runtime.stop()
-        self.nats.stop()
-
-
-def _loopback() -> ServerConfig:
-    return ServerConfig(host="127.0.0.1", port=0, metrics_port=None)
+Stack = ClientStack
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     started = Stack(str(tmp_path_factory.mktemp("nats")))
+    yield started
+    started.close()
+
+
+@pytest.fixture(scope="module")
+def tls_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    if not HAVE_OPENSSL:
+        pytest.skip("openssl is needed to make a test certificate")
+    started = Stack(str(tmp_path_factory.mktemp("nats-tls")), tls=self_signed(tmp_path_factory.mktemp("tls")))
     yield started
     started.close()
 
@@ -200,3 +174,42 @@ def test_malformed_actions_are_refused_before_any_call(action: Any, message: str
     with MonolithClient("127.0.0.1:1", joiner_address="127.0.0.1:1") as client:
         with pytest.raises(ValueError, match=message):
             client.report_actions([action])
+
+
+def test_the_asyncio_client_scores_reports_and_makes_a_sample(stack: Stack) -> None:
+    now = time.time()  # another test reports an action at the client's clock: the watermark is near now
+
+    async def main() -> tuple[list[float], int]:
+        async with AsyncMonolithClient(stack.serving.address, joiner_address=stack.joiner.address, timeout=10) as client:
+            scores = await client.score(USER, CANDIDATES, request_id="aio-1", event_time=now)
+            accepted = await client.report_actions([("aio-1", 377, "click", 1.0, now + 3)])
+            names = await client.input_names()
+            assert {"movie_id", "genres", "request_id", "event_time"} <= set(names)
+            with pytest.raises(ActionError) as refused:
+                await client.report_action("aio-1", 242, kind="teleport")
+            assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            return scores.tolist(), accepted
+
+    scores, accepted = asyncio.run(main())
+    with stack.client() as blocking:
+        assert blocking.score(USER, CANDIDATES) == pytest.approx(scores, abs=1e-6)
+    assert accepted == 1
+    [sample] = wait_for(lambda: samples(stack, "aio-1"), "the positive sample")
+    assert (sample.item_id, sample.label) == ("377", 1.0)
+
+
+def test_over_tls_both_hops_score_and_report_and_plaintext_is_refused(tls_stack: Stack) -> None:
+    with tls_stack.client() as client:
+        scores = client.score(USER, CANDIDATES, request_id="tls-1", event_time=T0)
+        assert client.report_action("tls-1", item_id=242, event_time=T0 + 2) is None
+    assert scores.shape == (3,)
+    [sample] = wait_for(lambda: samples(tls_stack, "tls-1"), "the positive sample, over TLS")
+    assert (sample.item_id, sample.label) == ("242", 1.0)
+
+    plain = MonolithClient(tls_stack.serving.address, joiner_address=tls_stack.joiner.address, timeout=5, retries=0)
+    with plain:
+        with pytest.raises(PredictError) as refused_predict:
+            plain.score(USER, CANDIDATES)
+        with pytest.raises(ActionError) as refused_action:
+            plain.report_action("tls-2", 242)
+    assert refused_predict.value.code == refused_action.value.code == grpc.StatusCode.UNAVAILABLE

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
 import grpc
@@ -14,24 +12,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from monolith_client import MonolithClient, PredictError
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
+from helpers.tls import HAVE_OPENSSL, self_signed
 from monolith.common.channel import ChannelConfig, TlsConfig, open_channel
 from monolith.common.errors import ConfigError
 from monolith.common.server import ServerConfig, Service, build_server
 
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed to make a test certificate")
+pytestmark = pytest.mark.skipif(not HAVE_OPENSSL, reason="openssl is needed to make a test certificate")
 
 
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory) -> tuple[str, str]:
     """A self-signed certificate for localhost and its key (PEM files)."""
-    directory = tmp_path_factory.mktemp("tls")
-    cert, key = str(directory / "tls.crt"), str(directory / "tls.key")
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost", "-keyout", key, "-out", cert],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return cert, key
+    return self_signed(tmp_path_factory.mktemp("tls"))
 
 
 def test_a_tls_server_answers_over_tls_and_refuses_plaintext(certificate: tuple[str, str]) -> None:
@@ -86,5 +78,5 @@ def test_the_python_client_scores_over_tls(certificate: tuple[str, str], tmp_pat
         with MonolithClient(address, timeout=5, tls=True) as untrusted, pytest.raises(PredictError) as untrusted_error:
             untrusted.predict({"movie_id": [1]})  # the self-signed certificate is in no system root store
         assert untrusted_error.value.code == grpc.StatusCode.UNAVAILABLE
-    with pytest.raises(ConfigError, match="tls.ca: cannot read"):
+    with pytest.raises(ValueError, match="tls_ca: cannot read"):
         MonolithClient(address, tls_ca=str(tmp_path / "missing.crt"))

@@ -102,6 +102,8 @@ def _run_up(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str
         (["--sync-interval", "0"], "argument --sync-interval: must be a number of seconds > 0"),
         (["--checkpoint-interval", "-5"], "argument --checkpoint-interval: must be a finite number of seconds >= 0, got '-5'"),
         (["--nats-port", "4222", "--joiner-port", "4222"], "--nats-port, --joiner-port and --serving-port must differ"),
+        (["--tls-cert", "/dev/null"], "--tls-cert and --tls-key go together"),
+        (["--tls-cert", "/no/such.crt", "--tls-key", "/dev/null"], "--tls-cert /no/such.crt: not a readable file"),
     ],
 )
 def test_bad_flags_exit_2_with_a_clear_message(tmp_path, flags, message) -> None:

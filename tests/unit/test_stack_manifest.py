@@ -97,3 +97,13 @@ def test_model_servings_cache_refreshes_four_times_per_sync_at_most_at_its_defau
         parts = stack_parts(StackSettings(data_dir=str(tmp_path), config="/c.yaml", sync_interval=sync), ports)
         [serving] = [p for p in parts if p.name == "serving"]
         assert ("--embedding-cache-refresh", refresh) in zip(serving.argv, serving.argv[1:]), serving.argv
+
+
+def test_the_manifest_says_how_to_reach_a_tls_stack(tmp_path) -> None:
+    assert _manifest(tmp_path).client_tls() == {} and _manifest(tmp_path).tls is None
+    manifest = _manifest(tmp_path, tls_cert="/tls/c.crt", tls_key="/tls/c.key")
+    assert manifest.client_tls() == {"tls_ca": "/tls/c.crt", "tls_server_name": "localhost"}
+    assert (manifest.tls.ca, manifest.tls.server_name) == ("/tls/c.crt", "localhost")
+    path = str(tmp_path / "stack.json")
+    manifest.write(path)
+    assert StackManifest.load(path) == manifest

@@ -168,3 +168,19 @@ def test_the_controller_restores_the_training_shards_and_the_dense_ps_and_pauses
         assert parse_as_role(parts[name]).restore_required, name
     assert not parse_as_role(parts[serving_shard(0)]).restore_required
     assert f"{args.host}:{args.port}" == parts[CONTROLLER].address
+
+
+def test_with_a_certificate_serving_and_the_joiner_serve_tls_and_are_probed_over_it() -> None:
+    settings = StackSettings(data_dir="/data/stack", config="/conf/model.yaml", tls_cert="/tls/c.crt",
+                             tls_key="/tls/c.key", tls_server_name="monolith.local")  # fmt: skip
+    ports = allocate_ports(nats_port=14223, joiner_port=18601, serving_port=18501)
+    parts = {p.name: p for p in stack_parts(settings, ports)}
+    for name in (SERVING, JOINER):
+        args = parse_as_role(parts[name])
+        assert (args.tls_cert, args.tls_key) == ("/tls/c.crt", "/tls/c.key"), name
+        assert parts[name].probe.tls == settings.tls, name
+        assert settings.tls.ca == "/tls/c.crt" and settings.tls.server_name == "monolith.local"
+    for name in (DENSE_PS, training_shard(0), serving_shard(0)):  # inside the stack: plaintext
+        assert "--tls-cert" not in parts[name].argv, name
+    plain = {p.name: p for p in stack_parts(SETTINGS, ports)}
+    assert "--tls-cert" not in plain[SERVING].argv and plain[SERVING].probe.tls is None

@@ -1,4 +1,5 @@
-"""A small Python client for monolith: score candidates (TF Serving's Predict API), report actions.
+"""A light Python client for monolith: score candidates (TF Serving's Predict API) and report
+what users did (the sample-joiner's ReportActions API). Needs grpcio, protobuf and numpy only.
 
     from monolith_client import MonolithClient
 
@@ -12,8 +13,24 @@
 
 Candidates of a call with a request_id that get no positive action become negative samples
 when the joiner's window closes. Scoring alone needs neither a request_id nor a joiner.
+`AsyncMonolithClient` (monolith_client.aio) is the same client for asyncio.
 """
 
-from monolith_client.client import ActionError, MonolithClient, MonolithClientError, PredictError
+from typing import Any
 
-__all__ = ["ActionError", "MonolithClient", "MonolithClientError", "PredictError"]
+from monolith_client.client import ClientSettings, MonolithClient
+from monolith_client.errors import ActionError, MonolithClientError, PredictError
+from monolith_client.messages import ActionLike
+
+
+def __getattr__(name: str) -> Any:
+    # asyncio and grpc.aio load with the first use of the asyncio client, not with every import.
+    if name == "AsyncMonolithClient":
+        from monolith_client.aio import AsyncMonolithClient
+
+        return AsyncMonolithClient
+    raise AttributeError(f"module 'monolith_client' has no attribute {name!r}")
+
+
+__all__ = ["ActionError", "ActionLike", "AsyncMonolithClient", "ClientSettings", "MonolithClient",
+           "MonolithClientError", "PredictError"]  # fmt: skip

@@ -1,91 +1,109 @@
-"""The client: official TF Serving stubs, feature dicts in, scores out; actions to the sample-joiner.
-
-Predict needs no monolith protos. Reporting actions calls the joiner's `SampleJoiner` API,
-whose stubs come with the monolith package: they are imported on the first report.
-Channels come from monolith's channel factory (`monolith.common.channel`, installed with
-this client), like every monolith client's: message limits and keepalive the servers
-accept, and TLS when model-serving serves it (`monolith serving --tls-cert/--tls-key`).
-"""
+"""The blocking client: feature dicts in, scores out (TF Serving's Predict API); actions to the
+sample-joiner (its ReportActions API). Needs grpcio, protobuf and numpy, nothing of TensorFlow
+or of the server package; `monolith_client.aio` is the same client for asyncio."""
 
 from __future__ import annotations
 
 import os
 import time
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar, Union
 
 import grpc
 import numpy as np
-import tensorflow as tf
-from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
 
-from monolith.common.channel import ChannelConfig, TlsConfig, open_channel
+from monolith_client import messages
+from monolith_client.channel import Tls, open_channel
+from monolith_client.errors import ActionError, MonolithClientError, PredictError
+from monolith_client.messages import ActionLike, Method
+from monolith_client.retry import NO_RETRIES, Backoff, retryable
 
-
-class MonolithClientError(RuntimeError):
-    """A call failed; `code` is the gRPC status, `details` the server's message."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self.code = code
-        self.details = details
+Metadata = Sequence[tuple[str, str]]
+_T = TypeVar("_T")
 
 
-class PredictError(MonolithClientError):
-    """A Predict call failed (the message is TF Serving's details)."""
-
-
-class ActionError(MonolithClientError):
-    """A ReportActions call failed; none of its actions is stored (the joiner takes all or none)."""
-
-
-# An action as `report_actions` takes it: a dict of `report_action`'s arguments, or a tuple
-# of them in order (request_id, item_id[, kind[, label[, event_time]]]).
-ActionLike = Union[Mapping[str, Any], Sequence[Any]]
-
-
-class MonolithClient:
-    """Scores candidates for a user through the Predict API, and reports what the user did.
+class ClientSettings:
+    """What both clients share: where the servers are, how to reach them, what to send.
 
     Args:
         address: "host:port" of model-serving.
         model_name: the served model's name.
         signature_name: its signature.
-        timeout: seconds per call.
+        timeout: seconds per attempt of a call.
         joiner_address: "host:port" of the sample-joiner, for `report_action(s)`; None if
-            this client only scores. The joiner is dialed in plaintext (it serves no TLS).
-        tls: call model-serving over TLS, trusting the system's root certificates (or
-            `tls_ca`); implied by `tls_ca` and `tls_server_name`.
-        tls_ca: PEM file of the certificate(s) to trust for model-serving's certificate;
-            for a self-signed certificate, the certificate itself.
-        tls_server_name: the name model-serving's certificate must carry, when it is not
-            the host in `address` (e.g. "localhost" when dialing 127.0.0.1).
+            this client only scores.
+        tls: dial over TLS (both model-serving and the joiner), trusting the system's root
+            certificates or `tls_ca`; implied by any other tls_ argument.
+        tls_ca: PEM file of the certificate(s) to trust; for a self-signed server
+            certificate, the certificate itself.
+        tls_cert, tls_key: PEM client certificate and key, for servers that ask for one.
+        tls_server_name: the name the servers' certificates must carry when it is not the
+            host dialed (e.g. "localhost" when dialing 127.0.0.1).
+        metadata: (key, value) pairs sent with every call, e.g. ("authorization", "Bearer ...");
+            a call's own `metadata` is sent after them.
+        retries: Predict and GetModelMetadata calls that find a server UNAVAILABLE are sent
+            again up to this many times, with exponential backoff (0: never).
+        retry_actions: retry ReportActions on UNAVAILABLE too (the joiner stores an action
+            once by its id, so a repeat after a lost answer stores nothing twice).
+        interceptors: gRPC client interceptors every call goes through, each attempt of a
+            retried call included (tracing, a load tester's timing); the blocking client's
+            take `grpc.UnaryUnaryClientInterceptor`s, the asyncio client's grpc.aio's.
 
     Raises:
-        ConfigError: `tls_ca` cannot be read.
+        ValueError: a TLS file cannot be read, or a client certificate lacks its key.
     """
 
     def __init__(self, address: str, model_name: str = "monolith", signature_name: str = "serving_default",
-                 timeout: float = 5.0, joiner_address: str | None = None, *, tls: bool = False,
-                 tls_ca: str | os.PathLike[str] | None = None, tls_server_name: str | None = None) -> None:  # fmt: skip
-        secure = tls or tls_ca is not None or tls_server_name is not None
-        ca = None if tls_ca is None else os.fspath(tls_ca)
-        config = ChannelConfig(tls=TlsConfig(ca=ca, server_name=tls_server_name) if secure else None)
-        self._channel = open_channel(address, config)
-        self._stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
+                 timeout: float = 5.0, joiner_address: Optional[str] = None, *, tls: bool = False,
+                 tls_ca: Union[str, os.PathLike[str], None] = None, tls_cert: Union[str, os.PathLike[str], None] = None,
+                 tls_key: Union[str, os.PathLike[str], None] = None, tls_server_name: Optional[str] = None,
+                 metadata: Metadata = (), retries: int = 2, retry_actions: bool = False,
+                 interceptors: Sequence[Any] = ()) -> None:  # fmt: skip
+        secure = tls or any(v is not None for v in (tls_ca, tls_cert, tls_key, tls_server_name))
+        self.address = address
         self.model_name = model_name
         self.signature_name = signature_name
         self.timeout = timeout
         self.joiner_address = joiner_address
-        self._joiner_channel: grpc.Channel | None = None
-        self._joiner: Any = None  # the SampleJoiner stub, made on the first report
+        self.tls = Tls(tls_ca, tls_cert, tls_key, tls_server_name) if secure else None
+        if self.tls is not None:
+            self.tls.credentials()  # a file that cannot be read fails here, not on the first call
+        self.metadata = tuple(metadata)
+        self.backoff = Backoff(retries=retries)
+        self.action_backoff = self.backoff if retry_actions else NO_RETRIES
+        self.interceptors = tuple(interceptors)
+        self._open()
 
-    def score(
-        self,
-        user: Mapping[str, Any],
-        candidates: Mapping[str, Sequence[Any]],
-        request_id: str | None = None,
-        event_time: float | None = None,
-    ) -> np.ndarray:
+    def _open(self) -> None:
+        """Opens what the client needs at once (the blocking client: its channel to model-serving)."""
+
+    def call_metadata(self, metadata: Optional[Metadata]) -> Optional[tuple[tuple[str, str], ...]]:
+        merged = self.metadata + tuple(metadata or ())
+        return merged or None
+
+    def need_joiner(self) -> str:
+        if self.joiner_address is None:
+            raise ValueError(
+                "reporting actions needs the sample-joiner's address: MonolithClient(address, joiner_address='host:port')"
+            )
+        return self.joiner_address
+
+
+class MonolithClient(ClientSettings):
+    """Scores candidates for a user through the Predict API, and reports what the user did.
+
+    Takes `ClientSettings`' arguments. Close it (or use `with`) when done.
+    """
+
+    def _open(self) -> None:
+        self._channel = self._dial(self.address)
+        self._joiner_channel: Optional[grpc.Channel] = None
+
+    def _dial(self, address: str) -> grpc.Channel:
+        channel = open_channel(address, self.tls)
+        return grpc.intercept_channel(channel, *self.interceptors) if self.interceptors else channel
+
+    def score(self, user: Mapping[str, Any], candidates: Mapping[str, Sequence[Any]], request_id: Optional[str] = None,
+              event_time: Optional[float] = None, metadata: Optional[Metadata] = None) -> np.ndarray:  # fmt: skip
         """Probabilities that the user acts on each candidate.
 
         The user's features are sent once (outer size 1, broadcast by the server) and each
@@ -101,23 +119,20 @@ class MonolithClient:
                 nothing is logged (e.g. a call no user sees).
             event_time: when the candidates are shown, seconds since the epoch; None: the
                 server's clock.
+            metadata: (key, value) pairs for this call, after the client's.
 
         Returns:
             float32 [N] scores.
-        """
-        sizes = {name: len(values) for name, values in candidates.items()}
-        if len(set(sizes.values())) > 1:
-            raise ValueError(f"candidate features differ in length: {sizes}")
-        features: dict[str, Any] = {name: [value] for name, value in user.items()}
-        features.update(candidates)
-        return self.predict(features, request_id, event_time)
 
-    def predict(
-        self,
-        features: Mapping[str, Any],
-        request_id: str | None = None,
-        event_time: float | Sequence[float] | None = None,
-    ) -> np.ndarray:
+        Raises:
+            ValueError: candidate features of different lengths.
+            PredictError: the call failed (after retries of UNAVAILABLE).
+        """
+        return self.predict(messages.score_features(user, candidates), request_id, event_time, metadata)
+
+    def predict(self, features: Mapping[str, Any], request_id: Optional[str] = None,
+                event_time: Union[float, Sequence[float], None] = None,
+                metadata: Optional[Metadata] = None) -> np.ndarray:  # fmt: skip
         """Scores for a batch of examples given feature by feature.
 
         Args:
@@ -127,44 +142,26 @@ class MonolithClient:
             request_id: the id to report actions under (see `score`); None: no impressions.
             event_time: seconds since the epoch, one for the call or one per example; None:
                 the server's clock.
+            metadata: (key, value) pairs for this call, after the client's.
 
         Returns:
             float32 [batch] scores.
+
+        Raises:
+            PredictError: the call failed (after retries of UNAVAILABLE).
         """
-        request = predict_pb2.PredictRequest()
-        request.model_spec.name = self.model_name
-        request.model_spec.signature_name = self.signature_name
-        for name, values in features.items():
-            request.inputs[name].CopyFrom(_tensor(values))
-        if request_id is not None:
-            request.inputs["request_id"].CopyFrom(tf.make_tensor_proto([str(request_id)], dtype=tf.string))
-        if event_time is not None:
-            # float64: a float32 second since the epoch is only good to about two minutes.
-            times = np.asarray(event_time, dtype=np.float64).reshape(-1)
-            request.inputs["event_time"].CopyFrom(tf.make_tensor_proto(times, dtype=tf.float64))
-        try:
-            response = self._stub.Predict(request, timeout=self.timeout)
-        except grpc.RpcError as exc:
-            raise PredictError(exc.code(), exc.details()) from None
-        return tf.make_ndarray(response.outputs["scores"])
+        request = messages.predict_request(self.model_name, self.signature_name, features, request_id, event_time)
+        response = self._call(self._channel, messages.PREDICT, request, metadata, self.backoff, PredictError)
+        return messages.scores(response)
 
-    def input_names(self) -> list[str]:
+    def input_names(self, metadata: Optional[Metadata] = None) -> list[str]:
         """The signature's input names, from GetModelMetadata."""
-        request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
-        request.model_spec.name = self.model_name
-        response = self._stub.GetModelMetadata(request, timeout=self.timeout)
-        signatures = get_model_metadata_pb2.SignatureDefMap()
-        response.metadata["signature_def"].Unpack(signatures)
-        return sorted(signatures.signature_def[self.signature_name].inputs)
+        request = messages.metadata_request(self.model_name)
+        response = self._call(self._channel, messages.GET_MODEL_METADATA, request, metadata, self.backoff, PredictError)
+        return messages.input_names(response, self.signature_name)
 
-    def report_action(
-        self,
-        request_id: str,
-        item_id: Any,
-        kind: str = "click",
-        label: float = 1.0,
-        event_time: float | None = None,
-    ) -> None:
+    def report_action(self, request_id: str, item_id: Any, kind: str = "click", label: float = 1.0,
+                      event_time: Optional[float] = None, metadata: Optional[Metadata] = None) -> None:  # fmt: skip
         """Reports what the user did with a candidate of a `score(..., request_id=...)` call.
 
         Args:
@@ -174,19 +171,21 @@ class MonolithClient:
             kind: the action kind (one the joiner accepts, "click" by default).
             label: 1 for a positive action; 0 records one that is not.
             event_time: when it happened, seconds since the epoch; None: now.
+            metadata: (key, value) pairs for this call, after the client's.
 
         Raises:
             ValueError: the client has no joiner_address.
             ActionError: the joiner refused it (e.g. INVALID_ARGUMENT) or could not store it.
         """
-        self.report_actions([(request_id, item_id, kind, label, event_time)])
+        self.report_actions([(request_id, item_id, kind, label, event_time)], metadata)
 
-    def report_actions(self, actions: Sequence[ActionLike]) -> int:
+    def report_actions(self, actions: Sequence[ActionLike], metadata: Optional[Metadata] = None) -> int:
         """Reports several actions in one call; the joiner stores all of them or none.
 
         Args:
             actions: each a dict of `report_action`'s arguments (request_id and item_id
                 required) or a tuple of them in order.
+            metadata: (key, value) pairs for this call, after the client's.
 
         Returns:
             The number of actions stored.
@@ -195,39 +194,20 @@ class MonolithClient:
             ValueError: the client has no joiner_address, or an action lacks request_id or item_id.
             ActionError: the joiner refused them (nothing is stored) or could not store them.
         """
-        stub, joiner_pb2 = self._joiner_stub()
-        now = time.time()
-        request = joiner_pb2.ReportActionsRequest()
-        for action in actions:
-            fields = _action_fields(action)
-            event_time = fields.get("event_time")
-            request.actions.add(
-                request_id=str(fields["request_id"]),
-                item_id=str(fields["item_id"]),
-                kind=str(fields.get("kind", "click")),
-                label=float(fields.get("label", 1.0)),
-                event_time=now if event_time is None else float(event_time),
-            )
-        try:
-            response = stub.ReportActions(request, timeout=self.timeout)
-        except grpc.RpcError as exc:
-            raise ActionError(exc.code(), exc.details()) from None
+        address = self.need_joiner()
+        request = messages.actions_request(actions)
+        if self._joiner_channel is None:
+            self._joiner_channel = self._dial(address)
+        response = self._call(self._joiner_channel, messages.REPORT_ACTIONS, request, metadata, self.action_backoff,
+                              ActionError)  # fmt: skip
         return int(response.accepted)
 
-    def _joiner_stub(self) -> tuple[Any, Any]:
-        if self.joiner_address is None:
-            raise ValueError(
-                "reporting actions needs the sample-joiner's address: "
-                "MonolithClient(address, joiner_address='host:port')"
-            )
-        try:
-            from monolith.api.joiner.v1 import joiner_pb2, joiner_pb2_grpc
-        except ImportError as exc:
-            raise ImportError(f"reporting actions needs the monolith package (its joiner API stubs): {exc}") from exc
-        if self._joiner is None:
-            self._joiner_channel = open_channel(self.joiner_address)
-            self._joiner = joiner_pb2_grpc.SampleJoinerStub(self._joiner_channel)
-        return self._joiner, joiner_pb2
+    def _call(self, channel: grpc.Channel, method: Method, request: Any, metadata: Optional[Metadata],
+              backoff: Backoff, error: Callable[[grpc.StatusCode, str], MonolithClientError]) -> Any:  # fmt: skip
+        call = channel.unary_unary(method.path, request_serializer=method.serialize,
+                                   response_deserializer=method.deserialize)  # fmt: skip
+        return _with_retries(lambda: call(request, timeout=self.timeout, metadata=self.call_metadata(metadata)),
+                             backoff, error)  # fmt: skip
 
     def close(self) -> None:
         self._channel.close()
@@ -241,42 +221,14 @@ class MonolithClient:
         self.close()
 
 
-def _tensor(values: Any) -> Any:
-    """A TensorProto: int64 ids as int64, anything else as strings; ragged rows padded with ""."""
-    array = np.asarray(values, dtype=object) if _is_ragged(values) else np.asarray(values)
-    if array.ndim == 0:
-        array = array.reshape(1)
-    if _is_ragged(values):
-        width = max(len(row) for row in values)
-        padded = [[str(v) for v in row] + [""] * (width - len(row)) for row in values]
-        return tf.make_tensor_proto(padded, dtype=tf.string)
-    if array.dtype.kind in "iu":
-        return tf.make_tensor_proto(array.astype(np.int64), dtype=tf.int64)
-    return tf.make_tensor_proto(np.vectorize(str, otypes=[object])(array).astype(bytes), dtype=tf.string)
-
-
-_ACTION_FIELDS = ("request_id", "item_id", "kind", "label", "event_time")
-
-
-def _action_fields(action: ActionLike) -> dict[str, Any]:
-    """An action's fields by name, from a dict or a tuple in `report_action`'s order."""
-    if isinstance(action, Mapping):
-        unknown = set(action) - set(_ACTION_FIELDS)
-        if unknown:
-            raise ValueError(f"unknown action field(s) {sorted(unknown)}; known: {', '.join(_ACTION_FIELDS)}")
-        fields = dict(action)
-    else:
-        if not 2 <= len(action) <= len(_ACTION_FIELDS):
-            raise ValueError(f"an action tuple is (request_id, item_id[, kind[, label[, event_time]]]), got {action!r}")
-        fields = dict(zip(_ACTION_FIELDS, action))
-    for name in ("request_id", "item_id"):
-        if fields.get(name) is None or fields[name] == "":
-            raise ValueError(f"an action needs a non-empty {name}, got {action!r}")
-    return {name: value for name, value in fields.items() if value is not None}
-
-
-def _is_ragged(values: Any) -> bool:
-    return (
-        isinstance(values, (list, tuple))
-        and any(isinstance(row, (list, tuple, np.ndarray)) for row in values)
-    )
+def _with_retries(send: Callable[[], _T], backoff: Backoff,
+                  error: Callable[[grpc.StatusCode, str], MonolithClientError]) -> _T:  # fmt: skip
+    attempt = 0
+    while True:
+        try:
+            return send()
+        except grpc.RpcError as exc:
+            attempt += 1
+            if attempt > backoff.retries or not retryable(exc):
+                raise error(exc.code(), exc.details()) from None
+            time.sleep(backoff.delay(attempt))

@@ -164,19 +164,25 @@ class _HealthServicer(health.HealthServicer):
         return super().Watch(request, context)
 
 
-def add_server_arguments(parser: argparse.ArgumentParser, port: int, metrics_port: int) -> None:
+def add_server_arguments(parser: argparse.ArgumentParser, port: int, metrics_port: int, tls: bool = False) -> None:
     """The flags every role's server takes: where to listen and how large messages may be.
 
     Args:
         parser: the role's argument parser.
         port: the role's default gRPC port.
         metrics_port: the role's default /metrics port.
+        tls: also --tls-cert/--tls-key, for the roles product backends call (model-serving,
+            the joiner): they carry user data from outside the cluster.
     """
     parser.add_argument("--host", default="0.0.0.0", help="interface to bind (default: all)")
     parser.add_argument("--port", type=int, default=port, help=f"gRPC port (default {port}; 0 picks a free one)")
     parser.add_argument("--metrics-port", type=int, default=metrics_port,
                         help=f"Prometheus /metrics port (default {metrics_port}; 0 picks a free one)")  # fmt: skip
     parser.add_argument("--max-message-mb", type=_message_mb, default=64, help="max gRPC message size in MiB (1..2047)")
+    if tls:
+        parser.add_argument("--tls-cert", default=None,
+                            help="PEM certificate chain: serve gRPC over TLS only (with --tls-key)")  # fmt: skip
+        parser.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
 
 
 def _message_mb(text: str) -> int:
@@ -201,6 +207,8 @@ def server_config_from_args(args: argparse.Namespace, **fields: Any) -> ServerCo
         "port": args.port,
         "metrics_port": args.metrics_port,
         "max_message_bytes": args.max_message_mb * 1024 * 1024,
+        "tls_cert": getattr(args, "tls_cert", None),
+        "tls_key": getattr(args, "tls_key", None),
     }
     return parse_config(ServerConfig, {**flags, **fields})
 

@@ -113,7 +113,7 @@ def target(manifest: StackManifest, name: str) -> Target:
         raise ChaosError(f"the stack has no part {name!r}; its parts: {', '.join(known)}")
     url = str(metrics[name])
     if addresses.get(name):
-        ready = GrpcHealth(str(addresses[name])).ready
+        ready = GrpcHealth(str(addresses[name]), manifest.tls if name in (SERVING, JOINER) else None).ready
     elif name == TRAINER:
         ready = lambda: metric_sum(url, "monolith_trainer_ready") == 1.0
     else:  # the controller: its /metrics answers once it runs (SERVING comes only after a restore)

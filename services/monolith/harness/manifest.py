@@ -14,6 +14,7 @@ from typing import Annotated
 import pydantic
 from pydantic import Field
 
+from monolith.common.channel import TlsConfig
 from monolith.common.config import ConfigModel, describe_errors
 
 FILE_NAME = "stack.json"
@@ -47,6 +48,8 @@ class StackManifest(ConfigModel):
         serving_shards: the serving embedding-PS shards, in shard order.
         metrics: part name -> its /metrics URL.
         logs: the directory of the parts' logs.
+        tls_ca: model-serving and the joiner serve TLS with this certificate (None: plaintext).
+        tls_server_name: the name their certificate carries (dial 127.0.0.1, check this name).
     """
 
     model_config = pydantic.ConfigDict(frozen=True, extra="forbid", strict=True)
@@ -68,6 +71,19 @@ class StackManifest(ConfigModel):
     serving_shards: tuple[NonEmpty, ...]
     metrics: dict[str, str]
     logs: str
+    tls_ca: NonEmpty | None = None
+    tls_server_name: NonEmpty | None = None
+
+    @property
+    def tls(self) -> TlsConfig | None:
+        """How to verify model-serving and the joiner (None: they serve plaintext)."""
+        return None if self.tls_ca is None else TlsConfig(ca=self.tls_ca, server_name=self.tls_server_name)
+
+    def client_tls(self) -> dict[str, str]:
+        """`MonolithClient`'s TLS arguments for this stack (none for a plaintext one)."""
+        if self.tls_ca is None:
+            return {}
+        return {"tls_ca": self.tls_ca, **({"tls_server_name": self.tls_server_name} if self.tls_server_name else {})}
 
     def write(self, path: str) -> None:
         """Writes `path` atomically: a reader sees the old file, no file, or the whole new one."""

@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"(the monolith_joiner_served_auc, _calibration_ratio and _positive_rate gauges) are computed over (default {defaults.quality_window:,})")  # fmt: skip
     parser.add_argument("--replica-index", type=int, default=0, help="this replica's index (it joins partitions p with p %% replicas == index)")
     parser.add_argument("--replicas", type=int, default=1, help="joiner replicas sharing the partitions")
-    add_server_arguments(parser, port=8600, metrics_port=9106)
+    add_server_arguments(parser, port=8600, metrics_port=9106, tls=True)
 
 
 def run(args: argparse.Namespace) -> int:

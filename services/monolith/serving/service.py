@@ -81,9 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--impression-queue", type=int, default=DEFAULT_QUEUE,
                         help="impressions queued for NATS at most; past it they are dropped and counted "
                         f"(default {DEFAULT_QUEUE})")  # fmt: skip
-    parser.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve Predict over TLS (with --tls-key)")
-    parser.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
-    add_server_arguments(parser, port=8500, metrics_port=9100)  # 8500: TF Serving's gRPC port
+    add_server_arguments(parser, port=8500, metrics_port=9100, tls=True)  # 8500: TF Serving's gRPC port
 
 
 def run(args: argparse.Namespace) -> int:
@@ -119,10 +117,7 @@ def run(args: argparse.Namespace) -> int:
     server = build_serving(
         model,
         SignatureConfig(args.model_name, args.signature_name),
-        server_config_from_args(
-            args, max_workers=args.workers, max_concurrent_rpcs=args.max_inflight,
-            tls_cert=args.tls_cert, tls_key=args.tls_key,
-        ),  # fmt: skip
+        server_config_from_args(args, max_workers=args.workers, max_concurrent_rpcs=args.max_inflight),
         impressions,
         batcher,
     )

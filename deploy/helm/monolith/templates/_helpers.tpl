@@ -218,6 +218,58 @@ livenessProbe:
   failureThreshold: 6
 {{- end -}}
 
+{{/* TLS of a role product backends call (serving, the joiner), from its `tls` values
+({enabled, secretName}): the check, the flags, the probes (Kubernetes' gRPC probe speaks
+plaintext only: with TLS on, the port is probed for a listener and readiness comes from /metrics
+answering), the mount and the Secret volume. Each takes a dict with "tls" (the values); the
+check also "component", the probes "port" and "metricsPort", the rest "indent" (they write
+nothing at all when TLS is off). */}}
+{{- define "monolith.tlsCheck" -}}
+{{- if and .tls.enabled (not .tls.secretName) -}}
+{{- fail (printf "%s.tls.enabled needs %s.tls.secretName (a kubernetes.io/tls Secret)" .component .component) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "monolith.tlsArgs" -}}
+{{- if .tls.enabled -}}
+{{- "- --tls-cert\n- /etc/monolith-tls/tls.crt\n- --tls-key\n- /etc/monolith-tls/tls.key" | nindent (int .indent) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "monolith.tlsVolumeMount" -}}
+{{- if .tls.enabled -}}
+{{- "- name: tls\n  mountPath: /etc/monolith-tls\n  readOnly: true" | nindent (int .indent) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "monolith.tlsVolume" -}}
+{{- if .tls.enabled -}}
+{{- printf "- name: tls\n  secret:\n    secretName: %s" .tls.secretName | nindent (int .indent) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "monolith.probes" -}}
+{{- if .tls.enabled -}}
+startupProbe:
+  tcpSocket:
+    port: {{ .port }}
+  periodSeconds: 5
+  failureThreshold: 60
+readinessProbe:
+  httpGet:
+    path: /metrics
+    port: {{ .metricsPort }}
+  periodSeconds: 5
+livenessProbe:
+  tcpSocket:
+    port: {{ .port }}
+  periodSeconds: 10
+  failureThreshold: 6
+{{- else -}}
+{{- include "monolith.grpcProbes" (dict "port" .port) }}
+{{- end -}}
+{{- end -}}
+
 {{/* A workload's pod annotations: a config change rolls its pods. */}}
 {{- define "monolith.podAnnotations" -}}
 checksum/model: {{ default (.Files.Get "files/model.yaml") .Values.model.config | sha256sum }}

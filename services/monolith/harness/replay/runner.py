@@ -107,7 +107,7 @@ class StackClients:
     """The product side: Predict through model-serving, actions through the joiner."""
 
     def __init__(self, stack: StackManifest, timeout: float = 10.0) -> None:
-        self.client = MonolithClient(stack.serving, joiner_address=stack.joiner, timeout=timeout)
+        self.client = MonolithClient(stack.serving, joiner_address=stack.joiner, timeout=timeout, **stack.client_tls())
 
     def predict(self, features: Mapping[str, Any], request_id: str | None, event_time: float | None) -> np.ndarray:
         return self.client.predict(features, request_id=request_id, event_time=event_time)

@@ -9,7 +9,7 @@ import urllib.request
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from monolith.common.channel import open_channel
+from monolith.common.channel import ChannelConfig, TlsConfig, open_channel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,13 +17,15 @@ class GrpcHealth:
     """Ready when the gRPC health service at `address` answers SERVING for the whole server.
 
     A role reports NOT_SERVING until it can do its work (model-serving, for instance,
-    until it has dense parameters), so SERVING means ready, not merely listening.
+    until it has dense parameters), so SERVING means ready, not merely listening. `tls`:
+    the part serves TLS only (model-serving and the joiner under `monolith up --tls-cert`).
     """
 
     address: str
+    tls: TlsConfig | None = None
 
     def ready(self, timeout: float = 1.0) -> bool:
-        with open_channel(self.address) as channel:
+        with open_channel(self.address, ChannelConfig(tls=self.tls)) as channel:
             try:
                 response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
             except grpc.RpcError:

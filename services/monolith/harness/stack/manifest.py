@@ -50,6 +50,8 @@ def stack_manifest(settings: StackSettings, ports: StackPorts, parts: Sequence[P
         serving_shards=tuple(_address(by_name[serving_shard(i)]) for i in range(SHARDS)),
         metrics={p.name: p.metrics for p in parts if p.metrics},
         logs=settings.logs_dir,
+        tls_ca=settings.tls_cert,
+        tls_server_name=settings.tls_server_name if settings.tls_cert else None,
     )
 
 

@@ -17,6 +17,7 @@ import socket
 import sys
 from collections.abc import Iterable, Sequence
 
+from monolith.common.channel import TlsConfig
 from monolith.harness.manifest import DEFAULT_CONSUMER
 from monolith.harness.stack.health import GrpcAnswers, GrpcHealth, HttpOk, Probe
 from monolith.serving.embedding_cache import CacheConfig
@@ -173,6 +174,10 @@ class StackSettings:
         checkpoint_interval: the controller's --interval (seconds between checkpoints).
         trainer_consumer: the durable consumer the online trainer reads SAMPLES with, and
             whose position the controller checkpoints.
+        tls_cert: PEM certificate chain model-serving and the joiner serve TLS with (with
+            `tls_key`); None: plaintext.
+        tls_key: its private key.
+        tls_server_name: the name the certificate carries, checked when dialing 127.0.0.1.
     """
 
     data_dir: str
@@ -185,6 +190,14 @@ class StackSettings:
     join_lateness: float | None = None
     checkpoint_interval: float = 30.0
     trainer_consumer: str = DEFAULT_CONSUMER
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_server_name: str = "localhost"
+
+    @property
+    def tls(self) -> TlsConfig | None:
+        """How a client of model-serving and the joiner verifies them (None: plaintext)."""
+        return None if self.tls_cert is None else TlsConfig(ca=self.tls_cert, server_name=self.tls_server_name)
 
     @property
     def nats_dir(self) -> str:
@@ -218,8 +231,12 @@ def stack_parts(settings: StackSettings, ports: StackPorts) -> list[Part]:
     def server(endpoint: Endpoint) -> tuple[str, ...]:
         return ("--host", HOST, "--port", str(endpoint.port), "--metrics-port", str(endpoint.metrics_port))
 
-    def grpc_part(name: str, endpoint: Endpoint, argv: tuple[str, ...], after: Sequence[str] = ()) -> Part:
-        return Part(name, argv, GrpcHealth(endpoint.address), endpoint.address, endpoint.metrics_url, tuple(after))
+    def grpc_part(name: str, endpoint: Endpoint, argv: tuple[str, ...], after: Sequence[str] = (),
+                  tls: TlsConfig | None = None) -> Part:  # fmt: skip
+        return Part(name, argv, GrpcHealth(endpoint.address, tls), endpoint.address, endpoint.metrics_url, tuple(after))
+
+    # Model-serving and the joiner: the roles product backends call, over TLS when given a certificate.
+    tls = ("--tls-cert", s.tls_cert, "--tls-key", s.tls_key) if s.tls_cert and s.tls_key else ()
 
     nats = NatsServer(s.nats_dir, ports.nats.port, ports.nats.metrics_port)
     parts = [
@@ -247,8 +264,8 @@ def stack_parts(settings: StackSettings, ports: StackPorts) -> list[Part]:
     streams = ("--nats", ports.nats_url, "--partitions", str(s.partitions))
     join = ("--window", f"{s.join_window:g}") if s.join_window is not None else ()
     join += ("--lateness", f"{s.join_lateness:g}") if s.join_lateness is not None else ()
-    argv = role("joiner", *streams, "--config", s.config, *join, *server(ports.joiner))
-    parts.append(grpc_part(JOINER, ports.joiner, argv, after=[NATS]))
+    argv = role("joiner", *streams, "--config", s.config, *join, *server(ports.joiner), *tls)
+    parts.append(grpc_part(JOINER, ports.joiner, argv, after=[NATS], tls=s.tls))
     if ports.controller is not None:
         argv = role(
             "controller", "--storage", s.checkpoints_dir, "--interval", f"{s.checkpoint_interval:g}",
@@ -276,8 +293,8 @@ def stack_parts(settings: StackSettings, ports: StackPorts) -> list[Part]:
         "serving", "--config", s.config,
         "--embedding-ps", ",".join(e.address for e in ports.serving_shards), "--dense-ps", ports.dense_ps.address,
         *streams, "--dense-sync-interval", f"{s.sync_interval:g}", *server(ports.serving),
-        "--embedding-cache-refresh", f"{cache_refresh(s.sync_interval):g}",
+        "--embedding-cache-refresh", f"{cache_refresh(s.sync_interval):g}", *tls,
     )  # fmt: skip
     serving_after = (NATS, *(serving_shard(i) for i in range(SHARDS)), DENSE_PS, TRAINER)
-    parts.append(grpc_part(SERVING, ports.serving, argv, after=serving_after))
+    parts.append(grpc_part(SERVING, ports.serving, argv, after=serving_after, tls=s.tls))
     return parts

@@ -75,6 +75,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds each part has to become ready (default 180)")  # fmt: skip
     parser.add_argument("--stop-timeout", type=positive_seconds, default=15.0,
                         help="seconds each part has to exit after SIGTERM before SIGKILL (default 15)")  # fmt: skip
+    parser.add_argument("--tls-cert", default=None,
+                        help="PEM certificate chain: model-serving and the joiner serve gRPC over TLS only (with "
+                        "--tls-key); clients trust it as their CA (stack.json names it)")  # fmt: skip
+    parser.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-server-name", default="localhost",
+                        help="the name --tls-cert carries, checked when the stack's tools dial 127.0.0.1 "
+                        "(default localhost)")  # fmt: skip
     parser.add_argument("--fresh", action="store_true",
                         help="delete the data dir's JetStream store and logs first (streams start empty)")  # fmt: skip
 
@@ -116,6 +123,16 @@ def _taken_port(ports: dict[str, int]) -> str | None:
     return None
 
 
+def _tls_problem(cert: str | None, key: str | None) -> str | None:
+    """What is wrong with --tls-cert/--tls-key (both or neither, readable), or None."""
+    if (cert is None) != (key is None):
+        return "--tls-cert and --tls-key go together: give both (TLS) or neither (plaintext)"
+    for flag, path in (("--tls-cert", cert), ("--tls-key", key)):
+        if path is not None and not os.access(path, os.R_OK):
+            return f"{flag} {path}: not a readable file"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     """Starts the stack, supervises it until SIGINT or SIGTERM, then stops it; 0 on a clean stop."""
     config = os.path.abspath(args.config)
@@ -139,6 +156,10 @@ def run(args: argparse.Namespace) -> int:
     if taken:
         print(f"monolith up: {taken}", file=sys.stderr)
         return 1
+    tls_problem = _tls_problem(args.tls_cert, args.tls_key)
+    if tls_problem:
+        print(f"monolith up: {tls_problem}", file=sys.stderr)
+        return 2
     remove_manifest(path)  # stale: its `up` is gone
     settings = StackSettings(
         data_dir=data_dir,
@@ -149,6 +170,9 @@ def run(args: argparse.Namespace) -> int:
         join_window=args.join_window,
         join_lateness=args.join_lateness,
         checkpoint_interval=args.checkpoint_interval,
+        tls_cert=os.path.abspath(args.tls_cert) if args.tls_cert else None,
+        tls_key=os.path.abspath(args.tls_key) if args.tls_key else None,
+        tls_server_name=args.tls_server_name,
     )
     if args.fresh:
         for directory in (settings.nats_dir, settings.logs_dir):
