@@ -36,7 +36,8 @@ SCENARIOS = {
     "external-nats": {"nats": {"external": {"url": "nats://nats.infra.svc:4222"}}},
     "4-shards": {"embeddingPs": {"shards": 4}},
     "tls": {"serving": {"tls": {"enabled": True, "secretName": "predict-tls"}},
-            "joiner": {"tls": {"enabled": True, "secretName": "actions-tls"}}},
+            "joiner": {"tls": {"enabled": True, "secretName": "actions-tls"}},
+            "nats": {"tls": {"enabled": True, "secretName": "nats-tls"}}},
     "service-monitor": {"metrics": {"serviceMonitor": {"enabled": True}}},
     "all-on": ALL_ON,
     "all-on-object-store": {**ALL_ON, "checkpoints": {"url": "s3://bucket/monolith", "credentialsSecret": "s3-creds"}},
@@ -436,6 +437,28 @@ def test_serving_autoscales_and_tls_mounts_its_secret(helm) -> None:
     assert "grpc" not in _container(serving)["readinessProbe"], "kubelet's gRPC probe cannot speak TLS"
 
 
+def test_nats_serves_tls_from_its_secret_and_every_client_verifies_it(helm) -> None:
+    docs = render(helm, SCENARIOS["tls"])
+    (config,) = [d for d in _of_kind(docs, "ConfigMap") if _name(d).endswith("-nats")]
+    conf = config["data"]["nats.conf"]
+    assert conf.count("cert_file: /etc/nats-tls/tls.crt") == 2, "clients and routes"
+    clients = 0
+    for doc in _pods(docs):
+        container = _container(doc)
+        args = container.get("args", [])
+        mounts = {m["name"]: m["mountPath"] for m in container.get("volumeMounts", [])}
+        volumes = {v["name"]: v for v in _pod_spec(doc)["volumes"]}
+        if "--nats" in args or _name(doc).endswith("-nats"):
+            assert mounts.get("nats-tls") == "/etc/nats-tls", _name(doc)
+            assert volumes["nats-tls"]["secret"]["secretName"] == "nats-tls", _name(doc)
+        if "--nats" in args:
+            clients += 1
+            assert args[args.index("--nats-tls-ca") + 1] == "/etc/nats-tls/ca.crt", _name(doc)
+    assert clients >= 4  # serving, the joiner, the trainer, the controller
+    plain = render(helm)
+    assert all("--nats-tls-ca" not in _container(d).get("args", []) for d in _pods(plain))
+
+
 def test_the_joiner_serves_report_actions_over_tls_from_its_secret(helm) -> None:
     plain = _container(_one(render(helm), "StatefulSet", "joiner"))
     assert "--tls-cert" not in plain["args"] and "grpc" in plain["readinessProbe"]
@@ -461,6 +484,7 @@ def test_the_joiner_serves_report_actions_over_tls_from_its_secret(helm) -> None
         ({"serving": {"port": 70000}}, "/serving/port"),
         ({"serving": {"tls": {"enabled": True}}}, "/serving/tls/secretName"),
         ({"joiner": {"tls": {"enabled": True}}}, "/joiner/tls/secretName"),
+        ({"nats": {"tls": {"enabled": True}}}, "/nats/tls/secretName"),
         ({"serving": {"resources": {"limits": None}}}, "/serving/resources"),
         ({"nats": {"replicas": 2}}, "/nats/replicas"),
         ({"nats": {"external": {"url": "http://nats:4222"}}}, "/nats/external/url"),

@@ -1,10 +1,11 @@
 """monolith-client as a product backend installs it: `pip install ./clients/python` into a fresh
 virtual environment (no TensorFlow, no server package), then a Predict and a ReportActions call
-against `monolith up`, plain and over TLS (serving and the joiner with a self-signed
-certificate, which the client trusts as its CA; plaintext is refused)."""
+against `monolith up`, plain and over TLS (serving, the joiner and NATS with a
+self-signed certificate, which the client and every role trust as their CA; plaintext is refused)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -16,7 +17,10 @@ import pytest
 from helpers.processes import MONOLITH, Command
 from helpers.tls import HAVE_OPENSSL, self_signed
 from helpers.waiting import wait_for
+from monolith.common.errors import Unavailable
 from monolith.harness.manifest import StackError, StackManifest
+from monolith.streams.config import StreamsConfig
+from monolith.streams.jetstream import connect
 
 REPO = Path(__file__).resolve().parents[2]
 UV = Path(sys.executable).with_name("uv")
@@ -105,6 +109,13 @@ def test_a_fresh_environment_scores_and_reports_over_tls_and_plaintext_is_refuse
     for stack in _stack(tmp_path / "stack", tmp_path / "up", "--tls-cert", cert, "--tls-key", key):
         assert stack.client_tls() == {"tls_ca": cert, "tls_server_name": "localhost"}
         result = _calls(light_python, stack)
+        with pytest.raises(Unavailable, match="CERTIFICATE_VERIFY_FAILED"):  # NATS too: every role verified it
+            asyncio.run(_nats_plaintext(stack.nats))
     assert result["heavy_modules"] == []
     assert len(result["scores"]) == 3 and result["accepted"] == 1
     assert result["plaintext_predict"] == result["plaintext_actions"] == "UNAVAILABLE"
+
+
+async def _nats_plaintext(url: str) -> None:
+    client = await connect(StreamsConfig(url=url), "test-plaintext", attempts=1)
+    await client.close()

@@ -180,7 +180,15 @@ def test_with_a_certificate_serving_and_the_joiner_serve_tls_and_are_probed_over
         assert (args.tls_cert, args.tls_key) == ("/tls/c.crt", "/tls/c.key"), name
         assert parts[name].probe.tls == settings.tls, name
         assert settings.tls.ca == "/tls/c.crt" and settings.tls.server_name == "monolith.local"
-    for name in (DENSE_PS, training_shard(0), serving_shard(0)):  # inside the stack: plaintext
+    for name in (DENSE_PS, training_shard(0), serving_shard(0)):  # gRPC inside the stack: plaintext
         assert "--tls-cert" not in parts[name].argv, name
+    nats = list(parts[NATS].argv)
+    assert nats[nats.index("--tlscert") + 1] == "/tls/c.crt" and "--tls" in nats
+    for name in (JOINER, SERVING, TRAINER, CONTROLLER):  # every NATS client verifies it
+        args = parse_as_role(parts[name]) if name != CONTROLLER else None
+        argv = list(parts[name].argv)
+        assert argv[argv.index("--nats-tls-ca") + 1] == "/tls/c.crt", name
+        assert argv[argv.index("--nats-tls-server-name") + 1] == "monolith.local", name
+        assert args is None or args.nats_tls_ca == "/tls/c.crt"
     plain = {p.name: p for p in stack_parts(SETTINGS, ports)}
     assert "--tls-cert" not in plain[SERVING].argv and plain[SERVING].probe.tls is None

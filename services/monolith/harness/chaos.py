@@ -36,7 +36,7 @@ from monolith.harness.stack.health import GrpcHealth, HttpOk
 from monolith.harness.manifest import StackError, StackManifest, manifest_path
 from monolith.harness.stack.parts import CONTROLLER, DENSE_PS, JOINER, NATS, SERVING, TRAINER, serving_shard, training_shard
 from monolith.common.scrape import try_scrape
-from monolith.streams.config import SAMPLES_STREAM, StreamsConfig
+from monolith.streams.config import SAMPLES_STREAM
 from monolith.streams.pull_consumer import ConsumerAdmin, ConsumerSettings
 
 POLL = 0.1  # seconds between checks while waiting for a condition
@@ -314,7 +314,7 @@ def lineage(manifest: StackManifest) -> Lineage | None:
     """The stack's `Lineage` now (one trainer), or None if a part does not answer."""
     resume = metric_sum(manifest.metrics_url(CONTROLLER), "monolith_controller_resume_position")
     applied = metric_sum(manifest.metrics_url(TRAINER), "monolith_trainer_samples_since_rollback")
-    streams = StreamsConfig(url=manifest.nats, partitions=manifest.partitions)
+    streams = manifest.streams_config()
     admin = ConsumerAdmin(streams, ConsumerSettings(SAMPLES_STREAM, "samples.>", manifest.trainer_consumer))
     try:
         state = admin.position()

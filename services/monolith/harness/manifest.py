@@ -16,6 +16,7 @@ from pydantic import Field
 
 from monolith.common.channel import TlsConfig
 from monolith.common.config import ConfigModel, describe_errors
+from monolith.streams.config import StreamsConfig
 
 FILE_NAME = "stack.json"
 DEFAULT_CONSUMER = "trainer"
@@ -48,7 +49,7 @@ class StackManifest(ConfigModel):
         serving_shards: the serving embedding-PS shards, in shard order.
         metrics: part name -> its /metrics URL.
         logs: the directory of the parts' logs.
-        tls_ca: model-serving and the joiner serve TLS with this certificate (None: plaintext).
+        tls_ca: model-serving, the joiner and NATS serve TLS with this certificate (None: plaintext).
         tls_server_name: the name their certificate carries (dial 127.0.0.1, check this name).
     """
 
@@ -78,6 +79,11 @@ class StackManifest(ConfigModel):
     def tls(self) -> TlsConfig | None:
         """How to verify model-serving and the joiner (None: they serve plaintext)."""
         return None if self.tls_ca is None else TlsConfig(ca=self.tls_ca, server_name=self.tls_server_name)
+
+    def streams_config(self) -> StreamsConfig:
+        """How to reach the stack's NATS (over TLS when the stack serves it)."""
+        return StreamsConfig(url=self.nats, partitions=self.partitions, tls_ca=self.tls_ca,
+                             tls_server_name=self.tls_server_name)  # fmt: skip
 
     def client_tls(self) -> dict[str, str]:
         """`MonolithClient`'s TLS arguments for this stack (none for a plaintext one)."""

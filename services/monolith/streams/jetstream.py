@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import ssl
 import threading
 from typing import Any, Awaitable, Coroutine, TypeVar
 
@@ -51,26 +52,73 @@ async def connect(config: StreamsConfig, name: str, attempts: int = 1) -> Client
         Unavailable: no server answered within `attempts`.
     """
     attempt = 0
+    tls = {"tls": config.ssl_context(), "tls_hostname": config.tls_server_name} if config.tls else {}
     while True:
         attempt += 1
         client = Client()
+        refused: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
+        connecting = asyncio.ensure_future(client.connect(
+            servers=config.servers,
+            name=name,
+            **tls,
+            connect_timeout=2,
+            reconnect_time_wait=0.5,
+            max_reconnect_attempts=-1,
+            allow_reconnect=True,
+            error_cb=_on_error(client, refused, len(config.servers)),
+            disconnected_cb=_log_disconnected(client, name),
+            reconnected_cb=_log_reconnected(name),
+        ))  # fmt: skip
         try:
-            await client.connect(
-                servers=config.servers,
-                name=name,
-                connect_timeout=2,
-                reconnect_time_wait=0.5,
-                max_reconnect_attempts=-1,
-                allow_reconnect=True,
-                error_cb=_log_error,
-                disconnected_cb=_log_disconnected(client, name),
-                reconnected_cb=_log_reconnected(name),
-            )
+            await asyncio.wait({connecting, refused}, return_when=asyncio.FIRST_COMPLETED)
+            if not connecting.done():  # every server failed once: nats-py would go on forever
+                await _abandon(client, connecting)
+                raise refused.result()
+            connecting.result()
             return client
+        except ssl.SSLError as exc:  # not an OSError to retry blindly: say it is TLS
+            if attempts and attempt >= attempts:
+                raise Unavailable(f"NATS at {config.url}: TLS failed: {exc}") from None
+            if attempt == 1:
+                _LOGGER.warning("%s: NATS at %s: TLS failed (%s); retrying", name, config.url, exc)
+            await asyncio.sleep(0.5)
         except TRANSIENT_ERRORS as exc:
             if attempts and attempt >= attempts:
                 raise Unavailable(f"NATS at {config.url} unreachable: {exc or type(exc).__name__}") from None
+            if attempt == 1:  # a role that waits for NATS says so once (a wrong TLS CA shows here too)
+                _LOGGER.warning("%s: NATS at %s not reachable yet (%s); retrying", name, config.url,
+                                exc or type(exc).__name__)  # fmt: skip
             await asyncio.sleep(0.5)
+
+
+def _on_error(client: Client, refused: asyncio.Future[Exception], servers: int):  # type: ignore[no-untyped-def]
+    """nats-py's error callback: logs; before the first connection, reports the attempt failed
+    once as many errors came as there are servers (nats-py itself would retry forever, a
+    refused connection or a certificate it cannot verify alike)."""
+    failures = 0
+
+    async def callback(exc: Exception) -> None:
+        nonlocal failures
+        if not client.is_connected and not refused.done():
+            failures += 1
+            if failures >= servers:
+                refused.set_result(exc)
+        await _log_error(exc)
+
+    return callback
+
+
+async def _abandon(client: Client, connecting: asyncio.Future[None]) -> None:
+    """Stops a connection attempt nats-py keeps retrying."""
+    connecting.cancel()
+    try:
+        await connecting
+    except BaseException:  # noqa: BLE001 - cancelled, or failed meanwhile: abandoned either way
+        pass
+    try:
+        await client.close()
+    except Exception:  # noqa: BLE001
+        pass
 
 
 async def _log_error(exc: Exception) -> None:

@@ -49,12 +49,14 @@ class NatsServer:
         log_path: file for the server's output (None: discarded).
         max_store_bytes: JetStream's file storage limit (None: the server's default, 75% of the
             free disk); streams' `max_bytes` are reserved against it when they are created.
+        tls: (certificate, key) PEM files: clients must connect over TLS (plaintext refused).
     """
 
     def __init__(self, data_dir: str, port: int = 0, monitor_port: int = 0, log_path: str | None = None,
-                 max_store_bytes: int | None = None) -> None:  # fmt: skip
+                 max_store_bytes: int | None = None, tls: tuple[str, str] | None = None) -> None:  # fmt: skip
         self.data_dir = data_dir
         self.max_store_bytes = max_store_bytes
+        self.tls = tls
         self.port = port or _free_port()
         self.monitor_port = monitor_port or _free_port()
         self.log_path = log_path
@@ -69,8 +71,9 @@ class NatsServer:
         limits = []
         if self.max_store_bytes is not None:  # only a config file sets it; the flags below override the rest
             limits = ["--config", os.path.join(self.data_dir, "limits.conf")]
+        tls = ["--tls", "--tlscert", self.tls[0], "--tlskey", self.tls[1]] if self.tls else []
         return [
-            nats_server_binary(), *limits, "--jetstream", "--store_dir", self.data_dir,
+            nats_server_binary(), *limits, *tls, "--jetstream", "--store_dir", self.data_dir,
             "--addr", "127.0.0.1", "--port", str(self.port),
             "--http_port", str(self.monitor_port), "--server_name", "monolith-local",
         ]  # fmt: skip

@@ -109,6 +109,10 @@ labels:
 - {{ .Values.streams.duplicateWindow | quote }}
 - --stream-replicas
 - {{ include "monolith.streamReplicas" . | quote }}
+{{- if .Values.nats.tls.enabled }}
+- --nats-tls-ca
+- /etc/nats-tls/ca.crt
+{{- end }}
 {{- end -}}
 
 {{/* Copies of each stream: streams.replicas, or (0) the chart's NATS cluster size, 1 with an external NATS. */}}
@@ -189,6 +193,24 @@ securityContext:
 - name: tmp
   emptyDir:
     sizeLimit: {{ .Values.tmpSizeLimit }}
+{{- include "monolith.natsTlsVolume" . }}
+{{- end -}}
+
+{{/* NATS's TLS Secret (nats.tls): its ca.crt for every client, its tls.crt/tls.key for the servers. */}}
+{{- define "monolith.natsTlsVolume" -}}
+{{- if .Values.nats.tls.enabled }}
+- name: nats-tls
+  secret:
+    secretName: {{ .Values.nats.tls.secretName }}
+{{- end }}
+{{- end -}}
+
+{{- define "monolith.natsTlsVolumeMount" -}}
+{{- if .Values.nats.tls.enabled }}
+- name: nats-tls
+  mountPath: /etc/nats-tls
+  readOnly: true
+{{- end }}
 {{- end -}}
 
 {{- define "monolith.roleVolumeMounts" -}}
@@ -197,6 +219,7 @@ securityContext:
   readOnly: true
 - name: tmp
   mountPath: /tmp
+{{- include "monolith.natsTlsVolumeMount" . }}
 {{- end -}}
 
 {{/* A native gRPC probe on the whole server's health ("" service), which reports SERVING only once the role is ready. */}}

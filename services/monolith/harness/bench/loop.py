@@ -38,7 +38,7 @@ from monolith.harness.replay.pacing import Pacer
 from monolith.harness.replay.samples import SampleLog, closing_time, watermark_request_ids
 from monolith.harness.stack.parts import serving_shard, training_shard
 from monolith.model.config import load_model_config
-from monolith.streams.config import EVENTS_STREAM, SAMPLES_STREAM, StreamsConfig
+from monolith.streams.config import EVENTS_STREAM, SAMPLES_STREAM
 from monolith.streams.watch import StreamWatch
 from monolith.trainer.batch import train_pass
 from monolith.trainer.worker import TrainerWorker
@@ -159,7 +159,7 @@ class StackView:
 
     def __init__(self, stack: StackManifest) -> None:
         self.stack = stack
-        self.streams = StreamsConfig(url=stack.nats, partitions=stack.partitions)
+        self.streams = stack.streams_config()
         self._watch = StreamWatch(self.streams, "bench-capacity")
 
     def joiner_lag(self) -> float:

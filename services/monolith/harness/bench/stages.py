@@ -325,7 +325,7 @@ class JoinerAlone:
 
     def __init__(self, stack: StackManifest, nats: FreshNats, workdir: str, profile: bool = False) -> None:
         self._stack = stack
-        self._source = StreamsConfig(url=stack.nats, partitions=stack.partitions)
+        self._source = stack.streams_config()
         self._nats = nats
         self._profile = profile
         args = ["joiner", "--config", stack.config, "--nats", nats.server.url, "--partitions", str(nats.partitions),

@@ -53,7 +53,7 @@ from monolith.harness.replay.pacing import Pacer, WindowGate
 from monolith.harness.replay.probe import FreshnessProbe
 from monolith.harness.replay.samples import ImpressionWatch, SampleLog, closing_time, watermark_request_ids
 from monolith.harness.replay.traffic import ReplayData, load_replay_data
-from monolith.streams.config import StreamsConfig, partition_of
+from monolith.streams.config import partition_of
 from monolith.trainer.evaluation import running_mean_scores
 from monolith.trainer.batch import train_pass
 from monolith.trainer.worker import TrainerWorker
@@ -190,7 +190,7 @@ class Replay:
         data = load_replay_data(self.options.cache_dir, self.options.limit)
         _say(f"{len(data.data):,} ratings: batch stage on the first {len(data.train):,}, replay of the last {len(data):,}")
         clients = StackClients(self.stack)
-        samples = SampleLog(StreamsConfig(url=self.stack.nats, partitions=self.stack.partitions), self.prefix)
+        samples = SampleLog(self.stack.streams_config(), self.prefix)
         try:
             batch = self._batch_stage(data)
             frozen_scores = batch.pop("frozen_scores")
@@ -289,7 +289,7 @@ class Replay:
         """Replays every event at the pace; returns the served scores, timing and the probe."""
         book = ScoreBook(data.stream.labels)
         gate = WindowGate(self.stack.join_window + self.stack.join_lateness, stop=self._stop)
-        watch = ImpressionWatch(StreamsConfig(url=self.stack.nats, partitions=self.stack.partitions), self.prefix)
+        watch = ImpressionWatch(self.stack.streams_config(), self.prefix)
         watch.start()
         expiry = PeriodicTask("replay-impression-expiry", 0.5, watch.expire)
         expiry.start()

@@ -238,7 +238,8 @@ def stack_parts(settings: StackSettings, ports: StackPorts) -> list[Part]:
     # Model-serving and the joiner: the roles product backends call, over TLS when given a certificate.
     tls = ("--tls-cert", s.tls_cert, "--tls-key", s.tls_key) if s.tls_cert and s.tls_key else ()
 
-    nats = NatsServer(s.nats_dir, ports.nats.port, ports.nats.metrics_port)
+    nats = NatsServer(s.nats_dir, ports.nats.port, ports.nats.metrics_port,
+                      tls=(s.tls_cert, s.tls_key) if s.tls_cert and s.tls_key else None)  # fmt: skip
     parts = [
         Part(
             NATS,
@@ -262,6 +263,8 @@ def stack_parts(settings: StackSettings, ports: StackPorts) -> list[Part]:
     parts.append(Part(DENSE_PS, argv, GrpcAnswers(ports.dense_ps.address), ports.dense_ps.address,
                       ports.dense_ps.metrics_url))  # fmt: skip
     streams = ("--nats", ports.nats_url, "--partitions", str(s.partitions))
+    if s.tls_cert:  # NATS serves TLS with the same certificate: every role verifies it
+        streams += ("--nats-tls-ca", s.tls_cert, "--nats-tls-server-name", s.tls_server_name)
     join = ("--window", f"{s.join_window:g}") if s.join_window is not None else ()
     join += ("--lateness", f"{s.join_lateness:g}") if s.join_lateness is not None else ()
     argv = role("joiner", *streams, "--config", s.config, *join, *server(ports.joiner), *tls)

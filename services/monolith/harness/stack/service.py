@@ -76,8 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop-timeout", type=positive_seconds, default=15.0,
                         help="seconds each part has to exit after SIGTERM before SIGKILL (default 15)")  # fmt: skip
     parser.add_argument("--tls-cert", default=None,
-                        help="PEM certificate chain: model-serving and the joiner serve gRPC over TLS only (with "
-                        "--tls-key); clients trust it as their CA (stack.json names it)")  # fmt: skip
+                        help="PEM certificate chain: model-serving, the joiner and NATS serve TLS only (with "
+                        "--tls-key); clients and every role trust it as their CA (stack.json names it)")  # fmt: skip
     parser.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     parser.add_argument("--tls-server-name", default="localhost",
                         help="the name --tls-cert carries, checked when the stack's tools dial 127.0.0.1 "
