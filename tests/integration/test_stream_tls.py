@@ -66,6 +66,34 @@ def test_a_client_that_cannot_verify_the_server_fails_at_once_with_why(server, c
     assert time.monotonic() - started < 30  # two attempts, not nats-py's endless reconnects
 
 
+def test_with_several_servers_a_tls_failure_ends_the_attempt_too(server) -> None:
+    # A cluster's URLs (the chart passes one per NATS pod): nats-py would hang after the first
+    # failed handshake rather than try the next server.
+    both = f"{server.url},{server.url.replace('127.0.0.1', 'localhost')}"
+    started = time.monotonic()
+    with pytest.raises(Unavailable, match="TLS failed: .*CERTIFICATE_VERIFY_FAILED"):
+        _connects(StreamsConfig(url=both))
+    assert time.monotonic() - started < 30
+
+
+def test_a_client_set_to_verify_tls_refuses_a_plaintext_server(tmp_path, certificate) -> None:
+    with NatsServer(str(tmp_path / "plain"), log_path=str(tmp_path / "plain.log")) as plain:
+        with pytest.raises(Unavailable, match="does not require TLS"):
+            _connects(StreamsConfig(url=plain.url, tls_ca=certificate[0]))
+
+
+def test_a_cancelled_connect_leaves_no_attempt_behind() -> None:
+    async def main() -> int:
+        waiting = asyncio.ensure_future(connect(StreamsConfig(url="nats://127.0.0.1:1"), "test-cancel", attempts=0))
+        await asyncio.sleep(1.0)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        return len(asyncio.all_tasks()) - 1  # all but this one
+
+    assert asyncio.run(main()) == 0
+
+
 def test_tls_settings_are_checked(tmp_path, certificate) -> None:
     with pytest.raises(ConfigError, match="NATS TLS files"):
         StreamsConfig(tls_ca=str(tmp_path / "missing.pem")).ssl_context()

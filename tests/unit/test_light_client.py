@@ -146,13 +146,36 @@ def test_tls_files_are_checked_when_the_client_is_made(tmp_path) -> None:
         Tls(cert="c.pem")
 
 
-def test_backoff_waits_grow_to_their_cap_with_jitter() -> None:
-    backoff = Backoff(retries=5, initial=0.05, multiplier=4.0, maximum=1.0)
-    for attempt, cap in ((1, 0.05), (2, 0.2), (3, 0.8), (4, 1.0), (5, 1.0)):
+def test_backoff_waits_grow_to_their_cap_with_jitter_above_a_floor() -> None:
+    backoff = Backoff(retries=5, initial=0.1, multiplier=3.0, maximum=1.0)
+    for attempt, cap in ((1, 0.1), (2, 0.3), (3, 0.9), (4, 1.0), (5, 1.0)):
         waits = [backoff.delay(attempt) for _ in range(200)]
-        assert 0.0 <= min(waits) and max(waits) <= cap and max(waits) > cap / 2
+        assert cap / 2 <= min(waits) and max(waits) <= cap and max(waits) - min(waits) > cap / 4
     with pytest.raises(ValueError):
         Backoff(retries=-1)
+
+
+def test_malformed_calls_are_refused_before_any_is_sent() -> None:
+    with pytest.raises(ValueError, match="no candidates"):
+        messages.score_features({"user_id": 1}, {"movie_id": [], "genres": []})
+    with pytest.raises(ValueError, match="a dict or a tuple .*got 'r1'"):
+        messages.actions_request(("r1", 302))  # one action where a list of them belongs
+    with pytest.raises(ValueError, match="takes a list of actions"):
+        messages.actions_request({"request_id": "r1", "item_id": 302})
+
+
+def test_ragged_rows_keep_bytes_and_lone_strings_as_values() -> None:
+    proto = messages.tensor([[b"Comedy"], "Drama", ["Crime", "Film-Noir"]])
+    assert list(proto.string_val) == [b"Comedy", b"", b"Drama", b"", b"Crime", b"Film-Noir"]
+    assert [d.size for d in proto.tensor_shape.dim] == [3, 2]
+
+
+def test_scores_are_writable() -> None:
+    response = predict_pb2.PredictResponse()
+    response.outputs["scores"].CopyFrom(tf.make_tensor_proto(np.array([0.5, 0.25], np.float32)))
+    scores = messages.scores(tfs.PredictResponse.FromString(response.SerializeToString()))
+    scores.sort()
+    assert scores.tolist() == [0.25, 0.5]
 
 
 class _Recorder:

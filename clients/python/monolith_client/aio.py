@@ -82,9 +82,10 @@ class AsyncMonolithClient(ClientSettings):
         call = channel.unary_unary(method.path, request_serializer=method.serialize,
                                    response_deserializer=method.deserialize)  # fmt: skip
         attempt = 0
+        call_metadata = self.call_metadata(metadata)
         while True:
             try:
-                return await call(request, timeout=self.timeout, metadata=self.call_metadata(metadata))
+                return await call(request, timeout=self.timeout, metadata=call_metadata)
             except grpc.aio.AioRpcError as exc:
                 attempt += 1
                 if attempt > backoff.retries or not retryable(exc):

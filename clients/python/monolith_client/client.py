@@ -5,6 +5,7 @@ or of the server package; `monolith_client.aio` is the same client for asyncio."
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar, Union
 
@@ -97,6 +98,7 @@ class MonolithClient(ClientSettings):
     def _open(self) -> None:
         self._channel = self._dial(self.address)
         self._joiner_channel: Optional[grpc.Channel] = None
+        self._joiner_lock = threading.Lock()  # one channel however many threads report at once
 
     def _dial(self, address: str) -> grpc.Channel:
         channel = open_channel(address, self.tls)
@@ -196,8 +198,9 @@ class MonolithClient(ClientSettings):
         """
         address = self.need_joiner()
         request = messages.actions_request(actions)
-        if self._joiner_channel is None:
-            self._joiner_channel = self._dial(address)
+        with self._joiner_lock:
+            if self._joiner_channel is None:
+                self._joiner_channel = self._dial(address)
         response = self._call(self._joiner_channel, messages.REPORT_ACTIONS, request, metadata, self.action_backoff,
                               ActionError)  # fmt: skip
         return int(response.accepted)
@@ -206,8 +209,8 @@ class MonolithClient(ClientSettings):
               backoff: Backoff, error: Callable[[grpc.StatusCode, str], MonolithClientError]) -> Any:  # fmt: skip
         call = channel.unary_unary(method.path, request_serializer=method.serialize,
                                    response_deserializer=method.deserialize)  # fmt: skip
-        return _with_retries(lambda: call(request, timeout=self.timeout, metadata=self.call_metadata(metadata)),
-                             backoff, error)  # fmt: skip
+        call_metadata = self.call_metadata(metadata)
+        return _with_retries(lambda: call(request, timeout=self.timeout, metadata=call_metadata), backoff, error)
 
     def close(self) -> None:
         self._channel.close()
@@ -230,5 +233,5 @@ def _with_retries(send: Callable[[], _T], backoff: Backoff,
         except grpc.RpcError as exc:
             attempt += 1
             if attempt > backoff.retries or not retryable(exc):
-                raise error(exc.code(), exc.details()) from None
+                raise error(exc.code(), exc.details() or "") from None
             time.sleep(backoff.delay(attempt))

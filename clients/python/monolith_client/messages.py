@@ -42,6 +42,8 @@ def score_features(user: Mapping[str, Any], candidates: Mapping[str, Sequence[An
     sizes = {name: len(values) for name, values in candidates.items()}
     if len(set(sizes.values())) > 1:
         raise ValueError(f"candidate features differ in length: {sizes}")
+    if sizes and not any(sizes.values()):
+        raise ValueError("no candidates to score")
     features: dict[str, Any] = {name: [value] for name, value in user.items()}
     features.update(candidates)
     return features
@@ -90,6 +92,8 @@ def input_names(response: tfs.GetModelMetadataResponse, signature_name: str) -> 
 
 def actions_request(actions: Sequence[ActionLike], now: Optional[float] = None) -> joiner_pb2.ReportActionsRequest:
     """The ReportActionsRequest of `report_actions`' actions; an action without a time gets `now`."""
+    if isinstance(actions, (str, bytes, Mapping)):
+        raise ValueError(f"report_actions takes a list of actions, got one: {actions!r}")
     now = time.time() if now is None else now
     request = joiner_pb2.ReportActionsRequest()
     for action in actions:
@@ -104,6 +108,8 @@ def actions_request(actions: Sequence[ActionLike], now: Optional[float] = None) 
 
 def action_fields(action: ActionLike) -> dict[str, Any]:
     """An action's fields by name, from a dict or a tuple in `report_action`'s order."""
+    if isinstance(action, (str, bytes)):
+        raise ValueError(f"an action is a dict or a tuple (request_id, item_id, ...), got {action!r}")
     if isinstance(action, Mapping):
         unknown = set(action) - set(ACTION_FIELDS)
         if unknown:
@@ -126,8 +132,10 @@ def tensor(values: Any) -> tfs.TensorProto:
     """A feature's TensorProto: integer ids as int64, anything else as its text; a list of lists
     (a multi-valued feature) as a string matrix, rows padded with ""."""
     if _is_ragged(values):
-        width = max(len(row) for row in values)
-        return _strings(np.asarray([[str(v) for v in row] + [""] * (width - len(row)) for row in values], dtype=object))
+        rows = [[row] if isinstance(row, (str, bytes)) else list(row) for row in values]  # a lone value: a row of one
+        width = max(len(row) for row in rows)
+        padded = [[v if isinstance(v, bytes) else str(v) for v in row] + [""] * (width - len(row)) for row in rows]
+        return _strings(np.asarray(padded, dtype=object))
     array = np.asarray(values)
     if array.ndim == 0:
         array = array.reshape(1)
@@ -142,10 +150,10 @@ def to_numpy(proto: tfs.TensorProto) -> np.ndarray:
     kinds = {tfs.DT_FLOAT: ("<f4", "float_val"), tfs.DT_DOUBLE: ("<f8", "double_val"),
              tfs.DT_INT64: ("<i8", "int64_val"), tfs.DT_INT32: ("<i4", "int_val")}  # fmt: skip
     if proto.dtype not in kinds:
-        raise ValueError(f"cannot read a tensor of dtype {tfs.DataType.Name(proto.dtype)}")
+        raise ValueError(f"cannot read a tensor of dtype {proto.dtype} (float, double, int32 or int64 expected)")
     dtype, field = kinds[proto.dtype]
     if proto.tensor_content:
-        values = np.frombuffer(proto.tensor_content, dtype=dtype)
+        values = np.frombuffer(proto.tensor_content, dtype=dtype).copy()  # writable, like the typed fields
     else:
         values = np.asarray(getattr(proto, field), dtype=dtype)
         count = int(np.prod(shape)) if shape else 1

@@ -1,5 +1,8 @@
 """Retrying a call that found the server unavailable: exponential backoff with jitter.
 
+Retries ride out a blip (a reset connection, a pod leaving a Service) within a few hundred
+milliseconds, each failing fast; a server down for longer is the caller's UNAVAILABLE.
+
 Only UNAVAILABLE is retried: the call did not reach a server that could answer (a restart, a
 lost connection, a pod going away), so sending it again cannot do twice what was done once.
 Predict is retried by default (it changes nothing); ReportActions only when the caller asks
@@ -26,8 +29,8 @@ class Backoff:
     """
 
     retries: int = 2
-    initial: float = 0.05
-    multiplier: float = 4.0
+    initial: float = 0.1
+    multiplier: float = 3.0
     maximum: float = 1.0
 
     def __post_init__(self) -> None:
@@ -35,8 +38,10 @@ class Backoff:
             raise ValueError(f"retries and waits must not be negative, nor the multiplier below 1: {self}")
 
     def delay(self, attempt: int) -> float:
-        """Seconds to wait before retry `attempt` (1, 2, ...): full jitter over the backoff."""
-        return random.uniform(0.0, min(self.maximum, self.initial * self.multiplier ** (attempt - 1)))
+        """Seconds to wait before retry `attempt` (1, 2, ...): half the backoff, plus jitter up to
+        the other half (a floor, so retries span a server's restart rather than bunching at 0)."""
+        backoff = min(self.maximum, self.initial * self.multiplier ** (attempt - 1))
+        return backoff / 2 + random.uniform(0.0, backoff / 2)
 
 
 NO_RETRIES = Backoff(retries=0)

@@ -10,9 +10,10 @@ the population they stand for (a negative kept at rate r counts 1/r times):
 - the calibration ratio: the mean served probability over the positive rate (1 when
   calibrated; model-serving already corrects its odds for the negative sampling rate).
 
-Figures are computed when read (a scrape), at most once per `max_age` seconds, from a ring
-buffer the publishing loop only writes into: one vectorized copy per published round. The
-window lives in memory: a restarted joiner starts it empty.
+Figures are computed when read (a scrape), at most once per `max_age` seconds (the gauges of
+one scrape share one computation, over the same samples), from a ring buffer the publishing
+loop only writes into: one vectorized copy per published round. The window lives in memory: a
+restarted joiner starts it empty.
 """
 
 from __future__ import annotations
@@ -62,8 +63,8 @@ class ServedQuality:
     def add(self, scores: Sequence[float], labels: Sequence[float], rates: Sequence[float]) -> None:
         """Records published samples: their served scores, labels (1 positive) and sampling rates.
 
-        A sample whose served score is unknown (NaN: an impression from before scores were
-        logged) is left out.
+        A NaN score is left out (a caller's way to say it is unknown; impressions always carry
+        the score served).
         """
         score = np.asarray(scores, dtype=np.float64)
         keep = ~np.isnan(score)
@@ -78,7 +79,6 @@ class ServedQuality:
                 target[: n - first] = values[first:]
             self._next = (self._next + n) % self.window
             self._count = min(self._count + n, self.window)
-            self._cached = None
 
     def figures(self) -> QualityFigures:
         """AUC, positive rate and calibration ratio over the samples held."""

@@ -52,73 +52,94 @@ async def connect(config: StreamsConfig, name: str, attempts: int = 1) -> Client
         Unavailable: no server answered within `attempts`.
     """
     attempt = 0
-    tls = {"tls": config.ssl_context(), "tls_hostname": config.tls_server_name} if config.tls else {}
+    tls: dict[str, Any] = {"tls": config.ssl_context()} if config.tls else {}
+    if config.tls_server_name is not None:
+        tls["tls_hostname"] = config.tls_server_name
+    # nats-py tries each server once per round, connect_timeout each, then waits.
+    attempt_seconds = len(config.servers) * (CONNECT_TIMEOUT + RECONNECT_WAIT) + 1.0
     while True:
         attempt += 1
-        client = Client()
-        refused: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
-        connecting = asyncio.ensure_future(client.connect(
-            servers=config.servers,
-            name=name,
-            **tls,
-            connect_timeout=2,
-            reconnect_time_wait=0.5,
-            max_reconnect_attempts=-1,
-            allow_reconnect=True,
-            error_cb=_on_error(client, refused, len(config.servers)),
-            disconnected_cb=_log_disconnected(client, name),
-            reconnected_cb=_log_reconnected(name),
-        ))  # fmt: skip
         try:
-            await asyncio.wait({connecting, refused}, return_when=asyncio.FIRST_COMPLETED)
-            if not connecting.done():  # every server failed once: nats-py would go on forever
-                await _abandon(client, connecting)
-                raise refused.result()
-            connecting.result()
-            return client
-        except ssl.SSLError as exc:  # not an OSError to retry blindly: say it is TLS
-            if attempts and attempt >= attempts:
-                raise Unavailable(f"NATS at {config.url}: TLS failed: {exc}") from None
-            if attempt == 1:
-                _LOGGER.warning("%s: NATS at %s: TLS failed (%s); retrying", name, config.url, exc)
-            await asyncio.sleep(0.5)
+            return await _connect_once(config, name, tls, attempt_seconds)
         except TRANSIENT_ERRORS as exc:
+            what = f"TLS failed: {exc}" if isinstance(exc, ssl.SSLError) else f"unreachable: {exc or type(exc).__name__}"
             if attempts and attempt >= attempts:
-                raise Unavailable(f"NATS at {config.url} unreachable: {exc or type(exc).__name__}") from None
-            if attempt == 1:  # a role that waits for NATS says so once (a wrong TLS CA shows here too)
-                _LOGGER.warning("%s: NATS at %s not reachable yet (%s); retrying", name, config.url,
-                                exc or type(exc).__name__)  # fmt: skip
-            await asyncio.sleep(0.5)
+                raise Unavailable(f"NATS at {config.url} {what}") from None
+            if attempt == 1:  # a role that waits for NATS says so once
+                _LOGGER.warning("%s: NATS at %s %s; retrying", name, config.url, what)
+            await asyncio.sleep(RECONNECT_WAIT)
 
 
-def _on_error(client: Client, refused: asyncio.Future[Exception], servers: int):  # type: ignore[no-untyped-def]
-    """nats-py's error callback: logs; before the first connection, reports the attempt failed
-    once as many errors came as there are servers (nats-py itself would retry forever, a
-    refused connection or a certificate it cannot verify alike)."""
+CONNECT_TIMEOUT = 2.0
+RECONNECT_WAIT = 0.5
+
+
+async def _connect_once(config: StreamsConfig, name: str, tls: dict[str, Any], seconds: float) -> Client:
+    """One connection attempt, over every server: the connected client, or the error that ended it.
+
+    nats-py alone would retry the first connection forever (a refused connection, a certificate
+    it cannot verify) and can hang after a failed TLS handshake, so the attempt ends at the first
+    TLS error, once every server has failed, or after `seconds`; a cancelled attempt is stopped too.
+    """
+    client = Client()
+    failed: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
+    connecting = asyncio.ensure_future(client.connect(
+        servers=config.servers,
+        name=name,
+        **tls,
+        connect_timeout=CONNECT_TIMEOUT,
+        reconnect_time_wait=RECONNECT_WAIT,
+        max_reconnect_attempts=-1,
+        allow_reconnect=True,
+        error_cb=_on_error(client, failed, len(config.servers)),
+        disconnected_cb=_log_disconnected(client, name),
+        reconnected_cb=_log_reconnected(name),
+    ))  # fmt: skip
+    try:
+        await asyncio.wait({connecting, failed}, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # cancelled while connecting: stop the attempt, then go
+        await _abandon(client, connecting)
+        raise
+    if not connecting.done():
+        await _abandon(client, connecting)
+        raise failed.result() if failed.done() else TimeoutError(f"no NATS server answered in {seconds:g} s")
+    connecting.result()  # the error that ended it, if any
+    if config.tls and not client._server_info.get("tls_required"):  # nats-py speaks TLS only if asked
+        await client.close()
+        raise Unavailable(f"NATS at {config.url} does not require TLS, but this client is set to verify it "
+                          "(--nats-tls-*): refusing a plaintext connection")  # fmt: skip
+    return client
+
+
+def _on_error(client: Client, failed: asyncio.Future[Exception], servers: int):  # type: ignore[no-untyped-def]
+    """nats-py's error callback: logs; before the first connection, ends the attempt at a TLS
+    error, or once as many errors came as there are servers."""
     failures = 0
 
     async def callback(exc: Exception) -> None:
         nonlocal failures
-        if not client.is_connected and not refused.done():
+        if not client.is_connected and not failed.done():
             failures += 1
-            if failures >= servers:
-                refused.set_result(exc)
+            if isinstance(exc, ssl.SSLError) or failures >= servers:
+                failed.set_result(exc)
         await _log_error(exc)
 
     return callback
 
 
 async def _abandon(client: Client, connecting: asyncio.Future[None]) -> None:
-    """Stops a connection attempt nats-py keeps retrying."""
+    """Stops a connection attempt nats-py would go on with (bounded: its close can hang after a
+    failed TLS handshake)."""
     connecting.cancel()
-    try:
-        await connecting
-    except BaseException:  # noqa: BLE001 - cancelled, or failed meanwhile: abandoned either way
-        pass
-    try:
-        await client.close()
-    except Exception:  # noqa: BLE001
-        pass
+    await asyncio.wait({connecting})
+    if not connecting.cancelled():
+        connecting.exception()  # retrieved: it failed meanwhile, and is abandoned either way
+    closing = asyncio.ensure_future(client.close())
+    await asyncio.wait({closing}, timeout=CONNECT_TIMEOUT)
+    if closing.done() and not closing.cancelled():
+        closing.exception()
+    else:
+        closing.cancel()
 
 
 async def _log_error(exc: Exception) -> None:
