@@ -60,8 +60,10 @@ def light_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The interpreter of a fresh virtual environment with monolith-client installed."""
     venv = tmp_path_factory.mktemp("light-venv") / "venv"
     subprocess.run([str(UV), "venv", "--quiet", "--python", sys.executable, str(venv)], check=True, timeout=120)
-    installed = subprocess.run([str(UV), "pip", "install", "--quiet", "--python", str(venv / "bin" / "python"),
-                                str(REPO / "clients" / "python")], capture_output=True, text=True, timeout=600)  # fmt: skip
+    # --compile-bytecode: as pip installs (byte-compiled), so an import reads no source.
+    installed = subprocess.run([str(UV), "pip", "install", "--quiet", "--compile-bytecode", "--python",
+                                str(venv / "bin" / "python"), str(REPO / "clients" / "python")],
+                               capture_output=True, text=True, timeout=600)  # fmt: skip
     assert installed.returncode == 0, installed.stderr[-3000:]
     listed = subprocess.run([str(UV), "pip", "list", "--python", str(venv / "bin" / "python"), "--format", "json"],
                             check=True, capture_output=True, text=True, timeout=60)  # fmt: skip

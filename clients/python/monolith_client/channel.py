@@ -9,7 +9,6 @@ import os
 from typing import Any, Optional, Sequence, Union
 
 import grpc
-import grpc.aio
 
 MESSAGE_BYTES = 64 * 1024 * 1024  # the servers' default limit
 OPTIONS: tuple[tuple[str, Any], ...] = (
@@ -89,8 +88,10 @@ def open_channel(address: str, tls: Optional[Tls] = None) -> grpc.Channel:
     return grpc.secure_channel(address, tls.credentials(), options=_options(tls))
 
 
-def open_aio_channel(address: str, tls: Optional[Tls] = None, interceptors: Sequence[Any] = ()) -> grpc.aio.Channel:
+def open_aio_channel(address: str, tls: Optional[Tls] = None, interceptors: Sequence[Any] = ()) -> "grpc.aio.Channel":
     """The asyncio channel of `open_channel` (open it inside the event loop that uses it)."""
+    import grpc.aio  # loaded with the asyncio client only (see monolith_client.__init__)
+
     chosen = list(interceptors) or None
     if tls is None:
         return grpc.aio.insecure_channel(address, options=_options(None), interceptors=chosen)
